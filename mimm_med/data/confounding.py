@@ -1,0 +1,212 @@
+"""Confounding sampler: data sets in which each spurious factor agrees with the primary label at a chosen rate.
+
+The protocol of DESIGN §3: for a training correlation ``r`` (the probability that a spurious factor
+``z`` agrees with the primary label ``y``), training and validation data are drawn at ``r``, and three
+held-out test sets at ``r`` (iid), ``0.5`` (balanced) and ``1 - r`` (inverted). Labels are binary; the
+two values of each column are coded 0/1 in sorted order, and "agree" means equal codes.
+
+Two ways to reach a correlation:
+
+- :func:`confounded_splits` *selects* rows of a cohort whose factors are fixed per subject (MRI, X-ray);
+- :func:`assign_confounders` *draws* factors for subjects whose factors can be set at will (Digits-Morpho).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test-iid", "test-balanced", "test-inverted")
+TEST_CORRELATIONS: dict[str, str] = {"test-iid": "r", "test-balanced": "0.5", "test-inverted": "1 - r"}
+
+
+def binary_codes(values: pd.Series) -> tuple[np.ndarray, tuple]:
+    """Code a two-valued column as 0/1 in sorted value order.
+
+    Returns
+    -------
+    codes, levels
+        ``codes[i] == 1`` where ``values[i] == levels[1]``.
+
+    Raises
+    ------
+    ValueError
+        If the column has missing values or not exactly two distinct values.
+    """
+    if values.isna().any():
+        raise ValueError(
+            f"column {values.name!r} has {int(values.isna().sum())} missing values; "
+            "drop or relabel those rows before building confounded splits"
+        )
+    levels = tuple(sorted(values.unique(), key=str))
+    if len(levels) != 2:
+        raise ValueError(
+            f"column {values.name!r} must have exactly two values to define agreement with the primary label, "
+            f"found {list(levels)}; bin it first (e.g. the card's age_group instead of age)"
+        )
+    return (values.to_numpy() == levels[1]).astype(np.int64), levels
+
+
+def cell_probabilities(p_primary: float, correlations: Sequence[float]) -> dict[tuple[int, ...], float]:
+    """Probability of every cell ``(y, z_1, ..., z_K)`` when ``P(z_k = y | y) = correlations[k]``.
+
+    Factors are independent given ``y``; ``p_primary`` is ``P(y = 1)``.
+    """
+    probabilities = {}
+    for cell in itertools.product((0, 1), repeat=len(correlations) + 1):
+        y, zs = cell[0], cell[1:]
+        p = p_primary if y == 1 else 1.0 - p_primary
+        for z, r in zip(zs, correlations):
+            p *= r if z == y else 1.0 - r
+        probabilities[cell] = p
+    return probabilities
+
+
+def _check_correlations(spurious: Mapping[str, float]) -> None:
+    if not spurious:
+        raise ValueError("give at least one spurious factor with its correlation, e.g. {'sex': 0.9}")
+    for name, r in spurious.items():
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"correlation of {name!r} must lie in [0, 1], got {r}")
+
+
+def select_confounded(
+    table: pd.DataFrame,
+    primary: str,
+    spurious: Mapping[str, float],
+    rng: np.random.Generator,
+) -> pd.DataFrame:
+    """Select the largest subset of ``table`` whose cells follow the requested correlations.
+
+    ``P(y)`` is kept as in ``table``; each cell ``(y, z_1..z_K)`` is filled to ``n * p(cell)`` rows,
+    with ``n`` as large as the scarcest cell allows.
+    """
+    _check_correlations(spurious)
+    y, _ = binary_codes(table[primary])
+    zs = [binary_codes(table[name])[0] for name in spurious]
+    if len(table) == 0:
+        return table.copy()
+    probabilities = cell_probabilities(float(y.mean()), list(spurious.values()))
+    cells = np.stack([y, *zs], axis=1)
+    members = {cell: np.flatnonzero((cells == np.array(cell)).all(axis=1)) for cell in probabilities}
+    size = min(len(members[c]) / p for c, p in probabilities.items() if p > 0)
+    chosen = [
+        rng.choice(members[cell], size=min(len(members[cell]), int(round(size * p))), replace=False)
+        for cell, p in probabilities.items()
+    ]
+    index = np.sort(np.concatenate(chosen))
+    return table.iloc[index].reset_index(drop=True)
+
+
+def assign_confounders(
+    primary_codes: np.ndarray, correlations: Sequence[float], rng: np.random.Generator
+) -> np.ndarray:
+    """Draw binary spurious factors for subjects with labels ``primary_codes``.
+
+    Returns an ``(N, K)`` array with ``P(z_k = y) = correlations[k]``, independently per factor.
+    """
+    agree = rng.random((len(primary_codes), len(correlations))) < np.asarray(correlations)[None, :]
+    y = np.asarray(primary_codes)[:, None]
+    return np.where(agree, y, 1 - y).astype(np.int64)
+
+
+def subject_pools(
+    subjects: Sequence, fractions: Sequence[float], rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Partition unique subject ids at random into pools of the given fractions."""
+    if any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
+        raise ValueError(f"fractions must be non-negative and sum to 1, got {tuple(fractions)}")
+    unique = np.array(sorted(set(subjects), key=str), dtype=object)
+    order = unique[rng.permutation(len(unique))]
+    bounds = np.round(np.cumsum(fractions)[:-1] * len(order)).astype(int)
+    return np.split(order, bounds)
+
+
+def confounded_splits(
+    table: pd.DataFrame,
+    primary: str,
+    spurious: Mapping[str, float],
+    subject_column: str = "subject_id",
+    fractions: tuple[float, float, float] = (0.6, 0.1, 0.3),
+    seed: int = 0,
+) -> dict[str, pd.DataFrame]:
+    """Split a manifest by subject into train / val / test-iid / test-balanced / test-inverted.
+
+    Parameters
+    ----------
+    table
+        One row per image, with ``subject_column``, the binary ``primary`` label and each spurious column.
+    primary
+        Primary label column.
+    spurious
+        Spurious column → training correlation ``r`` (probability the factor agrees with ``primary``).
+    fractions
+        Subject fractions of the train, val and test pools; the test pool is cut into three equal
+        parts, one per test set, so no subject is in two sets.
+    seed
+        Seed of the subject partition and the row selection.
+
+    Examples
+    --------
+    >>> splits = confounded_splits(manifest, "age_group", {"sex": 0.9, "cohort": 0.9})
+    >>> cell_counts(splits, "age_group", ["sex", "cohort"])
+    """
+    missing = [c for c in (subject_column, primary, *spurious) if c not in table.columns]
+    if missing:
+        raise ValueError(f"manifest lacks columns {missing}; it has {list(table.columns)}")
+    if len(fractions) != 3:
+        raise ValueError(f"fractions are (train, val, test), got {tuple(fractions)}")
+    rng = np.random.default_rng(seed)
+    train_pool, val_pool, test_pool = subject_pools(table[subject_column].tolist(), fractions, rng)
+    test_pools = np.array_split(test_pool, 3)
+    inverted = {name: 1.0 - r for name, r in spurious.items()}
+    balanced = {name: 0.5 for name in spurious}
+    plan = {
+        "train": (train_pool, spurious),
+        "val": (val_pool, spurious),
+        "test-iid": (test_pools[0], spurious),
+        "test-balanced": (test_pools[1], balanced),
+        "test-inverted": (test_pools[2], inverted),
+    }
+    subjects = table[subject_column]
+    return {
+        split: select_confounded(table[subjects.isin(set(pool))].reset_index(drop=True), primary, target, rng)
+        for split, (pool, target) in plan.items()
+    }
+
+
+def cell_counts(splits: Mapping[str, pd.DataFrame], primary: str, spurious: Sequence[str]) -> pd.DataFrame:
+    """Rows per ``(split, factor, primary value, factor value)`` cell, with each split's agreement rate.
+
+    The agreement rate of a factor is the fraction of rows whose factor code equals the primary code,
+    with codes taken over all splits together (so a split missing one value still gets a rate).
+    """
+    everything = pd.concat(list(splits.values()), ignore_index=True)
+    _, y_levels = binary_codes(everything[primary])
+    rows = []
+    for name in spurious:
+        _, z_levels = binary_codes(everything[name])
+        for split, frame in splits.items():
+            counts = frame.groupby([primary, name], observed=True).size()
+            agree = (frame[primary] == y_levels[1]).to_numpy() == (frame[name] == z_levels[1]).to_numpy()
+            agreement = float(agree.mean()) if len(frame) else float("nan")
+            for (y_value, z_value), count in counts.items():
+                rows.append(
+                    {"split": split, "factor": name, "primary": y_value, "value": z_value,
+                     "count": int(count), "agreement": agreement}
+                )
+    return pd.DataFrame(rows, columns=["split", "factor", "primary", "value", "count", "agreement"])
+
+
+def cell_balancing_weights(labels: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Per-sample weights that make every joint cell of ``labels`` equally likely (group rebalancing).
+
+    Feed them to ``torch.utils.data.WeightedRandomSampler``.
+    """
+    columns = np.stack([np.asarray(v) for v in labels.values()], axis=1)
+    _, inverse, counts = np.unique(columns, axis=0, return_inverse=True, return_counts=True)
+    weights = 1.0 / counts[inverse.reshape(-1)]
+    return weights / weights.sum()

@@ -1,0 +1,88 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from mimm_med.data.confounding import (
+    assign_confounders,
+    cell_balancing_weights,
+    cell_counts,
+    confounded_splits,
+)
+
+
+def _cohort(n_subjects: int = 4000, images_per_subject: int = 1, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    subjects = np.repeat(np.arange(n_subjects), images_per_subject)
+    per_subject = lambda values: np.repeat(rng.choice(values, n_subjects), images_per_subject)  # noqa: E731
+    return pd.DataFrame(
+        {
+            "subject_id": [f"s{i}" for i in subjects],
+            "age_group": per_subject(["old", "young"]),
+            "sex": per_subject(["female", "male"]),
+            "cohort": per_subject(["nako", "ukb"]),
+        }
+    )
+
+
+@pytest.mark.parametrize("r", [0.7, 0.9, 0.95])
+def test_splits_hit_requested_correlation_and_never_share_subjects(r):
+    table = _cohort(images_per_subject=2)
+    splits = confounded_splits(table, "age_group", {"sex": r, "cohort": r}, seed=1)
+    expected = {"train": r, "val": r, "test-iid": r, "test-balanced": 0.5, "test-inverted": 1 - r}
+    counts = cell_counts(splits, "age_group", ["sex", "cohort"])
+    for split, target in expected.items():
+        assert len(splits[split]) > 50, split
+        for factor in ("sex", "cohort"):
+            realised = counts[(counts.split == split) & (counts.factor == factor)].agreement.iloc[0]
+            assert abs(realised - target) <= 0.02, (split, factor, realised, target)
+    seen: dict[str, str] = {}
+    for split, frame in splits.items():
+        for subject in set(frame.subject_id):
+            assert subject not in seen, f"{subject} in {seen.get(subject)} and {split}"
+            seen[subject] = split
+
+
+def test_factors_stay_independent_given_primary():
+    splits = confounded_splits(_cohort(8000), "age_group", {"sex": 0.9, "cohort": 0.9}, seed=2)
+    train = splits["train"]
+    old = train[train.age_group == "old"]
+    p_sex, p_cohort = (old.sex == "female").mean(), (old.cohort == "nako").mean()
+    p_joint = ((old.sex == "female") & (old.cohort == "nako")).mean()
+    assert abs(p_joint - p_sex * p_cohort) < 0.03
+
+
+def test_splits_are_seed_deterministic():
+    table = _cohort(1000)
+    a = confounded_splits(table, "age_group", {"sex": 0.8}, seed=3)
+    b = confounded_splits(table, "age_group", {"sex": 0.8}, seed=3)
+    c = confounded_splits(table, "age_group", {"sex": 0.8}, seed=4)
+    assert all(a[k].equals(b[k]) for k in a)
+    assert not a["train"].equals(c["train"])
+
+
+def test_non_binary_or_missing_columns_are_refused():
+    table = _cohort(100)
+    table["age"] = np.arange(len(table))
+    with pytest.raises(ValueError, match="exactly two values.*age_group"):
+        confounded_splits(table, "age", {"sex": 0.9})
+    with pytest.raises(ValueError, match="lacks columns.*scanner"):
+        confounded_splits(table, "age_group", {"scanner": 0.9})
+    with pytest.raises(ValueError, match="must lie in"):
+        confounded_splits(table, "age_group", {"sex": 1.5})
+
+
+def test_assigned_confounders_follow_correlation():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 20000)
+    z = assign_confounders(y, [0.9, 0.6], rng)
+    assert abs((z[:, 0] == y).mean() - 0.9) < 0.01
+    assert abs((z[:, 1] == y).mean() - 0.6) < 0.01
+
+
+def test_balancing_weights_equalise_cells():
+    y = np.array([0] * 90 + [1] * 10)
+    z = np.array([0] * 80 + [1] * 10 + [1] * 8 + [0] * 2)
+    w = cell_balancing_weights({"y": y, "z": z})
+    for yy in (0, 1):
+        for zz in (0, 1):
+            assert w[(y == yy) & (z == zz)].sum() == pytest.approx(0.25)
