@@ -1,0 +1,113 @@
+"""MIMMXNet: a backbone whose feature vector is split into named parts, one head per part."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Dict  # TorchScript reads typing.Dict in forward's signature
+
+import torch
+from torch import nn
+
+from .backbones import feature_backbone
+
+
+class MIMMXNet(nn.Module):
+    """Split-feature network of MIMM / MIMM-X.
+
+    The backbone's feature vector goes through one shared linear layer (the last shared layer,
+    where gradient norms are balanced) whose output ``f`` is cut into disjoint named parts; the first
+    part is the primary task's ``f_y``, the others ``f_z1 .. f_zK``. Each part has its own head:
+    ``num_classes[name] >= 2`` gives a classifier (logits), ``1`` a regressor.
+
+    Parameters
+    ----------
+    backbone
+        A name from :data:`mimm_med.networks.backbones.BACKBONE_NAMES` or any module mapping an image
+        to a ``(B, backbone_dim)`` feature vector.
+    parts
+        Ordered ``{name: feature size}``; the first entry is the primary task.
+    num_classes
+        ``{name: classes}`` for every part (1 = regression).
+    spatial_dims, in_channels
+        Used when ``backbone`` is a name.
+    backbone_dim
+        Feature size of a module backbone (ignored for names).
+    backbone_kwargs
+        Extra arguments of a named backbone.
+    head_hidden
+        Width of a hidden layer in each head; 0 gives linear heads.
+
+    Examples
+    --------
+    >>> net = MIMMXNet("small_cnn", {"digit": 16, "thickness": 16}, {"digit": 2, "thickness": 2})
+    >>> out = net(torch.zeros(2, 1, 28, 28))
+    >>> out["digit_output"].shape, out["thickness_features"].shape
+    (torch.Size([2, 2]), torch.Size([2, 16]))
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module,
+        parts: Mapping[str, int],
+        num_classes: Mapping[str, int],
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        backbone_dim: int | None = None,
+        backbone_kwargs: Mapping[str, Any] | None = None,
+        head_hidden: int = 0,
+    ) -> None:
+        super().__init__()
+        if not parts:
+            raise ValueError("parts must name at least the primary task, e.g. {'age_group': 16, 'sex': 16}")
+        if set(parts) != set(num_classes):
+            raise ValueError(
+                f"parts {list(parts)} and num_classes {list(num_classes)} must name the same factors"
+            )
+        for name, size in parts.items():
+            if int(size) < 1:
+                raise ValueError(f"part {name!r} needs a positive feature size, got {size}")
+            if int(num_classes[name]) < 1:
+                raise ValueError(f"num_classes[{name!r}] must be ≥ 2 (classification) or 1 (regression)")
+        if isinstance(backbone, str):
+            self.backbone, backbone_dim = feature_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
+        elif backbone_dim is None:
+            raise ValueError("backbone_dim is required when backbone is a module")
+        else:
+            self.backbone = backbone
+        self.part_names = list(parts)
+        self.part_sizes = [int(parts[name]) for name in self.part_names]
+        self.num_classes = {name: int(num_classes[name]) for name in self.part_names}
+        self.shared_layer = nn.Linear(int(backbone_dim), sum(self.part_sizes))
+        self.heads = nn.ModuleDict(
+            {name: self._head(size, self.num_classes[name], head_hidden) for name, size in zip(self.part_names, self.part_sizes)}
+        )
+
+    @staticmethod
+    def _head(in_features: int, out_features: int, hidden: int) -> nn.Module:
+        if hidden <= 0:
+            return nn.Linear(in_features, out_features)
+        return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_features))
+
+    @property
+    def primary(self) -> str:
+        """Name of the primary task (the first part)."""
+        return self.part_names[0]
+
+    @property
+    def spurious(self) -> list[str]:
+        """Names of the spurious factors."""
+        return self.part_names[1:]
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        features = self.shared_layer(self.backbone(x))
+        outputs = {"features": features}
+        start = 0
+        index = 0
+        # Indexing by counter rather than zip keeps the module TorchScript-compatible.
+        for name, head in self.heads.items():
+            part = features[:, start : start + self.part_sizes[index]]
+            outputs[name + "_features"] = part
+            outputs[name + "_output"] = head(part)
+            start += self.part_sizes[index]
+            index += 1
+        return outputs

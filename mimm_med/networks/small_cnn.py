@@ -1,0 +1,62 @@
+"""A small convolutional feature extractor for 28×28 images (Digits-Morpho) and quick 3D runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Convolution
+from monai.networks.layers.factories import Pool
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Strided convolution blocks followed by global average pooling; yields a feature vector.
+
+    Parameters
+    ----------
+    spatial_dims
+        2 or 3.
+    in_channels
+        Input channels.
+    channels
+        Output channels of each block; the first block keeps the resolution, the others halve it.
+    dropout
+        Dropout inside the blocks.
+
+    Examples
+    --------
+    >>> SmallCNN(spatial_dims=2, in_channels=1)(torch.zeros(4, 1, 28, 28)).shape
+    torch.Size([4, 128])
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 128),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        blocks = []
+        previous = in_channels
+        for index, out_channels in enumerate(channels):
+            blocks.append(
+                Convolution(
+                    spatial_dims,
+                    previous,
+                    out_channels,
+                    strides=1 if index == 0 else 2,
+                    kernel_size=3,
+                    act="relu",
+                    norm="batch",
+                    dropout=dropout,
+                )
+            )
+            previous = out_channels
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
+        self.out_features = previous
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.blocks(x)), 1)
