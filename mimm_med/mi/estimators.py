@@ -1,0 +1,199 @@
+"""Mutual-information estimators: MINE (Donsker–Varadhan), NWJ, InfoNCE and CLUB."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mimm_med.mi.base import ContrastPairs, MutualInformationEstimator
+from mimm_med.mi.critics import make_critic, mlp
+
+__all__ = ["CriticEstimator", "MINE", "NWJ", "InfoNCE", "CLUB"]
+
+
+class CriticEstimator(MutualInformationEstimator):
+    """An estimator whose pair scores come from a learned critic T(a, b).
+
+    Parameters
+    ----------
+    dim_a, dim_b
+        Feature sizes of ``a`` and ``b``.
+    critic
+        ``"separable"`` (default): T(a, b) = g(a)ᵀh(b), 2B MLP rows and one B×B product per batch;
+        on Gaussian data it meets the accuracy targets of ``benchmarks/mi_estimators.py`` and is
+        about two orders of magnitude faster than the reference B²-row critic. ``"concat"``: the
+        joint MLP of MINE/MIMM with a decomposed first layer, for dependences an inner product of
+        embeddings fits poorly, at a cost that grows with B². See :mod:`mimm_med.mi.critics`.
+    hidden_dim
+        Width of the critic's hidden layers.
+    embed_dim
+        Embedding size of the separable critic.
+    num_layers
+        Hidden layers of the critic.
+    """
+
+    def __init__(
+        self,
+        dim_a: int,
+        dim_b: int,
+        critic: str = "separable",
+        hidden_dim: int = 256,
+        embed_dim: int = 32,
+        num_layers: int = 2,
+    ) -> None:
+        super().__init__(dim_a, dim_b)
+        self.critic = make_critic(
+            critic, dim_a, dim_b, hidden_dim=hidden_dim, embed_dim=embed_dim, num_layers=num_layers
+        )
+
+    def pair_scores(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.critic(a, b)
+
+
+class MINE(CriticEstimator):
+    """Donsker–Varadhan bound with all in-batch negatives (Belghazi et al., 2018).
+
+    Î = mean_i T(a_i, b_i) − log mean_{i≠j} exp T(a_i, b_j). :meth:`critic_loss` has the value −Î
+    but the bias-corrected gradient of the MINE paper: the gradient of the log term,
+    E[∇T·e^T] / E[e^T], takes its denominator from an exponential moving average over batches
+    (the buffer ``running_log_mean_exp``, NaN until the first training step, saved in
+    ``state_dict``). The average only moves in training mode.
+
+    Parameters
+    ----------
+    dim_a, dim_b
+        Feature sizes of ``a`` and ``b``.
+    ema_rate
+        Weight of the current batch in the moving average.
+    critic_options
+        ``critic``, ``hidden_dim``, ``embed_dim``, ``num_layers`` of :class:`CriticEstimator`.
+
+    Examples
+    --------
+    >>> est = MINE(8, 4)
+    >>> a, b = torch.randn(32, 8), torch.randn(32, 4)
+    >>> est(a, b).shape
+    torch.Size([])
+    >>> est.critic_loss(a, b).backward()
+    """
+
+    def __init__(self, dim_a: int, dim_b: int, ema_rate: float = 0.01, **critic_options: Any) -> None:
+        super().__init__(dim_a, dim_b, **critic_options)
+        if not 0.0 < ema_rate < 1.0:
+            raise ValueError(f"ema_rate must lie in (0, 1), got {ema_rate}")
+        self.ema_rate = ema_rate
+        self.register_buffer("running_log_mean_exp", torch.tensor(math.nan))
+
+    def bound_from_scores(self, scores: Tensor, pairs: ContrastPairs) -> Tensor:
+        return pairs.mean_positive(scores) - pairs.log_mean_exp_negative(scores)
+
+    def loss_from_scores(self, scores: Tensor, pairs: ContrastPairs) -> Tensor:
+        log_mean_exp = pairs.log_mean_exp_negative(scores)
+        if self.training:
+            self._update_running_log_mean_exp(log_mean_exp.detach())
+        # Same value as log_mean_exp, gradient ∇E[e^T] / EMA(E[e^T]) instead of ∇E[e^T] / E[e^T].
+        ratio = torch.exp(log_mean_exp - self.running_log_mean_exp)
+        corrected = log_mean_exp.detach() + ratio - ratio.detach()
+        return corrected - pairs.mean_positive(scores)
+
+    def _update_running_log_mean_exp(self, log_mean_exp: Tensor) -> None:
+        running = self.running_log_mean_exp
+        if torch.isnan(running):
+            running.copy_(log_mean_exp)
+        else:
+            running.copy_(
+                torch.logaddexp(running + math.log1p(-self.ema_rate), log_mean_exp + math.log(self.ema_rate))
+            )
+
+
+class NWJ(CriticEstimator):
+    """Nguyen–Wainwright–Jordan bound (f-divergence form): Î = mean_i T_ii − mean_{i≠j} exp(T_ij − 1).
+
+    Unbiased in the batch (no log of a mean), at the price of a higher variance than MINE.
+    Options as :class:`CriticEstimator`.
+
+    Examples
+    --------
+    >>> NWJ(8, 4)(torch.randn(32, 8), torch.randn(32, 4)).shape
+    torch.Size([])
+    """
+
+    def bound_from_scores(self, scores: Tensor, pairs: ContrastPairs) -> Tensor:
+        return pairs.mean_positive(scores) - torch.exp(pairs.log_mean_exp_negative(scores) - 1.0)
+
+
+class InfoNCE(CriticEstimator):
+    """InfoNCE bound (van den Oord et al., 2018): Î = mean_i [T_ii − log mean_{j ∈ s(i)} exp T_ij].
+
+    The contrast set of anchor i is its stratum, i itself included, so Î ≤ log(stratum size):
+    low variance, but it saturates at high MI. Options as :class:`CriticEstimator`.
+
+    Examples
+    --------
+    >>> InfoNCE(8, 4)(torch.randn(32, 8), torch.randn(32, 4)).shape
+    torch.Size([])
+    """
+
+    def bound_from_scores(self, scores: Tensor, pairs: ContrastPairs) -> Tensor:
+        return pairs.mean_over_anchors(scores.diagonal() - pairs.log_mean_exp_stratum(scores))
+
+
+class CLUB(MutualInformationEstimator):
+    """Contrastive log-ratio upper bound (Cheng et al., 2020) with a Gaussian q(b | a).
+
+    Î = mean_i log q(b_i | a_i) − mean_{i≠j} log q(b_j | a_i), an upper bound on I(a; b) while q
+    approximates p(b | a) — the natural objective to *minimize*. :meth:`critic_loss` is the
+    negative log-likelihood of q on the observed pairs. q's mean and log-variance come from one MLP;
+    the log-variance is squashed smoothly into (−``max_log_var``, ``max_log_var``) so a nearly
+    deterministic b cannot drive the estimate to infinity. All B² log-likelihoods come from two
+    (B, d)·(d, B) products, not B² MLP rows. With ``strata``, q stays unconditional on s.
+
+    Parameters
+    ----------
+    dim_a, dim_b
+        Feature sizes of ``a`` and ``b``.
+    hidden_dim
+        Width of q's hidden layers.
+    num_layers
+        Hidden layers of q.
+    max_log_var
+        Bound on q's log-variance.
+
+    Examples
+    --------
+    >>> est = CLUB(8, 4)
+    >>> a, b = torch.randn(32, 8), torch.randn(32, 4)
+    >>> est(a, b).shape
+    torch.Size([])
+    >>> est.critic_loss(a, b).backward()
+    """
+
+    def __init__(
+        self, dim_a: int, dim_b: int, hidden_dim: int = 256, num_layers: int = 2, max_log_var: float = 10.0
+    ) -> None:
+        super().__init__(dim_a, dim_b)
+        self.conditional = mlp(dim_a, hidden_dim, 2 * dim_b, num_layers)
+        self.max_log_var = max_log_var
+
+    def pair_scores(self, a: Tensor, b: Tensor) -> Tensor:
+        """``(B, B)``: log q(b_j | a_i) up to a constant."""
+        mean, raw_log_var = self.conditional(a).chunk(2, dim=1)
+        log_var = self.max_log_var * torch.tanh(raw_log_var / self.max_log_var)
+        precision = torch.exp(-log_var)
+        # Centring both b and the means leaves every difference b_j − μ_i unchanged but keeps the
+        # expanded square below from cancelling catastrophically when features sit far from 0.
+        centre = b.mean(dim=0).detach()
+        b, mean = b - centre, mean - centre
+        squared_error = (
+            precision @ (b * b).T - 2.0 * (mean * precision) @ b.T + (mean * mean * precision).sum(dim=1, keepdim=True)
+        )
+        return -0.5 * (squared_error + log_var.sum(dim=1, keepdim=True))
+
+    def bound_from_scores(self, scores: Tensor, pairs: ContrastPairs) -> Tensor:
+        return pairs.mean_positive(scores) - pairs.mean_negative(scores)
+
+    def loss_from_scores(self, scores: Tensor, pairs: ContrastPairs) -> Tensor:
+        return -scores.diagonal().mean()

@@ -1,0 +1,201 @@
+"""Dependence penalties of the baselines: distance correlation, MMD between groups, gradient reversal."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mimm_med.mi.critics import mlp
+
+__all__ = [
+    "DistanceCorrelation",
+    "MMDPenalty",
+    "GradientReversalFunction",
+    "GradientReversal",
+    "AdversarialHead",
+]
+
+
+def _check_finite_2d(name: str, x: Tensor) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (B, features), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} {tuple(x.shape)} contains NaN or Inf")
+
+
+def _double_centred_distances(x: Tensor) -> Tensor:
+    distances = torch.cdist(x, x)
+    return distances - distances.mean(dim=0, keepdim=True) - distances.mean(dim=1, keepdim=True) + distances.mean()
+
+
+class DistanceCorrelation(nn.Module):
+    """Distance correlation (Székely et al., 2007) between the rows of ``a`` and ``b``, differentiable.
+
+    0 when a and b are independent (in the population), 1 when b is a linear function of a up to
+    rotation and scale; any dependence, not only linear, raises it. The batch statistic is the
+    V-statistic, so independent batches give a small positive value that shrinks with the batch size.
+
+    Parameters
+    ----------
+    squared
+        Return dCor² instead of dCor. dCor² has a finite gradient at independence, dCor does not.
+    eps
+        Guards the divisions and the square root.
+
+    Examples
+    --------
+    >>> a = torch.randn(64, 8)
+    >>> round(float(DistanceCorrelation()(a, 2 * a + 1)), 4)
+    1.0
+    """
+
+    def __init__(self, squared: bool = False, eps: float = 1e-9) -> None:
+        super().__init__()
+        self.squared = squared
+        self.eps = eps
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        """dCor (or dCor²) of ``a`` (B, d) and ``b`` (B, k) or (B,), e.g. features and labels."""
+        b = b[:, None] if b.ndim == 1 else b
+        _check_finite_2d("a", a)
+        _check_finite_2d("b", b)
+        if a.shape[0] != b.shape[0] or a.shape[0] < 2:
+            raise ValueError(f"a and b need the same number (>= 2) of rows, got a {tuple(a.shape)} and b {tuple(b.shape)}")
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            centred_a = _double_centred_distances(a.float())
+            centred_b = _double_centred_distances(b.float())
+            covariance = (centred_a * centred_b).mean()
+            variances = (centred_a * centred_a).mean() * (centred_b * centred_b).mean()
+            dcor_squared = covariance / variances.sqrt().clamp_min(self.eps)
+            return dcor_squared if self.squared else dcor_squared.clamp_min(self.eps).sqrt()
+
+
+class MMDPenalty(nn.Module):
+    """Squared maximum mean discrepancy between the groups of a batch, averaged over pairs of groups.
+
+    Gaussian kernel averaged over several bandwidths, each a multiple of the batch's median pairwise
+    distance (detached), so the penalty does not depend on the scale of the features. Within-group
+    terms leave out i = j (the unbiased estimate): ≈ 0 when the groups share a distribution. Groups
+    with fewer than two rows are skipped; with fewer than two groups left the penalty is 0.
+
+    Parameters
+    ----------
+    bandwidths
+        Kernel widths as multiples of the median pairwise distance.
+
+    Examples
+    --------
+    >>> a = torch.cat([torch.randn(32, 4), torch.randn(32, 4) + 3])
+    >>> groups = torch.tensor([0] * 32 + [1] * 32)
+    >>> bool(MMDPenalty()(a, groups) > 0.1)
+    True
+    """
+
+    def __init__(self, bandwidths: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0)) -> None:
+        super().__init__()
+        if not bandwidths or min(bandwidths) <= 0:
+            raise ValueError(f"bandwidths must be positive multiples of the median distance, got {bandwidths}")
+        self.bandwidths = tuple(float(width) for width in bandwidths)
+
+    def forward(self, a: Tensor, groups: Tensor) -> Tensor:
+        """MMD² of ``a`` (B, d) between the groups given by integer labels ``groups`` (B,)."""
+        _check_finite_2d("a", a)
+        if groups.shape != (a.shape[0],) or groups.is_floating_point():
+            raise ValueError(
+                f"groups must be an integer tensor of shape ({a.shape[0]},) for a {tuple(a.shape)}, "
+                f"got {groups.dtype} {tuple(groups.shape)}"
+            )
+        _, group_index = torch.unique(groups, return_inverse=True)
+        members = nn.functional.one_hot(group_index).float()
+        members = members[:, members.sum(dim=0) >= 2]
+        if members.shape[1] < 2:
+            return a.sum() * 0.0
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            kernel = self._kernel(a.float())
+            counts = members.sum(dim=0)
+            block_sums = members.T @ kernel @ members
+            self_similarity = members.T @ kernel.diagonal()
+            within = (block_sums.diagonal() - self_similarity) / (counts * (counts - 1))
+            between = block_sums / (counts[:, None] * counts[None, :])
+            mmd = within[:, None] + within[None, :] - 2.0 * between
+            rows, cols = torch.triu_indices(len(counts), len(counts), offset=1, device=a.device)
+            return mmd[rows, cols].mean()
+
+    def _kernel(self, x: Tensor) -> Tensor:
+        squared = torch.cdist(x, x).square()
+        off_diagonal = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
+        median_squared = squared.detach()[off_diagonal].median().clamp_min(1e-12)
+        return torch.stack([torch.exp(-squared / (2.0 * width**2 * median_squared)) for width in self.bandwidths]).mean(dim=0)
+
+
+class GradientReversalFunction(torch.autograd.Function):
+    """Identity forward, gradient multiplied by −coefficient backward (Ganin & Lempitsky, 2015)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, coefficient: float) -> Tensor:
+        ctx.coefficient = coefficient
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return -ctx.coefficient * grad, None
+
+
+class GradientReversal(nn.Module):
+    """Layer form of :class:`GradientReversalFunction`; ``coefficient`` may be changed during training.
+
+    Examples
+    --------
+    >>> x = torch.ones(3, requires_grad=True)
+    >>> GradientReversal(0.5)(x).sum().backward()
+    >>> x.grad.tolist()
+    [-0.5, -0.5, -0.5]
+    """
+
+    def __init__(self, coefficient: float = 1.0) -> None:
+        super().__init__()
+        self.coefficient = coefficient
+
+    def forward(self, x: Tensor) -> Tensor:
+        return GradientReversalFunction.apply(x, self.coefficient)
+
+    def extra_repr(self) -> str:
+        return f"coefficient={self.coefficient}"
+
+
+class AdversarialHead(nn.Module):
+    """DANN-style adversary: gradient reversal, then an MLP that returns class logits.
+
+    Trained with cross-entropy on the spurious label, the head learns to predict it while the
+    reversed gradient pushes the features feeding it to hide it.
+
+    Parameters
+    ----------
+    in_dim
+        Size of the input features.
+    num_classes
+        Number of logits.
+    hidden
+        Width of the hidden layers.
+    num_layers
+        Number of hidden layers.
+    coefficient
+        Scale of the reversed gradient (``head.reversal.coefficient`` to schedule it).
+
+    Examples
+    --------
+    >>> AdversarialHead(16, 3)(torch.randn(4, 16)).shape
+    torch.Size([4, 3])
+    """
+
+    def __init__(
+        self, in_dim: int, num_classes: int, hidden: int = 128, num_layers: int = 1, coefficient: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.reversal = GradientReversal(coefficient)
+        self.classifier = mlp(in_dim, hidden, num_classes, num_layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.reversal(x))
