@@ -1,0 +1,192 @@
+"""Dynamic loss scaling for MIMM-X: adaptive clipping of the MI gradient and GradNorm task weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["adaptive_mi_scale", "GradNorm"]
+
+
+def _global_norm(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
+    """L2 norm of the concatenation of ``tensors``; ``None`` counts as zeros.
+
+    Float32 because the sum of squares of fp16 gradients overflows.
+    """
+    norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors if t is not None]
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def adaptive_mi_scale(
+    task_grads: Sequence[torch.Tensor | None], mi_grads: Sequence[torch.Tensor | None]
+) -> torch.Tensor:
+    """Scale ``alpha`` for the MI term so its gradient is never larger than the task gradient.
+
+    ``alpha = min(|g_task|, |g_MI|) / |g_MI|``, the adaptive gradient clipping of Belghazi et al.
+    (MINE, 2018), and ``alpha = 1`` when ``g_MI = 0``. Norms are taken over the concatenation of
+    all tensors; ``None`` entries (parameters a loss does not reach) count as zeros. Only the
+    ratio of the norms matters, so gradients of losses scaled by the same ``GradScaler`` factor
+    give the same ``alpha``. A non-finite norm gives a non-finite ``alpha``, which AMP's
+    ``GradScaler`` then skips like any overflowing step.
+
+    Parameters
+    ----------
+    task_grads
+        Gradients of the task loss w.r.t. the last shared layer's parameters.
+    mi_grads
+        Gradients of the MI term w.r.t. the same parameters.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar ``alpha`` in ``[0, 1]`` (float32, no gradient).
+
+    Example::
+
+        shared = list(net.last_shared_layer.parameters())
+        g_task = torch.autograd.grad(task_loss, shared, retain_graph=True, allow_unused=True)
+        g_mi = torch.autograd.grad(mi_loss, shared, retain_graph=True, allow_unused=True)
+        (task_loss + adaptive_mi_scale(g_task, g_mi) * mi_loss).backward()
+    """
+    task_norm = _global_norm(task_grads)
+    mi_norm = _global_norm(mi_grads).to(task_norm.device)
+    alpha = torch.minimum(task_norm, mi_norm) / mi_norm.clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(mi_norm > 0, alpha, torch.ones_like(alpha)).detach()
+
+
+class GradNorm(nn.Module):
+    """GradNorm (Chen et al., ICML 2018): learned task-loss weights that balance gradient norms.
+
+    Each task ``i`` has a positive weight ``w_i``; the weights sum to ``T``, the number of tasks.
+    The model is trained on ``weighted_loss = sum_i w_i * L_i`` with the weights held constant,
+    and the weights alone are trained on ``gradnorm_loss = sum_i |G_i - mean(G) * r_i**alpha|``,
+    where ``G_i = |grad_W w_i * L_i|`` is task ``i``'s gradient norm at the shared parameters
+    ``W``, ``r_i = (L_i / L_i(0)) / mean_j(L_j / L_j(0))`` its relative inverse training rate and
+    the target ``mean(G) * r_i**alpha`` a constant. The initial losses ``L_i(0)`` are recorded on
+    the first ``gradnorm_loss`` call and kept in a buffer, so a resumed run keeps them.
+
+    Parameters
+    ----------
+    task_names
+        Names of the tasks, e.g. the factor names of a ``MIMMXNet``.
+    alpha
+        Asymmetry ``alpha >= 0``: how strongly tasks that train slower get larger gradients
+        (``0`` asks for equal gradient norms).
+
+    Example::
+
+        gradnorm = GradNorm(["digit", "thickness", "rotation"])
+        weight_optimizer = torch.optim.Adam(gradnorm.parameters(), lr=0.025)
+        shared = list(net.last_shared_layer.parameters())
+
+        losses = {name: loss_fn[name](out[f"{name}_output"], batch[name]) for name in gradnorm.task_names}
+        model_optimizer.zero_grad()
+        weight_optimizer.zero_grad()
+        gradnorm.gradnorm_loss(losses, shared).backward()  # reaches only gradnorm.weights
+        gradnorm.weighted_loss(losses).backward()  # weights held constant: reaches only the model
+        model_optimizer.step()
+        weight_optimizer.step()
+        gradnorm.renormalize()
+    """
+
+    initial_losses: torch.Tensor
+    initialized: torch.Tensor
+
+    def __init__(self, task_names: Sequence[str], alpha: float = 1.5) -> None:
+        super().__init__()
+        task_names = tuple(task_names)
+        if not task_names:
+            raise ValueError("GradNorm needs at least one task name; got an empty list.")
+        duplicates = sorted({name for name in task_names if task_names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"GradNorm task names must be unique; repeated: {duplicates}.")
+        if not alpha >= 0:
+            raise ValueError(f"GradNorm alpha must be >= 0; got {alpha}.")
+        self.task_names = task_names
+        self.alpha = float(alpha)
+        self.weights = nn.Parameter(torch.ones(len(task_names)))
+        self.register_buffer("initial_losses", torch.ones(len(task_names)))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def weighted_loss(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Model loss ``sum_i w_i * L_i``; the weights are constants here and get no gradient."""
+        stacked = self._stack(losses)
+        return (self.weights.detach().to(stacked.dtype) * stacked).sum()
+
+    def gradnorm_loss(
+        self, losses: Mapping[str, torch.Tensor], shared_parameters: Iterable[torch.Tensor]
+    ) -> torch.Tensor:
+        """GradNorm loss; its gradient reaches ``self.weights`` only.
+
+        Parameters
+        ----------
+        losses
+            One scalar loss per task name, still attached to the model's graph (kept for the
+            model's own backward pass).
+        shared_parameters
+            Parameters of the last shared layer, where the gradient norms are compared.
+        """
+        stacked = self._stack(losses)
+        shared = [p for p in shared_parameters if p.requires_grad]
+        if not shared:
+            raise ValueError(
+                "GradNorm.gradnorm_loss needs the last shared layer's parameters (requiring grad); got none."
+            )
+        # G_i = |grad_W w_i L_i| = w_i |grad_W L_i| as w_i > 0: the gradient w.r.t. w equals the
+        # create_graph one, without a double-backward graph that would also reach W.
+        unweighted = torch.stack([self._grad_norm(name, losses[name], shared) for name in self.task_names])
+        norms = self.weights * unweighted.to(self.weights.device)
+        loss_ratios = stacked.detach().float() / self._initial_losses(stacked)
+        inverse_rates = loss_ratios / loss_ratios.mean()
+        target = (norms.mean() * inverse_rates**self.alpha).detach()
+        return (norms - target).abs().sum()
+
+    @torch.no_grad()
+    def renormalize(self) -> None:
+        """Keep the weights positive and summing to ``T``; call after each step of their optimizer."""
+        self.weights.clamp_(min=torch.finfo(self.weights.dtype).eps)
+        self.weights.mul_(len(self.task_names) / self.weights.sum())
+
+    def weights_by_name(self) -> dict[str, float]:
+        """Current task weights keyed by task name, for logging."""
+        return dict(zip(self.task_names, self.weights.detach().tolist()))
+
+    def _stack(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        unknown = sorted(set(losses) - set(self.task_names))
+        missing = [name for name in self.task_names if name not in losses]
+        if unknown or missing:
+            raise ValueError(
+                f"GradNorm expects one loss per task {list(self.task_names)}; "
+                f"missing: {missing}, unknown: {unknown}."
+            )
+        not_scalar = {name: tuple(losses[name].shape) for name in self.task_names if losses[name].numel() != 1}
+        if not_scalar:
+            raise ValueError(f"GradNorm needs scalar (reduced) task losses; got shapes {not_scalar}.")
+        return torch.stack([losses[name].reshape(()) for name in self.task_names]).to(self.weights.device)
+
+    def _initial_losses(self, stacked: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            initial = stacked.detach().to(self.initial_losses.dtype)
+            bad = [name for name, value in zip(self.task_names, initial.tolist()) if not 0 < value < float("inf")]
+            if bad:
+                raise ValueError(
+                    f"GradNorm divides by the first losses, which must be finite and > 0; "
+                    f"not so for task(s) {bad}: {initial.tolist()}."
+                )
+            self.initial_losses.copy_(initial)
+            self.initialized.fill_(True)
+        return self.initial_losses
+
+    @staticmethod
+    def _grad_norm(name: str, loss: torch.Tensor, shared: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not loss.requires_grad:
+            raise ValueError(f"GradNorm: the loss of task {name!r} does not require grad; pass it before detaching.")
+        grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+        return _global_norm(grads)
+
+    def extra_repr(self) -> str:
+        return f"task_names={list(self.task_names)}, alpha={self.alpha}"
