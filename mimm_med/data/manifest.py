@@ -1,0 +1,199 @@
+"""Manifest schema, reading, writing and validation.
+
+A manifest is a CSV with one row per image::
+
+    subject_id, image, <label_1>, ..., <label_K>, cohort, status
+
+``subject_id`` is pseudonymous, ``image`` is a path relative to the manifest's folder (so an output
+folder can be moved or shared as a whole), every other column but ``cohort`` and ``status`` is a
+label, and ``status`` is ``ok`` or ``failed``. In memory (:func:`read_manifest`) ``image`` holds
+absolute paths; :func:`write_manifest` makes them relative again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Collection, Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from mimm_med.data.pseudonym import canonical_text
+from mimm_med.data.writers import atomic_output
+
+SUBJECT, IMAGE, COHORT, STATUS = "subject_id", "image", "cohort", "status"
+RESERVED_COLUMNS: tuple[str, ...] = (SUBJECT, IMAGE, COHORT, STATUS)
+STATUS_OK, STATUS_FAILED = "ok", "failed"
+_SHOWN = 5  # how many offending rows an error message lists
+
+
+class ManifestError(ValueError):
+    """A manifest is malformed or inconsistent; the message names the file and the fix."""
+
+
+def label_columns(table: pd.DataFrame) -> list[str]:
+    """Label columns of a manifest: every column except ``subject_id``, ``image``, ``cohort``, ``status``."""
+    return [c for c in table.columns if c not in RESERVED_COLUMNS]
+
+
+def _first(values: Collection, total: int | None = None) -> str:
+    values = list(values)
+    total = len(values) if total is None else total
+    shown = ", ".join(str(v) for v in values[:_SHOWN])
+    return f"{shown}, … ({total} in all)" if total > _SHOWN else shown
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest CSV, check its columns and return it with absolute ``image`` paths.
+
+    Raises
+    ------
+    ManifestError
+        If the file is missing or lacks a required column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist; make it with `mimm-med preprocess` or `cohort merge`")
+    table = pd.read_csv(path, dtype={SUBJECT: str, IMAGE: str, COHORT: str, STATUS: str})
+    missing = [c for c in RESERVED_COLUMNS if c not in table.columns]
+    if missing:
+        raise ManifestError(
+            f"manifest {path} lacks columns {missing} (it has {list(table.columns)}); "
+            "write manifests with `mimm-med preprocess` or `mimm-med cohort merge`"
+        )
+    folder = os.path.abspath(path.parent)
+    table[IMAGE] = [os.path.normpath(os.path.join(folder, p)) for p in table[IMAGE]]
+    return table
+
+
+def write_manifest(table: pd.DataFrame, path: str | Path) -> Path:
+    """Write ``table`` (absolute ``image`` paths) atomically to ``path`` with paths relative to its folder."""
+    path = Path(path)
+    folder = os.path.abspath(path.parent)
+    out = table.copy()
+    out[IMAGE] = [Path(os.path.relpath(p, folder)).as_posix() for p in out[IMAGE]]
+    out = out[[SUBJECT, IMAGE, *label_columns(out), COHORT, STATUS]]
+    with atomic_output(path) as tmp:
+        out.to_csv(tmp, index=False)
+    return path
+
+
+def validate_manifest(
+    table: pd.DataFrame,
+    path: str | Path,
+    label_values: Mapping[str, Collection | None] | None = None,
+    check_files: bool = True,
+) -> None:
+    """Check a manifest read by :func:`read_manifest`.
+
+    Parameters
+    ----------
+    table
+        The manifest, ``image`` holding absolute paths.
+    path
+        Its file, named in error messages.
+    label_values
+        Label column → allowed values (``None``: any value). Every key must be a column.
+    check_files
+        Check that every ``ok`` image exists.
+
+    Raises
+    ------
+    ManifestError
+        On duplicate images, missing subject ids, missing or out-of-range labels, or missing files.
+    """
+    duplicated = table[IMAGE][table[IMAGE].duplicated()]
+    if len(duplicated):
+        raise ManifestError(
+            f"manifest {path} lists {len(duplicated)} images more than once ({_first(duplicated)}); "
+            "merge each manifest once, and merge shard parts of one run, not the run's full manifest with its parts"
+        )
+    if table[SUBJECT].isna().any():
+        count = int(table[SUBJECT].isna().sum())
+        raise ManifestError(f"manifest {path} has {count} rows without subject_id; re-run preprocess")
+    label_values = dict(label_values or {})
+    absent = [name for name in label_values if name not in table.columns]
+    if absent:
+        raise ManifestError(
+            f"manifest {path} lacks label columns {absent} (it has {label_columns(table)}); "
+            "re-run preprocess with the cohort card that defines them"
+        )
+    for name in label_columns(table):
+        missing = table[SUBJECT][table[name].isna()]
+        if len(missing):
+            raise ManifestError(
+                f"manifest {path}: label {name!r} is missing in {len(missing)} rows (subjects {_first(missing)}); "
+                "fix the metadata table or the card's value mapping, or drop those rows"
+            )
+        allowed = label_values.get(name)
+        if allowed is not None:
+            spelled = {canonical_text(v) for v in allowed}
+            outside = table[name][~table[name].map(canonical_text).isin(spelled)]
+            if len(outside):
+                raise ManifestError(
+                    f"manifest {path}: label {name!r} has values {sorted(set(map(str, outside)))} outside "
+                    f"{sorted(spelled)} in {len(outside)} rows; fix the card's value mapping and re-run preprocess"
+                )
+    if check_files:
+        ok = table[table[STATUS] == STATUS_OK]
+        absent_files = [p for p in ok[IMAGE] if not os.path.exists(p)]
+        if absent_files:
+            raise ManifestError(
+                f"{len(absent_files)} of {len(ok)} images listed in manifest {path} are missing "
+                f"({_first(absent_files)}); re-run `mimm-med preprocess` with the same --out to redo them"
+            )
+
+
+def load_manifest(
+    path: str | Path,
+    card: object | None = None,
+    label_values: Mapping[str, Collection | None] | None = None,
+    include_failed: bool = False,
+) -> pd.DataFrame:
+    """Read and validate a manifest; return its ``ok`` rows with absolute ``image`` paths.
+
+    Parameters
+    ----------
+    path
+        Manifest CSV.
+    card
+        A :class:`~mimm_med.data.cohort_card.CohortCard` whose label values the labels must take.
+    label_values
+        Label column → allowed values (``None``: any), instead of or on top of ``card``.
+    include_failed
+        Also return rows whose ``status`` is not ``ok`` (their images need not exist).
+
+    Examples
+    --------
+    >>> table = load_manifest("processed/ukb/manifest.csv", label_values={"sex": ["female", "male"]})
+    """
+    table = read_manifest(path)
+    if not include_failed:
+        table = table[table[STATUS] == STATUS_OK].reset_index(drop=True)
+    allowed = dict(card_label_values(card)) if card is not None else {}
+    allowed.update(label_values or {})
+    validate_manifest(table, path, allowed)
+    return table
+
+
+def card_label_values(card: object) -> dict[str, Collection | None]:
+    """Label column → allowed values of a cohort card (``None`` where a label is continuous)."""
+    return dict(card.label_values)
+
+
+def validate_splits(splits: Mapping[str, pd.DataFrame], subject_column: str = SUBJECT) -> None:
+    """Raise :class:`ManifestError` if any subject appears in two splits.
+
+    Examples
+    --------
+    >>> validate_splits({"train": train, "test-iid": test})
+    """
+    subjects = {name: set(frame[subject_column]) for name, frame in splits.items()}
+    for (a, sa), (b, sb) in itertools.combinations(subjects.items(), 2):
+        shared = sorted(sa & sb)
+        if shared:
+            raise ManifestError(
+                f"splits {a!r} and {b!r} share {len(shared)} subjects ({_first(shared)}): images of one subject "
+                "in two splits leak the test set into training; split by subject with `mimm-med cohort split`"
+            )

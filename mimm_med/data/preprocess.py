@@ -1,0 +1,404 @@
+"""Run a preprocessing pipeline (a MONAI config) over a cohort: pseudonymous, resumable, shardable.
+
+Outputs, all under ``out_dir``::
+
+    images/<subject_id>/<image_id>.<ext>   one processed image per raw image
+    manifest.csv                           every image: subject_id, image, labels, cohort, status
+    errors.csv                             every failure: subject_id, file (pseudonymised), reason
+    pipeline.json                          the pipeline config with its overrides, for provenance
+
+With ``--shard i/n`` the tables are ``manifest-shard-i-of-n.csv`` / ``errors-shard-i-of-n.csv``.
+A re-run with the same ``out_dir`` keeps images that the manifest lists as ``ok`` and that exist,
+and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from monai.bundle import ConfigComponent, ConfigParser
+from tqdm.auto import tqdm
+
+from mimm_med.data.manifest import (
+    COHORT,
+    IMAGE,
+    STATUS,
+    STATUS_FAILED,
+    STATUS_OK,
+    SUBJECT,
+    read_manifest,
+    write_manifest,
+)
+from mimm_med.data.pseudonym import Pseudonymiser, canonical_text, mask_identifier
+from mimm_med.data.writers import atomic_output
+
+SOURCE_ID = "source_id"
+ERROR_COLUMNS = (SUBJECT, "file", "reason")
+CHECKPOINT_SECONDS = 30.0
+_REASON_CHARS = 500
+# The last line of a Python traceback, e.g. "EOFError: Compressed file ended before ...".
+_TRACEBACK_END = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
+
+
+class PreprocessError(RuntimeError):
+    """The run cannot start: bad settings, or an output folder made with other settings."""
+
+
+# --------------------------------------------------------------------------------------- config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``KEY=VALUE`` and read VALUE as JSON where it is JSON (``[64,64,64]``, ``true``), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise PreprocessError(f"--set expects KEY=VALUE, e.g. spatial_size=[64,64,64]; got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def load_pipeline_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict:
+    """Read a pipeline config and apply ``overrides`` (config ids such as ``spatial_size``).
+
+    Raises
+    ------
+    PreprocessError
+        If an override names a setting the config does not have (a typo would otherwise be ignored).
+    """
+    parser = ConfigParser(ConfigParser.load_config_file(path))
+    missing = object()
+    for key, value in (overrides or {}).items():
+        if parser.get(key, missing) is missing:
+            settings = [k for k, v in parser.get().items() if not ConfigComponent.is_instantiable(v)]
+            raise PreprocessError(f"{path} has no setting {key!r}; its settings are {settings}")
+        parser[key] = value
+    return parser.get()
+
+
+def output_suffix(config: Mapping) -> str:
+    """Suffix of the files the config's writer makes, e.g. ``".nii.gz"``."""
+    return ConfigParser(dict(config)).get_parsed_content("writer").suffix
+
+
+class PreprocessPipeline:
+    """The transform chain and writer of a pipeline config, built once and applied per image.
+
+    Parameters
+    ----------
+    config
+        Config content (see ``preprocessing/*.json``) with a ``preprocessing`` transform taking
+        ``{image_key: path}`` and a ``writer`` (:class:`~mimm_med.data.writers.ImageFileWriter`).
+
+    Examples
+    --------
+    >>> pipeline = PreprocessPipeline(load_pipeline_config("preprocessing/brain_t1.json"))
+    >>> pipeline("raw/1000001_20252_2_0/T1/T1.nii.gz", "out/images/sub-1/img-2")
+    """
+
+    def __init__(self, config: Mapping) -> None:
+        parser = ConfigParser(dict(config))
+        self.image_key: str = parser.get_parsed_content("image_key", default="image")
+        self.transform = parser.get_parsed_content("preprocessing")
+        self.writer = parser.get_parsed_content("writer")
+
+    def __call__(self, source: str | Path, stem: str | Path) -> Path:
+        """Process the raw image (file or DICOM series folder) ``source``; write ``stem + suffix``."""
+        source = Path(source)
+        if not source.exists():
+            raise FileNotFoundError("file not found")
+        if source.is_file() and source.stat().st_size == 0:
+            raise ValueError("empty file (0 bytes)")
+        data = self.transform({self.image_key: str(source)})
+        return self.writer(data[self.image_key], stem)
+
+
+# ---------------------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Subset ``index`` of ``count`` (0-based) of a cohort's subjects, chosen by their keyed pseudonym."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """Read ``"i/n"``, e.g. ``"0/4"`` for the first of four shards."""
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not match or not 0 <= int(match[1]) < int(match[2]):
+            raise PreprocessError(f"--shard expects i/n with 0 <= i < n (e.g. $SLURM_ARRAY_TASK_ID/4), got {text!r}")
+        return cls(int(match[1]), int(match[2]))
+
+    def __contains__(self, subject_id: str) -> bool:
+        return int(subject_id.removeprefix("sub-"), 16) % self.count == self.index
+
+    def suffix(self) -> str:
+        """File name suffix of this shard's tables: ``""`` for the whole cohort."""
+        return "" if self.count == 1 else f"-shard-{self.index}-of-{self.count}"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One raw image to process.
+
+    ``shown`` is its path for reports: relative to the raw folder, source id replaced by the
+    pseudonym. ``masks`` (identifying text → replacement) clean error messages the same way.
+    """
+
+    source: Path
+    stem: Path
+    shown: str
+    masks: tuple[tuple[str, str], ...]
+
+    def mask(self, text: str) -> str:
+        """``text`` with the raw path, raw folder and source id replaced."""
+        for identifier, replacement in self.masks:
+            text = mask_identifier(text, identifier, replacement)
+        return text
+
+
+def describe_error(error: BaseException) -> str:
+    """A one-line reason for ``error``: the original exception under MONAI's "applying transform" wrappers."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    # LoadImage with several readers packs one traceback per reader into its message.
+    ends = [line for line in text.splitlines() if _TRACEBACK_END.match(line)]
+    reason = "; ".join(ends) if ends else f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    return reason[:_REASON_CHARS]
+
+
+def _process(pipeline: PreprocessPipeline, task: Task) -> tuple[str, str]:
+    try:
+        pipeline(task.source, task.stem)
+    except Exception as error:  # one bad file must never stop the others
+        return STATUS_FAILED, task.mask(describe_error(error))
+    return STATUS_OK, ""
+
+
+_WORKER_PIPELINE: PreprocessPipeline | None = None
+
+
+def _init_worker(config: Mapping) -> None:
+    global _WORKER_PIPELINE
+    # The parent handles Ctrl-C and lets running images finish, so no worker dies mid-write.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # n workers × all-core torch ops would oversubscribe the CPU.
+    torch.set_num_threads(1)
+    _WORKER_PIPELINE = PreprocessPipeline(config)
+
+
+def _process_in_worker(task: Task) -> tuple[str, str]:
+    return _process(_WORKER_PIPELINE, task)
+
+
+def run_tasks(tasks: Iterable[Task], config: Mapping, workers: int = 1) -> Iterator[tuple[Task, tuple[str, str]]]:
+    """Yield ``(task, (status, reason))`` as tasks finish, in this process or in ``workers`` processes.
+
+    On ``KeyboardInterrupt`` pending tasks are cancelled, running ones finish and are yielded, then
+    the interrupt propagates.
+    """
+    if workers <= 1:
+        pipeline = PreprocessPipeline(config)
+        for task in tasks:
+            yield task, _process(pipeline, task)
+        return
+    pending: dict[Future, Task] = {}
+    tasks = iter(tasks)
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(dict(config),)) as pool:
+        try:
+            while True:
+                # A short queue per worker keeps memory flat and an interrupt quick.
+                for task in tasks:
+                    pending[pool.submit(_process_in_worker, task)] = task
+                    if len(pending) >= 4 * workers:
+                        break
+                if not pending:
+                    return
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield pending.pop(future), future.result()
+        except KeyboardInterrupt:
+            for future in pending:
+                future.cancel()
+            for future in wait(pending).done:
+                if not future.cancelled():
+                    yield pending[future], future.result()
+            raise
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+@dataclass
+class PreprocessSummary:
+    """Counts of one run, and where its tables are."""
+
+    done: int
+    skipped: int
+    failed: int
+    problems: int
+    seconds: float
+    manifest: Path
+    errors: Path
+
+    @property
+    def ok(self) -> bool:
+        """Whether every image and metadata row made it."""
+        return self.failed == 0 and self.problems == 0
+
+    def __str__(self) -> str:
+        return (
+            f"preprocess: {self.done} done, {self.skipped} skipped, {self.failed} failed, "
+            f"{self.problems} metadata problems in {self.seconds:.1f} s; manifest {self.manifest}"
+            + ("" if self.ok else f"; reasons in {self.errors}")
+        )
+
+
+def _display_path(path: Path, raw_dir: Path, source_id: str, subject_id: str) -> str:
+    # Raw layouts put subject ids into paths (UK Biobank: <eid>_20252_2_0/T1/T1.nii.gz).
+    try:
+        shown = path.relative_to(raw_dir).as_posix()
+    except ValueError:
+        shown = path.as_posix()
+    return mask_identifier(shown, source_id, subject_id)
+
+
+def check_output_settings(config: Mapping, out_dir: Path) -> None:
+    """Record ``config`` in ``out_dir/pipeline.json``; refuse an ``out_dir`` made with other settings.
+
+    Resuming into a folder preprocessed at another size or spacing would mix both in one manifest.
+    """
+    path = out_dir / "pipeline.json"
+    if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(config)):
+        raise PreprocessError(
+            f"{out_dir} was preprocessed with other pipeline settings (see {path}); "
+            "use a new --out, or delete that folder to start over"
+        )
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(config, indent=2))
+
+
+def preprocess_records(
+    records: pd.DataFrame,
+    problems: pd.DataFrame,
+    config: Mapping,
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    pseudonymiser: Pseudonymiser,
+    workers: int = 1,
+    shard: Shard = Shard(),
+    progress: bool = True,
+) -> PreprocessSummary:
+    """Preprocess a cohort's records into ``out_dir``; see the module docstring for the outputs.
+
+    Parameters
+    ----------
+    records
+        One row per raw image: ``source_id``, ``image`` (absolute path), one column per label, ``cohort``
+        (a card's ``index`` result).
+    problems
+        Metadata rows the card could not use: ``source_id``, ``image``, ``reason``; reported as failures.
+    config
+        Pipeline config from :func:`load_pipeline_config`.
+    raw_dir
+        Raw cohort folder; reports show paths relative to it.
+    pseudonymiser
+        Maps source ids to the subject ids of every output.
+    workers
+        Processes; 1 runs in this process.
+    shard
+        The subset of subjects to process.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        After the tables of what finished have been written: a re-run resumes.
+    """
+    start = time.perf_counter()
+    raw_dir, out_dir = Path(raw_dir).absolute(), Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_settings(config, out_dir)
+    suffix = output_suffix(config)
+    manifest_path = out_dir / f"manifest{shard.suffix()}.csv"
+    errors_path = out_dir / f"errors{shard.suffix()}.csv"
+    labels = [c for c in records.columns if c not in (SOURCE_ID, IMAGE, COHORT)]
+
+    rows: dict[Path, dict] = {}
+    tasks: list[Task] = []
+    for record in records.to_dict("records"):
+        source_id, cohort, source = canonical_text(record[SOURCE_ID]), str(record[COHORT]), Path(record[IMAGE])
+        subject_id = pseudonymiser.subject(cohort, source_id)
+        if subject_id not in shard:
+            continue
+        shown = _display_path(source, raw_dir, source_id, subject_id)
+        stem = out_dir / "images" / subject_id / pseudonymiser.image(cohort, source_id, shown)
+        rows[stem] = {SUBJECT: subject_id, IMAGE: f"{stem}{suffix}", **{k: record[k] for k in labels}, COHORT: cohort}
+        masks = ((str(source), shown), (str(raw_dir), "<raw>"), (source_id, subject_id))
+        tasks.append(Task(source, stem, shown, masks))
+    errors = []
+    for problem in problems.to_dict("records"):
+        source_id, cohort = canonical_text(problem.get(SOURCE_ID, "")), str(problem.get(COHORT, ""))
+        subject_id = pseudonymiser.subject(cohort, source_id)
+        if subject_id in shard:
+            shown = _display_path(Path(str(problem.get(IMAGE, ""))), raw_dir, source_id, subject_id)
+            reason = mask_identifier(f"metadata: {problem['reason']}", source_id, subject_id)
+            errors.append({SUBJECT: subject_id, "file": shown, "reason": reason})
+    problem_count = len(errors)
+
+    finished = set()
+    if manifest_path.exists():
+        previous = read_manifest(manifest_path)
+        finished = set(previous[IMAGE][previous[STATUS] == STATUS_OK])
+    todo = []
+    for task in tasks:
+        if rows[task.stem][IMAGE] in finished and os.path.exists(rows[task.stem][IMAGE]):
+            rows[task.stem][STATUS] = STATUS_OK
+        else:
+            todo.append(task)
+
+    def write_tables() -> None:
+        written = [row for row in rows.values() if STATUS in row]
+        table = pd.DataFrame(written, columns=[SUBJECT, IMAGE, *labels, COHORT, STATUS])
+        write_manifest(table.sort_values([SUBJECT, IMAGE]), manifest_path)
+        with atomic_output(errors_path) as tmp:
+            pd.DataFrame(errors, columns=ERROR_COLUMNS).sort_values([SUBJECT, "file"]).to_csv(tmp, index=False)
+
+    failed, last_checkpoint = 0, time.monotonic()
+    bar = tqdm(total=len(todo), unit="img", desc="preprocess", disable=not progress, dynamic_ncols=True)
+    try:
+        for task, (status, reason) in run_tasks(todo, config, workers):
+            rows[task.stem][STATUS] = status
+            if status == STATUS_FAILED:
+                failed += 1
+                errors.append({SUBJECT: rows[task.stem][SUBJECT], "file": task.shown, "reason": reason})
+            bar.update()
+            bar.set_postfix(failed=failed, refresh=False)
+            if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
+                write_tables()
+                last_checkpoint = time.monotonic()
+    finally:
+        bar.close()
+        write_tables()
+    return PreprocessSummary(
+        done=len(todo) - failed,
+        skipped=len(tasks) - len(todo),
+        failed=failed,
+        problems=problem_count,
+        seconds=time.perf_counter() - start,
+        manifest=manifest_path,
+        errors=errors_path,
+    )

@@ -1,0 +1,108 @@
+"""Keyed pseudonyms: the only subject identifiers that leave a preprocessing run.
+
+A pseudonym is an HMAC-SHA256 of the source id under a key the user keeps. Without the key the
+mapping can neither be inverted nor recomputed (unlike a plain hash of a 7-digit UK Biobank eid,
+which anyone can brute-force); with it, the same subject gets the same pseudonym on every run,
+every shard and every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+KEY_ENV_VAR = "MIMM_MED_PSEUDONYM_KEY"
+MIN_KEY_LENGTH = 16
+DIGEST_CHARS = 16  # 64 bits: collision odds below 1e-8 for a million subjects
+
+_HOW_TO_SET = (
+    f"pass --key-file FILE (keeps the key out of shell history), --key KEY, or set {KEY_ENV_VAR}; "
+    "make one with: python -c \"import secrets; print(secrets.token_hex(32))\" > pseudonym.key "
+    "and keep it apart from the processed data (anyone holding it can re-identify subjects)"
+)
+
+
+class PseudonymKeyError(ValueError):
+    """No usable pseudonymisation key was given."""
+
+
+def resolve_key(
+    key: str | None = None, key_file: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> bytes:
+    """Return the pseudonymisation key from ``key_file``, ``key`` or the environment, in that order.
+
+    Raises
+    ------
+    PseudonymKeyError
+        If none is given or the key is shorter than ``MIN_KEY_LENGTH`` characters.
+    """
+    environ = os.environ if environ is None else environ
+    if key_file is not None:
+        path = Path(key_file)
+        if not path.is_file():
+            raise PseudonymKeyError(f"key file {path} does not exist; {_HOW_TO_SET}")
+        key = path.read_text().strip()
+        source = f"key file {path}"
+    elif key is not None:
+        source = "--key"
+    else:
+        key = environ.get(KEY_ENV_VAR)
+        source = KEY_ENV_VAR
+    if not key:
+        raise PseudonymKeyError(f"no pseudonymisation key: {_HOW_TO_SET}")
+    if len(key) < MIN_KEY_LENGTH:
+        raise PseudonymKeyError(
+            f"the key from {source} has {len(key)} characters; use at least {MIN_KEY_LENGTH}: {_HOW_TO_SET}"
+        )
+    return key.encode()
+
+
+def canonical_text(value: object) -> str:
+    """Spell a table value the same whether it was read as ``1000001``, ``1000001.0`` or ``"1000001"``."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+class Pseudonymiser:
+    """Map source subject ids and image paths to keyed pseudonyms.
+
+    Parameters
+    ----------
+    key
+        Secret key, e.g. from :func:`resolve_key`.
+
+    Examples
+    --------
+    >>> pseudo = Pseudonymiser(b"0123456789abcdef0123")
+    >>> pseudo.subject("ukb", "1000001")
+    'sub-...'
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def _digest(self, *parts: str) -> str:
+        # NUL-separated so ("ab", "c") and ("a", "bc") differ.
+        message = "\0".join(parts).encode()
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()[:DIGEST_CHARS]
+
+    def subject(self, cohort: str, source_id: object) -> str:
+        """Pseudonymous subject id; the cohort is hashed in so equal ids in two cohorts stay apart."""
+        return "sub-" + self._digest("subject", cohort, canonical_text(source_id))
+
+    def image(self, cohort: str, source_id: object, relative_path: str) -> str:
+        """Pseudonymous image id of one raw file (or DICOM series folder) of a subject."""
+        return "img-" + self._digest("image", cohort, canonical_text(source_id), relative_path)
+
+
+def mask_identifier(text: str, identifier: str, replacement: str) -> str:
+    """Replace ``identifier`` in ``text`` where it stands as a whole token (not inside a longer number)."""
+    if not identifier:
+        return text
+    pattern = rf"(?<![0-9A-Za-z]){re.escape(identifier)}(?![0-9A-Za-z])"
+    return re.sub(pattern, replacement, text)

@@ -1,0 +1,115 @@
+"""Dictionary transforms the preprocessing pipelines need beyond MONAI's own."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection, NdarrayOrTensor
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from monai.utils import convert_to_dst_type, convert_to_numpy
+from skimage.exposure import equalize_adapthist
+from skimage.filters import threshold_otsu
+
+
+def above_otsu(image: NdarrayOrTensor) -> NdarrayOrTensor:
+    """Foreground mask ``image > Otsu threshold``, a ``select_fn`` for ``CropForegroundd``.
+
+    Otsu separates air from head on a T1 whatever the scanner's intensity scale, background noise
+    or bias field, where a fixed ``> 0`` keeps every noisy background voxel.
+    """
+    return image > threshold_otsu(convert_to_numpy(image, dtype=np.float32))
+
+
+class ValidateImaged(MapTransform):
+    """Reject images a pipeline cannot process correctly, with the reason as the error message.
+
+    Parameters
+    ----------
+    keys
+        Keys of channel-first images to check.
+    spatial_dims
+        Required number of spatial dimensions (3 for MRI volumes, 2 for radiographs).
+    channels
+        Required number of channels.
+
+    Raises
+    ------
+    ValueError
+        On a wrong number of dimensions or channels, an empty image, or NaN / infinite values.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int, channels: int = 1) -> None:
+        super().__init__(keys)
+        self.spatial_dims = spatial_dims
+        self.channels = channels
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(d[key])
+            expected = f"a {self.channels}-channel {self.spatial_dims}D image"
+            if image.ndim != self.spatial_dims + 1 or image.shape[0] != self.channels:
+                raise ValueError(f"expected {expected}, got channel-first shape {tuple(image.shape)}")
+            if image.numel() == 0:
+                raise ValueError(f"expected {expected}, got an empty array of shape {tuple(image.shape)}")
+            finite = torch.isfinite(image)
+            if not bool(finite.all()):
+                raise ValueError(f"{int((~finite).sum())} of {image.numel()} values are NaN or infinite")
+        return d
+
+
+class RequireViewd(MapTransform):
+    """Reject radiographs whose recorded view position is not one of ``views``.
+
+    Cards select frontal views from the metadata table; this is the second line of defence for
+    DICOMs, whose ``ViewPosition`` the reader records as ``meta["view_position"]``. Images that
+    record no view (PNG, JPG) pass.
+    """
+
+    def __init__(self, keys: KeysCollection, views: Sequence[str] = ("PA", "AP")) -> None:
+        super().__init__(keys)
+        self.views = tuple(v.upper() for v in views)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            view = d[key].meta.get("view_position", "") if isinstance(d[key], MetaTensor) else ""
+            if view and view not in self.views:
+                raise ValueError(f"view position {view!r} is not one of {list(self.views)}; only these views are used")
+        return d
+
+
+class CLAHEd(MapTransform):
+    """Contrast-limited adaptive histogram equalisation (``skimage.exposure.equalize_adapthist``).
+
+    Expects intensities in ``[0, 1]``; equalises every channel of a 2D image separately.
+
+    Parameters
+    ----------
+    keys
+        Keys of channel-first 2D images.
+    clip_limit
+        Contrast limit in ``(0, 1]``; higher values give more contrast (and more noise).
+    kernel_size
+        Size of the contextual regions; ``None`` is 1/8 of each image side.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, clip_limit: float = 0.01, kernel_size: int | Sequence[int] | None = None
+    ) -> None:
+        super().__init__(keys)
+        self.clip_limit = clip_limit
+        self.kernel_size = kernel_size
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = convert_to_numpy(d[key], dtype=np.float64).clip(0.0, 1.0)
+            equalised = np.stack(
+                [equalize_adapthist(c, kernel_size=self.kernel_size, clip_limit=self.clip_limit) for c in image]
+            )
+            d[key] = convert_to_dst_type(equalised.astype(np.float32), d[key])[0]
+        return d

@@ -1,0 +1,121 @@
+"""Atomic writers for preprocessed images and tables.
+
+Every output is written to a hidden temporary file in its destination folder and moved into place
+with ``os.replace`` (atomic on POSIX): a reader, a re-run or a crash never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from monai.config import NdarrayOrTensor
+from monai.data import MetaTensor
+from monai.utils import convert_to_numpy
+from PIL import Image
+
+OUTPUT_FORMATS = {"nifti": ".nii.gz", "png": ".png"}
+
+
+def _temporary_sibling(path: Path, owner: int | str) -> Path:
+    # Same folder (os.replace must not cross file systems), same suffix (writers pick formats by it).
+    return path.with_name(f".tmp-{owner}-{path.name}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write to; move it onto ``path`` if the block succeeds, else delete it.
+
+    Temporary files that a killed process left for the same ``path`` are removed first.
+
+    Examples
+    --------
+    >>> with atomic_output("out/manifest.csv") as tmp:
+    ...     table.to_csv(tmp, index=False)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(_temporary_sibling(path, "*").name):
+        stale.unlink(missing_ok=True)
+    tmp = _temporary_sibling(path, os.getpid())
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        # Also on KeyboardInterrupt: an interrupted write leaves nothing behind.
+        tmp.unlink(missing_ok=True)
+
+
+class ImageFileWriter:
+    """Write a channel-first single-channel image as NIfTI or PNG, from its array and affine only.
+
+    No header is copied from the input, so no patient tag can travel into an output.
+
+    Parameters
+    ----------
+    output_format
+        ``"nifti"`` (float32 ``.nii.gz`` with the image's affine) or ``"png"`` (2D only,
+        intensities in ``[0, 1]`` stored at ``bit_depth``).
+    bit_depth
+        8 or 16, PNG only.
+
+    Examples
+    --------
+    >>> writer = ImageFileWriter("png", bit_depth=16)
+    >>> writer(image, Path("out/images/sub-1/img-2"))
+    PosixPath('out/images/sub-1/img-2.png')
+    """
+
+    def __init__(self, output_format: str = "nifti", bit_depth: int = 16) -> None:
+        if output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}")
+        if bit_depth not in (8, 16):
+            raise ValueError(f"PNG bit_depth must be 8 or 16, got {bit_depth}")
+        self.output_format = output_format
+        self.bit_depth = bit_depth
+
+    @property
+    def suffix(self) -> str:
+        """File name suffix of the outputs, e.g. ``".nii.gz"``."""
+        return OUTPUT_FORMATS[self.output_format]
+
+    def __call__(self, image: NdarrayOrTensor, stem: str | Path) -> Path:
+        """Write ``image`` (shape ``(1, *spatial)``) to ``stem + suffix`` and return that path."""
+        array = convert_to_numpy(image, dtype=np.float32)
+        if array.ndim < 3 or array.shape[0] != 1:
+            raise ValueError(f"expected a channel-first single-channel image, got shape {array.shape}")
+        if not np.isfinite(array).all():
+            raise ValueError("the pipeline produced NaN or infinite values; refusing to write them")
+        path = Path(f"{stem}{self.suffix}")
+        with atomic_output(path) as tmp:
+            if self.output_format == "nifti":
+                self._write_nifti(array[0], self._affine(image), tmp)
+            else:
+                self._write_png(array[0], tmp)
+        return path
+
+    @staticmethod
+    def _affine(image: NdarrayOrTensor) -> np.ndarray:
+        if isinstance(image, MetaTensor):
+            return convert_to_numpy(image.affine, dtype=np.float64)
+        return np.eye(4)
+
+    @staticmethod
+    def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+        nifti = nib.Nifti1Image(array, affine)
+        nifti.set_qform(affine, code="scanner")
+        nifti.set_sform(affine, code="scanner")
+        nifti.header.set_xyzt_units("mm")
+        nib.save(nifti, path)
+
+    def _write_png(self, array: np.ndarray, path: Path) -> None:
+        if array.ndim != 2:
+            raise ValueError(f"PNG output needs a 2D image, got spatial shape {array.shape}; use output_format nifti")
+        dtype = np.uint16 if self.bit_depth == 16 else np.uint8
+        scaled = np.round(array.clip(0.0, 1.0) * np.iinfo(dtype).max).astype(dtype)
+        # MONAI arrays are indexed [column, row]; PNG rows come first.
+        Image.fromarray(np.ascontiguousarray(scaled.T)).save(path, format="PNG")
