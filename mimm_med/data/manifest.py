@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -107,7 +107,7 @@ def validate_manifest(
     if len(duplicated):
         raise ManifestError(
             f"manifest {path} lists {len(duplicated)} images more than once ({_first(duplicated)}); "
-            "merge each manifest once, and merge shard parts of one run, not the run's full manifest with its parts"
+            "re-run preprocess or `cohort merge`, which write each image once"
         )
     if table[SUBJECT].isna().any():
         count = int(table[SUBJECT].isna().sum())
@@ -175,6 +175,34 @@ def load_manifest(
     allowed.update(label_values or {})
     validate_manifest(table, path, allowed)
     return table
+
+
+def merge_manifests(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """Concatenate manifests (absolute ``image`` paths), e.g. UK Biobank and NAKO, or the shards of one run.
+
+    Raises
+    ------
+    ManifestError
+        If their label columns differ or an image appears twice.
+    """
+    if not paths:
+        raise ManifestError("give at least one manifest to merge")
+    tables = [read_manifest(p) for p in paths]
+    reference = set(label_columns(tables[0]))
+    for path, table in zip(paths[1:], tables[1:]):
+        if set(label_columns(table)) != reference:
+            raise ManifestError(
+                f"label columns differ: {path} has {sorted(label_columns(table))}, {paths[0]} has "
+                f"{sorted(reference)}; preprocess both with cards that map to the same label names"
+            )
+    merged = pd.concat(tables, ignore_index=True)
+    duplicated = merged[IMAGE][merged[IMAGE].duplicated()]
+    if len(duplicated):
+        raise ManifestError(
+            f"{len(duplicated)} images appear in more than one of {[str(p) for p in paths]} ({_first(duplicated)}); "
+            "merge each manifest once, and a run's shard parts without the run's merged manifest"
+        )
+    return merged
 
 
 def card_label_values(card: object) -> dict[str, Collection | None]:

@@ -1,0 +1,224 @@
+"""``mimm-med cohort``: generate stand-in cohorts; merge, split and describe manifests.
+
+Heavy imports (pandas, MONAI, matplotlib, the generators) happen inside each sub-command so that
+``mimm-med --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+COHORT_KINDS_HELP = "ukb, nako, chexpert or chexpert_plus"
+MAX_CATEGORIES = 10  # labels with more distinct numeric values are binned into quartiles for counts
+
+
+def _pairs(text: str) -> dict[str, float]:
+    """Read ``"a=0.9,b=0.8"`` (or a single ``a=0.9``) into ``{"a": 0.9, "b": 0.8}``."""
+    pairs = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            pairs[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected NAME=NUMBER[,NAME=NUMBER...], got {text!r}") from None
+        if not name.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=NUMBER[,NAME=NUMBER...], got {text!r}")
+    return pairs
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        fractions = tuple(float(f) for f in text.split(","))
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 3:
+        raise argparse.ArgumentTypeError(f"expected three fractions train,val,test such as 0.6,0.1,0.3; got {text!r}")
+    return fractions
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``cohort`` and its sub-commands."""
+    parser = subparsers.add_parser(
+        "cohort",
+        help="generate stand-in cohorts; merge, split and describe manifests",
+        description="Cohort tools: generate stand-in cohorts, merge manifests, build confounded splits, describe.",
+    )
+    commands = parser.add_subparsers(dest="cohort_command", metavar="SUBCOMMAND", required=True)
+
+    generate = commands.add_parser(
+        "generate",
+        help="write a stand-in cohort in a real cohort's layout",
+        description="Write a stand-in cohort (images + metadata table) in the raw layout of a real cohort.",
+    )
+    generate.add_argument("kind", help=COHORT_KINDS_HELP)
+    generate.add_argument("--n", type=int, required=True, help="number of subjects")
+    generate.add_argument("--out", type=Path, required=True, help="output folder")
+    generate.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    generate.add_argument(
+        "--effect",
+        dest="effects",
+        type=_pairs,
+        action="append",
+        default=[],
+        metavar="NAME=SIZE",
+        help="effect size, 0 removes the effect, 1 is the default (repeatable), e.g. --effect scanner=2",
+    )
+    generate.add_argument("--resolution-mm", type=float, help="voxel or pixel size of the images")
+    generate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    generate.set_defaults(func=generate_command)
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge manifests (cohorts or shard parts) into one",
+        description="Merge manifests into one, e.g. UK Biobank + NAKO (cohort becomes a factor) or the "
+        "shard parts of one preprocess run. Image paths are rewritten relative to the new manifest; "
+        "label columns must agree.",
+    )
+    merge.add_argument("manifests", nargs="+", type=Path, help="manifests to merge")
+    merge.add_argument("--out", type=Path, required=True, help="merged manifest to write")
+    merge.set_defaults(func=merge_command)
+
+    split = commands.add_parser(
+        "split",
+        help="build confounded train/val/test splits by subject",
+        description="Split a manifest by subject into train, val, test-iid, test-balanced and test-inverted, "
+        "each spurious factor agreeing with the primary label at the requested rate (DESIGN §3).",
+    )
+    split.add_argument("--manifest", type=Path, required=True, help="manifest to split")
+    split.add_argument("--primary", required=True, help="primary label column, e.g. age_group")
+    split.add_argument(
+        "--spurious", type=_pairs, required=True, metavar="NAME=R,...", help="training correlations, e.g. sex=0.9,cohort=0.9"
+    )
+    split.add_argument("--out", type=Path, required=True, help="folder for the split manifests and cells.csv")
+    split.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    split.add_argument(
+        "--fractions", type=_fractions, default=(0.6, 0.1, 0.3), metavar="TRAIN,VAL,TEST", help="default: 0.6,0.1,0.3"
+    )
+    split.set_defaults(func=split_command)
+
+    describe = commands.add_parser(
+        "describe",
+        help="label counts and primary × factor cross-tabs of a manifest",
+        description="Print counts per label and plot the cross-tab of the primary label with each other factor.",
+    )
+    describe.add_argument("manifest", type=Path, help="manifest to describe")
+    describe.add_argument("--primary", help="primary label (default: the first label column)")
+    describe.add_argument("--plot", type=Path, help="cross-tab figure (default: <manifest>-crosstab.png)")
+    describe.set_defaults(func=describe_command)
+
+
+def _fail(command: str, error: Exception) -> int:
+    print(f"mimm-med cohort {command}: {error}", file=sys.stderr)
+    return 2
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """Run ``mimm-med cohort generate``."""
+    from mimm_med.data.standins import generate_cohort
+
+    effects = {name: size for pairs in args.effects for name, size in pairs.items()}
+    try:
+        out = generate_cohort(
+            args.kind,
+            args.n,
+            args.out,
+            seed=args.seed,
+            effects=effects or None,
+            resolution_mm=args.resolution_mm,
+            progress=not args.no_progress,
+        )
+    except ValueError as error:
+        return _fail("generate", error)
+    print(f"cohort generate: {args.n} {args.kind} subjects in {out}")
+    return 0
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    """Run ``mimm-med cohort merge``."""
+    from mimm_med.data.manifest import STATUS, STATUS_OK, ManifestError, merge_manifests, write_manifest
+
+    try:
+        merged = merge_manifests(args.manifests)
+    except ManifestError as error:
+        return _fail("merge", error)
+    write_manifest(merged, args.out)
+    ok = int((merged[STATUS] == STATUS_OK).sum())
+    print(f"cohort merge: {len(args.manifests)} manifests, {len(merged)} images ({ok} ok) → {args.out}")
+    return 0
+
+
+def split_command(args: argparse.Namespace) -> int:
+    """Run ``mimm-med cohort split``."""
+    from mimm_med.data.confounding import cell_counts, confounded_splits
+    from mimm_med.data.manifest import ManifestError, load_manifest, validate_splits, write_manifest
+    from mimm_med.data.writers import atomic_output
+
+    try:
+        table = load_manifest(args.manifest)
+        splits = confounded_splits(table, args.primary, args.spurious, fractions=args.fractions, seed=args.seed)
+        validate_splits(splits)
+    except (ManifestError, ValueError) as error:
+        return _fail("split", error)
+    for name, frame in splits.items():
+        write_manifest(frame, args.out / f"{name}.csv")
+    cells = cell_counts(splits, args.primary, list(args.spurious))
+    with atomic_output(args.out / "cells.csv") as tmp:
+        cells.to_csv(tmp, index=False)
+    print(cells.to_string(index=False))
+    sizes = ", ".join(f"{name} {len(frame)}" for name, frame in splits.items())
+    print(f"cohort split: {sizes} images → {args.out}")
+    return 0
+
+
+def _as_factor(values):
+    """Quartile bins for a many-valued numeric label (age), the values themselves otherwise."""
+    import pandas as pd
+
+    if pd.api.types.is_numeric_dtype(values) and values.nunique() > MAX_CATEGORIES:
+        return pd.qcut(values, 4).astype(str)
+    return values
+
+
+def describe_command(args: argparse.Namespace) -> int:
+    """Run ``mimm-med cohort describe``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from mimm_med.data.manifest import COHORT, ManifestError, label_columns, load_manifest
+    from mimm_med.data.writers import atomic_output
+
+    try:
+        table = load_manifest(args.manifest)
+    except ManifestError as error:
+        return _fail("describe", error)
+    factors = [*label_columns(table), COHORT]
+    primary = args.primary or factors[0]
+    if primary not in factors:
+        return _fail("describe", ValueError(f"--primary {primary!r} is not a label of {args.manifest}: {factors}"))
+    print(f"{args.manifest}: {len(table)} images of {table['subject_id'].nunique()} subjects")
+    for name in factors:
+        counts = _as_factor(table[name]).value_counts().sort_index()
+        print(f"{name}: " + ", ".join(f"{value} {count}" for value, count in counts.items()))
+
+    others = [name for name in factors if name != primary]
+    figure, axes = plt.subplots(1, len(others), figsize=(4 * len(others), 3.5), squeeze=False)
+    for axis, name in zip(axes[0], others):
+        crosstab = pd.crosstab(_as_factor(table[primary]), _as_factor(table[name]))
+        axis.imshow(crosstab.to_numpy(), cmap="Blues")
+        for (i, j), count in pd.DataFrame(crosstab.to_numpy()).stack().items():
+            axis.text(j, i, str(count), ha="center", va="center")
+        axis.set(xticks=range(crosstab.shape[1]), yticks=range(crosstab.shape[0]), xlabel=name, ylabel=primary)
+        axis.set_xticklabels(crosstab.columns, rotation=30, ha="right")
+        axis.set_yticklabels(crosstab.index)
+    figure.tight_layout()
+    plot = args.plot or args.manifest.with_name(f"{args.manifest.stem}-crosstab.png")
+    with atomic_output(plot) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+    print(f"cohort describe: cross-tabs of {primary} × {', '.join(others)} → {plot}")
+    return 0

@@ -1,0 +1,133 @@
+"""``mimm-med preprocess``: a raw cohort → processed images, ``manifest.csv`` and ``errors.csv``.
+
+MONAI and torch are imported when the command runs, not when the parser is built, so that
+``mimm-med --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from mimm_med.data.pseudonym import KEY_ENV_VAR, Pseudonymiser, PseudonymKeyError, resolve_key
+
+EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+EPILOG = f"""\
+examples:
+  mimm-med preprocess --cohort cohorts/ukb.yaml --raw /data/ukb --out processed/ukb --key-file ~/pseudonym.key
+  mimm-med preprocess ... --workers 8 --set spatial_size=[128,128,128] --set spacing=[1.5,1.5,1.5]
+  # a SLURM array of 4 tasks, then one merge:
+  mimm-med preprocess ... --shard $SLURM_ARRAY_TASK_ID/4
+  mimm-med cohort merge processed/ukb/manifest-shard-*.csv --out processed/ukb/manifest.csv
+
+The key (--key-file, --key or ${KEY_ENV_VAR}) turns source ids into pseudonyms; keep it apart from the
+outputs. A re-run with the same --out keeps finished images and redoes missing or failed ones.
+Exit status: 0 all done, {EXIT_FAILURES} some images or metadata rows failed (see errors.csv),
+{EXIT_USAGE} bad arguments, {EXIT_INTERRUPTED} interrupted (re-run to resume).
+"""
+
+
+def _shard(text: str):
+    from mimm_med.data.preprocess import PreprocessError, Shard
+
+    try:
+        return Shard.parse(text)
+    except PreprocessError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _override(text: str):
+    from mimm_med.data.preprocess import PreprocessError, parse_override
+
+    try:
+        return parse_override(text)
+    except PreprocessError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``preprocess``."""
+    parser = subparsers.add_parser(
+        "preprocess",
+        help="preprocess a raw cohort into normalised images and a manifest",
+        description="Run a cohort card's preprocessing pipeline over a raw cohort: pseudonymous, resumable, shardable.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--cohort", required=True, type=Path, help="cohort card, e.g. cohorts/ukb.yaml")
+    parser.add_argument("--raw", required=True, type=Path, help="raw cohort folder, in the layout the card describes")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created; reused to resume)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default: 1, in this process)")
+    parser.add_argument(
+        "--shard", type=_shard, default="0/1", metavar="I/N", help="process subset I (0-based) of N (default: 0/1)"
+    )
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument("--key-file", type=Path, help="file holding the pseudonymisation key (recommended)")
+    key.add_argument("--key", help=f"pseudonymisation key (default: ${KEY_ENV_VAR})")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a pipeline setting, VALUE as JSON, e.g. spatial_size=[64,64,64] or clahe=true",
+    )
+    parser.add_argument("--pipeline", type=Path, help="pipeline config to use instead of the card's")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    # Schedulers stop jobs with SIGTERM (SLURM at its time limit, Kubernetes on eviction): handle it
+    # like Ctrl-C, so the finished images are recorded and nothing is left half-written.
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``mimm-med preprocess``; return the exit status."""
+    from mimm_med.data.cohort_card import CohortCard
+    from mimm_med.data.manifest import ManifestError
+    from mimm_med.data.preprocess import PreprocessError, load_pipeline_config, preprocess_records
+
+    try:
+        key = resolve_key(args.key, args.key_file)
+        card = CohortCard.from_yaml(args.cohort)
+        config = load_pipeline_config(args.pipeline or card.pipeline, dict(args.overrides))
+        records, problems = card.index(args.raw)
+        with _terminate_as_interrupt():
+            summary = preprocess_records(
+                records,
+                problems,
+                config,
+                args.raw,
+                args.out,
+                Pseudonymiser(key),
+                workers=args.workers,
+                shard=args.shard,
+                progress=not args.no_progress,
+            )
+    except (PseudonymKeyError, PreprocessError, ManifestError, FileNotFoundError) as error:
+        print(f"mimm-med preprocess: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(
+            "mimm-med preprocess: interrupted; finished images are in the manifest, run the same command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    print(summary)
+    return 0 if summary.ok else EXIT_FAILURES
