@@ -47,8 +47,6 @@ SOURCE_ID = "source_id"
 ERROR_COLUMNS = (SUBJECT, "file", "reason")
 CHECKPOINT_SECONDS = 30.0
 _REASON_CHARS = 500
-# The last line of a Python traceback, e.g. "EOFError: Compressed file ended before ...".
-_TRACEBACK_END = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
 
 
 class PreprocessError(RuntimeError):
@@ -175,10 +173,8 @@ def describe_error(error: BaseException) -> str:
     while error.__cause__ is not None:
         error = error.__cause__
     text = str(error).strip()
-    # LoadImage with several readers packs one traceback per reader into its message.
-    ends = [line for line in text.splitlines() if _TRACEBACK_END.match(line)]
-    reason = "; ".join(ends) if ends else f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
-    return reason[:_REASON_CHARS]
+    first_line = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first_line}"[:_REASON_CHARS]
 
 
 def _process(pipeline: PreprocessPipeline, task: Task) -> tuple[str, str]:

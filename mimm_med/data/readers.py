@@ -1,19 +1,65 @@
-"""Image readers for chest X-rays: DICOM radiographs (CheXpert Plus) and 8/16-bit PNG / JPG (CheXpert)."""
+"""Image loading for the preprocessing pipelines: one reader per file, DICOM radiographs, greyscale PIL images."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from monai.config import PathLike
-from monai.data import ImageReader
+from monai.config import DtypeLike, KeysCollection, PathLike
+from monai.data import ImageReader, MetaTensor
+from monai.transforms import LoadImage, MapTransform
 from monai.utils import ensure_tuple
 from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+class LoadImageBySuffixd(MapTransform):
+    """Load each image with the first of ``readers`` that accepts its suffix, and with no other.
+
+    ``LoadImaged`` tries every registered reader in turn when one fails, and some read broken files
+    without complaint: ITK returns a truncated ``.nii.gz`` as a volume of zeros. Choosing one reader
+    per suffix lets a broken file fail with its reader's own error.
+
+    Parameters
+    ----------
+    keys
+        Keys of file paths (or DICOM series folders) to replace with ``MetaTensor`` images.
+    readers
+        Candidate readers, most specific first: a reader accepting anything (``ITKReader``) goes last.
+    dtype
+        Data type of the loaded arrays.
+
+    Examples
+    --------
+    >>> from monai.data import ITKReader, NibabelReader
+    >>> load = LoadImageBySuffixd("image", [NibabelReader(), ITKReader()])  # NIfTI, else a DICOM series
+    >>> load({"image": "T1.nii.gz"})["image"].shape
+    """
+
+    def __init__(
+        self, keys: KeysCollection, readers: Sequence[ImageReader], dtype: DtypeLike = np.float32
+    ) -> None:
+        super().__init__(keys)
+        self.readers = list(readers)
+        self._loader = LoadImage(image_only=True, dtype=dtype)
+
+    def reader_for(self, path: PathLike) -> ImageReader:
+        """The reader that ``path`` is loaded with."""
+        for reader in self.readers:
+            if reader.verify_suffix(path):
+                return reader
+        names = [type(r).__name__ for r in self.readers]
+        raise ValueError(f"none of the pipeline's readers {names} reads {Path(path).name}: convert it or add a reader")
+
+    def __call__(self, data: Mapping[Hashable, PathLike]) -> dict[Hashable, MetaTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self._loader(d[key], self.reader_for(d[key]))
+        return d
 
 
 def _single_file(data: Sequence[PathLike] | PathLike) -> Path:

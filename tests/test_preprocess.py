@@ -1,0 +1,261 @@
+"""Preprocessing runner and pipelines: nothing lost, nothing leaked, resumable, shardable."""
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from preprocess_fixtures import (
+    BRAIN_CONFIG,
+    BRAIN_FAILURES,
+    KEY,
+    PLANTED,
+    SMALL_BRAIN,
+    SMALL_XRAY,
+    XRAY_CONFIG,
+    XRAY_FAILURES,
+    brain_cohort,
+    radiograph,
+    write_dicom_xray,
+    write_png,
+    xray_cohort,
+)
+
+from mimm_med.data.manifest import merge_manifests, read_manifest
+from mimm_med.data.preprocess import (
+    PreprocessError,
+    PreprocessPipeline,
+    Shard,
+    load_pipeline_config,
+    parse_override,
+    preprocess_records,
+)
+from mimm_med.data.pseudonym import Pseudonymiser, PseudonymKeyError, resolve_key
+from mimm_med.data.writers import atomic_output
+
+
+def run(records, problems, raw, out, config=BRAIN_CONFIG, overrides=SMALL_BRAIN, **kwargs):
+    config = load_pipeline_config(config, overrides)
+    return preprocess_records(records, problems, config, raw, out, Pseudonymiser(KEY), progress=False, **kwargs)
+
+
+def all_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("raw_brain")
+    return (raw, *brain_cohort(raw))
+
+
+@pytest.fixture(scope="module")
+def brain_reference(brain, tmp_path_factory):
+    """One uninterrupted run: the manifest and error report every other run must reproduce."""
+    raw, records, problems = brain
+    out = tmp_path_factory.mktemp("brain_reference")
+    return out, run(records, problems, raw, out)
+
+
+def reason_of(errors: pd.DataFrame, source_id: str, cohort: str) -> str:
+    subject = Pseudonymiser(KEY).subject(cohort, source_id)
+    return " ".join(errors.loc[errors["subject_id"] == subject, "reason"])
+
+
+def test_brain_bad_files_are_reported_and_the_rest_complete(brain, brain_reference):
+    raw, records, problems = brain
+    out, summary = brain_reference
+    assert (summary.done, summary.skipped, summary.failed, summary.problems) == (5, 0, 4, 1)
+    assert not summary.ok
+    errors = pd.read_csv(summary.errors)
+    assert len(errors) == len(BRAIN_FAILURES)
+    for source_id, reason in BRAIN_FAILURES.items():
+        assert reason in reason_of(errors, source_id, "ukb"), errors
+    manifest = read_manifest(summary.manifest)
+    assert manifest["status"].value_counts().to_dict() == {"ok": 5, "failed": 4}
+    assert list(manifest.columns) == ["subject_id", "image", "sex", "age_group", "cohort", "status"]
+    for path in manifest.loc[manifest["status"] == "ok", "image"]:
+        image = nib.load(path)
+        assert image.shape == (16, 16, 16) and image.get_data_dtype() == np.float32
+        data = image.get_fdata()
+        assert 0.0 <= data.min() and data.max() <= 1.0 and data.max() > 0.9
+        assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
+        assert np.allclose(np.abs(np.diag(image.affine)[:3]), 2.0)
+
+
+def test_xray_formats_and_bad_files(tmp_path):
+    records, problems = xray_cohort(tmp_path / "raw")
+    summary = run(records, problems, tmp_path / "raw", tmp_path / "out", XRAY_CONFIG, SMALL_XRAY)
+    assert (summary.done, summary.failed) == (7, 3)
+    errors = pd.read_csv(summary.errors)
+    for source_id, reason in XRAY_FAILURES.items():
+        assert reason in reason_of(errors, source_id, "chexpert_plus"), errors
+    manifest = read_manifest(summary.manifest)
+    for path in manifest.loc[manifest["status"] == "ok", "image"]:
+        image = Image.open(path)
+        assert image.size == (32, 32) and image.mode == "I;16"
+
+
+def test_monochrome1_comes_out_like_monochrome2(tmp_path):
+    pipeline = PreprocessPipeline(load_pipeline_config(XRAY_CONFIG, SMALL_XRAY))
+    pixels = radiograph()
+    images = {
+        name: np.asarray(Image.open(pipeline(path, tmp_path / name)), dtype=np.float64)
+        for name, path in {
+            "mono2": write_dicom_xray(tmp_path / "mono2.dcm", pixels),
+            "mono1": write_dicom_xray(tmp_path / "mono1.dcm", 4095 - pixels, "MONOCHROME1"),
+            "png": write_png(tmp_path / "same.png", pixels),
+        }.items()
+    }
+    assert np.array_equal(images["mono1"], images["mono2"])
+    assert np.array_equal(images["png"], images["mono2"])
+    # The bright block stays top-left; 40 x 30 becomes 32 x 24, padded with 4 black columns each side.
+    mono2 = images["mono2"]
+    assert mono2[:8, 4:12].mean() > 2 * mono2[24:, 4:12].mean()
+    assert mono2[:, :4].max() == 0 and mono2[:, -4:].max() == 0 and mono2[:, 4:-4].min() > 0
+
+
+def test_clahe_and_8_bit_png_and_nifti_outputs_are_config_settings(tmp_path):
+    path = write_png(tmp_path / "in.png", radiograph())
+    plain = PreprocessPipeline(load_pipeline_config(XRAY_CONFIG, {**SMALL_XRAY, "png_bit_depth": 8}))
+    equalised = PreprocessPipeline(load_pipeline_config(XRAY_CONFIG, {**SMALL_XRAY, "png_bit_depth": 8, "clahe": True}))
+    nifti = PreprocessPipeline(load_pipeline_config(XRAY_CONFIG, {**SMALL_XRAY, "output_format": "nifti"}))
+    a = np.asarray(Image.open(plain(path, tmp_path / "plain")))
+    b = np.asarray(Image.open(equalised(path, tmp_path / "clahe")))
+    assert a.dtype == np.uint8 and b.shape == a.shape and not np.array_equal(a, b)
+    assert nib.load(nifti(path, tmp_path / "x")).shape == (32, 32)
+
+
+def test_no_identifier_reaches_any_output(tmp_path, brain, brain_reference, capfd):
+    raw, records, problems = brain
+    xray_records, xray_problems = xray_cohort(tmp_path / "raw")
+    run(xray_records, xray_problems, tmp_path / "raw", tmp_path / "xray", XRAY_CONFIG, SMALL_XRAY, workers=2)
+    captured = capfd.readouterr()
+    source_ids = [*records["source_id"], *problems["source_id"], *xray_records["source_id"]]
+    forbidden = [*PLANTED, *source_ids, str(raw), str(tmp_path / "raw")]
+    roots = [tmp_path / "xray", brain_reference[0]]
+    outputs = [(root, path) for root in roots for path in all_files(root)]
+    assert len(outputs) > 15
+    for root, path in outputs:
+        content, name = path.read_bytes(), str(path.relative_to(root))
+        for text in forbidden:
+            assert text.encode() not in content, f"{text!r} leaked into {path}"
+            assert text not in name, f"{text!r} leaked into the name {name}"
+    for text in forbidden:
+        assert text not in captured.out + captured.err
+
+
+def test_interrupted_run_resumes_to_the_same_manifest(brain, brain_reference, tmp_path, monkeypatch):
+    raw, records, problems = brain
+    reference = brain_reference[1]
+    calls = []
+    original = PreprocessPipeline.__call__
+
+    def interrupted(self, source, stem):
+        calls.append(source)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, source, stem)
+
+    monkeypatch.setattr(PreprocessPipeline, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(records, problems, raw, tmp_path)
+    monkeypatch.undo()
+    assert not [p for p in all_files(tmp_path) if p.name.startswith(".tmp-")]
+    assert len(read_manifest(tmp_path / "manifest.csv")) == 2
+    summary = run(records, problems, raw, tmp_path)
+    assert summary.skipped == 2
+    assert (tmp_path / "manifest.csv").read_text() == reference.manifest.read_text()
+    assert (tmp_path / "errors.csv").read_text() == reference.errors.read_text()
+
+
+def test_killed_worker_run_resumes_to_the_same_manifest(brain, brain_reference, tmp_path, monkeypatch):
+    raw, records, problems = brain
+    reference = brain_reference[1]
+    marker = tmp_path / "killed-once"
+    original = PreprocessPipeline.__call__
+
+    def dies_once(self, source, stem):
+        if Path(source).parent.parent.name.startswith("1000003") and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, source, stem)
+
+    monkeypatch.setattr(PreprocessPipeline, "__call__", dies_once)
+    with pytest.raises(BrokenProcessPool):
+        run(records, problems, raw, tmp_path / "out", workers=2)
+    summary = run(records, problems, raw, tmp_path / "out", workers=2)
+    assert summary.done + summary.skipped == reference.done
+    assert (tmp_path / "out" / "manifest.csv").read_text() == reference.manifest.read_text()
+
+
+def test_rerun_redoes_only_missing_and_failed_images(brain, brain_reference, tmp_path):
+    raw, records, problems = brain
+    first = run(records, problems, raw, tmp_path)
+    manifest = read_manifest(first.manifest)
+    os.remove(manifest.loc[manifest["status"] == "ok", "image"].iloc[0])
+    second = run(records, problems, raw, tmp_path)
+    assert (second.done, second.skipped, second.failed) == (1, first.done - 1, first.failed)
+    assert second.manifest.read_text() == brain_reference[1].manifest.read_text()
+
+
+def test_shards_union_to_the_full_set(brain, brain_reference, tmp_path):
+    raw, records, problems = brain
+    parts = [run(records, problems, raw, tmp_path, shard=Shard(i, 3)) for i in range(3)]
+    assert sum(p.done + p.failed for p in parts) == len(records)
+    assert sum(p.problems for p in parts) == len(problems)
+    merged = merge_manifests([p.manifest for p in parts]).sort_values(["subject_id", "image"])
+    full = read_manifest(brain_reference[1].manifest)
+    relative = [os.path.relpath(p, tmp_path) for p in merged["image"]]
+    assert relative == [os.path.relpath(p, brain_reference[0]) for p in full["image"]]
+    assert merged.drop(columns="image").reset_index(drop=True).equals(full.drop(columns="image"))
+
+
+def test_output_folder_made_with_other_settings_is_refused(brain, tmp_path):
+    raw, records, problems = brain
+    run(records.iloc[:1], problems.iloc[:0], raw, tmp_path)
+    with pytest.raises(PreprocessError, match="other pipeline settings"):
+        run(records.iloc[:1], problems.iloc[:0], raw, tmp_path, overrides={"spatial_size": [8, 8, 8]})
+
+
+def test_overrides_are_parsed_and_checked():
+    assert parse_override("spatial_size=[64,64,64]") == ("spatial_size", [64, 64, 64])
+    assert parse_override("output_format=png") == ("output_format", "png")
+    assert parse_override("clahe=true") == ("clahe", True)
+    with pytest.raises(PreprocessError, match="KEY=VALUE"):
+        parse_override("spatial_size")
+    with pytest.raises(PreprocessError, match="no setting 'spatail_size'"):
+        load_pipeline_config(BRAIN_CONFIG, {"spatail_size": [8, 8, 8]})
+    with pytest.raises(PreprocessError, match="0 <= i < n"):
+        Shard.parse("4/4")
+
+
+def test_atomic_output_leaves_nothing_when_interrupted(tmp_path):
+    target = tmp_path / "image.nii.gz"
+    (tmp_path / f".tmp-999999-{target.name}").write_bytes(b"left by a killed process")
+    with pytest.raises(KeyboardInterrupt), atomic_output(target) as tmp:
+        tmp.write_bytes(b"half a")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keys_are_required_and_pseudonyms_keyed(tmp_path):
+    with pytest.raises(PseudonymKeyError, match="--key-file"):
+        resolve_key(environ={})
+    with pytest.raises(PseudonymKeyError, match="at least 16"):
+        resolve_key("short", environ={})
+    key_file = tmp_path / "pseudonym.key"
+    key_file.write_text("from-a-file-0123456789\n")
+    assert resolve_key(key_file=key_file, environ={}) == b"from-a-file-0123456789"
+    assert resolve_key(environ={"MIMM_MED_PSEUDONYM_KEY": "from-the-environment"}) == b"from-the-environment"
+    a, b = Pseudonymiser(KEY), Pseudonymiser(KEY + b"!")
+    assert a.subject("ukb", "1000001") == a.subject("ukb", 1000001) == a.subject("ukb", 1000001.0)
+    assert a.subject("ukb", "1000001") != b.subject("ukb", "1000001")
+    assert a.subject("ukb", "1000001") != a.subject("nako", "1000001")
