@@ -25,22 +25,30 @@ def _check_finite_2d(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} {tuple(x.shape)} contains NaN or Inf")
 
 
-def _double_centred_distances(x: Tensor) -> Tensor:
+def _u_centred_distances(x: Tensor) -> Tensor:
+    """Distance matrix U-centred as in Székely & Rizzo (2014): zero row and column sums, zero diagonal."""
+    n = x.shape[0]
     distances = torch.cdist(x, x)
-    return distances - distances.mean(dim=0, keepdim=True) - distances.mean(dim=1, keepdim=True) + distances.mean()
+    rows = distances.sum(dim=1, keepdim=True) / (n - 2)
+    cols = distances.sum(dim=0, keepdim=True) / (n - 2)
+    centred = distances - rows - cols + distances.sum() / ((n - 1) * (n - 2))
+    return centred.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), 0.0)
 
 
 class DistanceCorrelation(nn.Module):
     """Distance correlation (Székely et al., 2007) between the rows of ``a`` and ``b``, differentiable.
 
-    0 when a and b are independent (in the population), 1 when b is a linear function of a up to
-    rotation and scale; any dependence, not only linear, raises it. The batch statistic is the
-    V-statistic, so independent batches give a small positive value that shrinks with the batch size.
+    0 when a and b are independent, 1 when b is a linear function of a up to rotation, scale and
+    shift; any dependence, not only linear, raises it. The batch statistic is the bias-corrected
+    one of Székely & Rizzo (2014), built from U-centred distance matrices: unbiased for dCov², so
+    an independent batch gives ≈ 0 (dCor² may then be slightly negative; dCor clips it at 0)
+    instead of the plain estimate's positive floor. Needs at least 4 samples.
 
     Parameters
     ----------
     squared
-        Return dCor² instead of dCor. dCor² has a finite gradient at independence, dCor does not.
+        Return the bias-corrected dCor² instead of dCor. dCor² has a finite gradient at
+        independence, dCor does not.
     eps
         Guards the divisions and the square root.
 
@@ -61,13 +69,14 @@ class DistanceCorrelation(nn.Module):
         b = b[:, None] if b.ndim == 1 else b
         _check_finite_2d("a", a)
         _check_finite_2d("b", b)
-        if a.shape[0] != b.shape[0] or a.shape[0] < 2:
-            raise ValueError(f"a and b need the same number (>= 2) of rows, got a {tuple(a.shape)} and b {tuple(b.shape)}")
+        if a.shape[0] != b.shape[0] or a.shape[0] < 4:
+            raise ValueError(f"a and b need the same number (>= 4) of rows, got a {tuple(a.shape)} and b {tuple(b.shape)}")
         with torch.autocast(device_type=a.device.type, enabled=False):
-            centred_a = _double_centred_distances(a.float())
-            centred_b = _double_centred_distances(b.float())
-            covariance = (centred_a * centred_b).mean()
-            variances = (centred_a * centred_a).mean() * (centred_b * centred_b).mean()
+            centred_a = _u_centred_distances(a.float())
+            centred_b = _u_centred_distances(b.float())
+            # The common factor 1 / (n (n - 3)) of the three U-statistics cancels in the ratio.
+            covariance = (centred_a * centred_b).sum()
+            variances = (centred_a * centred_a).sum() * (centred_b * centred_b).sum()
             dcor_squared = covariance / variances.sqrt().clamp_min(self.eps)
             return dcor_squared if self.squared else dcor_squared.clamp_min(self.eps).sqrt()
 
@@ -78,7 +87,8 @@ class MMDPenalty(nn.Module):
     Gaussian kernel averaged over several bandwidths, each a multiple of the batch's median pairwise
     distance (detached), so the penalty does not depend on the scale of the features. Within-group
     terms leave out i = j (the unbiased estimate): ≈ 0 when the groups share a distribution. Groups
-    with fewer than two rows are skipped; with fewer than two groups left the penalty is 0.
+    with fewer than two rows are dropped before anything is computed; with fewer than two groups
+    left the penalty is 0.
 
     Parameters
     ----------
@@ -112,6 +122,8 @@ class MMDPenalty(nn.Module):
         members = members[:, members.sum(dim=0) >= 2]
         if members.shape[1] < 2:
             return a.sum() * 0.0
+        kept = members.sum(dim=1) > 0
+        a, members = a[kept], members[kept]
         with torch.autocast(device_type=a.device.type, enabled=False):
             kernel = self._kernel(a.float())
             counts = members.sum(dim=0)

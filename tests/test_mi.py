@@ -1,0 +1,340 @@
+"""MI estimators and dependence penalties of mimm_med.mi."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mimm_med.mi import (
+    CLUB,
+    MINE,
+    NWJ,
+    AdversarialHead,
+    DistanceCorrelation,
+    GradientReversal,
+    InfoNCE,
+    MMDPenalty,
+    correlated_gaussians,
+    mlp,
+)
+
+ESTIMATORS = [MINE, NWJ, InfoNCE, CLUB]
+SMALL = {"hidden_dim": 64}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small critics train ~20x faster on one thread than on two oversubscribed ones of a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_estimator(cls, dim_a: int, dim_b: int, **options):
+    torch.manual_seed(0)
+    return cls(dim_a, dim_b, **SMALL, **options)
+
+
+def train(estimator, sample, steps: int, strata_of=None, lr: float = 3e-3) -> None:
+    """Train the critic on fresh batches from ``sample()`` -> (a, b, strata)."""
+    optimizer = torch.optim.Adam(estimator.parameters(), lr=lr)
+    for _ in range(steps):
+        a, b, strata = sample()
+        optimizer.zero_grad()
+        estimator.critic_loss(a, b, strata).backward()
+        optimizer.step()
+
+
+def gaussian_sampler(mi: float, dim: int = 4, batch: int = 128, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return lambda: (*correlated_gaussians(batch, dim, mi, generator), None)
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_trained_estimate_orders_dependent_above_independent(cls):
+    estimates = {}
+    for mi in (0.0, 2.0):
+        estimator = small_estimator(cls, 4, 4)
+        sample = gaussian_sampler(mi)
+        train(estimator, sample, steps=150)
+        with torch.no_grad():
+            estimates[mi] = torch.stack([estimator(*sample()[:2]) for _ in range(5)]).mean()
+    assert estimates[2.0] > 0.8
+    assert estimates[2.0] > estimates[0.0] + 0.8
+    assert abs(estimates[0.0]) < 0.1
+
+
+def test_mine_approaches_the_true_mutual_information():
+    estimator = small_estimator(MINE, 2, 2)
+    sample = gaussian_sampler(1.0, dim=2, batch=256)
+    train(estimator, sample, steps=300)
+    with torch.no_grad():
+        estimate = torch.stack([estimator(*sample()[:2]) for _ in range(10)]).mean()
+    assert estimate == pytest.approx(1.0, abs=0.2)
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_estimate_is_differentiable_in_both_inputs(cls):
+    a, b = correlated_gaussians(32, 4, 1.0, torch.Generator().manual_seed(0))
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    small_estimator(cls, 4, 4)(a, b).backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    assert b.grad is not None and b.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_critic_loss_trains_only_the_estimator_and_raises_the_estimate(cls):
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(4, 4)
+    estimator = small_estimator(cls, 4, 4)
+    a, b = correlated_gaussians(128, 4, 1.5, torch.Generator().manual_seed(0))
+    features = encoder(a)
+    with torch.no_grad():
+        before = estimator(features, b)
+    initial = [p.detach().clone() for p in estimator.parameters()]
+    optimizer = torch.optim.Adam(estimator.parameters(), lr=3e-3)
+    for _ in range(40):
+        optimizer.zero_grad()
+        estimator.critic_loss(features.detach(), b).backward()
+        optimizer.step()
+    assert encoder.weight.grad is None
+    assert all(p.grad is not None for p in estimator.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(estimator.parameters(), initial))
+    with torch.no_grad():
+        assert estimator(features, b) > before + 0.3
+
+
+def strata_sampler(batch: int = 128, classes: int = 4, seed: int = 2):
+    """a and b both reveal the stratum, their noises are independent: I(a; b) = log 4, I(a; b | s) = 0."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def sample():
+        strata = torch.randint(classes, (batch,), generator=generator)
+        one_hot = torch.nn.functional.one_hot(strata, classes).float()
+        a = one_hot + 0.1 * torch.randn(batch, classes, generator=generator)
+        b = one_hot + 0.1 * torch.randn(batch, classes, generator=generator)
+        return a, b, strata
+
+    return sample
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_strata_give_conditional_mutual_information(cls):
+    sample = strata_sampler()
+    unconditional = small_estimator(cls, 4, 4)
+    train(unconditional, lambda: (*sample()[:2], None), steps=150)
+    conditional = small_estimator(cls, 4, 4)
+    train(conditional, sample, steps=150)
+    a, b, strata = sample()
+    with torch.no_grad():
+        assert unconditional(a, b) > 0.8
+        assert abs(conditional(a, b, strata)) < 0.15
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_samples_without_a_partner_in_their_stratum_are_ignored(cls):
+    estimator = small_estimator(cls, 3, 2)
+    a, b = torch.randn(9, 3), torch.randn(9, 2)
+    strata = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 7])
+    alone = estimator(a[:8], b[:8], strata[:8]).item()
+    assert estimator(a, b, strata).item() == pytest.approx(alone, abs=1e-6)
+    assert estimator(a[:8], b[:8]).item() != pytest.approx(alone, abs=1e-3)
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_batch_without_partners_gives_differentiable_zero(cls):
+    a = torch.randn(3, 3, requires_grad=True)
+    value = small_estimator(cls, 3, 2)(a, torch.randn(3, 2), torch.tensor([0, 1, 2]))
+    value.backward()
+    assert value == 0.0
+
+
+def test_mine_matches_the_donsker_varadhan_formula_with_per_anchor_weights():
+    estimator = small_estimator(MINE, 3, 2)
+    a, b = torch.randn(7, 3), torch.randn(7, 2)
+    strata = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    scores = estimator.critic(a, b).detach()
+    anchor_means = [
+        sum(math.exp(scores[i, j]) for j in range(7) if j != i and strata[j] == strata[i])
+        / (int((strata == strata[i]).sum()) - 1)
+        for i in range(7)
+    ]
+    expected = float(scores.diagonal().mean()) - math.log(sum(anchor_means) / 7)
+    assert estimator(a, b, strata).item() == pytest.approx(expected, abs=1e-6)
+    unconditional = float(scores.diagonal().mean()) - math.log(
+        float(scores.exp().sum() - scores.diagonal().exp().sum()) / (7 * 6)
+    )
+    assert estimator(a, b).item() == pytest.approx(unconditional, abs=1e-6)
+
+
+def test_mine_critic_loss_uses_the_moving_average_in_its_gradient():
+    estimator = small_estimator(MINE, 3, 2)
+    a, b = torch.randn(16, 3), torch.randn(16, 2)
+    assert "running_log_mean_exp" in estimator.state_dict()
+    assert torch.isnan(estimator.running_log_mean_exp)
+    loss = estimator.critic_loss(a, b)
+    assert loss.item() == pytest.approx(-estimator(a, b).item(), rel=1e-5)
+    first = estimator.running_log_mean_exp.clone()
+    assert torch.isfinite(first)
+
+    # With the average at twice the batch's mean of e^T, the log term's gradient halves.
+    estimator.eval()
+    estimator.running_log_mean_exp.copy_(first + math.log(2.0))
+    estimator.zero_grad()
+    estimator.critic_loss(a, b).backward()
+    corrected = [p.grad.clone() for p in estimator.parameters()]
+    scores = estimator.critic(a, b)
+    off_diagonal = ~torch.eye(16, dtype=torch.bool)
+    log_mean_exp = torch.logsumexp(scores[off_diagonal], 0) - math.log(16 * 15)
+    expected = torch.autograd.grad(-scores.diagonal().mean() + 0.5 * log_mean_exp, list(estimator.parameters()))
+    for got, want in zip(corrected, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert torch.equal(estimator.running_log_mean_exp, first + math.log(2.0))  # eval mode: no update
+
+    estimator.train()
+    estimator.critic_loss(a, b)
+    assert not torch.equal(estimator.running_log_mean_exp, first + math.log(2.0))
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_critic_math_stays_float32_under_autocast(cls):
+    estimator = small_estimator(cls, 4, 4)
+    a, b = (x.bfloat16() for x in correlated_gaussians(32, 4, 1.0, torch.Generator().manual_seed(0)))
+    expected = estimator(a.float(), b.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = estimator(a, b)
+        loss = estimator.critic_loss(a, b)
+    assert value.dtype == torch.float32 and loss.dtype == torch.float32
+    assert value.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "a_shape, b_shape, strata",
+    [
+        ((8, 3), (7, 2), None),  # batch sizes differ
+        ((8, 4), (8, 2), None),  # wrong feature size of a
+        ((8, 3), (8, 5), None),  # wrong feature size of b
+        ((8, 3, 1), (8, 2), None),  # not 2-D
+        ((8, 3), (8, 2), torch.zeros(7, dtype=torch.long)),  # strata of the wrong length
+        ((8, 3), (8, 2), torch.zeros(8)),  # float strata
+    ],
+)
+@pytest.mark.parametrize("cls", [MINE, CLUB])
+def test_bad_shapes_raise_value_error_naming_both_shapes(cls, a_shape, b_shape, strata):
+    estimator = cls(3, 2)
+    with pytest.raises(ValueError) as error:
+        estimator(torch.randn(a_shape), torch.randn(b_shape), strata)
+    assert str(a_shape) in str(error.value)
+    if strata is None:
+        assert str(b_shape) in str(error.value)
+    else:
+        assert str(tuple(strata.shape)) in str(error.value)
+    with pytest.raises(ValueError):
+        estimator.critic_loss(torch.randn(a_shape), torch.randn(b_shape), strata)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_inputs_raise_value_error(bad):
+    a, b = torch.randn(8, 3), torch.randn(8, 2)
+    b[3, 1] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        MINE(3, 2)(a, b)
+
+
+def test_concat_critic_and_unknown_critic():
+    estimator = small_estimator(MINE, 3, 2, critic="concat")
+    a = torch.randn(16, 3, requires_grad=True)
+    estimator(a, torch.randn(16, 2)).backward()
+    assert a.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="separable"):
+        MINE(3, 2, critic="resnet")
+
+
+def test_correlated_gaussians_have_the_requested_correlation():
+    a, b = correlated_gaussians(20000, 4, 2.0, torch.Generator().manual_seed(0))
+    rho = math.sqrt(1 - math.exp(-2 * 2.0 / 4))
+    correlation = torch.corrcoef(torch.cat([a, b], dim=1).T)
+    torch.testing.assert_close(correlation[:4, 4:].diagonal(), torch.full((4,), rho), atol=0.02, rtol=0)
+    assert correlation[0, 5].abs() < 0.03
+    assert -2 * math.log(1 - rho**2) == pytest.approx(2.0)
+
+
+def test_distance_correlation_is_zero_for_independent_and_one_for_linear():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(512, 4, generator=generator)
+    independent = torch.randn(512, 3, generator=generator)
+    rotation, _ = torch.linalg.qr(torch.randn(4, 4, generator=generator))
+    dcor = DistanceCorrelation()
+    assert abs(DistanceCorrelation(squared=True)(a, independent)) < 0.005
+    assert dcor(a, independent) < 0.07
+    assert dcor(a, 3.0 * a @ rotation + 1.0) == pytest.approx(1.0, abs=1e-4)
+    labels = (a[:, 0] > 0).long()
+    assert dcor(a, torch.nn.functional.one_hot(labels).float()) > 0.3
+    assert DistanceCorrelation(squared=True)(a, labels).item() == pytest.approx(dcor(a, labels).item() ** 2, rel=1e-4)
+
+
+def test_distance_correlation_is_differentiable_and_checks_shapes():
+    a = torch.randn(64, 4, requires_grad=True)
+    DistanceCorrelation()(a, a.detach()[:, :2] ** 2 + 0.1 * torch.randn(64, 2)).backward()
+    assert torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"\(64, 4\).*\(63, 2\)"):
+        DistanceCorrelation()(a, torch.randn(63, 2))
+
+
+def test_mmd_is_zero_for_one_distribution_and_positive_for_shifted_groups():
+    generator = torch.Generator().manual_seed(0)
+    groups = torch.arange(600) % 3
+    same = torch.randn(600, 4, generator=generator)
+    shifted = same + groups[:, None].float()
+    mmd = MMDPenalty()
+    assert abs(mmd(same, groups)) < 0.01
+    assert mmd(shifted, groups) > 0.1
+    assert mmd(shifted, torch.zeros(600, dtype=torch.long)) == 0.0
+    # a group of one sample cannot be compared: only groups 0 and 1 remain
+    lonely = torch.cat([groups[:400] % 2, torch.tensor([5])])
+    assert mmd(shifted[:401], lonely) == pytest.approx(mmd(shifted[:400], groups[:400] % 2).item(), rel=1e-5)
+
+
+def test_mmd_is_differentiable_and_checks_shapes():
+    a = torch.randn(40, 3, requires_grad=True)
+    MMDPenalty()(a, torch.arange(40) % 2).backward()
+    assert a.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"\(40, 3\).*\(39,\)"):
+        MMDPenalty()(a, torch.arange(39) % 2)
+
+
+def test_penalties_stay_float32_under_autocast():
+    a = torch.randn(32, 4).bfloat16()
+    labels = torch.arange(32) % 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert DistanceCorrelation()(a, labels).dtype == torch.float32
+        assert MMDPenalty()(a, labels).dtype == torch.float32
+
+
+def test_gradient_reversal_flips_and_scales_the_gradient():
+    x = torch.randn(5, 3, requires_grad=True)
+    reversal = GradientReversal(coefficient=0.7)
+    out = reversal(x)
+    torch.testing.assert_close(out, x)
+    (out * torch.arange(3.0)).sum().backward()
+    torch.testing.assert_close(x.grad, -0.7 * torch.arange(3.0).expand(5, 3))
+
+
+def test_adversarial_head_reverses_the_gradient_of_its_classifier():
+    torch.manual_seed(0)
+    head = AdversarialHead(6, 3, hidden=16, coefficient=2.0)
+    plain = mlp(6, 16, 3, num_layers=1)
+    plain.load_state_dict(head.classifier.state_dict())
+    x = torch.randn(4, 6, requires_grad=True)
+    logits = head(x)
+    assert logits.shape == (4, 3)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0])).backward()
+    reversed_grad = x.grad.clone()
+    x.grad = None
+    torch.nn.functional.cross_entropy(plain(x), torch.tensor([0, 1, 2, 0])).backward()
+    torch.testing.assert_close(reversed_grad, -2.0 * x.grad)
+    assert all(p.grad is not None for p in head.classifier.parameters())
