@@ -89,7 +89,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     split.add_argument("--manifest", type=Path, required=True, help="manifest to split")
     split.add_argument("--primary", required=True, help="primary label column, e.g. age_group")
     split.add_argument(
-        "--spurious", type=_pairs, required=True, metavar="NAME=R,...", help="training correlations, e.g. sex=0.9,cohort=0.9"
+        "--spurious",
+        type=_pairs,
+        required=True,
+        metavar="NAME=R,...",
+        help="training correlations, e.g. sex=0.9,cohort=0.9",
     )
     split.add_argument("--out", type=Path, required=True, help="folder for the split manifests and cells.csv")
     split.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -177,7 +181,7 @@ def _as_factor(values):
     import pandas as pd
 
     if pd.api.types.is_numeric_dtype(values) and values.nunique() > MAX_CATEGORIES:
-        return pd.qcut(values, 4).astype(str)
+        return pd.qcut(values, 4)
     return values
 
 
@@ -187,6 +191,7 @@ def describe_command(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     import pandas as pd
 
     from mimm_med.data.manifest import COHORT, ManifestError, label_columns, load_manifest
@@ -209,9 +214,11 @@ def describe_command(args: argparse.Namespace) -> int:
     figure, axes = plt.subplots(1, len(others), figsize=(4 * len(others), 3.5), squeeze=False)
     for axis, name in zip(axes[0], others):
         crosstab = pd.crosstab(_as_factor(table[primary]), _as_factor(table[name]))
-        axis.imshow(crosstab.to_numpy(), cmap="Blues")
-        for (i, j), count in pd.DataFrame(crosstab.to_numpy()).stack().items():
-            axis.text(j, i, str(count), ha="center", va="center")
+        counts = crosstab.to_numpy()
+        axis.imshow(counts, cmap="Blues", vmin=0)
+        for (i, j), count in np.ndenumerate(counts):
+            colour = "white" if count > counts.max() / 2 else "black"
+            axis.text(j, i, str(count), ha="center", va="center", color=colour)
         axis.set(xticks=range(crosstab.shape[1]), yticks=range(crosstab.shape[0]), xlabel=name, ylabel=primary)
         axis.set_xticklabels(crosstab.columns, rotation=30, ha="right")
         axis.set_yticklabels(crosstab.index)
