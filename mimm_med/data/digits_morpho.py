@@ -26,10 +26,16 @@ _DIGIT_SIZE = 20
 
 
 def _morph(images: np.ndarray, thick: bool) -> np.ndarray:
-    """Grey-level dilation (thick) or erosion (thin) of each image with a 3×3 cross."""
+    """Grey-level dilation (thick) or erosion (thin) with a 3×3 cross at twice the output resolution.
+
+    Working at 2× and averaging back down changes strokes by about half a pixel each side, as
+    Morpho-MNIST's upscaled morphology does; at 1× dilation turns small digits into blobs.
+    """
     footprint = ndimage.generate_binary_structure(2, 1)[None]
     operation = ndimage.grey_dilation if thick else ndimage.grey_erosion
-    return operation(images, footprint=footprint)
+    morphed = operation(images, footprint=footprint)
+    n, h, w = morphed.shape
+    return morphed.reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
 
 
 def digit_versions() -> tuple[np.ndarray, np.ndarray]:
@@ -44,8 +50,8 @@ def digit_versions() -> tuple[np.ndarray, np.ndarray]:
     """
     data = load_digits()
     small = data.images.astype(np.float32) / 16.0
-    upsampled = resize(small, (len(small), _DIGIT_SIZE, _DIGIT_SIZE), order=3, anti_aliasing=False)
-    margin = (IMAGE_SIZE - _DIGIT_SIZE) // 2
+    upsampled = resize(small, (len(small), 2 * _DIGIT_SIZE, 2 * _DIGIT_SIZE), order=3, anti_aliasing=False)
+    margin = IMAGE_SIZE - _DIGIT_SIZE  # at 2× resolution
     canvas = np.pad(np.clip(upsampled, 0.0, 1.0), ((0, 0), (margin, margin), (margin, margin)))
     versions = np.empty((len(small), 2, 2, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     for thick in (0, 1):

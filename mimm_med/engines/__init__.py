@@ -1,0 +1,27 @@
+"""Training engines: methods, objectives and the alternating critic / encoder trainer."""
+
+from .dependence import (
+    AdversarialTerms,
+    DependenceTerms,
+    DistanceCorrelationTerms,
+    MMDTerms,
+    MutualInformationTerms,
+)
+from .methods import METHODS, PENALTY_METHODS, MethodSpec, parse_method
+from .objective import MIMMXObjective
+from .trainer import MIMMXTrainer, TrainingDiverged
+
+__all__ = [
+    "METHODS",
+    "PENALTY_METHODS",
+    "AdversarialTerms",
+    "DependenceTerms",
+    "DistanceCorrelationTerms",
+    "MIMMXObjective",
+    "MIMMXTrainer",
+    "MMDTerms",
+    "MethodSpec",
+    "MutualInformationTerms",
+    "TrainingDiverged",
+    "parse_method",
+]

@@ -1,0 +1,182 @@
+"""Per-factor dependence terms between the primary features f_y and each spurious factor.
+
+Every term is differentiable w.r.t. the network outputs; the encoder minimizes it. Terms with
+learnable parts (MI critics, adversaries) also define ``critic_loss`` on detached outputs, which the
+trainer minimizes over :meth:`DependenceTerms.parameters` in its critic steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mimm_med.mi import CLUB, MINE, NWJ, AdversarialHead, DistanceCorrelation, InfoNCE, MMDPenalty
+
+ESTIMATORS = {"mine": MINE, "nwj": NWJ, "infonce": InfoNCE, "club": CLUB}
+
+
+class DependenceTerms(nn.Module):
+    """Base class: ``forward(outputs, labels) -> {term name: scalar}``.
+
+    Parameters
+    ----------
+    primary
+        Name of the primary part.
+    factors
+        Names of the spurious factors.
+    """
+
+    def __init__(self, primary: str, factors: Sequence[str]) -> None:
+        super().__init__()
+        if not factors:
+            raise ValueError("a dependence penalty needs at least one spurious factor")
+        self.primary = primary
+        self.factors = list(factors)
+
+    @property
+    def term_names(self) -> list[str]:
+        """Names of the terms ``forward`` returns, in order."""
+        return list(self.factors)
+
+    def critic_loss(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> Tensor | None:
+        """Loss of the learnable parts on detached ``outputs``; ``None`` when there are none."""
+        return None
+
+    def primary_features(self, outputs: Mapping[str, Tensor]) -> Tensor:
+        return outputs[f"{self.primary}_features"]
+
+
+def _factor_as_matrix(values: Tensor, num_classes: int) -> Tensor:
+    """One-hot codes for a classification factor, a column for a regression factor."""
+    if num_classes >= 2:
+        return F.one_hot(values.long().view(-1), num_classes).float()
+    return values.float().view(-1, 1)
+
+
+class MutualInformationTerms(DependenceTerms):
+    """MI estimates I(f_y; f_zk) (and optionally I(f_zi; f_zj)) with one estimator per pair.
+
+    Parameters
+    ----------
+    part_sizes
+        Feature size of every part, primary included.
+    estimator
+        ``"mine"``, ``"nwj"``, ``"infonce"`` or ``"club"``.
+    conditional
+        Estimate I(f_y; f_zk | y) with negatives drawn within each primary class; the plain MI cannot
+        reach zero when z correlates with y in the data, the conditional one can.
+    factor_pairs
+        Also penalize MI between every pair of spurious parts.
+    estimator_options
+        Passed to each estimator (e.g. ``hidden_dim``).
+    """
+
+    def __init__(
+        self,
+        primary: str,
+        factors: Sequence[str],
+        part_sizes: Mapping[str, int],
+        estimator: str = "mine",
+        conditional: bool = False,
+        factor_pairs: bool = False,
+        estimator_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(primary, factors)
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(ESTIMATORS)}")
+        pairs = [(primary, z) for z in self.factors]
+        if factor_pairs:
+            pairs += [(a, b) for i, a in enumerate(self.factors) for b in self.factors[i + 1 :]]
+        self.pairs = pairs
+        self.conditional = conditional
+        self.estimators = nn.ModuleDict(
+            {
+                self._pair_name(a, b): ESTIMATORS[estimator](part_sizes[a], part_sizes[b], **(estimator_options or {}))
+                for a, b in pairs
+            }
+        )
+
+    def _pair_name(self, a: str, b: str) -> str:
+        return b if a == self.primary else f"{a}~{b}"
+
+    @property
+    def term_names(self) -> list[str]:
+        return list(self.estimators)
+
+    def _strata(self, labels: Mapping[str, Tensor]) -> Tensor | None:
+        return labels[self.primary].long().view(-1) if self.conditional else None
+
+    def forward(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        strata = self._strata(labels)
+        return {
+            name: self.estimators[name](outputs[f"{a}_features"], outputs[f"{b}_features"], strata=strata)
+            for name, (a, b) in zip(self.estimators, self.pairs)
+        }
+
+    def critic_loss(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> Tensor:
+        strata = self._strata(labels)
+        losses = [
+            self.estimators[name].critic_loss(outputs[f"{a}_features"], outputs[f"{b}_features"], strata=strata)
+            for name, (a, b) in zip(self.estimators, self.pairs)
+        ]
+        return torch.stack(losses).sum()
+
+
+class DistanceCorrelationTerms(DependenceTerms):
+    """Distance correlation between f_y and each factor's labels (one-hot for classes)."""
+
+    def __init__(self, primary: str, factors: Sequence[str], num_classes: Mapping[str, int]) -> None:
+        super().__init__(primary, factors)
+        self.num_classes = {z: int(num_classes[z]) for z in self.factors}
+        self.dcor = DistanceCorrelation()
+
+    def forward(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        f_y = self.primary_features(outputs)
+        return {z: self.dcor(f_y, _factor_as_matrix(labels[z], self.num_classes[z])) for z in self.factors}
+
+
+class MMDTerms(DependenceTerms):
+    """MMD between the f_y distributions of the groups of each (classification) factor."""
+
+    def __init__(self, primary: str, factors: Sequence[str], num_classes: Mapping[str, int]) -> None:
+        super().__init__(primary, factors)
+        regression = [z for z in self.factors if int(num_classes[z]) < 2]
+        if regression:
+            raise ValueError(f"MMD needs groups; factors {regression} are regression targets: bin them first")
+        self.mmd = MMDPenalty()
+
+    def forward(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        f_y = self.primary_features(outputs)
+        return {z: self.mmd(f_y, labels[z].long().view(-1)) for z in self.factors}
+
+
+class AdversarialTerms(DependenceTerms):
+    """Adversaries predicting each factor from f_y behind gradient reversal (DANN-style).
+
+    The adversaries learn in the critic steps on detached f_y; in the encoder step the reversed
+    gradient of their loss pushes f_y to carry no information about the factor.
+    """
+
+    def __init__(
+        self, primary: str, factors: Sequence[str], part_sizes: Mapping[str, int], num_classes: Mapping[str, int]
+    ) -> None:
+        super().__init__(primary, factors)
+        regression = [z for z in self.factors if int(num_classes[z]) < 2]
+        if regression:
+            raise ValueError(f"the adversarial method needs class labels; factors {regression} are regression targets")
+        self.adversaries = nn.ModuleDict(
+            {z: AdversarialHead(part_sizes[primary], int(num_classes[z])) for z in self.factors}
+        )
+
+    def _losses(self, f_y: Tensor, labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {z: F.cross_entropy(self.adversaries[z](f_y).float(), labels[z].long().view(-1)) for z in self.factors}
+
+    def forward(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return self._losses(self.primary_features(outputs), labels)
+
+    def critic_loss(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> Tensor:
+        return torch.stack(list(self._losses(self.primary_features(outputs), labels).values())).sum()

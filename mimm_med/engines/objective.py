@@ -1,0 +1,156 @@
+"""The loss of one training method: task losses, dependence terms and how they are weighted."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mimm_med.networks import MIMMXNet
+from mimm_med.weighting import ConfounderAttention, GradNorm
+
+from .dependence import (
+    AdversarialTerms,
+    DependenceTerms,
+    DistanceCorrelationTerms,
+    MMDTerms,
+    MutualInformationTerms,
+)
+from .methods import MethodSpec, parse_method
+
+
+class MIMMXObjective(nn.Module):
+    """Everything a method adds to the network: dependence terms, their weighting, task balancing.
+
+    ``L = Σ_t w_t·L_t + λ·α·Σ_k a_k·D_k`` with task losses ``L_t`` (the primary task, plus the
+    spurious heads for MIMM / MIMM-X), GradNorm weights ``w_t`` (MIMM-X, else 1), dependence terms
+    ``D_k`` (MI, dCor, MMD or adversary), confounder attention ``a_k`` (MIMM-X, else the mean) and the
+    MI gradient scale ``α`` the trainer computes (MIMM-X, else 1).
+
+    Parameters
+    ----------
+    method
+        One of :data:`mimm_med.engines.methods.METHODS`.
+    part_sizes, num_classes
+        Of every network part, the primary first (as :class:`~mimm_med.networks.MIMMXNet` has them).
+    spurious
+        Factors the method acts on; default every part after the first.
+    mi_weight
+        λ.
+    estimator, conditional, factor_pairs, estimator_options
+        See :class:`~mimm_med.engines.dependence.MutualInformationTerms` (MIMM, MIMM-X).
+    temperature, attention_momentum
+        Of :class:`~mimm_med.weighting.ConfounderAttention` (MIMM-X).
+    gradnorm_alpha
+        Asymmetry of :class:`~mimm_med.weighting.GradNorm` (MIMM-X).
+
+    Examples
+    --------
+    >>> objective = MIMMXObjective.for_network("mimmx", net, mi_weight=1.0)
+    """
+
+    def __init__(
+        self,
+        method: str,
+        part_sizes: Mapping[str, int],
+        num_classes: Mapping[str, int],
+        spurious: Sequence[str] | None = None,
+        mi_weight: float = 1.0,
+        estimator: str = "mine",
+        conditional: bool = False,
+        factor_pairs: bool = False,
+        estimator_options: Mapping[str, Any] | None = None,
+        temperature: float = 1.0,
+        attention_momentum: float = 0.9,
+        gradnorm_alpha: float = 1.5,
+    ) -> None:
+        super().__init__()
+        self.spec: MethodSpec = parse_method(method)
+        names = list(part_sizes)
+        self.primary = names[0]
+        self.spurious = list(names[1:] if spurious is None else spurious)
+        unknown = [z for z in self.spurious if z not in names[1:]]
+        if unknown:
+            raise ValueError(f"spurious factors {unknown} are not network parts; parts are {names}")
+        if self.spec.penalty is not None and not self.spurious:
+            raise ValueError(f"method {method!r} needs at least one spurious factor part in the network")
+        self.mi_weight = float(mi_weight)
+        self.num_classes = {name: int(num_classes[name]) for name in names}
+        self.task_names = [self.primary, *(self.spurious if self.spec.factor_heads else [])]
+        self.terms = self._build_terms(part_sizes, estimator, conditional, factor_pairs, estimator_options)
+        self.attention = (
+            ConfounderAttention(self.terms.term_names, temperature=temperature, momentum=attention_momentum)
+            if self.spec.attention and self.terms is not None
+            else None
+        )
+        self.gradnorm = GradNorm(self.task_names, alpha=gradnorm_alpha) if self.spec.gradnorm else None
+
+    @classmethod
+    def for_network(cls, method: str, network: MIMMXNet, **kwargs: Any) -> MIMMXObjective:
+        """Objective matching the parts and heads of ``network``."""
+        return cls(method, dict(zip(network.part_names, network.part_sizes)), network.num_classes, **kwargs)
+
+    def _build_terms(
+        self,
+        part_sizes: Mapping[str, int],
+        estimator: str,
+        conditional: bool,
+        factor_pairs: bool,
+        estimator_options: Mapping[str, Any] | None,
+    ) -> DependenceTerms | None:
+        penalty = self.spec.penalty
+        if penalty is None:
+            return None
+        if penalty in ("mimm", "mimmx"):
+            return MutualInformationTerms(
+                self.primary, self.spurious, part_sizes, estimator, conditional, factor_pairs, estimator_options
+            )
+        if penalty == "dcor":
+            return DistanceCorrelationTerms(self.primary, self.spurious, self.num_classes)
+        if penalty == "mmd":
+            return MMDTerms(self.primary, self.spurious, self.num_classes)
+        return AdversarialTerms(self.primary, self.spurious, part_sizes, self.num_classes)
+
+    @property
+    def label_names(self) -> list[str]:
+        """Labels a batch must carry for this objective."""
+        return [self.primary, *self.spurious]
+
+    def task_losses(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Cross-entropy (classes) or mean squared error (regression) of every trained head, in float32."""
+        losses = {}
+        for name in self.task_names:
+            prediction = outputs[f"{name}_output"].float()
+            if self.num_classes[name] >= 2:
+                losses[name] = F.cross_entropy(prediction, labels[name].long().view(-1))
+            else:
+                losses[name] = F.mse_loss(prediction.view(-1), labels[name].float().view(-1))
+        return losses
+
+    def task_total(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """``Σ_t w_t·L_t`` with GradNorm weights (MIMM-X) or unit weights."""
+        if self.gradnorm is not None:
+            return self.gradnorm.weighted_loss(losses)
+        return torch.stack(list(losses.values())).sum()
+
+    def dependence_terms(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The per-factor terms ``D_k``; empty for ERM and rebalancing."""
+        return {} if self.terms is None else self.terms(outputs, labels)
+
+    def term_weights(self, terms: Mapping[str, Tensor]) -> Tensor:
+        """Confounder attention ``a`` (MIMM-X) or the plain mean."""
+        stacked = torch.stack(list(terms.values()))
+        if self.attention is not None:
+            return self.attention(stacked.detach())
+        return torch.full_like(stacked, 1.0 / len(stacked))
+
+    def critic_loss(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> Tensor | None:
+        """Loss of the critics / adversaries on detached outputs; ``None`` without learnable terms."""
+        return None if self.terms is None else self.terms.critic_loss(outputs, labels)
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained in the critic steps."""
+        return [] if self.terms is None else list(self.terms.parameters())

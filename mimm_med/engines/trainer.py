@@ -1,0 +1,244 @@
+"""MIMMXTrainer: a MONAI trainer that alternates critic steps with encoder-and-heads steps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from monai.engines import Trainer
+from monai.engines.utils import default_metric_cmp_fn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from mimm_med.networks import MIMMXNet
+from mimm_med.weighting import adaptive_mi_scale
+
+from .objective import MIMMXObjective
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss term became NaN or infinite."""
+
+
+class MIMMXTrainer(Trainer):
+    """Trains a :class:`~mimm_med.networks.MIMMXNet` with any method of :mod:`mimm_med.engines.methods`.
+
+    One iteration on a batch:
+
+    1. forward the network once (autocast under AMP);
+    2. critic phase: ``n_critic`` steps of the critics / adversaries on the batch's *detached*
+       features (float32), through ``critic_optimizer``;
+    3. encoder phase: one step of network and heads on ``L = Σ w_t·L_t + λ·α·Σ a_k·D_k`` with the
+       critics frozen (their gradients are discarded). For MIMM-X, ``α`` clips the MI gradient at the
+       network's last shared layer to the task gradient's norm, and GradNorm updates the task
+       weights ``w`` through ``gradnorm_optimizer``.
+
+    Reusing the batch's features for the critic steps costs one network forward per iteration, so a
+    MIMM-X step stays close to an ERM step (see ``benchmarks/step_overhead.py``).
+
+    ``engine.state.output`` is a flat dict of floats: ``loss``, ``loss/<task>``, ``dependence/<term>``,
+    ``weight/<term>`` (attention), ``task_weight/<task>`` (GradNorm), ``mi_scale`` and ``critic_loss``.
+    It is not decollated.
+
+    Parameters
+    ----------
+    device
+        Where to train; AMP is used only when it is a CUDA device and ``amp`` is set.
+    max_epochs
+        Epochs to train.
+    train_data_loader
+        Yields dicts with ``image_key`` and one label per factor of ``objective``.
+    network
+        The network; its ``shared_layer`` is where MIMM-X balances gradients.
+    optimizer
+        Optimizer of the network parameters.
+    objective
+        The method's loss (:class:`~mimm_med.engines.objective.MIMMXObjective`).
+    critic_optimizer
+        Optimizer of ``objective.critic_parameters()``; required when there are any.
+    gradnorm_optimizer
+        Optimizer of ``objective.gradnorm.parameters()``; required when the method uses GradNorm.
+    n_critic
+        Critic steps per encoder step.
+    image_key
+        Key of the image in a batch.
+    epoch_length, non_blocking, iteration_update, postprocessing, key_train_metric, additional_metrics,
+    metric_cmp_fn, train_handlers, amp, event_names, event_to_attr, to_kwargs, amp_kwargs
+        As in :class:`monai.engines.SupervisedTrainer`.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: MIMMXNet,
+        optimizer: Optimizer,
+        objective: MIMMXObjective,
+        critic_optimizer: Optimizer | None = None,
+        gradnorm_optimizer: Optimizer | None = None,
+        n_critic: int = 1,
+        image_key: str = "image",
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        iteration_update: Callable[[Engine, Any], Any] | None = None,
+        postprocessing: Callable | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        to_kwargs: dict | None = None,
+        amp_kwargs: dict | None = None,
+    ) -> None:
+        device = torch.device(device)
+        # AMP is a CUDA feature here; on CPU it is off without a warning so one config serves both.
+        use_amp = bool(amp) and device.type == "cuda"
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            iteration_update=iteration_update,
+            postprocessing=postprocessing,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            handlers=train_handlers,
+            amp=use_amp,
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=False,
+            to_kwargs=to_kwargs,
+            amp_kwargs=amp_kwargs,
+        )
+        if n_critic < 0:
+            raise ValueError(f"n_critic must be ≥ 0, got {n_critic}")
+        if objective.critic_parameters() and critic_optimizer is None:
+            raise ValueError(
+                f"method {objective.spec.name!r} has critics: pass critic_optimizer over objective.critic_parameters()"
+            )
+        if objective.gradnorm is not None and gradnorm_optimizer is None:
+            raise ValueError(
+                f"method {objective.spec.name!r} uses GradNorm: pass gradnorm_optimizer over objective.gradnorm.parameters()"
+            )
+        self.network = network
+        self.optimizer = optimizer
+        self.objective = objective.to(device)
+        self.critic_optimizer = critic_optimizer
+        self.gradnorm_optimizer = gradnorm_optimizer
+        self.n_critic = int(n_critic)
+        self.image_key = image_key
+        self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    def checkpoint_items(self) -> dict[str, Any]:
+        """Everything a resumed run needs, for ``CheckpointSaver(save_dict=...)`` / ``CheckpointLoader``."""
+        items: dict[str, Any] = {
+            "network": self.network,
+            "objective": self.objective,
+            "optimizer": self.optimizer,
+            "trainer": self,
+        }
+        optional = {"critic_optimizer": self.critic_optimizer, "gradnorm_optimizer": self.gradnorm_optimizer, "scaler": self.scaler}
+        items.update({name: item for name, item in optional.items() if item is not None})
+        return items
+
+    def _prepare(self, batchdata: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        missing = [key for key in (self.image_key, *self.objective.label_names) if key not in batchdata]
+        if missing:
+            raise KeyError(
+                f"batch lacks {missing}; it has {sorted(batchdata)}. The data set must give the image and one "
+                f"label per factor of the method ({self.objective.label_names})"
+            )
+        kwargs = {"device": self.state.device, "non_blocking": self.non_blocking, **self.to_kwargs}
+        # float64 / integer images from numpy pipelines would clash with float32 weights
+        image = torch.as_tensor(batchdata[self.image_key]).to(**kwargs).float()
+        labels = {name: torch.as_tensor(batchdata[name]).to(**kwargs) for name in self.objective.label_names}
+        return image, labels
+
+    def _autocast(self) -> Any:
+        return torch.autocast("cuda", **self.amp_kwargs) if self.amp else nullcontext()
+
+    def _check_finite(self, engine: MIMMXTrainer, name: str, value: Tensor) -> None:
+        if not math.isfinite(float(value.detach())):
+            raise TrainingDiverged(
+                f"training diverged at epoch {engine.state.epoch}, iteration {engine.state.iteration}: "
+                f"{name} = {float(value.detach())}. Lower the learning rate or mi_weight, or check the data for NaNs."
+            )
+
+    def _critic_phase(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> float:
+        if self.critic_optimizer is None or self.n_critic == 0:
+            return float("nan")
+        detached = {key: value.detach().float() for key, value in outputs.items()}
+        loss = torch.zeros(())
+        for _ in range(self.n_critic):
+            self.critic_optimizer.zero_grad(set_to_none=True)
+            loss = self.objective.critic_loss(detached, labels)
+            loss.backward()
+            self.critic_optimizer.step()
+        return float(loss.detach())
+
+    def _iteration(self, engine: MIMMXTrainer, batchdata: dict[str, Any]) -> dict[str, float]:
+        if batchdata is None:
+            raise ValueError("must provide batch data for current iteration.")
+        image, labels = self._prepare(batchdata)
+        objective = self.objective
+        self.network.train()
+        objective.train()
+        with self._autocast():
+            outputs = self.network(image)
+        report: dict[str, float] = {"critic_loss": self._critic_phase(outputs, labels)}
+
+        self.optimizer.zero_grad(set_to_none=True)
+        task_losses = objective.task_losses(outputs, labels)
+        task_total = objective.task_total(task_losses)
+        for name, value in task_losses.items():
+            self._check_finite(engine, f"loss of task {name!r}", value)
+        total = task_total
+        terms = objective.dependence_terms(outputs, labels)
+        shared = [p for p in self.network.shared_layer.parameters() if p.requires_grad]
+        if terms:
+            for name, value in terms.items():
+                self._check_finite(engine, f"dependence term {name!r}", value)
+            weights = objective.term_weights(terms)
+            penalty = objective.mi_weight * (weights * torch.stack(list(terms.values()))).sum()
+            scale = torch.ones((), device=penalty.device)
+            if objective.spec.adaptive_scaling:
+                task_grads = torch.autograd.grad(task_total, shared, retain_graph=True, allow_unused=True)
+                mi_grads = torch.autograd.grad(penalty, shared, retain_graph=True, allow_unused=True)
+                scale = adaptive_mi_scale(task_grads, mi_grads)
+            total = task_total + scale * penalty
+            report.update({f"dependence/{name}": float(value.detach()) for name, value in terms.items()})
+            report.update({f"weight/{name}": float(w) for name, w in zip(terms, weights)})
+            report["mi_scale"] = float(scale.detach())
+
+        gradnorm_grads = None
+        if objective.gradnorm is not None:
+            gradnorm_loss = objective.gradnorm.gradnorm_loss(task_losses, shared)
+            gradnorm_grads = torch.autograd.grad(gradnorm_loss, list(objective.gradnorm.parameters()), retain_graph=True)
+
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            total.backward()
+            self.optimizer.step()
+        if gradnorm_grads is not None and self.gradnorm_optimizer is not None:
+            self.gradnorm_optimizer.zero_grad(set_to_none=True)
+            for parameter, grad in zip(objective.gradnorm.parameters(), gradnorm_grads):
+                parameter.grad = grad
+            self.gradnorm_optimizer.step()
+            objective.gradnorm.renormalize()
+            report.update({f"task_weight/{k}": v for k, v in objective.gradnorm.weights_by_name().items()})
+
+        report["loss"] = float(total.detach())
+        report.update({f"loss/{name}": float(value.detach()) for name, value in task_losses.items()})
+        return report

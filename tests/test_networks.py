@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from mimm_med.networks import MIMMXNet
+
+
+@pytest.mark.parametrize(
+    "backbone, spatial_dims, shape",
+    [("small_cnn", 2, (2, 1, 28, 28)), ("resnet10", 3, (2, 1, 16, 16, 16)), ("densenet121", 2, (2, 1, 32, 32))],
+)
+def test_parts_and_heads_have_the_declared_shapes(backbone, spatial_dims, shape):
+    net = MIMMXNet(backbone, {"age": 8, "sex": 4, "cohort": 6}, {"age": 3, "sex": 2, "cohort": 1}, spatial_dims=spatial_dims)
+    out = net(torch.randn(*shape))
+    assert out["features"].shape == (2, 18)
+    assert [out[f"{n}_features"].shape[1] for n in ("age", "sex", "cohort")] == [8, 4, 6]
+    assert out["age_output"].shape == (2, 3) and out["cohort_output"].shape == (2, 1)
+    assert torch.equal(torch.cat([out["age_features"], out["sex_features"], out["cohort_features"]], 1), out["features"])
+    assert net.primary == "age" and net.spurious == ["sex", "cohort"]
+
+
+def test_a_head_sees_only_its_own_part():
+    net = MIMMXNet("small_cnn", {"y": 4, "z": 4}, {"y": 2, "z": 2})
+    x = torch.randn(3, 1, 28, 28)
+    out = net(x)
+    (grad,) = torch.autograd.grad(out["y_output"].sum(), out["features"])
+    assert grad[:, 4:].abs().sum() == 0 and grad[:, :4].abs().sum() > 0
+
+
+def test_module_backbone_and_torchscript_give_the_same_outputs():
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    net = MIMMXNet(backbone, {"y": 3, "z": 2}, {"y": 2, "z": 2}, backbone_dim=10).eval()
+    x = torch.randn(2, 1, 8, 8)
+    scripted = torch.jit.script(net)
+    assert torch.allclose(scripted(x)["z_output"], net(x)["z_output"])
+
+
+def test_bad_configuration_is_explained():
+    with pytest.raises(ValueError, match="same factors"):
+        MIMMXNet("small_cnn", {"y": 4, "z": 4}, {"y": 2})
+    with pytest.raises(ValueError, match="unknown backbone 'vgg'"):
+        MIMMXNet("vgg", {"y": 4}, {"y": 2})
+    with pytest.raises(ValueError, match="backbone_dim"):
+        MIMMXNet(torch.nn.Identity(), {"y": 4}, {"y": 2})
+    with pytest.raises(ValueError, match="positive feature size"):
+        MIMMXNet("small_cnn", {"y": 0}, {"y": 2})
+    net = MIMMXNet("small_cnn", {"y": 4}, {"y": 2}, in_channels=1)
+    with pytest.raises(RuntimeError, match="channels"):
+        net(torch.randn(2, 3, 28, 28))

@@ -1,0 +1,152 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.data import DataLoader, Dataset
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.utils import set_determinism
+
+from mimm_med.engines import METHODS, MIMMXObjective, MIMMXTrainer, TrainingDiverged
+from mimm_med.networks import MIMMXNet
+
+PARTS = {"y": 8, "a": 4, "b": 4}
+
+
+def _records(n: int = 48, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    a = np.where(rng.random(n) < 0.9, y, 1 - y)
+    b = rng.integers(0, 2, n)
+    images = rng.normal(size=(n, 1, 12, 12)).astype(np.float32) + y[:, None, None, None] * 0.5
+    return [{"image": images[i], "y": int(y[i]), "a": int(a[i]), "b": int(b[i])} for i in range(n)]
+
+
+def _build(method: str = "mimmx", epochs: int = 1, records=None, **objective_kwargs):
+    net = MIMMXNet("small_cnn", PARTS, {k: 2 for k in PARTS}, backbone_kwargs={"channels": (4, 8)})
+    objective = MIMMXObjective.for_network(method, net, **objective_kwargs)
+    optimizer = torch.optim.Adam(net.parameters(), 1e-2)
+    critic_params = objective.critic_parameters()
+    critic_optimizer = torch.optim.Adam(critic_params, 1e-2) if critic_params else None
+    gradnorm_optimizer = torch.optim.Adam(objective.gradnorm.parameters(), 0.025) if objective.gradnorm else None
+    loader = DataLoader(Dataset(records or _records()), batch_size=16, shuffle=True)
+    trainer = MIMMXTrainer("cpu", epochs, loader, net, optimizer, objective, critic_optimizer, gradnorm_optimizer, n_critic=2)
+    return trainer
+
+
+def _snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_and_reports_its_terms(method):
+    set_determinism(0)
+    trainer = _build(method)
+    before = _snapshot(trainer.network)
+    trainer.run()
+    output = trainer.state.output
+    assert np.isfinite(output["loss"])
+    assert not _same(before, _snapshot(trainer.network))
+    has_terms = any(key.startswith("dependence/") for key in output)
+    assert has_terms == (trainer.objective.spec.penalty is not None)
+    if method.startswith("mimmx"):
+        assert {"weight/a", "weight/b", "task_weight/y", "mi_scale"} <= set(output)
+        assert 0.0 < output["mi_scale"] <= 1.0
+        assert sum(output[f"weight/{k}"] for k in "ab") == pytest.approx(1.0)
+
+
+def test_critics_learn_in_the_critic_phase_and_encoder_in_the_encoder_phase():
+    set_determinism(0)
+    trainer = _build("mimmx")
+    trainer.state.max_epochs = 1
+    trainer.state.epoch_length = 1
+    net, critics = trainer.network, trainer.objective.terms
+    initial_net, initial_critics = _snapshot(net), _snapshot(critics)
+    calls: list[tuple[str, list, list]] = []
+
+    def recording(optimizer, phase):
+        step = optimizer.step
+
+        def wrapped(*args, **kwargs):
+            result = step(*args, **kwargs)
+            calls.append((phase, _snapshot(net), _snapshot(critics)))
+            return result
+
+        optimizer.step = wrapped
+
+    recording(trainer.critic_optimizer, "critic")
+    recording(trainer.optimizer, "encoder")
+    trainer.run()
+    assert [phase for phase, _, _ in calls] == ["critic", "critic", "encoder"]
+    # critic steps leave the network alone and change the critics
+    assert _same(calls[1][1], initial_net) and not _same(calls[0][2], initial_critics)
+    # the encoder step changes the network and leaves the critics as the critic phase left them
+    assert not _same(calls[2][1], initial_net) and _same(calls[2][2], calls[1][2])
+
+
+def test_fixed_seed_reproduces_a_run_on_cpu():
+    histories = []
+    for _ in range(2):
+        set_determinism(7)
+        trainer = _build("mimmx", epochs=2)
+        losses = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"]))
+        trainer.run()
+        histories.append((losses, _snapshot(trainer.network)))
+    assert histories[0][0] == histories[1][0]
+    assert _same(histories[0][1], histories[1][1])
+
+
+def test_checkpoint_round_trip_restores_outputs_and_weighting_state(tmp_path):
+    set_determinism(1)
+    trainer = _build("mimmx", epochs=2)
+    CheckpointSaver(str(tmp_path), trainer.checkpoint_items(), save_final=True, final_filename="last.pt").attach(trainer)
+    trainer.run()
+    set_determinism(2)
+    resumed = _build("mimmx", epochs=2)
+    CheckpointLoader(str(tmp_path / "last.pt"), resumed.checkpoint_items()).attach(resumed)
+    resumed.run()  # loads at start; the run is already complete, so nothing more trains
+    x = torch.randn(4, 1, 12, 12)
+    trainer.network.eval(), resumed.network.eval()
+    with torch.no_grad():
+        assert torch.equal(trainer.network(x)["y_output"], resumed.network(x)["y_output"])
+    for key, value in trainer.objective.state_dict().items():
+        assert torch.equal(value, resumed.objective.state_dict()[key]), key
+    assert resumed.state.epoch == 2 and resumed.state.iteration == trainer.state.iteration
+
+
+def test_amp_request_on_cpu_is_off_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net = MIMMXNet("small_cnn", PARTS, {k: 2 for k in PARTS}, backbone_kwargs={"channels": (4, 8)})
+        objective = MIMMXObjective.for_network("erm", net)
+        loader = DataLoader(Dataset(_records()), batch_size=16)
+        trainer = MIMMXTrainer("cpu", 1, loader, net, torch.optim.SGD(net.parameters(), 0.1), objective, amp=True)
+        trainer.run()
+    assert trainer.amp is False and trainer.scaler is None
+
+
+def test_nan_input_stops_training_naming_iteration_and_term():
+    records = _records()
+    records[3]["image"][:] = np.nan
+    set_determinism(0)
+    trainer = _build("erm", records=records)
+    with pytest.raises(TrainingDiverged, match=r"iteration \d+: loss of task 'y'"):
+        trainer.run()
+
+
+def test_missing_labels_and_optimizers_are_explained():
+    records = [{k: v for k, v in r.items() if k != "b"} for r in _records()]
+    with pytest.raises(KeyError, match=r"batch lacks \['b'\]"):
+        _build("mimmx", records=records).run()
+    net = MIMMXNet("small_cnn", PARTS, {k: 2 for k in PARTS}, backbone_kwargs={"channels": (4, 8)})
+    objective = MIMMXObjective.for_network("mimm", net)
+    with pytest.raises(ValueError, match="critic_optimizer"):
+        MIMMXTrainer("cpu", 1, [], net, torch.optim.SGD(net.parameters(), 0.1), objective)
+    with pytest.raises(ValueError, match="unknown method 'mimmy'"):
+        MIMMXObjective.for_network("mimmy", net)
