@@ -132,7 +132,11 @@ def check_targets(accuracy: list[AccuracyResult], speed: list[SpeedResult], esti
             )
         estimate = found[("MINE", 0.0)]
         targets.append(
-            {"target": "MINE within 0.03 nats of 0 (independent)", "value": f"{estimate:.4f}", "met": abs(estimate) <= 0.03}
+            {
+                "target": "MINE within 0.03 nats of 0 (independent)",
+                "value": f"{estimate:.4f}",
+                "met": abs(estimate) <= 0.03,
+            }
         )
     if "CLUB" in estimator_names:
         # At I = 0, "10 % below" is read with the same 0.03-nat tolerance as MINE's independence target.
@@ -187,7 +191,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-batches", type=int, default=50, help="fresh batches the estimate is averaged over")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the critics")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--critic", choices=("separable", "concat"), default="separable", help="critic of MINE/NWJ/InfoNCE in the accuracy runs")
+    parser.add_argument(
+        "--critic",
+        choices=("separable", "concat"),
+        default="separable",
+        help="critic of MINE/NWJ/InfoNCE in the accuracy runs",
+    )
     parser.add_argument("--estimators", nargs="+", choices=tuple(ESTIMATORS), default=list(ESTIMATORS))
     parser.add_argument("--timing-steps", type=int, default=5, help="timed critic steps per cell (median reported)")
     parser.add_argument("--warmup-steps", type=int, default=2)
@@ -198,6 +207,7 @@ def parse_args() -> argparse.Namespace:
         help="largest batch timed for the critics whose cost grows with B² x width (concat, reference); "
         "at B=1024 the reference pushes 1M rows through its MLP and needs ~20 GB (default 256)",
     )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -206,6 +216,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     accuracy: list[AccuracyResult] = []
     if not args.skip_accuracy:
@@ -220,7 +232,8 @@ def main() -> None:
             for batch in SPEED_BATCHES:
                 too_big = critic_name in QUADRATIC_CRITICS and batch > args.quadratic_max_batch
                 torch.manual_seed(args.seed)
-                speed.append(SpeedResult(critic_name, batch, None if too_big else time_critic_step(build(), batch, args)))
+                milliseconds = None if too_big else time_critic_step(build(), batch, args)
+                speed.append(SpeedResult(critic_name, batch, milliseconds))
         print_speed(speed)
     targets = check_targets(accuracy, speed, args.estimators if accuracy else [])
     if targets:

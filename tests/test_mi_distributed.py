@@ -60,7 +60,8 @@ def run_rank(rank: int, init_file: str, out_dir: str) -> None:
             ddp_encoder = torch.nn.parallel.DistributedDataParallel(encoder)
             start = sum(sizes[:rank])
             rows = slice(start, start + sizes[rank])
-            torch.save(results(ddp_encoder, estimators, x[rows], b[rows], strata[rows]), Path(out_dir) / f"{split}{rank}.pt")
+            found = results(ddp_encoder, estimators, x[rows], b[rows], strata[rows])
+            torch.save(found, Path(out_dir) / f"{split}{rank}.pt")
     finally:
         dist.destroy_process_group()
 

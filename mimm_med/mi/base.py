@@ -49,7 +49,7 @@ class ContrastPairs:
         self.negatives = same & ~torch.eye(batch_size, dtype=torch.bool, device=device)
         partners = self.negatives.sum(dim=1)
         self.anchors = partners > 0
-        self.num_anchors = self.anchors.sum()
+        self.num_anchors = self.anchors.sum().float()
         self.log_weight = torch.where(
             self.negatives, -partners.clamp_min(1).float().log()[:, None], -math.inf
         )
@@ -186,5 +186,6 @@ class MutualInformationEstimator(nn.Module, ABC):
             )
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise ValueError(
-                f"a {tuple(a.shape)} or b {tuple(b.shape)} contains NaN or Inf; check the features feeding the estimator"
+                f"a {tuple(a.shape)} or b {tuple(b.shape)} contains NaN or Inf; "
+                "check the features feeding the estimator"
             )

@@ -99,14 +99,12 @@ class ConcatCritic(nn.Module):
         return self.head(first).squeeze(-1)
 
 
-def make_critic(
-    kind: str, dim_a: int, dim_b: int, hidden_dim: int = 256, embed_dim: int = 32, num_layers: int = 2
-) -> nn.Module:
+def make_critic(kind: str, dim_a: int, dim_b: int, *, hidden_dim: int, embed_dim: int, num_layers: int) -> nn.Module:
     """Build a critic by name: ``"separable"`` (:class:`SeparableCritic`) or ``"concat"`` (:class:`ConcatCritic`).
 
     Examples
     --------
-    >>> type(make_critic("concat", 8, 4)).__name__
+    >>> type(make_critic("concat", 8, 4, hidden_dim=64, embed_dim=16, num_layers=2)).__name__
     'ConcatCritic'
     """
     if kind == "separable":

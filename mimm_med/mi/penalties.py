@@ -70,7 +70,9 @@ class DistanceCorrelation(nn.Module):
         _check_finite_2d("a", a)
         _check_finite_2d("b", b)
         if a.shape[0] != b.shape[0] or a.shape[0] < 4:
-            raise ValueError(f"a and b need the same number (>= 4) of rows, got a {tuple(a.shape)} and b {tuple(b.shape)}")
+            raise ValueError(
+                f"a and b need the same number (>= 4) of rows, got a {tuple(a.shape)} and b {tuple(b.shape)}"
+            )
         with torch.autocast(device_type=a.device.type, enabled=False):
             centred_a = _u_centred_distances(a.float())
             centred_b = _u_centred_distances(b.float())
@@ -139,7 +141,8 @@ class MMDPenalty(nn.Module):
         squared = torch.cdist(x, x).square()
         off_diagonal = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
         median_squared = squared.detach()[off_diagonal].median().clamp_min(1e-12)
-        return torch.stack([torch.exp(-squared / (2.0 * width**2 * median_squared)) for width in self.bandwidths]).mean(dim=0)
+        kernels = [torch.exp(-squared / (2.0 * width**2 * median_squared)) for width in self.bandwidths]
+        return torch.stack(kernels).mean(dim=0)
 
 
 class GradientReversalFunction(torch.autograd.Function):
