@@ -1,0 +1,575 @@
+"""Cohort cards: a YAML file per cohort that maps its raw layout and metadata onto mimm-med labels.
+
+A user adds a cohort by writing a card, not code. The card says where the images are, which
+metadata table(s) describe them, which column holds the subject id, and how columns become labels
+(value mappings, bins, policies for uncertain and blank findings). :meth:`CohortCard.index` turns a
+raw folder into records (one row per usable image) and problems (one row per unusable metadata row
+with its reason), so that one bad row never loses the others. ``cohorts/README.md`` documents the
+card keys.
+
+Examples
+--------
+>>> card = CohortCard.from_yaml("cohorts/ukb.yaml")
+>>> records, problems = card.index("/data/ukb")
+>>> records.columns.tolist()
+['source_id', 'image', 'sex', 'age', 'age_group', 'site', 'cohort']
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import yaml
+
+SOURCE_ID = "source_id"
+IMAGE = "image"
+COHORT = "cohort"
+REASON = "reason"
+MODALITIES: tuple[str, ...] = ("brain_t1", "chest_xray", "digits")
+_FIELD = re.compile(r"\{([^{}]+)\}")
+_SKIPPED_LINE = re.compile(r"Skipping line (\d+): (.*)")
+
+
+class CardError(ValueError):
+    """A cohort card (or the raw folder it describes) that cannot be used; the message names the file and key."""
+
+
+def _canonical(value: Any) -> str:
+    """Spelling-independent text of a table cell or card value: ``1``, ``"1"`` and ``"1.0"`` all give ``"1"``."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if not np.isfinite(number):
+        return text
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+class _Where:
+    """Names a place in a card for error messages: ``cohorts/ukb.yaml: labels.sex.values``."""
+
+    def __init__(self, card: Path, key: str = "") -> None:
+        self.card, self.key = card, key
+
+    def __truediv__(self, key: str) -> _Where:
+        return _Where(self.card, f"{self.key}.{key}" if self.key else key)
+
+    def error(self, message: str) -> CardError:
+        return CardError(f"{self.card}: {self.key}: {message}")
+
+
+def _require(spec: Mapping, key: str, where: _Where, kind: type | tuple[type, ...] = str) -> Any:
+    if key not in spec:
+        raise (where / key).error(f"missing; this key is required (see cohorts/README.md)")
+    return _check_type(spec[key], where / key, kind)
+
+
+def _check_type(value: Any, where: _Where, kind: type | tuple[type, ...]) -> Any:
+    if not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise where.error(f"expected {names}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_keys(spec: Mapping, allowed: Sequence[str], where: _Where) -> None:
+    unknown = sorted(set(spec) - set(allowed))
+    if unknown:
+        raise where.error(f"unknown key(s) {unknown}; allowed here: {list(allowed)}")
+
+
+class Label(ABC):
+    """One label of a card: how a metadata column becomes a label value.
+
+    Subclasses register under the card's ``type`` name and implement :meth:`apply`.
+    """
+
+    kinds: ClassVar[dict[str, type[Label]]] = {}
+    type_name: ClassVar[str]
+    keys: ClassVar[tuple[str, ...]] = ("type", "column", "description")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Label.kinds[cls.type_name] = cls
+
+    def __init__(self, name: str, spec: Mapping, where: _Where, needs_column: bool = True) -> None:
+        _check_keys(spec, self.keys, where)
+        self.name = name
+        self.description = str(spec.get("description", ""))
+        self.column: str | None = _require(spec, "column", where) if needs_column and "column" in self.keys else None
+
+    @classmethod
+    def from_spec(cls, name: str, spec: Any, where: _Where, needs_column: bool = True) -> Label:
+        """Build the label class named by ``spec["type"]``."""
+        spec = _check_type(spec, where, dict)
+        kind = _require(spec, "type", where)
+        if kind not in cls.kinds:
+            raise (where / "type").error(f"unknown label type {kind!r}; choose one of {sorted(cls.kinds)}")
+        return cls.kinds[kind](name, spec, where, needs_column)
+
+    @property
+    @abstractmethod
+    def values(self) -> list | None:
+        """The values this label can take (``None``: any number)."""
+
+    @property
+    def dtype(self) -> str:
+        """pandas dtype of the label column in the records."""
+        return "object"
+
+    @abstractmethod
+    def apply(self, cells: pd.Series) -> tuple[list, list[str | None]]:
+        """Map raw table ``cells`` to (label values, per-row reason the row is unusable or ``None``)."""
+
+    def _blank(self, policy: Any) -> tuple[Any, str | None]:
+        if policy is None:
+            return None, f"{self.name}: column {self.column!r} is blank"
+        return policy, None
+
+
+class CategoricalLabel(Label):
+    """Raw values mapped to names by ``values`` (``{1: male, 0: female}``); other values are problems.
+
+    ``missing`` gives the value of blank cells; without it, blank rows are problems.
+    """
+
+    type_name = "categorical"
+    keys = Label.keys + ("values", "missing")
+
+    def __init__(self, name: str, spec: Mapping, where: _Where, needs_column: bool = True) -> None:
+        super().__init__(name, spec, where, needs_column)
+        mapping = _require(spec, "values", where, (dict, list))
+        if isinstance(mapping, list):  # documentation-only form used by generated cohorts
+            mapping = {value: value for value in mapping}
+        if not mapping:
+            raise (where / "values").error("empty; list the raw values and the label each maps to")
+        self.mapping = {_canonical(raw): mapped for raw, mapped in mapping.items()}
+        self.missing = spec.get("missing")
+
+    @property
+    def values(self) -> list:
+        labels = list(dict.fromkeys(self.mapping.values()))
+        return labels + ([self.missing] if self.missing is not None and self.missing not in labels else [])
+
+    def apply(self, cells: pd.Series) -> tuple[list, list[str | None]]:
+        out, reasons = [], []
+        for cell in cells:
+            key = _canonical(cell)
+            if key == "":
+                value, reason = self._blank(self.missing)
+            elif key in self.mapping:
+                value, reason = self.mapping[key], None
+            else:
+                value = None
+                reason = f"{self.name}: value {cell!r} in column {self.column!r} is not one of the card's values {list(self.mapping)}"
+            out.append(value)
+            reasons.append(reason)
+        return out, reasons
+
+
+class ContinuousLabel(Label):
+    """A number (``age``), optionally checked against ``range: [low, high]``.
+
+    With ``bins: {edges: [60], names: [young, old]}`` the label is the name of the bin instead
+    (``young`` below 60, ``old`` from 60 on: bins are closed on the left).
+    """
+
+    type_name = "continuous"
+    keys = Label.keys + ("range", "bins", "missing")
+
+    def __init__(self, name: str, spec: Mapping, where: _Where, needs_column: bool = True) -> None:
+        super().__init__(name, spec, where, needs_column)
+        self.range: tuple[float, float] | None = None
+        if "range" in spec:
+            bounds = _check_type(spec["range"], where / "range", list)
+            if len(bounds) != 2 or not all(isinstance(b, (int, float)) for b in bounds) or bounds[0] > bounds[1]:
+                raise (where / "range").error(f"expected [low, high] numbers with low <= high, got {bounds!r}")
+            self.range = (float(bounds[0]), float(bounds[1]))
+        self.edges: list[float] | None = None
+        self.names: list[str] = []
+        if "bins" in spec:
+            bins = _check_type(spec["bins"], where / "bins", dict)
+            _check_keys(bins, ("edges", "names"), where / "bins")
+            edges = _require(bins, "edges", where / "bins", list)
+            names = _require(bins, "names", where / "bins", list)
+            if not all(isinstance(e, (int, float)) for e in edges) or list(edges) != sorted(set(edges)):
+                raise (where / "bins" / "edges").error(f"expected strictly increasing numbers, got {edges!r}")
+            if len(names) != len(edges) + 1:
+                raise (where / "bins" / "names").error(
+                    f"{len(edges)} edges make {len(edges) + 1} bins, but {len(names)} names are given: {names!r}"
+                )
+            self.edges, self.names = [float(e) for e in edges], [str(n) for n in names]
+        self.missing = spec.get("missing")
+
+    @property
+    def values(self) -> list | None:
+        return self.names if self.edges is not None else None
+
+    @property
+    def dtype(self) -> str:
+        return "object" if self.edges is not None else "float"
+
+    def apply(self, cells: pd.Series) -> tuple[list, list[str | None]]:
+        out, reasons = [], []
+        for cell in cells:
+            if str(cell).strip() == "":
+                value, reason = self._blank(self.missing)  # the fill value is a label value already
+            else:
+                value, reason = self._number(cell)
+                if reason is None and self.edges is not None:
+                    value = self.names[int(np.searchsorted(self.edges, value, side="right"))]
+            out.append(value)
+            reasons.append(reason)
+        return out, reasons
+
+    def _number(self, cell: Any) -> tuple[float | None, str | None]:
+        try:
+            value = float(str(cell).strip())
+        except ValueError:
+            return None, f"{self.name}: {cell!r} in column {self.column!r} is not a number"
+        if not np.isfinite(value) or (self.range is not None and not self.range[0] <= value <= self.range[1]):
+            return None, f"{self.name}: {value:g} in column {self.column!r} is outside the card's range {list(self.range or ())}"
+        return value, None
+
+
+class FindingLabel(Label):
+    """A binary finding reported as 1.0 / 0.0 / -1.0 (uncertain) / blank, as CheXpert labels are.
+
+    ``uncertain``: ``u_ones`` (count as 1), ``u_zeros`` (count as 0) or ``drop`` (default: the row
+    is a problem). ``blank``: ``zero`` (default: not mentioned counts as absent) or ``drop``.
+    """
+
+    type_name = "finding"
+    keys = Label.keys + ("uncertain", "blank")
+    UNCERTAIN: ClassVar[dict[str, int | None]] = {"u_ones": 1, "u_zeros": 0, "drop": None}
+    BLANK: ClassVar[dict[str, int | None]] = {"zero": 0, "drop": None}
+
+    def __init__(self, name: str, spec: Mapping, where: _Where, needs_column: bool = True) -> None:
+        super().__init__(name, spec, where, needs_column)
+        self.uncertain = str(spec.get("uncertain", "drop"))
+        self.blank = str(spec.get("blank", "zero"))
+        if self.uncertain not in self.UNCERTAIN:
+            raise (where / "uncertain").error(f"unknown policy {self.uncertain!r}; choose one of {list(self.UNCERTAIN)}")
+        if self.blank not in self.BLANK:
+            raise (where / "blank").error(f"unknown policy {self.blank!r}; choose one of {list(self.BLANK)}")
+
+    @property
+    def values(self) -> list:
+        return [0, 1]
+
+    @property
+    def dtype(self) -> str:
+        return "int64"
+
+    def apply(self, cells: pd.Series) -> tuple[list, list[str | None]]:
+        out, reasons = [], []
+        for cell in cells:
+            key = _canonical(cell)
+            value, reason = None, None
+            if key in ("0", "1"):
+                value = int(key)
+            elif key == "-1":
+                value = self.UNCERTAIN[self.uncertain]
+                if value is None:
+                    reason = f"{self.name}: uncertain (-1.0) in column {self.column!r}; the card's policy is uncertain: drop"
+            elif key == "":
+                value = self.BLANK[self.blank]
+                if value is None:
+                    reason = f"{self.name}: column {self.column!r} is blank; the card's policy is blank: drop"
+            else:
+                reason = f"{self.name}: {cell!r} in column {self.column!r} is not a finding value (1.0, 0.0, -1.0 or blank)"
+            out.append(value)
+            reasons.append(reason)
+        return out, reasons
+
+
+class ConstantLabel(Label):
+    """The same ``value`` for every image, e.g. the cohort of a single-cohort table."""
+
+    type_name = "constant"
+    keys = ("type", "value", "description")
+
+    def __init__(self, name: str, spec: Mapping, where: _Where, needs_column: bool = True) -> None:
+        super().__init__(name, spec, where, needs_column=False)
+        self.value = _require(spec, "value", where, (str, int, float, bool))
+
+    @property
+    def values(self) -> list:
+        return [self.value]
+
+    def apply(self, cells: pd.Series) -> tuple[list, list[str | None]]:
+        return [self.value] * len(cells), [None] * len(cells)
+
+
+@dataclass(frozen=True)
+class Images:
+    """Where a metadata row's image is: a ``pattern`` over table columns, or a table ``column``.
+
+    ``pattern`` fields name columns: ``"{eid}_20252_2_0/T1/T1.nii.gz"``. A ``column`` holds the path,
+    with ``strip_prefix`` removed first (``CheXpert-v1.0-small/``); paths are relative to the raw folder.
+    """
+
+    pattern: str | None
+    column: str | None
+    strip_prefix: str
+
+    @classmethod
+    def from_spec(cls, spec: Any, where: _Where) -> Images:
+        spec = _check_type(spec, where, dict)
+        _check_keys(spec, ("pattern", "column", "strip_prefix"), where)
+        if ("pattern" in spec) == ("column" in spec):
+            raise where.error("give exactly one of 'pattern' (a path with {column} fields) or 'column' (a path column)")
+        if "pattern" in spec and not _FIELD.search(_check_type(spec["pattern"], where / "pattern", str)):
+            raise (where / "pattern").error(f"{spec['pattern']!r} has no {{column}} field: every row would name the same image")
+        if "strip_prefix" in spec and "column" not in spec:
+            raise (where / "strip_prefix").error("only applies with 'column'")
+        return cls(spec.get("pattern"), spec.get("column"), str(spec.get("strip_prefix", "")))
+
+    @property
+    def columns(self) -> list[str]:
+        """Table columns the image paths are made from."""
+        return _FIELD.findall(self.pattern) if self.pattern else [self.column]
+
+    def relative_paths(self, table: pd.DataFrame) -> tuple[list[str | None], list[str | None]]:
+        """Per row: (path relative to the raw folder or ``None``, reason it has none or ``None``)."""
+        cells = {column: [str(c).strip() for c in table[column]] for column in self.columns}
+        paths, reasons = [], []
+        for row in range(len(table)):
+            path, reason = self._pattern_path(cells, row) if self.pattern else self._column_path(cells[self.column][row])
+            paths.append(path)
+            reasons.append(reason)
+        return paths, reasons
+
+    def _pattern_path(self, cells: Mapping[str, list[str]], row: int) -> tuple[str | None, str | None]:
+        blank = [column for column in self.columns if not cells[column][row]]
+        if blank:
+            return None, f"image path: column(s) {blank} blank, needed by pattern {self.pattern!r}"
+        return _FIELD.sub(lambda field: cells[field.group(1)][row], self.pattern), None
+
+    def _column_path(self, value: str) -> tuple[str | None, str | None]:
+        if not value:
+            return None, f"image path: column {self.column!r} is blank"
+        if not value.startswith(self.strip_prefix):
+            return None, f"image path {value!r} in column {self.column!r} does not start with {self.strip_prefix!r}"
+        return value[len(self.strip_prefix) :], None
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """The metadata table(s), the subject id column and the row filter of a card.
+
+    ``subject`` is a column name, or ``{column: Path, regex: "(patient\\d+)"}`` to take the id out of
+    a column (the first regex group). ``filter`` keeps rows whose column has one of the given values.
+    """
+
+    tables: tuple[str, ...]
+    subject_column: str
+    subject_regex: re.Pattern | None
+    filter: Mapping[str, tuple[str, ...]]
+
+    @classmethod
+    def from_spec(cls, spec: Any, where: _Where) -> Metadata:
+        spec = _check_type(spec, where, dict)
+        _check_keys(spec, ("tables", "subject", "filter"), where)
+        tables = _require(spec, "tables", where, (str, list))
+        tables = (tables,) if isinstance(tables, str) else tuple(_check_type(t, where / "tables", str) for t in tables)
+        if not tables:
+            raise (where / "tables").error("empty; name at least one table file")
+        subject = _require(spec, "subject", where, (str, dict))
+        regex = None
+        if isinstance(subject, dict):
+            _check_keys(subject, ("column", "regex"), where / "subject")
+            pattern = _require(subject, "regex", where / "subject")
+            try:
+                regex = re.compile(pattern)
+            except re.error as error:
+                raise (where / "subject" / "regex").error(f"invalid regular expression {pattern!r}: {error}") from None
+            if regex.groups < 1:
+                raise (where / "subject" / "regex").error(f"{pattern!r} needs a (group) around the id")
+            subject = _require(subject, "column", where / "subject")
+        filters = _check_type(spec.get("filter", {}), where / "filter", dict)
+        allowed = {
+            str(column): tuple(_canonical(v) for v in (values if isinstance(values, list) else [values]))
+            for column, values in filters.items()
+        }
+        return cls(tables, subject, regex, allowed)
+
+    def read(self, raw_dir: Path, columns: Sequence[str], card: Path) -> tuple[pd.DataFrame, list[str]]:
+        """Concatenate the tables (text cells, blanks as ``""``), filtered; and one reason per unreadable row."""
+        frames, unreadable = [], []
+        for name in self.tables:
+            path = raw_dir / name
+            if not path.is_file():
+                raise CardError(f"{card}: metadata.tables: {path} not found; is {raw_dir} the raw folder of this cohort?")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", pd.errors.ParserWarning)
+                frame = pd.read_csv(path, dtype=str, keep_default_na=False, on_bad_lines="warn")
+            for warning in caught:
+                for line, problem in _SKIPPED_LINE.findall(str(warning.message)):
+                    unreadable.append(f"unreadable row in {name}, line {line}: {problem}")
+            absent = [c for c in columns if c not in frame.columns]
+            if absent:
+                raise CardError(f"{card}: table {path} lacks column(s) {absent} that the card uses; it has {list(frame.columns)}")
+            frames.append(frame[list(dict.fromkeys(columns))])
+        table = pd.concat(frames, ignore_index=True)
+        for column, values in self.filter.items():
+            table = table[table[column].map(_canonical).isin(values)]
+        return table.reset_index(drop=True), unreadable
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.subject_column, *self.filter]
+
+    def subject_ids(self, table: pd.DataFrame) -> tuple[list[str | None], list[str | None]]:
+        """Per row: (the cohort's subject id or ``None``, reason it has none or ``None``)."""
+        ids, reasons = [], []
+        for cell in table[self.subject_column]:
+            text = str(cell).strip()
+            if self.subject_regex is not None:
+                match = self.subject_regex.search(text)
+                text = match.group(1) if match else ""
+            ids.append(text or None)
+            reasons.append(None if text else f"no subject id in column {self.subject_column!r} ({cell!r})")
+        return ids, reasons
+
+
+@dataclass(frozen=True)
+class CohortCard:
+    """A validated cohort card. Build it with :meth:`from_yaml`; see ``cohorts/README.md`` for the keys.
+
+    Attributes
+    ----------
+    name
+        Cohort name, the ``cohort`` column of the records unless a ``cohort`` label says otherwise.
+    modality
+        ``brain_t1``, ``chest_xray`` or ``digits``.
+    pipeline
+        Preprocessing config; relative paths in the card are relative to the folder above the card's
+        folder (the repository root for cards in ``cohorts/``). ``None`` for generated cohorts.
+    labels
+        Label name -> :class:`Label`, in card order.
+    """
+
+    path: Path
+    name: str
+    description: str
+    modality: str
+    pipeline: Path | None
+    images: Images | None
+    metadata: Metadata | None
+    labels: Mapping[str, Label]
+    generator: str | None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> CohortCard:
+        """Read and validate a card.
+
+        Raises
+        ------
+        CardError
+            Naming the card file and the key at fault, and what to write instead.
+        """
+        path = Path(path)
+        try:
+            spec = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise CardError(f"{path}: cohort card not found; the cards shipped with mimm-med are in cohorts/") from None
+        except yaml.YAMLError as error:
+            raise CardError(f"{path}: not valid YAML: {error}") from None
+        where = _Where(path)
+        spec = _check_type(spec, where, dict)
+        _check_keys(spec, ("name", "description", "modality", "pipeline", "images", "metadata", "labels", "generator"), where)
+        name = _require(spec, "name", where)
+        modality = _require(spec, "modality", where)
+        if modality not in MODALITIES:
+            raise (where / "modality").error(f"unknown modality {modality!r}; choose one of {list(MODALITIES)}")
+        generator = spec.get("generator")
+        if generator is None:
+            pipeline = path.resolve().parent.parent / _require(spec, "pipeline", where)
+            images = Images.from_spec(_require(spec, "images", where, dict), where / "images")
+            metadata = Metadata.from_spec(_require(spec, "metadata", where, dict), where / "metadata")
+        else:
+            _check_type(generator, where / "generator", str)
+            for key in ("images", "metadata", "pipeline"):
+                if key in spec:
+                    raise (where / key).error(f"a generated cohort ({generator}) has no raw folder: remove '{key}'")
+            pipeline = images = metadata = None
+        label_specs = _require(spec, "labels", where, dict)
+        if not label_specs:
+            raise (where / "labels").error("empty; define at least the primary label")
+        labels = {
+            str(label): Label.from_spec(label, label_spec, where / "labels" / str(label), needs_column=generator is None)
+            for label, label_spec in label_specs.items()
+        }
+        for reserved in (SOURCE_ID, IMAGE):
+            if reserved in labels:
+                raise (where / "labels" / reserved).error(f"{reserved!r} is a column of every record; name the label otherwise")
+        return cls(path, name, str(spec.get("description", "")), modality, pipeline, images, metadata, labels, generator)
+
+    @property
+    def label_values(self) -> dict[str, list | None]:
+        """Label name -> the values it can take (``None``: continuous), ``cohort`` excluded."""
+        return {name: label.values for name, label in self.labels.items() if name != COHORT}
+
+    def index(self, raw_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Index a raw cohort folder.
+
+        Returns
+        -------
+        records
+            One row per usable image: ``source_id`` (the cohort's own subject id), ``image``
+            (absolute path), one column per label, ``cohort``.
+        problems
+            One row per unusable metadata row: ``source_id``, ``image``, ``reason``, ``cohort``.
+            A row has every reason that applies, joined by ``"; "``.
+
+        Raises
+        ------
+        CardError
+            If the cohort is generated (no raw folder), a table is missing or lacks a column the
+            card uses: then no row could be used.
+        """
+        if self.generator is not None:
+            raise CardError(
+                f"{self.path}: cohort {self.name!r} has no raw folder to index; it is generated in memory by {self.generator}"
+            )
+        raw_dir = Path(raw_dir).resolve()
+        label_columns = [label.column for label in self.labels.values() if label.column is not None]
+        table, unreadable = self.metadata.read(raw_dir, self.metadata.columns + self.images.columns + label_columns, self.path)
+        ids, id_reasons = self.metadata.subject_ids(table)
+        paths, path_reasons = self.images.relative_paths(table)
+        images = [str(raw_dir / p) if p is not None else "" for p in paths]
+        reasons = [[r] if r else [] for r in id_reasons]
+        for row, (path, reason) in enumerate(zip(paths, path_reasons)):
+            if reason:
+                reasons[row].append(reason)
+            elif not Path(images[row]).exists():
+                reasons[row].append(f"image file missing: {path}")
+        seen: set[str] = set()
+        for row, image in enumerate(images):
+            if image and image in seen:
+                reasons[row].append(f"image {image} is listed by an earlier row too")
+            seen.add(image)
+        columns = {SOURCE_ID: [i or "" for i in ids], IMAGE: images}
+        for name, label in self.labels.items():
+            values, label_reasons = label.apply(table[label.column] if label.column else pd.Series([""] * len(table)))
+            columns[name] = values
+            for row, reason in enumerate(label_reasons):
+                if reason:
+                    reasons[row].append(reason)
+        columns.setdefault(COHORT, [self.name] * len(table))
+        frame = pd.DataFrame(columns, columns=[SOURCE_ID, IMAGE, *(n for n in self.labels if n != COHORT), COHORT])
+        bad = np.array([bool(r) for r in reasons], dtype=bool)
+        records = frame[~bad].reset_index(drop=True)
+        problems = frame.loc[bad, [SOURCE_ID, IMAGE, COHORT]].assign(**{REASON: ["; ".join(r) for r in reasons if r]})
+        unreadable_rows = pd.DataFrame({SOURCE_ID: "", IMAGE: "", COHORT: self.name, REASON: unreadable}, index=range(len(unreadable)))
+        problems = pd.concat([problems, unreadable_rows], ignore_index=True)[[SOURCE_ID, IMAGE, REASON, COHORT]]
+        return records.astype({name: label.dtype for name, label in self.labels.items() if name != COHORT}), problems
