@@ -216,6 +216,8 @@ def test_shards_union_to_the_full_set(brain, brain_reference, tmp_path):
     relative = [os.path.relpath(p, tmp_path) for p in merged["image"]]
     assert relative == [os.path.relpath(p, brain_reference[0]) for p in full["image"]]
     assert merged.drop(columns="image").reset_index(drop=True).equals(full.drop(columns="image"))
+    whole = run(records, problems, raw, tmp_path)
+    assert (whole.done, whole.skipped) == (0, sum(p.done for p in parts))
 
 
 def test_output_folder_made_with_other_settings_is_refused(brain, tmp_path):

@@ -8,8 +8,8 @@ Outputs, all under ``out_dir``::
     pipeline.json                          the pipeline config with its overrides, for provenance
 
 With ``--shard i/n`` the tables are ``manifest-shard-i-of-n.csv`` / ``errors-shard-i-of-n.csv``.
-A re-run with the same ``out_dir`` keeps images that the manifest lists as ``ok`` and that exist,
-and redoes the rest.
+A re-run with the same ``out_dir`` keeps images that exist and that a manifest there (whole or
+shard part) lists as ``ok``, and redoes the rest.
 """
 
 from __future__ import annotations
@@ -355,10 +355,11 @@ def preprocess_records(
             errors.append({SUBJECT: subject_id, "file": shown, "reason": reason})
     problem_count = len(errors)
 
+    # Any earlier manifest counts, the full one or shard parts: a cohort sharded 4 ways can be
+    # finished 2 ways, or whole, without redoing what is done.
     finished = set()
-    if manifest_path.exists():
-        previous = read_manifest(manifest_path)
-        finished = set(previous[IMAGE][previous[STATUS] == STATUS_OK])
+    for previous in map(read_manifest, out_dir.glob("manifest*.csv")):
+        finished.update(previous[IMAGE][previous[STATUS] == STATUS_OK])
     todo = []
     for task in tasks:
         if rows[task.stem][IMAGE] in finished and os.path.exists(rows[task.stem][IMAGE]):
