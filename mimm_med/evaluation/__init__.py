@@ -1,0 +1,24 @@
+"""Evaluation of shortcut mitigation: metrics per test set and group, leakage of spurious factors
+into the primary features, and plots. Everything works on plain arrays, as gathered by
+:func:`collect_outputs`."""
+
+from mimm_med.evaluation.leakage import linear_probe_leakage, residual_mutual_information
+from mimm_med.evaluation.metrics import as_probabilities, classification_report, switched_heads
+from mimm_med.evaluation.outputs import collect_outputs
+from mimm_med.evaluation.plots import plot_group_accuracy, plot_training_curves, plot_tsne
+from mimm_med.evaluation.protocol import evaluate_test_sets, flatten_metrics, results_table
+
+__all__ = [
+    "as_probabilities",
+    "classification_report",
+    "collect_outputs",
+    "evaluate_test_sets",
+    "flatten_metrics",
+    "linear_probe_leakage",
+    "plot_group_accuracy",
+    "plot_training_curves",
+    "plot_tsne",
+    "residual_mutual_information",
+    "results_table",
+    "switched_heads",
+]

@@ -1,0 +1,48 @@
+"""Checks that turn user arrays into the shapes the evaluation functions expect."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = ["as_class_labels", "as_feature_matrix", "check_same_length"]
+
+
+def as_class_labels(values: np.ndarray, name: str) -> np.ndarray:
+    """Return ``values`` as 1-D integer class labels.
+
+    ``(N, 1)`` columns are flattened and integer-valued floats are accepted, since label tensors
+    collected from batches often come that way. Continuous values are refused.
+    """
+    array = np.asarray(values)
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D class labels (N,), got shape {array.shape}.")
+    if array.dtype.kind in "biu":
+        return array.astype(np.int64)
+    if array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
+        return array.astype(np.int64)
+    raise ValueError(
+        f"{name} holds non-integer values (dtype {array.dtype}, e.g. {array[:3].tolist()}); "
+        "give integer class labels, and bin a continuous factor such as age first (e.g. np.digitize)."
+    )
+
+
+def as_feature_matrix(values: np.ndarray, name: str) -> np.ndarray:
+    """Return ``values`` as a float ``(N, D)`` matrix; a 1-D array becomes one column."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a feature matrix (N, D), got shape {array.shape}.")
+    return array
+
+
+def check_same_length(arrays: Mapping[str, np.ndarray]) -> int:
+    """Return the common number of rows of ``arrays``; raise naming the arrays that differ."""
+    lengths = {name: len(array) for name, array in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"arrays must have one row per sample, but their lengths differ: {lengths}.")
+    return next(iter(lengths.values()))

@@ -1,0 +1,175 @@
+"""The evaluation protocol over the iid / balanced / inverted test sets, as nested results,
+MLflow metrics and a Markdown table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from mimm_med.evaluation.leakage import linear_probe_leakage, residual_mutual_information
+from mimm_med.evaluation.metrics import classification_report, switched_heads
+
+__all__ = ["evaluate_test_sets", "flatten_metrics", "results_table"]
+
+
+def evaluate_test_sets(
+    outputs_by_set: Mapping[str, Mapping[str, np.ndarray]],
+    primary: str,
+    spurious: Sequence[str],
+    leakage_set: str = "iid",
+    residual_mi: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Score the primary head on every test set and probe its features for each spurious factor.
+
+    Parameters
+    ----------
+    outputs_by_set
+        Test-set name (``"iid"``, ``"balanced"``, ``"inverted"``) → :func:`collect_outputs` result.
+    primary
+        Name of the primary factor y.
+    spurious
+        Names of the spurious factors z_k, each a classification label (bin continuous ones first).
+    leakage_set
+        Set whose ``f_y`` the linear probe (and the residual MI) reads.
+    residual_mi
+        If given, also estimate I(f_y; f_zk) on ``leakage_set`` with a fresh critic per factor, passing
+        these keyword arguments to :func:`residual_mutual_information` (e.g. ``{"estimator": "club",
+        "steps": 2000, "device": "cuda"}``; ``{}`` takes its defaults). Off by default, since it trains
+        one critic per factor.
+    seed
+        Seed of the probe's folds and, unless ``residual_mi`` sets one, of the residual-MI critics.
+
+    Returns
+    -------
+    dict
+        ``primary``, ``spurious``; ``sets``: per set the :func:`classification_report` of the primary
+        head grouped by every spurious factor, plus ``switched_heads`` (primary head vs z_k) and
+        ``switched_heads_reverse`` (z_k head vs y) per factor whose head shares the primary's classes;
+        ``leakage``: linear-probe balanced accuracy per factor; ``residual_mi``: nats per factor (empty
+        unless requested).
+
+    Examples
+    --------
+    >>> results = evaluate_test_sets({"iid": iid, "balanced": bal, "inverted": inv}, "digit", ["thickness"])
+    >>> flatten_metrics(results)["inverted/y_bacc"]
+    0.74
+    """
+    if leakage_set not in outputs_by_set:
+        raise KeyError(f"leakage_set {leakage_set!r} is not among the test sets {list(outputs_by_set)}.")
+    results: dict[str, Any] = {
+        "primary": primary,
+        "spurious": list(spurious),
+        "sets": {},
+        "leakage": {},
+        "residual_mi": {},
+    }
+    for set_name, outputs in outputs_by_set.items():
+        primary_output = _output(outputs, f"{primary}_output", set_name)
+        y = _output(outputs, f"{primary}_label", set_name)
+        groups = {factor: _output(outputs, f"{factor}_label", set_name) for factor in spurious}
+        report = classification_report(y, primary_output, groups)
+        report["switched_heads"], report["switched_heads_reverse"] = {}, {}
+        for factor in spurious:
+            factor_output = outputs.get(f"{factor}_output")
+            # Scoring one head against another factor's labels only means something over the same classes.
+            if factor_output is not None and np.shape(factor_output)[1] == np.shape(primary_output)[1]:
+                report["switched_heads"][factor] = switched_heads(primary_output, groups[factor])
+                report["switched_heads_reverse"][factor] = switched_heads(factor_output, y)
+        results["sets"][set_name] = report
+    probed = outputs_by_set[leakage_set]
+    primary_features = _output(probed, f"{primary}_features", leakage_set)
+    for factor in spurious:
+        results["leakage"][factor] = linear_probe_leakage(
+            primary_features, _output(probed, f"{factor}_label", leakage_set), seed=seed
+        )
+        if residual_mi is not None:
+            results["residual_mi"][factor] = residual_mutual_information(
+                primary_features, _output(probed, f"{factor}_features", leakage_set), **{"seed": seed, **residual_mi}
+            )
+    return results
+
+
+def flatten_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """Flatten :func:`evaluate_test_sets` results to MLflow metric names.
+
+    Names: ``{set}/y_acc``, ``{set}/y_bacc``, ``{set}/y_auroc``, ``{set}/worst_group_acc``;
+    per factor ``{set}/{factor}/worst_group_acc``, ``{set}/{factor}/tpr_gap``,
+    ``{set}/{factor}/acc_y{y}_z{z}``, ``{set}/{factor}/switched_heads``,
+    ``{set}/{factor}/switched_heads_reverse``; and ``leakage/{factor}``, ``residual_mi/{factor}``.
+    Undefined values stay NaN.
+
+    Examples
+    --------
+    >>> flatten_metrics(results)["leakage/thickness"]
+    0.55
+    """
+    metrics: dict[str, float] = {}
+    for set_name, report in results["sets"].items():
+        metrics[f"{set_name}/y_acc"] = report["accuracy"]
+        metrics[f"{set_name}/y_bacc"] = report["balanced_accuracy"]
+        metrics[f"{set_name}/y_auroc"] = report["auroc"]
+        metrics[f"{set_name}/worst_group_acc"] = report["worst_group_accuracy"]
+        for factor, factor_report in report["factors"].items():
+            metrics[f"{set_name}/{factor}/worst_group_acc"] = factor_report["worst_group_accuracy"]
+            metrics[f"{set_name}/{factor}/tpr_gap"] = factor_report["tpr_gap"]
+            for cell, accuracy in factor_report["group_accuracy"].items():
+                metrics[f"{set_name}/{factor}/acc_{cell}"] = accuracy
+        for key in ("switched_heads", "switched_heads_reverse"):
+            for factor, accuracy in report[key].items():
+                metrics[f"{set_name}/{factor}/{key}"] = accuracy
+    for key in ("leakage", "residual_mi"):
+        for factor, value in results[key].items():
+            metrics[f"{key}/{factor}"] = value
+    return {name: float(value) for name, value in metrics.items()}
+
+
+def results_table(results: Mapping[str, Any]) -> str:
+    """Markdown tables of :func:`evaluate_test_sets` results: one row per test set, one per factor.
+
+    Examples
+    --------
+    >>> print(results_table(results))
+    | test set | accuracy | balanced acc. | AUROC | worst group | thickness TPR gap | thickness switched |
+    ...
+    """
+    spurious = results["spurious"]
+    header = ["test set", "accuracy", "balanced acc.", "AUROC", "worst group"]
+    header += [f"{factor} {column}" for factor in spurious for column in ("TPR gap", "switched")]
+    rows = []
+    for set_name, report in results["sets"].items():
+        row = [set_name] + [_cell(report[key]) for key in ("accuracy", "balanced_accuracy", "auroc")]
+        row.append(f"{_cell(report['worst_group_accuracy'])} ({report['worst_group']})" if spurious else "–")
+        for factor in spurious:
+            row += [_cell(report["factors"][factor]["tpr_gap"]), _cell(report["switched_heads"].get(factor))]
+        rows.append(row)
+    tables = [_markdown(header, rows)]
+    if results["leakage"] or results["residual_mi"]:
+        probe_rows = [
+            [factor, _cell(results["leakage"].get(factor)), _cell(results["residual_mi"].get(factor))]
+            for factor in spurious
+        ]
+        tables.append(_markdown(["factor", "linear-probe leakage (bal. acc.)", "residual MI (nats)"], probe_rows))
+    return "\n\n".join(tables)
+
+
+def _output(outputs: Mapping[str, np.ndarray], key: str, set_name: str) -> np.ndarray:
+    if key not in outputs:
+        raise KeyError(
+            f"test set {set_name!r} has no {key!r} (it has {sorted(outputs)}); gather it with collect_outputs."
+        )
+    return outputs[key]
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return "n/a" if np.isnan(value) else f"{value:.3f}"
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
