@@ -73,6 +73,7 @@ def run_method(method: str, args: argparse.Namespace, confounders: list[str]) ->
             lr=args.lr,
             mi_weight=args.mi_weight,
             n_critic=args.n_critic,
+            critic_lr=args.critic_lr,
             estimator=args.estimator,
             conditional=args.conditional,
             seed=seed,
@@ -127,6 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--mi-weight", type=float, default=1.0, help="λ of the dependence term")
     parser.add_argument("--n-critic", type=int, default=3)
+    parser.add_argument("--critic-lr", type=float, default=1e-3)
     parser.add_argument("--estimator", default="mine", choices=("mine", "nwj", "infonce", "club"))
     parser.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=False, help="estimate I(f_y; f_z | y)")
     parser.add_argument("--device", default="cpu")

@@ -12,9 +12,8 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from monai.utils import set_determinism
-from torch.utils.data import WeightedRandomSampler
 
-from mimm_med.data.confounding import cell_balancing_weights
+from mimm_med.data.confounding import rebalancing_sampler
 from mimm_med.engines import MIMMXObjective, MIMMXTrainer, parse_method
 from mimm_med.evaluation import collect_outputs, evaluate_test_sets
 from mimm_med.networks import MIMMXNet
@@ -57,9 +56,7 @@ class ExperimentConfig:
 def _loader(records: Sequence[dict], config: ExperimentConfig, labels: Sequence[str], train: bool, transform: Callable | None) -> DataLoader:
     dataset = Dataset(list(records), transform=transform if train else None)
     if train and parse_method(config.training_method).rebalance:
-        weights = cell_balancing_weights({name: np.array([r[name] for r in records]) for name in labels})
-        generator = torch.Generator().manual_seed(config.seed)
-        sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(records), generator=generator)
+        sampler = rebalancing_sampler(records, labels, seed=config.seed)
         return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True)
     return DataLoader(dataset, batch_size=config.batch_size, shuffle=train, drop_last=train)
 

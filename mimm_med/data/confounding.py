@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+from torch.utils.data import WeightedRandomSampler
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test-iid", "test-balanced", "test-inverted")
 TEST_CORRELATIONS: dict[str, str] = {"test-iid": "r", "test-balanced": "0.5", "test-inverted": "1 - r"}
@@ -210,3 +212,15 @@ def cell_balancing_weights(labels: Mapping[str, np.ndarray]) -> np.ndarray:
     _, inverse, counts = np.unique(columns, axis=0, return_inverse=True, return_counts=True)
     weights = 1.0 / counts[inverse.reshape(-1)]
     return weights / weights.sum()
+
+
+def rebalancing_sampler(datalist: Sequence[Mapping], keys: Sequence[str], seed: int = 0) -> WeightedRandomSampler:
+    """Sampler drawing ``len(datalist)`` items per epoch with every joint cell of ``keys`` equally likely.
+
+    Examples
+    --------
+    >>> DataLoader(dataset, batch_size=64, sampler=rebalancing_sampler(datalist, ["digit", "thickness"]))
+    """
+    weights = cell_balancing_weights({key: np.array([item[key] for item in datalist]) for key in keys})
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(datalist), generator=generator)

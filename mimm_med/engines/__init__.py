@@ -7,8 +7,10 @@ from .dependence import (
     MMDTerms,
     MutualInformationTerms,
 )
+from .inferer import OutputKeyInferer
 from .methods import METHODS, PENALTY_METHODS, MethodSpec, parse_method
 from .objective import MIMMXObjective
+from .resume import ResumeFromLatest, latest_checkpoint
 from .trainer import MIMMXTrainer, TrainingDiverged
 
 __all__ = [
@@ -21,7 +23,10 @@ __all__ = [
     "MIMMXTrainer",
     "MMDTerms",
     "MethodSpec",
+    "OutputKeyInferer",
+    "ResumeFromLatest",
     "MutualInformationTerms",
     "TrainingDiverged",
+    "latest_checkpoint",
     "parse_method",
 ]

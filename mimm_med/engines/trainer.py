@@ -203,7 +203,8 @@ class MIMMXTrainer(Trainer):
             self._check_finite(engine, f"loss of task {name!r}", value)
         total = task_total
         terms = objective.dependence_terms(outputs, labels)
-        shared = [p for p in self.network.shared_layer.parameters() if p.requires_grad]
+        core = getattr(self.network, "module", self.network)  # DistributedDataParallel wraps the MIMMXNet
+        shared = [p for p in core.shared_layer.parameters() if p.requires_grad]
         if terms:
             for name, value in terms.items():
                 self._check_finite(engine, f"dependence term {name!r}", value)
