@@ -11,7 +11,7 @@ import pytest
 from test_manifest import make_manifest
 
 from mimm_med.cli import main
-from mimm_med.data.manifest import read_manifest
+from mimm_med.data.manifest import load_manifest, read_manifest
 
 SUBCOMMANDS = [["preprocess"], ["cohort"], ["cohort", "generate"], ["cohort", "merge"], ["cohort", "split"],
                ["cohort", "describe"]]
@@ -91,3 +91,95 @@ def test_describe_prints_counts_and_plots_crosstabs(tmp_path, capsys):
     assert "age_group: old" in out and "sex: female" in out and "cohort: nako" in out
     assert "age: (" in out  # many-valued numbers are counted in quartile bins
     assert (tmp_path / "manifest-crosstab.png").read_bytes().startswith(b"\x89PNG")
+
+
+CARDS = Path(__file__).parents[1] / "cohorts"
+TINY_BRAIN = ["--set", "spatial_size=[16,16,16]", "--set", "spacing=[8,8,8]"]
+TINY_XRAY = ["--set", "spatial_size=32"]
+
+
+@pytest.fixture
+def key_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("MIMM_MED_PSEUDONYM_KEY", raising=False)
+    path = tmp_path / "pseudonym.key"
+    path.write_text("0123456789abcdef0123456789abcdef\n")
+    return path
+
+
+def generate(kind: str, n: int, out: Path, *options: str) -> Path:
+    assert main(["cohort", "generate", kind, "--n", str(n), "--out", str(out), "--no-progress", *options]) == 0
+    return out
+
+
+def preprocess(card: str, raw: Path, out: Path, key_file: Path, *options: str) -> int:
+    return main(["preprocess", "--cohort", str(CARDS / card), "--raw", str(raw), "--out", str(out),
+                 "--key-file", str(key_file), "--no-progress", *options])
+
+
+def test_preprocess_refuses_to_run_without_a_key(tmp_path, key_file, capsys):
+    status = main(["preprocess", "--cohort", str(CARDS / "ukb.yaml"), "--raw", str(tmp_path), "--out", str(tmp_path)])
+    assert status == 2
+    assert "no pseudonymisation key" in capsys.readouterr().err
+
+
+def test_ukb_and_nako_preprocess_merge_and_validate(tmp_path, key_file, capsys):
+    from mimm_med.data.cohort_card import CohortCard
+
+    ukb = generate("ukb", 4, tmp_path / "raw-ukb", "--resolution-mm", "4")
+    nako = generate("nako", 3, tmp_path / "raw-nako", "--resolution-mm", "4", "--seed", "1")
+    broken = sorted(ukb.glob("*/T1/T1.nii.gz"))[0]
+    broken.write_bytes(broken.read_bytes()[:1000])
+
+    assert preprocess("ukb.yaml", ukb, tmp_path / "ukb", key_file, *TINY_BRAIN) == 1
+    assert preprocess("nako.yaml", nako, tmp_path / "nako", key_file, *TINY_BRAIN, "--workers", "2") == 0
+    out = capsys.readouterr().out
+    assert "3 done, 0 skipped, 1 failed" in out and "reasons in" in out
+    errors = pd.read_csv(tmp_path / "ukb" / "errors.csv")
+    assert len(errors) == 1 and errors["file"][0].endswith("_20252_2_0/T1/T1.nii.gz")
+    assert errors["subject_id"][0] in errors["file"][0]  # the eid in the path became the pseudonym
+
+    card = CohortCard.from_yaml(CARDS / "ukb.yaml")
+    ukb_table = load_manifest(tmp_path / "ukb" / "manifest.csv", card=card)
+    assert len(ukb_table) == 3 and set(card.label_values) <= set(ukb_table.columns)
+
+    merged = tmp_path / "both" / "manifest.csv"
+    assert main(["cohort", "merge", str(tmp_path / "ukb" / "manifest.csv"), str(tmp_path / "nako" / "manifest.csv"),
+                 "--out", str(merged)]) == 0
+    assert load_manifest(merged)["cohort"].value_counts().to_dict() == {"ukb": 3, "nako": 3}
+    assert main(["cohort", "describe", str(merged), "--primary", "age_group"]) == 0
+
+
+def test_shards_through_the_command_line_merge_to_the_full_run(tmp_path, key_file):
+    raw = generate("chexpert", 5, tmp_path / "raw")
+    full_status = preprocess("chexpert.yaml", raw, tmp_path / "full", key_file, *TINY_XRAY)
+    shard_status = [
+        preprocess("chexpert.yaml", raw, tmp_path / "sharded", key_file, *TINY_XRAY, "--shard", f"{i}/2")
+        for i in range(2)
+    ]
+    assert max(shard_status) == full_status  # the stand-in plants metadata problems: then 1, else 0
+    parts = sorted(str(p) for p in (tmp_path / "sharded").glob("manifest-shard-*-of-2.csv"))
+    assert main(["cohort", "merge", *parts, "--out", str(tmp_path / "sharded" / "manifest.csv")]) == 0
+    full, sharded = (pd.read_csv(tmp_path / d / "manifest.csv").sort_values("image") for d in ("full", "sharded"))
+    assert full.reset_index(drop=True).equals(sharded.reset_index(drop=True))
+
+
+def test_no_dicom_identifier_or_source_id_reaches_any_output(tmp_path, key_file, capfd):
+    import pydicom
+
+    raw = generate("chexpert_plus", 6, tmp_path / "raw")
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in raw.rglob("*.dcm")]
+    tags = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "AccessionNumber", "InstitutionName")
+    planted = {str(ds.get(tag, "")) for ds in headers for tag in tags}
+    source_ids = set(pd.read_csv(raw / "df_chexpert_plus.csv")["deid_patient_id"])
+    forbidden = sorted((planted | source_ids | {str(raw)}) - {""})
+    capfd.readouterr()  # what generate printed
+    assert preprocess("chexpert_plus.yaml", raw, tmp_path / "out", key_file, *TINY_XRAY, "--workers", "2") in (0, 1)
+    captured = capfd.readouterr()
+    outputs = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(outputs) > len(source_ids)
+    for path in outputs:
+        content, name = path.read_bytes(), str(path.relative_to(tmp_path / "out"))
+        for text in forbidden:
+            assert text.encode() not in content and text not in name, f"{text!r} leaked into {path}"
+    for text in forbidden:
+        assert text not in captured.out + captured.err, f"{text!r} leaked into the console"

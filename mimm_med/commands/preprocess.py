@@ -99,7 +99,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mimm-med preprocess``; return the exit status."""
-    from mimm_med.data.cohort_card import CohortCard
+    from mimm_med.data.cohort_card import CardError, CohortCard
     from mimm_med.data.manifest import ManifestError
     from mimm_med.data.preprocess import PreprocessError, load_pipeline_config, preprocess_records
 
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                 shard=args.shard,
                 progress=not args.no_progress,
             )
-    except (PseudonymKeyError, PreprocessError, ManifestError, FileNotFoundError) as error:
+    except (PseudonymKeyError, CardError, PreprocessError, ManifestError, FileNotFoundError) as error:
         print(f"mimm-med preprocess: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -149,23 +149,33 @@ class Shard:
 
 
 @dataclass(frozen=True)
-class Task:
-    """One raw image to process.
+class Masking:
+    """Replaces identifying text in report lines: raw path → ``shown`` path, raw folder, source id → pseudonym."""
 
-    ``shown`` is its path for reports: relative to the raw folder, source id replaced by the
-    pseudonym. ``masks`` (identifying text → replacement) clean error messages the same way.
-    """
+    pairs: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, source: str, raw_dir: Path, source_id: str, subject_id: str) -> tuple[str, Masking]:
+        """The path to show for ``source`` (relative to ``raw_dir``, id masked) and the masking to use."""
+        shown = Path(source).relative_to(raw_dir).as_posix() if Path(source).is_relative_to(raw_dir) else source
+        # Raw layouts put subject ids into paths (UK Biobank: <eid>_20252_2_0/T1/T1.nii.gz).
+        shown = mask_identifier(shown, source_id, subject_id)
+        return shown, cls(((source, shown), (str(raw_dir), "<raw>"), (source_id, subject_id)))
+
+    def __call__(self, text: str) -> str:
+        for identifier, replacement in self.pairs:
+            text = mask_identifier(text, identifier, replacement)
+        return text
+
+
+@dataclass(frozen=True)
+class Task:
+    """One raw image to process; ``shown`` and ``mask`` keep its reports pseudonymous."""
 
     source: Path
     stem: Path
     shown: str
-    masks: tuple[tuple[str, str], ...]
-
-    def mask(self, text: str) -> str:
-        """``text`` with the raw path, raw folder and source id replaced."""
-        for identifier, replacement in self.masks:
-            text = mask_identifier(text, identifier, replacement)
-        return text
+    mask: Masking
 
 
 def describe_error(error: BaseException) -> str:
@@ -264,15 +274,6 @@ class PreprocessSummary:
         )
 
 
-def _display_path(path: Path, raw_dir: Path, source_id: str, subject_id: str) -> str:
-    # Raw layouts put subject ids into paths (UK Biobank: <eid>_20252_2_0/T1/T1.nii.gz).
-    try:
-        shown = path.relative_to(raw_dir).as_posix()
-    except ValueError:
-        shown = path.as_posix()
-    return mask_identifier(shown, source_id, subject_id)
-
-
 def check_output_settings(config: Mapping, out_dir: Path) -> None:
     """Record ``config`` in ``out_dir/pipeline.json``; refuse an ``out_dir`` made with other settings.
 
@@ -325,7 +326,7 @@ def preprocess_records(
         After the tables of what finished have been written: a re-run resumes.
     """
     start = time.perf_counter()
-    raw_dir, out_dir = Path(raw_dir).absolute(), Path(out_dir).absolute()
+    raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     check_output_settings(config, out_dir)
     suffix = output_suffix(config)
@@ -340,19 +341,17 @@ def preprocess_records(
         subject_id = pseudonymiser.subject(cohort, source_id)
         if subject_id not in shard:
             continue
-        shown = _display_path(source, raw_dir, source_id, subject_id)
+        shown, mask = Masking.of(str(source), raw_dir, source_id, subject_id)
         stem = out_dir / "images" / subject_id / pseudonymiser.image(cohort, source_id, shown)
         rows[stem] = {SUBJECT: subject_id, IMAGE: f"{stem}{suffix}", **{k: record[k] for k in labels}, COHORT: cohort}
-        masks = ((str(source), shown), (str(raw_dir), "<raw>"), (source_id, subject_id))
-        tasks.append(Task(source, stem, shown, masks))
+        tasks.append(Task(source, stem, shown, mask))
     errors = []
     for problem in problems.to_dict("records"):
-        source_id, cohort = canonical_text(problem.get(SOURCE_ID, "")), str(problem.get(COHORT, ""))
+        source_id, cohort = canonical_text(problem[SOURCE_ID]), str(problem[COHORT])
         subject_id = pseudonymiser.subject(cohort, source_id)
         if subject_id in shard:
-            shown = _display_path(Path(str(problem.get(IMAGE, ""))), raw_dir, source_id, subject_id)
-            reason = mask_identifier(f"metadata: {problem['reason']}", source_id, subject_id)
-            errors.append({SUBJECT: subject_id, "file": shown, "reason": reason})
+            shown, mask = Masking.of(str(problem[IMAGE]), raw_dir, source_id, subject_id)
+            errors.append({SUBJECT: subject_id, "file": shown, "reason": mask(f"metadata: {problem['reason']}")})
     problem_count = len(errors)
 
     # Any earlier manifest counts, the full one or shard parts: a cohort sharded 4 ways can be
