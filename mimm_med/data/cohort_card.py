@@ -64,12 +64,12 @@ class _Where:
         return _Where(self.card, f"{self.key}.{key}" if self.key else key)
 
     def error(self, message: str) -> CardError:
-        return CardError(f"{self.card}: {self.key}: {message}")
+        return CardError(f"{self.card}: {self.key}: {message}" if self.key else f"{self.card}: {message}")
 
 
 def _require(spec: Mapping, key: str, where: _Where, kind: type | tuple[type, ...] = str) -> Any:
     if key not in spec:
-        raise (where / key).error(f"missing; this key is required (see cohorts/README.md)")
+        raise (where / key).error("missing; this key is required (see cohorts/README.md)")
     return _check_type(spec[key], where / key, kind)
 
 
@@ -169,7 +169,10 @@ class CategoricalLabel(Label):
                 value, reason = self.mapping[key], None
             else:
                 value = None
-                reason = f"{self.name}: value {cell!r} in column {self.column!r} is not one of the card's values {list(self.mapping)}"
+                reason = (
+                    f"{self.name}: value {cell!r} in column {self.column!r} "
+                    f"is not one of the card's values {list(self.mapping)}"
+                )
             out.append(value)
             reasons.append(reason)
         return out, reasons
@@ -236,7 +239,8 @@ class ContinuousLabel(Label):
         except ValueError:
             return None, f"{self.name}: {cell!r} in column {self.column!r} is not a number"
         if not np.isfinite(value) or (self.range is not None and not self.range[0] <= value <= self.range[1]):
-            return None, f"{self.name}: {value:g} in column {self.column!r} is outside the card's range {list(self.range or ())}"
+            bounds = list(self.range or ())
+            return None, f"{self.name}: {value:g} in column {self.column!r} is outside the card's range {bounds}"
         return value, None
 
 
@@ -257,7 +261,9 @@ class FindingLabel(Label):
         self.uncertain = str(spec.get("uncertain", "drop"))
         self.blank = str(spec.get("blank", "zero"))
         if self.uncertain not in self.UNCERTAIN:
-            raise (where / "uncertain").error(f"unknown policy {self.uncertain!r}; choose one of {list(self.UNCERTAIN)}")
+            raise (where / "uncertain").error(
+                f"unknown policy {self.uncertain!r}; choose one of {list(self.UNCERTAIN)}"
+            )
         if self.blank not in self.BLANK:
             raise (where / "blank").error(f"unknown policy {self.blank!r}; choose one of {list(self.BLANK)}")
 
@@ -279,13 +285,17 @@ class FindingLabel(Label):
             elif key == "-1":
                 value = self.UNCERTAIN[self.uncertain]
                 if value is None:
-                    reason = f"{self.name}: uncertain (-1.0) in column {self.column!r}; the card's policy is uncertain: drop"
+                    reason = (
+                        f"{self.name}: uncertain (-1.0) in column {self.column!r}; the card's policy is uncertain: drop"
+                    )
             elif key == "":
                 value = self.BLANK[self.blank]
                 if value is None:
                     reason = f"{self.name}: column {self.column!r} is blank; the card's policy is blank: drop"
             else:
-                reason = f"{self.name}: {cell!r} in column {self.column!r} is not a finding value (1.0, 0.0, -1.0 or blank)"
+                reason = (
+                    f"{self.name}: {cell!r} in column {self.column!r} is not a finding value (1.0, 0.0, -1.0 or blank)"
+                )
             out.append(value)
             reasons.append(reason)
         return out, reasons
@@ -328,7 +338,9 @@ class Images:
         if ("pattern" in spec) == ("column" in spec):
             raise where.error("give exactly one of 'pattern' (a path with {column} fields) or 'column' (a path column)")
         if "pattern" in spec and not _FIELD.search(_check_type(spec["pattern"], where / "pattern", str)):
-            raise (where / "pattern").error(f"{spec['pattern']!r} has no {{column}} field: every row would name the same image")
+            raise (where / "pattern").error(
+                f"{spec['pattern']!r} has no {{column}} field: every row would name the same image"
+            )
         if "strip_prefix" in spec and "column" not in spec:
             raise (where / "strip_prefix").error("only applies with 'column'")
         return cls(spec.get("pattern"), spec.get("column"), str(spec.get("strip_prefix", "")))
@@ -343,7 +355,9 @@ class Images:
         cells = {column: [str(c).strip() for c in table[column]] for column in self.columns}
         paths, reasons = [], []
         for row in range(len(table)):
-            path, reason = self._pattern_path(cells, row) if self.pattern else self._column_path(cells[self.column][row])
+            path, reason = (
+                self._pattern_path(cells, row) if self.pattern else self._column_path(cells[self.column][row])
+            )
             paths.append(path)
             reasons.append(reason)
         return paths, reasons
@@ -408,7 +422,9 @@ class Metadata:
         for name in self.tables:
             path = raw_dir / name
             if not path.is_file():
-                raise CardError(f"{card}: metadata.tables: {path} not found; is {raw_dir} the raw folder of this cohort?")
+                raise CardError(
+                    f"{card}: metadata.tables: {path} not found; is {raw_dir} the raw folder of this cohort?"
+                )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", pd.errors.ParserWarning)
                 frame = pd.read_csv(path, dtype=str, keep_default_na=False, on_bad_lines="warn")
@@ -417,7 +433,9 @@ class Metadata:
                     unreadable.append(f"unreadable row in {name}, line {line}: {problem}")
             absent = [c for c in columns if c not in frame.columns]
             if absent:
-                raise CardError(f"{card}: table {path} lacks column(s) {absent} that the card uses; it has {list(frame.columns)}")
+                raise CardError(
+                    f"{card}: table {path} lacks column(s) {absent} that the card uses; it has {list(frame.columns)}"
+                )
             frames.append(frame[list(dict.fromkeys(columns))])
         table = pd.concat(frames, ignore_index=True)
         for column, values in self.filter.items():
@@ -486,7 +504,9 @@ class CohortCard:
             raise CardError(f"{path}: not valid YAML: {error}") from None
         where = _Where(path)
         spec = _check_type(spec, where, dict)
-        _check_keys(spec, ("name", "description", "modality", "pipeline", "images", "metadata", "labels", "generator"), where)
+        _check_keys(
+            spec, ("name", "description", "modality", "pipeline", "images", "metadata", "labels", "generator"), where
+        )
         name = _require(spec, "name", where)
         modality = _require(spec, "modality", where)
         if modality not in MODALITIES:
@@ -506,13 +526,19 @@ class CohortCard:
         if not label_specs:
             raise (where / "labels").error("empty; define at least the primary label")
         labels = {
-            str(label): Label.from_spec(label, label_spec, where / "labels" / str(label), needs_column=generator is None)
+            str(label): Label.from_spec(
+                label, label_spec, where / "labels" / str(label), needs_column=generator is None
+            )
             for label, label_spec in label_specs.items()
         }
         for reserved in (SOURCE_ID, IMAGE):
             if reserved in labels:
-                raise (where / "labels" / reserved).error(f"{reserved!r} is a column of every record; name the label otherwise")
-        return cls(path, name, str(spec.get("description", "")), modality, pipeline, images, metadata, labels, generator)
+                raise (where / "labels" / reserved).error(
+                    f"{reserved!r} is a column of every record; name the label otherwise"
+                )
+        return cls(
+            path, name, str(spec.get("description", "")), modality, pipeline, images, metadata, labels, generator
+        )
 
     @property
     def label_values(self) -> dict[str, list | None]:
@@ -539,11 +565,14 @@ class CohortCard:
         """
         if self.generator is not None:
             raise CardError(
-                f"{self.path}: cohort {self.name!r} has no raw folder to index; it is generated in memory by {self.generator}"
+                f"{self.path}: cohort {self.name!r} has no raw folder to index; "
+                f"it is generated in memory by {self.generator}"
             )
-        raw_dir = Path(raw_dir).resolve()
+        raw_dir = Path(raw_dir).absolute()
         label_columns = [label.column for label in self.labels.values() if label.column is not None]
-        table, unreadable = self.metadata.read(raw_dir, self.metadata.columns + self.images.columns + label_columns, self.path)
+        table, unreadable = self.metadata.read(
+            raw_dir, self.metadata.columns + self.images.columns + label_columns, self.path
+        )
         ids, id_reasons = self.metadata.subject_ids(table)
         paths, path_reasons = self.images.relative_paths(table)
         images = [str(raw_dir / p) if p is not None else "" for p in paths]
@@ -570,6 +599,10 @@ class CohortCard:
         bad = np.array([bool(r) for r in reasons], dtype=bool)
         records = frame[~bad].reset_index(drop=True)
         problems = frame.loc[bad, [SOURCE_ID, IMAGE, COHORT]].assign(**{REASON: ["; ".join(r) for r in reasons if r]})
-        unreadable_rows = pd.DataFrame({SOURCE_ID: "", IMAGE: "", COHORT: self.name, REASON: unreadable}, index=range(len(unreadable)))
-        problems = pd.concat([problems, unreadable_rows], ignore_index=True)[[SOURCE_ID, IMAGE, REASON, COHORT]]
+        unreadable_rows = pd.DataFrame(
+            {SOURCE_ID: "", IMAGE: "", COHORT: self.name, REASON: unreadable}, index=range(len(unreadable))
+        )
+        problems = pd.concat([problems, unreadable_rows], ignore_index=True)[[SOURCE_ID, IMAGE, REASON, COHORT]].astype(
+            str
+        )
         return records.astype({name: label.dtype for name, label in self.labels.items() if name != COHORT}), problems

@@ -173,7 +173,9 @@ LAYOUTS: dict[str, BrainLayout] = {
         table="ukb_phenotypes.csv",
         ages=(45, 82),
         sites={"11025": "Cheadle", "11026": "Reading", "11027": "Newcastle", "11028": "Bristol"},
-        protocol=Protocol(voxel_mm=(1.0, 1.0, 1.0), fov_mm=(192.0, 236.0, 188.0), gamma=0.8, bias_sd=0.06, noise_sd=0.02),
+        protocol=Protocol(
+            voxel_mm=(1.0, 1.0, 1.0), fov_mm=(192.0, 236.0, 188.0), gamma=0.8, bias_sd=0.06, noise_sd=0.02
+        ),
         orientation=("L", "A", "S"),  # FSL's radiological storage
         white_matter_value=700.0,
         new_id=_ukb_ids,
@@ -185,7 +187,9 @@ LAYOUTS: dict[str, BrainLayout] = {
         table="nako_metadata.csv",
         ages=(20, 75),
         sites={name: name for name in ("Augsburg", "Berlin", "Essen", "Mannheim", "Neubrandenburg")},
-        protocol=Protocol(voxel_mm=(1.1, 1.0, 1.0), fov_mm=(196.0, 232.0, 192.0), gamma=1.25, bias_sd=0.15, noise_sd=0.04),
+        protocol=Protocol(
+            voxel_mm=(1.1, 1.0, 1.0), fov_mm=(196.0, 232.0, 192.0), gamma=1.25, bias_sd=0.15, noise_sd=0.04
+        ),
         orientation=("A", "S", "L"),  # sagittal slices in acquisition order
         white_matter_value=2000.0,
         new_id=_nako_ids,
@@ -255,7 +259,9 @@ def load_template(spacing: float = 1.0) -> BrainTemplate:
     affine = images["t1"].affine.copy()
     t1, gm, wm = (np.asarray(images[t].dataobj, dtype=np.float32) / 255.0 for t in ("t1", "gm", "wm"))
     if spacing > 1.0:
-        t1, gm, wm = (ndimage.zoom(ndimage.gaussian_filter(v, 0.4 * spacing), 1.0 / spacing, order=1) for v in (t1, gm, wm))
+        t1, gm, wm = (
+            ndimage.zoom(ndimage.gaussian_filter(v, 0.4 * spacing), 1.0 / spacing, order=1) for v in (t1, gm, wm)
+        )
         affine[:3, :3] *= spacing
     crop = _bounding_box(t1 > 0.02, margin=2)
     affine[:3, 3] += affine[:3, :3] @ [s.start for s in crop]
@@ -282,7 +288,9 @@ def load_template(spacing: float = 1.0) -> BrainTemplate:
         t1=t1.astype(np.float32),
         affine=affine,
         spacing=float(spacing),
-        brain_box_mm=np.array([[w[c].min() for w, c in zip(world, coords)], [w[c].max() for w, c in zip(world, coords)]]),
+        brain_box_mm=np.array(
+            [[w[c].min() for w, c in zip(world, coords)], [w[c].max() for w, c in zip(world, coords)]]
+        ),
         centre_mm=np.array([w[c].mean() for w, c in zip(world, coords)]),
         ventricle_shell=ventricle_shell,
         ventricle_distance=ventricle_distance.ravel()[ventricle_shell],
@@ -370,9 +378,7 @@ def _warp(image: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return sampled[0, 0].numpy()
 
 
-def _acquire(
-    anatomy: np.ndarray, bias: np.ndarray, protocol: Protocol, rng: np.random.Generator
-) -> np.ndarray:
+def _acquire(anatomy: np.ndarray, bias: np.ndarray, protocol: Protocol, rng: np.random.Generator) -> np.ndarray:
     """MR intensities of a white-matter-normalised ``anatomy``: contrast curve, bias field, Rician noise.
 
     Only voxels inside the head are touched: the template is brain-extracted, so is the scan.
@@ -412,7 +418,11 @@ def render_subject(
         The subject's own random generator: anatomy variation, position, bias field and noise.
     """
     years = (subject.age - 20) / 60.0
-    atrophy = effects["age"] * rng.uniform(0.7, 1.3, 2) * [years**2 * _MAX_VENTRICLE_DILATION_MM, years * _MAX_CORTICAL_THINNING_MM]
+    atrophy = (
+        effects["age"]
+        * rng.uniform(0.7, 1.3, 2)
+        * [years**2 * _MAX_VENTRICLE_DILATION_MM, years * _MAX_CORTICAL_THINNING_MM]
+    )
     source = aged_template(template, *np.maximum(atrophy, 0.0))
 
     sex_sign = 1.0 if subject.sex == "male" else -1.0
@@ -421,7 +431,7 @@ def render_subject(
     position = rng.normal(0.0, _POSITION_SD_MM, 3)
     centre = template.centre_mm
     voxel = np.array(protocol.voxel_mm)
-    shape = tuple(int(round(f / v)) for f, v in zip(protocol.fov_mm, voxel))
+    shape = tuple(round(f / v) for f, v in zip(protocol.fov_mm, voxel))
     origin = centre - voxel * (np.array(shape) - 1) / 2.0
 
     # Only output voxels that can see the brain are sampled: the placed brain box plus a margin.
@@ -455,7 +465,9 @@ def render_subject(
     affine[:3, 3] = origin
     image = nib.Nifti1Image(volume, affine)
     image.header.set_xyzt_units("mm", "sec")
-    to_layout = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt(layout.orientation))
+    to_layout = nib.orientations.ornt_transform(
+        nib.io_orientation(affine), nib.orientations.axcodes2ornt(layout.orientation)
+    )
     image = image.as_reoriented(to_layout)
     image.set_qform(image.affine, code=1)
     image.set_sform(image.affine, code=1)
@@ -505,7 +517,10 @@ def generate_brain_cohort(
     resolution_mm: float | None = None,
     progress: bool = True,
 ) -> Path:
-    """Write ``n`` brain T1 stand-in subjects in the ``kind`` layout; see :func:`~mimm_med.data.standins.generate_cohort`."""
+    """Write ``n`` brain T1 stand-in subjects in the ``kind`` layout.
+
+    See :func:`~mimm_med.data.standins.generate_cohort`.
+    """
     layout = LAYOUTS[kind]
     resolution = 1.0 if resolution_mm is None else float(resolution_mm)
     template = load_template(max(1.0, resolution / 2.0))

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -99,7 +98,7 @@ _OTHER_FINDING_RATES: dict[str, tuple[float, float, float]] = {
 }
 _EFFUSION_PREVALENCE = 0.4
 _DEVICE_PREVALENCE = 0.5
-_LATERAL_RATE = 0.25  # studies that also have a lateral view
+_LATERAL_EVERY = 4  # every 4th study also has a lateral view
 _VALID_FRACTION = 0.1
 _DEVICES: tuple[str, ...] = ("tube", "nasogastric", "central_line", "pacemaker", "ecg_leads")
 _EDGE = 0.01  # width of the anti-aliased edges of anatomy, in normalised units (~2 pixels)
@@ -137,6 +136,11 @@ class PatientIdentity:
     other_id: str
     birth_date: datetime.date
     institution: str
+    first_study: datetime.date
+
+    def study_date(self, study: int) -> datetime.date:
+        """Date of the patient's ``study``-th study: a year after the previous one, so ages match."""
+        return self.first_study + datetime.timedelta(days=365 * (study - 1) + 7 * study)
 
 
 def _mention(rng: np.random.Generator, rates: tuple[float, float, float]) -> float:
@@ -166,7 +170,7 @@ def draw_studies(n: int, rng: np.random.Generator) -> list[ChestStudy]:
     """Draw the studies of ``n`` patients, about a tenth of them in the validation split.
 
     Sex, age, effusion and devices are independent; a patient has 1 to 3 studies, each with a
-    frontal view and sometimes a lateral one.
+    frontal view, every 4th also with a lateral one.
     """
     n_valid = int(np.ceil(n * _VALID_FRACTION)) if n > 1 else 0
     studies = []
@@ -189,7 +193,8 @@ def draw_studies(n: int, rng: np.random.Generator) -> list[ChestStudy]:
                     sex=sex,
                     age=age + study - 1,
                     ap_pa=str(rng.choice(["AP", "PA"], p=[0.7, 0.3])),
-                    lateral=bool(rng.random() < _LATERAL_RATE),
+                    # A fixed share, so that even a tiny cohort has lateral views to filter out.
+                    lateral=len(studies) % _LATERAL_EVERY == 1,
                     effusion=(effusion and side != 1, effusion and side != 0),
                     devices=tuple(rng.choice(_DEVICES, rng.integers(1, 4), replace=False)) if has_devices else (),
                     cardiomegaly=labels["Cardiomegaly"] == 1.0,
@@ -266,7 +271,9 @@ def _frontal_devices(
         elif device == "pacemaker":  # left pectoral generator, lead into the right ventricle
             x, y = _jitter(rng, [(0.5, 0.17)])[0]
             metal += 1.5 * _step(1.0 - ((u - x) / 0.11) ** 4 - ((v - y) / 0.04) ** 4, 0.2)
-            metal += _curve_mask(shape, _jitter(rng, [(x, y), (0.2, 0.12), (-0.05, 0.3), (-0.02, 0.5), (0.12, 0.62)]), 1.5)
+            metal += _curve_mask(
+                shape, _jitter(rng, [(x, y), (0.2, 0.12), (-0.05, 0.3), (-0.02, 0.5), (0.12, 0.62)]), 1.5
+            )
         elif device == "ecg_leads":  # electrodes on the chest wall with their wires
             for x, y in _jitter(rng, [(-0.6, 0.2), (0.6, 0.2), (0.55, 0.75)]):
                 metal += 0.8 * _band(np.hypot((u - x) * 0.6, v - y), 0.012)
@@ -302,7 +309,9 @@ def render_frontal(
     Image left is the patient's right, as on a radiograph. Coordinates are normalised: u across
     (-1 to 1), v down (0 to 1); ``a`` is the distance from the midline in units of body width.
     """
-    p = _anatomy_parameters(study, effects, rng)
+    # One stream per part, so that drawing a device or not leaves the rest of the image as it is.
+    anatomy_rng, markings_rng, devices_rng, exposure_rng = rng.spawn(4)
+    p = _anatomy_parameters(study, effects, anatomy_rng)
     u, v = _coordinates(shape)
     a = np.abs(u) / p["habitus"]
     right = u < 0
@@ -311,9 +320,9 @@ def render_frontal(
     width = 0.23 + 0.71 * shoulders**2 * (3 - 2 * shoulders) - 0.05 * np.clip(v - 0.3, 0.0, None)
     density = np.sqrt(np.clip(1.0 - (a / width) ** 2, 0.0, None))
 
-    apex = 0.1 + rng.normal(0.0, 0.01) - 0.02 * p["kyphosis"]
-    angle = 0.76 + rng.normal(0.0, 0.015) - 0.03 * right  # costophrenic angles; the right dome is higher
-    wall = 0.8 + rng.normal(0.0, 0.015)  # lateral chest wall
+    apex = 0.1 + anatomy_rng.normal(0.0, 0.01) - 0.02 * p["kyphosis"]
+    angle = 0.76 + anatomy_rng.normal(0.0, 0.015) - 0.03 * right  # costophrenic angles; the right dome is higher
+    wall = 0.8 + anatomy_rng.normal(0.0, 0.015)  # lateral chest wall
     centre, radius = 0.46, wall - 0.46
     upper = apex + 0.3
     r2 = ((a - centre) / radius) ** 2 + np.where(v < upper, ((v - upper) / 0.3) ** 2, 0.0)
@@ -325,7 +334,9 @@ def render_frontal(
     tilt = np.deg2rad(-20.0)
     hu, hv = u / p["habitus"] - 0.06, v - 0.61
     heart = _step(
-        1.0 - ((hu * np.cos(tilt) - hv * np.sin(tilt)) / heart_radii[0]) ** 2 - ((hu * np.sin(tilt) + hv * np.cos(tilt)) / heart_radii[1]) ** 2,
+        1.0
+        - ((hu * np.cos(tilt) - hv * np.sin(tilt)) / heart_radii[0]) ** 2
+        - ((hu * np.sin(tilt) + hv * np.cos(tilt)) / heart_radii[1]) ** 2,
         0.1,
     )
     knob = _step(1.0 - ((u - 0.1) ** 2 + ((v - 0.31) * 1.2) ** 2) / (0.05 * (1 + 0.5 * p["kyphosis"])) ** 2, 0.2)
@@ -336,7 +347,7 @@ def render_frontal(
             fluid = np.clip(effects["effusion"] * lung * side * _step(v - level, 0.04), 0.0, 1.0)
             air = air * (1.0 - fluid)
     hila = np.clip(1.0 - np.abs(a - 0.2) / 0.6, 0.0, 1.0)
-    density = density - 0.85 * air + 0.05 * lung * hila * _lung_markings(shape, rng)
+    density = density - 0.85 * air + 0.05 * lung * hila * _lung_markings(shape, markings_rng)
 
     bone = p["bone"]
     density -= 0.3 * _band(u, 0.025) * _step(0.32 - v)  # trachea
@@ -344,21 +355,26 @@ def render_frontal(
     thorax = _step(wall + 0.07 - a) * _step(a - 0.06) * _step(angle + 0.03 - v) * _step(v - apex + 0.03)
     posterior = (v - apex + 0.01 - 0.3 * (1 - 0.3 * p["kyphosis"]) * (a - 0.1) ** 2 + 0.03 * a) / 0.06
     anterior = (v - apex - 0.08 + 0.22 * (a - 0.8)) / 0.065
-    density += bone * thorax * (0.14 * _periodic_band(posterior, 0.3) + 0.06 * _periodic_band(anterior, 0.25) * _step(a - 0.25))
+    density += (
+        bone
+        * thorax
+        * (0.14 * _periodic_band(posterior, 0.3) + 0.06 * _periodic_band(anterior, 0.25) * _step(a - 0.25))
+    )
     clavicle = 0.165 - 0.04 * p["kyphosis"] - 0.09 * a + 0.07 * a**2
     density += 0.3 * bone * _band(v - clavicle, 0.013) * _step(a - 0.05) * _step(0.58 - a)
     for x in (-0.42, 0.42):
         breast = _ellipsoid(u, v, (x * p["habitus"], 0.63), (0.3, 0.16)) * _step(v - 0.56, 0.08)
         density += 0.3 * p["breast"] * breast
-    density += 1.5 * effects["devices"] * _frontal_devices(shape, u, v, study.devices, rng)
-    return _expose(density, rng)
+    density += 1.5 * effects["devices"] * _frontal_devices(shape, u, v, study.devices, devices_rng)
+    return _expose(density, exposure_rng)
 
 
 def render_lateral(
     study: ChestStudy, effects: Mapping[str, float], shape: tuple[int, int], rng: np.random.Generator
 ) -> np.ndarray:
     """Lateral phantom of ``study`` (patient facing image left): float32 image in [0, 1], bright = dense."""
-    p = _anatomy_parameters(study, effects, rng)
+    anatomy_rng, markings_rng, devices_rng, exposure_rng = rng.spawn(4)  # as in render_frontal
+    p = _anatomy_parameters(study, effects, anatomy_rng)
     u, v = _coordinates(shape)
     u = u / p["habitus"]
     density = 1.1 * np.sqrt(np.clip(1.0 - (u / np.interp(v, [0.0, 0.15, 1.0], [0.45, 0.8, 0.85])) ** 2, 0.0, None))
@@ -373,14 +389,16 @@ def render_lateral(
     if any(study.effusion):
         level = 0.8 - p["effusion_height"] * (0.4 + 0.6 * across)  # fluid rises posteriorly
         air = air * (1.0 - np.clip(effects["effusion"] * lung * _step(v - level, 0.04), 0.0, 1.0))
-    density = density - 0.85 * air + 0.04 * lung * _lung_markings(shape, rng)
+    density = density - 0.85 * air + 0.04 * lung * _lung_markings(shape, markings_rng)
     vertebrae = 0.6 + 0.4 * np.cos(np.pi * v / 0.045) ** 8
     density += 0.4 * p["bone"] * _band(u - 0.65, 0.07) * vertebrae
-    density += 0.25 * p["bone"] * _band(u + 0.66 + 0.05 * p["kyphosis"], 0.015) * _step(v - 0.2) * _step(0.6 - v)  # sternum
+    density += (
+        0.25 * p["bone"] * _band(u + 0.66 + 0.05 * p["kyphosis"], 0.015) * _step(v - 0.2) * _step(0.6 - v)
+    )  # sternum
     if study.devices:
-        tube = _jitter(rng, [(-0.1, 0.0), (-0.05, 0.3), (-0.1, 0.7)])
+        tube = _jitter(devices_rng, [(-0.1, 0.0), (-0.05, 0.3), (-0.1, 0.7)])
         density += 1.5 * effects["devices"] * _curve_mask(shape, tube, 2.0)
-    return _expose(density, rng)
+    return _expose(density, exposure_rng)
 
 
 def _expose(density: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -401,7 +419,7 @@ def render_view(
     study: ChestStudy, view: str, effects: Mapping[str, float], size: tuple[int, int], rng: np.random.Generator
 ) -> np.ndarray:
     """Render the ``"frontal"`` or ``"lateral"`` view of ``study`` at about ``size`` (rows vary by ±4 %)."""
-    shape = (int(round(size[0] * rng.uniform(0.96, 1.04))), size[1])
+    shape = (round(size[0] * rng.uniform(0.96, 1.04)), size[1])
     return (render_frontal if view == "frontal" else render_lateral)(study, effects, shape, rng)
 
 
@@ -427,14 +445,16 @@ def _save_picture(image: np.ndarray, path: Path, encoding: str) -> None:
 def write_chexpert(
     studies: list[ChestStudy], out: Path, seed: int, effects: Mapping[str, float], size: tuple[int, int], progress: bool
 ) -> None:
-    """Write ``studies`` as CheXpert-v1.0-small: ``{train,valid}/patient*/study*/view*.jpg`` and ``{train,valid}.csv``."""
+    """Write ``studies`` as CheXpert-v1.0-small: ``{train,valid}/patient*/study*/view*.jpg``, ``{train,valid}.csv``."""
     rows: dict[str, list[dict[str, object]]] = {"train": [], "valid": []}
     index = 0
     for study in tqdm(studies, desc="chexpert stand-in", unit="study", disable=not progress):
         for view, stem in _view_names(study):
             rng = np.random.default_rng([seed, zlib.crc32(b"chexpert"), index])
             encoding = _image_encoding(index)
-            relative = f"{study.split}/{study.patient}/study{study.study}/{stem}.{'jpg' if encoding == 'jpg' else 'png'}"
+            relative = (
+                f"{study.split}/{study.patient}/study{study.study}/{stem}.{'jpg' if encoding == 'jpg' else 'png'}"
+            )
             _save_picture(render_view(study, view, effects, size, rng), out / relative, encoding)
             rows[study.split].append(
                 {
@@ -452,15 +472,16 @@ def write_chexpert(
             pd.DataFrame(table, columns=list(CHEXPERT_COLUMNS)).to_csv(tmp, index=False)
 
 
-def draw_identity(rng: np.random.Generator, age: int, study_date: datetime.date) -> PatientIdentity:
-    """A fake patient identity with a birth date that matches ``age`` at ``study_date``."""
-    born = study_date - datetime.timedelta(days=int(365.25 * age + rng.integers(0, 365)))
+def draw_identity(rng: np.random.Generator, age: int) -> PatientIdentity:
+    """A fake patient identity whose birth date makes the patient ``age`` at the first study."""
+    first = datetime.date(2002, 10, 1) + datetime.timedelta(days=int(rng.integers(0, 5000)))
     return PatientIdentity(
         name=f"{rng.choice(PLANTED_SURNAMES)}^{rng.choice(PLANTED_GIVEN_NAMES)}",
         patient_id=f"MRN{rng.integers(10**7, 10**8)}",
         other_id=f"INS-{rng.integers(10**6, 10**7)}",
-        birth_date=born,
+        birth_date=first - datetime.timedelta(days=int(365.25 * age + rng.integers(0, 300))),
         institution=str(rng.choice(PLANTED_INSTITUTIONS)),
+        first_study=first,
     )
 
 
@@ -546,7 +567,7 @@ def _dicom_encoding(index: int) -> tuple[str, str, int, float, float]:
 def write_chexpert_plus(
     studies: list[ChestStudy], out: Path, seed: int, effects: Mapping[str, float], size: tuple[int, int], progress: bool
 ) -> None:
-    """Write ``studies`` as CheXpert Plus DICOMs, ``{train,valid}/patient*/study*/view*.dcm``, and ``df_chexpert_plus.csv``.
+    """Write ``studies`` as CheXpert Plus: ``{train,valid}/patient*/study*/view*.dcm`` and ``df_chexpert_plus.csv``.
 
     Patient names, IDs, birth dates, institutions and accession numbers exist only in the DICOM
     headers; the table has the dataset's own pseudonymous ``deid_patient_id``.
@@ -556,16 +577,23 @@ def write_chexpert_plus(
     index = 0
     for study in tqdm(studies, desc="chexpert_plus stand-in", unit="study", disable=not progress):
         study_rng = np.random.default_rng([seed, zlib.crc32(b"chexpert_plus/study"), index])
-        study_date = datetime.date(2002, 10, 1) + datetime.timedelta(days=int(study_rng.integers(0, 5500)))
         if study.patient not in identities:
-            identities[study.patient] = draw_identity(study_rng, study.age, study_date)
+            identities[study.patient] = draw_identity(study_rng, study.age)
+        identity = identities[study.patient]
         accession = f"ACC{study_rng.integers(10**8, 10**9)}"
         for view, stem in _view_names(study):
             rng = np.random.default_rng([seed, zlib.crc32(b"chexpert_plus"), index])
             relative = f"{study.split}/{study.patient}/study{study.study}/{stem}"
             image = render_view(study, view, effects, size, rng)
             ds = radiograph_dataset(
-                image, study, view, identities[study.patient], study_date, accession, _dicom_encoding(index), f"{seed}/{relative}"
+                image,
+                study,
+                view,
+                identity,
+                identity.study_date(study.study),
+                accession,
+                _dicom_encoding(index),
+                f"{seed}/{relative}",
             )
             with atomic_output(out / f"{relative}.dcm") as tmp:
                 ds.save_as(tmp, enforce_file_format=True)
@@ -596,7 +624,10 @@ def generate_chest_xray_cohort(
     image_size: tuple[int, int] = IMAGE_SIZE,
     progress: bool = True,
 ) -> Path:
-    """Write ``n`` chest X-ray stand-in patients in the ``kind`` layout; see :func:`~mimm_med.data.standins.generate_cohort`."""
+    """Write ``n`` chest X-ray stand-in patients in the ``kind`` layout.
+
+    See :func:`~mimm_med.data.standins.generate_cohort`.
+    """
     studies = draw_studies(n, np.random.default_rng([seed, zlib.crc32(kind.encode())]))
     writer = write_chexpert if kind == "chexpert" else write_chexpert_plus
     writer(studies, out, seed, effects, image_size, progress)

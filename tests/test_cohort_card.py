@@ -1,0 +1,224 @@
+"""Cohort cards: validation errors name the card and key; indexing maps labels and keeps bad rows apart."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from mimm_med.data.cohort_card import CardError, CohortCard
+from mimm_med.data.standins import generate_cohort
+
+CARDS = Path(__file__).parents[1] / "cohorts"
+RECORD_COLUMNS = {
+    "ukb": ["source_id", "image", "sex", "age", "age_group", "site", "cohort"],
+    "nako": ["source_id", "image", "sex", "age", "age_group", "site", "cohort"],
+    "chexpert": ["source_id", "image", "effusion", "sex", "age", "age_group", "devices", "view", "cohort"],
+    "chexpert_plus": ["source_id", "image", "effusion", "sex", "age", "age_group", "devices", "view", "cohort"],
+}
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("raw")
+    return {
+        kind: generate_cohort(
+            kind, 5, root / kind, seed=4, resolution_mm=4.0 if kind in ("ukb", "nako") else None, progress=False
+        )
+        for kind in RECORD_COLUMNS
+    }
+
+
+def _card(tmp_path: Path, name: str, edit=None) -> CohortCard:
+    """A shipped card, optionally edited, written to ``tmp_path`` and loaded."""
+    spec = yaml.safe_load((CARDS / f"{name}.yaml").read_text())
+    if edit:
+        edit(spec)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return CohortCard.from_yaml(path)
+
+
+def test_shipped_cards_validate_and_point_at_existing_pipelines():
+    cards = {path.stem: CohortCard.from_yaml(path) for path in sorted(CARDS.glob("*.yaml"))}
+    assert set(cards) == {"ukb", "nako", "chexpert", "chexpert_plus", "digits"}
+    for name, card in cards.items():
+        assert card.name == name
+        assert card.pipeline is None if name == "digits" else card.pipeline.is_file()
+    assert cards["ukb"].label_values == {
+        "sex": ["female", "male"],
+        "age": None,
+        "age_group": ["young", "old"],
+        "site": ["cheadle", "reading", "newcastle", "bristol"],
+    }
+    assert cards["chexpert"].label_values["effusion"] == [0, 1]
+    assert cards["digits"].label_values == {"digit": [0, 1], "thickness": [0, 1], "rotation": [0, 1]}
+
+
+@pytest.mark.parametrize("kind", ["ukb", "nako"])
+def test_brain_cards_index_stand_ins_without_problems(raw, kind):
+    records, problems = CohortCard.from_yaml(CARDS / f"{kind}.yaml").index(raw[kind])
+    assert problems.empty, problems["reason"].tolist()
+    assert list(records.columns) == RECORD_COLUMNS[kind] and len(records) == 5
+    assert records["image"].map(lambda p: Path(p).is_absolute() and Path(p).is_file()).all()
+    assert set(records["sex"]) <= {"female", "male"} and (records["cohort"] == kind).all()
+    assert records["age"].dtype == float
+    assert (records["age_group"] == records["age"].map(lambda a: "old" if a >= 60 else "young")).all()
+    assert records["source_id"].str.fullmatch(r"\d{7}" if kind == "ukb" else r"\d{6}").all()
+
+
+def _frontal_rows(raw_dir: Path, kind: str) -> pd.DataFrame:
+    if kind == "chexpert":
+        table = pd.concat([pd.read_csv(raw_dir / f"{s}.csv") for s in ("train", "valid")])
+        return table[table["Frontal/Lateral"] == "Frontal"].rename(columns={"Sex": "sex"})
+    table = pd.read_csv(raw_dir / "df_chexpert_plus.csv")
+    return table[table["frontal_lateral"] == "Frontal"]
+
+
+@pytest.mark.parametrize("kind", ["chexpert", "chexpert_plus"])
+def test_chexpert_cards_keep_frontal_views_and_drop_only_uncertain_or_unknown(raw, kind):
+    records, problems = CohortCard.from_yaml(CARDS / f"{kind}.yaml").index(raw[kind])
+    frontal = _frontal_rows(raw[kind], kind)
+    expected = (frontal["Pleural Effusion"] == -1.0) | (frontal["sex"] == "Unknown")
+    assert len(records) == (~expected).sum() and len(problems) == expected.sum()
+    assert problems["reason"].str.contains("uncertain|not one of the card's values").all()
+    assert list(records.columns) == RECORD_COLUMNS[kind]
+    assert not records["image"].str.contains("lateral").any()
+    assert set(records["effusion"]) <= {0, 1} and set(records["devices"]) <= {0, 1}
+    assert set(records["view"]) <= {"ap", "pa"} and set(records["sex"]) <= {"female", "male"}
+    assert records["source_id"].str.fullmatch(r"patient\d{5}").all()
+
+
+def test_uncertain_and_blank_policies(raw, tmp_path):
+    def policy(uncertain, blank):
+        def edit(spec):
+            spec["labels"]["effusion"].update(uncertain=uncertain, blank=blank)
+
+        return _card(tmp_path, "chexpert", edit).index(raw["chexpert"])
+
+    frontal = _frontal_rows(raw["chexpert"], "chexpert")
+    known = frontal.loc[frontal["sex"] != "Unknown", "Pleural Effusion"]
+    assert (known == -1.0).any() and known.isna().any()
+    for uncertain, counted_as in (("u_ones", 1), ("u_zeros", 0)):
+        records, problems = policy(uncertain, "zero")
+        assert len(records) == len(known) and not problems["reason"].str.contains("effusion").any()
+        positives = (known == 1.0).sum() + (known == -1.0).sum() * counted_as
+        assert (records["effusion"] == 1).sum() == positives
+    records, problems = policy("drop", "drop")
+    assert len(records) == known.isin([0.0, 1.0]).sum()
+    assert problems["reason"].str.contains("blank: drop").sum() == known.isna().sum()
+
+
+def test_planted_bad_rows_become_problems_and_the_rest_survive(raw, tmp_path):
+    cohort = tmp_path / "ukb"
+    shutil.copytree(raw["ukb"], cohort)
+    table_path = tmp_path / "ukb_phenotypes.csv"
+    lines = (raw["ukb"] / "ukb_phenotypes.csv").read_text().splitlines()
+    rows = [line.split(",") for line in lines]  # eid, sex, age, centre, date
+    planted = [
+        ["9999999", *rows[1][1:]],  # no image on disk
+        [rows[2][0], "9", *rows[2][2:]],  # sex outside the coding
+        [rows[3][0], rows[3][1], "", *rows[3][3:]],  # blank age
+        [*rows[1], "surplus", "fields"],  # unreadable: too many fields
+    ]
+    kept = [lines[0], lines[1], lines[4], lines[5], *(",".join(row) for row in planted)]
+    table_path.write_text("\n".join(kept) + "\n")
+
+    def edit(spec):
+        spec["metadata"]["tables"] = "../ukb_phenotypes.csv"
+
+    records, problems = _card(tmp_path, "ukb", edit).index(cohort)
+    assert sorted(records["source_id"]) == sorted(rows[i][0] for i in (1, 4, 5))
+    reasons = problems.set_index("source_id")["reason"]
+    assert reasons["9999999"] == "image file missing: 9999999_20252_2_0/T1/T1.nii.gz"
+    assert reasons[rows[2][0]] == "sex: value '9' in column '31-0.0' is not one of the card's values ['0', '1']"
+    assert reasons[rows[3][0]] == "age: column '21003-2.0' is blank; age_group: column '21003-2.0' is blank"
+    assert reasons[""].startswith("unreadable row in ../ukb_phenotypes.csv, line 8: expected 5 fields, saw 7")
+    assert set(problems.columns) == {"source_id", "image", "reason", "cohort"}
+
+
+def test_chexpert_row_with_unmappable_sex_and_a_missing_file(raw, tmp_path):
+    cohort = tmp_path / "chexpert"
+    shutil.copytree(raw["chexpert"], cohort)
+    valid = pd.read_csv(raw["chexpert"] / "valid.csv")
+    train = pd.read_csv(raw["chexpert"] / "train.csv")
+    bad = train.iloc[[0, 0]].copy()
+    bad["Sex"] = ["X", "Female"]
+    bad["Path"] = [bad["Path"].iloc[0], "CheXpert-v1.0-small/train/patient99999/study1/view1_frontal.jpg"]
+    for name, table in (("train.csv", pd.concat([train.iloc[1:], bad])), ("valid.csv", valid)):
+        table.to_csv(tmp_path / name, index=False)
+
+    def edit(spec):
+        spec["metadata"]["tables"] = ["../train.csv", "../valid.csv"]
+        spec["labels"]["effusion"]["uncertain"] = "u_ones"
+        spec["labels"]["sex"]["values"]["Unknown"] = "unknown"
+
+    records, problems = _card(tmp_path, "chexpert", edit).index(cohort)
+    assert len(problems) == 2
+    assert problems["reason"].iloc[0] == (
+        "sex: value 'X' in column 'Sex' is not one of the card's values ['Female', 'Male', 'Unknown']"
+    )
+    assert problems["reason"].iloc[1] == "image file missing: train/patient99999/study1/view1_frontal.jpg"
+    assert problems["source_id"].tolist() == [bad["Path"].iloc[0].split("/")[2], "patient99999"]
+    frontal = pd.concat([train.iloc[1:], valid])
+    assert len(records) == (frontal["Frontal/Lateral"] == "Frontal").sum()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.pop("name"), r"ukb\.yaml: name: missing"),
+        (lambda s: s.update(modality="ct"), r"ukb\.yaml: modality: unknown modality 'ct'"),
+        (lambda s: s.update(colour="red"), r"ukb\.yaml: unknown key\(s\) \['colour'\]"),
+        (lambda s: s["labels"]["sex"].update(type="ordinal"), r"labels\.sex\.type: unknown label type 'ordinal'"),
+        (lambda s: s["labels"]["sex"].pop("column"), r"labels\.sex\.column: missing"),
+        (
+            lambda s: s["labels"]["age_group"]["bins"].update(names=["a"]),
+            r"labels\.age_group\.bins\.names: 1 edges make 2 bins",
+        ),
+        (
+            lambda s: s["labels"]["age_group"]["bins"].update(edges=[60, 40]),
+            r"labels\.age_group\.bins\.edges: expected strictly",
+        ),
+        (lambda s: s["labels"]["age"].update(range=[90, 10]), r"labels\.age\.range: expected \[low, high\]"),
+        (lambda s: s["images"].update(column="Path"), r"images: give exactly one of 'pattern'"),
+        (lambda s: s["images"].update(pattern="T1.nii.gz"), r"images\.pattern: 'T1\.nii\.gz' has no \{column\} field"),
+        (
+            lambda s: s["metadata"].update(subject={"column": "eid", "regex": "\\d+"}),
+            r"metadata\.subject\.regex: .* needs a \(group\)",
+        ),
+        (lambda s: s["labels"].update(image={"type": "constant", "value": 1}), r"labels\.image: 'image' is a column"),
+    ],
+)
+def test_card_errors_name_the_card_file_and_the_key(tmp_path, edit, message):
+    with pytest.raises(CardError, match=message):
+        _card(tmp_path, "ukb", edit)
+
+
+def test_finding_policy_typo_names_the_choices(tmp_path):
+    def edit(spec):
+        spec["labels"]["effusion"]["uncertain"] = "ones"
+
+    with pytest.raises(
+        CardError, match=r"labels\.effusion\.uncertain: unknown policy 'ones'; choose one of \['u_ones'"
+    ):
+        _card(tmp_path, "chexpert", edit)
+
+
+def test_missing_table_or_column_stops_with_the_file_and_columns(raw, tmp_path):
+    with pytest.raises(CardError, match=r"ukb_phenotypes\.csv not found"):
+        CohortCard.from_yaml(CARDS / "ukb.yaml").index(tmp_path)
+
+    def edit(spec):
+        spec["labels"]["sex"]["column"] = "31-0.1"
+
+    with pytest.raises(CardError, match=r"lacks column\(s\) \['31-0\.1'\]"):
+        _card(tmp_path, "ukb", edit).index(raw["ukb"])
+
+
+def test_digits_card_says_the_set_is_generated():
+    with pytest.raises(CardError, match=r"generated in memory by mimm_med\.data\.digits_morpho"):
+        CohortCard.from_yaml(CARDS / "digits.yaml").index("anywhere")
