@@ -568,7 +568,7 @@ class CohortCard:
                 f"{self.path}: cohort {self.name!r} has no raw folder to index; "
                 f"it is generated in memory by {self.generator}"
             )
-        raw_dir = Path(raw_dir).absolute()
+        raw_dir = Path(raw_dir).resolve()
         label_columns = [label.column for label in self.labels.values() if label.column is not None]
         table, unreadable = self.metadata.read(
             raw_dir, self.metadata.columns + self.images.columns + label_columns, self.path
