@@ -23,6 +23,7 @@ from preprocess_fixtures import (
     XRAY_FAILURES,
     brain_cohort,
     radiograph,
+    write_nifti,
     write_dicom_xray,
     write_png,
     xray_cohort,
@@ -33,6 +34,7 @@ from mimm_med.data.preprocess import (
     PreprocessError,
     PreprocessPipeline,
     Shard,
+    describe_error,
     load_pipeline_config,
     parse_override,
     preprocess_records,
@@ -120,6 +122,15 @@ def test_monochrome1_comes_out_like_monochrome2(tmp_path):
     mono2 = images["mono2"]
     assert mono2[:8, 4:12].mean() > 2 * mono2[24:, 4:12].mean()
     assert mono2[:, :4].max() == 0 and mono2[:, -4:].max() == 0 and mono2[:, 4:-4].min() > 0
+
+
+def test_blank_image_is_an_error_not_a_black_output(tmp_path):
+    pipeline = PreprocessPipeline(load_pipeline_config(BRAIN_CONFIG, SMALL_BRAIN))
+    blank = write_nifti(tmp_path / "blank.nii.gz", np.zeros((24, 24, 24), np.float32))
+    with pytest.raises(RuntimeError) as error:
+        pipeline(blank, tmp_path / "out")
+    assert "the image is blank" in describe_error(error.value)
+    assert not list(tmp_path.glob("out*"))
 
 
 def test_clahe_and_8_bit_png_and_nifti_outputs_are_config_settings(tmp_path):

