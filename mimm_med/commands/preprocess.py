@@ -11,6 +11,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from mimm_med.data.pseudonym import KEY_ENV_VAR, Pseudonymiser, PseudonymKeyError, resolve_key
@@ -28,7 +29,7 @@ examples:
 The key (--key-file, --key or ${KEY_ENV_VAR}) turns source ids into pseudonyms; keep it apart from the
 outputs. A re-run with the same --out keeps finished images and redoes missing or failed ones.
 Exit status: 0 all done, {EXIT_FAILURES} some images or metadata rows failed (see errors.csv),
-{EXIT_USAGE} bad arguments, {EXIT_INTERRUPTED} interrupted (re-run to resume).
+{EXIT_USAGE} bad arguments, {EXIT_INTERRUPTED} interrupted or a worker died (re-run to resume).
 """
 
 
@@ -106,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         key = resolve_key(args.key, args.key_file)
         card = CohortCard.from_yaml(args.cohort)
+        if card.pipeline is None and args.pipeline is None:
+            raise PreprocessError(f"{args.cohort}: cohort {card.name!r} is generated in memory, not preprocessed")
         config = load_pipeline_config(args.pipeline or card.pipeline, dict(args.overrides))
         records, problems = card.index(args.raw)
         with _terminate_as_interrupt():
@@ -123,9 +126,10 @@ def run(args: argparse.Namespace) -> int:
     except (PseudonymKeyError, CardError, PreprocessError, ManifestError, FileNotFoundError) as error:
         print(f"mimm-med preprocess: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenProcessPool) as error:
+        cause = "a worker process died (out of memory?)" if isinstance(error, BrokenProcessPool) else "interrupted"
         print(
-            "mimm-med preprocess: interrupted; finished images are in the manifest, run the same command to resume",
+            f"mimm-med preprocess: {cause}; finished images are in the manifest, run the same command to resume",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED

@@ -171,7 +171,7 @@ def load_manifest(
     table = read_manifest(path)
     if not include_failed:
         table = table[table[STATUS] == STATUS_OK].reset_index(drop=True)
-    allowed = dict(card_label_values(card)) if card is not None else {}
+    allowed = dict(card.label_values) if card is not None else {}
     allowed.update(label_values or {})
     validate_manifest(table, path, allowed)
     return table
@@ -203,11 +203,6 @@ def merge_manifests(paths: Sequence[str | Path]) -> pd.DataFrame:
             "merge each manifest once, and a run's shard parts without the run's merged manifest"
         )
     return merged
-
-
-def card_label_values(card: object) -> dict[str, Collection | None]:
-    """Label column → allowed values of a cohort card (``None`` where a label is continuous)."""
-    return dict(card.label_values)
 
 
 def validate_splits(splits: Mapping[str, pd.DataFrame], subject_column: str = SUBJECT) -> None:
