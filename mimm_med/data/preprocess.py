@@ -289,6 +289,55 @@ def check_output_settings(config: Mapping, out_dir: Path) -> None:
         tmp.write_text(json.dumps(config, indent=2))
 
 
+def _plan(
+    records: pd.DataFrame, raw_dir: Path, out_dir: Path, suffix: str, pseudonymiser: Pseudonymiser, shard: Shard
+) -> tuple[dict[Path, dict], list[Task]]:
+    """Manifest rows (without status) and tasks of this shard's records, keyed by output stem."""
+    labels = [c for c in records.columns if c not in (SOURCE_ID, IMAGE, COHORT)]
+    rows, tasks = {}, []
+    for record in records.to_dict("records"):
+        source_id, cohort, source = canonical_text(record[SOURCE_ID]), str(record[COHORT]), str(record[IMAGE])
+        subject_id = pseudonymiser.subject(cohort, source_id)
+        if subject_id not in shard:
+            continue
+        shown, mask = Masking.of(source, raw_dir, source_id, subject_id)
+        stem = out_dir / "images" / subject_id / pseudonymiser.image(cohort, source_id, shown)
+        rows[stem] = {SUBJECT: subject_id, IMAGE: f"{stem}{suffix}", **{k: record[k] for k in labels}, COHORT: cohort}
+        tasks.append(Task(Path(source), stem, shown, mask))
+    return rows, tasks
+
+
+def _problem_reports(problems: pd.DataFrame, raw_dir: Path, pseudonymiser: Pseudonymiser, shard: Shard) -> list[dict]:
+    """Error report rows of this shard's unusable metadata rows."""
+    reports = []
+    for problem in problems.to_dict("records"):
+        source_id, cohort = canonical_text(problem[SOURCE_ID]), str(problem[COHORT])
+        subject_id = pseudonymiser.subject(cohort, source_id)
+        if subject_id in shard:
+            shown, mask = Masking.of(str(problem[IMAGE]), raw_dir, source_id, subject_id)
+            reports.append({SUBJECT: subject_id, "file": shown, "reason": mask(f"metadata: {problem['reason']}")})
+    return reports
+
+
+def finished_images(out_dir: Path) -> set[str]:
+    """Images that exist and that a manifest in ``out_dir`` lists as ``ok``.
+
+    Any manifest counts, the whole one or shard parts: a cohort sharded 4 ways can be finished
+    2 ways, or whole, without redoing what is done.
+    """
+    finished = set()
+    for manifest in map(read_manifest, out_dir.glob("manifest*.csv")):
+        finished.update(p for p in manifest[IMAGE][manifest[STATUS] == STATUS_OK] if os.path.exists(p))
+    return finished
+
+
+def _write_tables(rows: Iterable[dict], errors: list[dict], columns: list[str], manifest: Path, report: Path) -> None:
+    table = pd.DataFrame([row for row in rows if STATUS in row], columns=columns)
+    write_manifest(table.sort_values([SUBJECT, IMAGE]), manifest)
+    with atomic_output(report) as tmp:
+        pd.DataFrame(errors, columns=ERROR_COLUMNS).sort_values([SUBJECT, "file"]).to_csv(tmp, index=False)
+
+
 def preprocess_records(
     records: pd.DataFrame,
     problems: pd.DataFrame,
@@ -308,7 +357,8 @@ def preprocess_records(
         One row per raw image: ``source_id``, ``image`` (absolute path), one column per label, ``cohort``
         (a card's ``index`` result).
     problems
-        Metadata rows the card could not use: ``source_id``, ``image``, ``reason``; reported as failures.
+        Metadata rows the card could not use: ``source_id``, ``image``, ``reason``, ``cohort``;
+        reported as failures.
     config
         Pipeline config from :func:`load_pipeline_config`.
     raw_dir
@@ -324,54 +374,30 @@ def preprocess_records(
     ------
     KeyboardInterrupt
         After the tables of what finished have been written: a re-run resumes.
+
+    Examples
+    --------
+    >>> card = CohortCard.from_yaml("cohorts/ukb.yaml")
+    >>> records, problems = card.index("/data/ukb")
+    >>> config = load_pipeline_config(card.pipeline, {"spatial_size": [64, 64, 64]})
+    >>> preprocess_records(records, problems, config, "/data/ukb", "processed/ukb", Pseudonymiser(key), workers=8)
     """
     start = time.perf_counter()
     raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     check_output_settings(config, out_dir)
-    suffix = output_suffix(config)
-    manifest_path = out_dir / f"manifest{shard.suffix()}.csv"
-    errors_path = out_dir / f"errors{shard.suffix()}.csv"
-    labels = [c for c in records.columns if c not in (SOURCE_ID, IMAGE, COHORT)]
-
-    rows: dict[Path, dict] = {}
-    tasks: list[Task] = []
-    for record in records.to_dict("records"):
-        source_id, cohort, source = canonical_text(record[SOURCE_ID]), str(record[COHORT]), Path(record[IMAGE])
-        subject_id = pseudonymiser.subject(cohort, source_id)
-        if subject_id not in shard:
-            continue
-        shown, mask = Masking.of(str(source), raw_dir, source_id, subject_id)
-        stem = out_dir / "images" / subject_id / pseudonymiser.image(cohort, source_id, shown)
-        rows[stem] = {SUBJECT: subject_id, IMAGE: f"{stem}{suffix}", **{k: record[k] for k in labels}, COHORT: cohort}
-        tasks.append(Task(source, stem, shown, mask))
-    errors = []
-    for problem in problems.to_dict("records"):
-        source_id, cohort = canonical_text(problem[SOURCE_ID]), str(problem[COHORT])
-        subject_id = pseudonymiser.subject(cohort, source_id)
-        if subject_id in shard:
-            shown, mask = Masking.of(str(problem[IMAGE]), raw_dir, source_id, subject_id)
-            errors.append({SUBJECT: subject_id, "file": shown, "reason": mask(f"metadata: {problem['reason']}")})
+    tables = out_dir / f"manifest{shard.suffix()}.csv", out_dir / f"errors{shard.suffix()}.csv"
+    columns = [SUBJECT, IMAGE, *(c for c in records.columns if c not in (SOURCE_ID, IMAGE, COHORT)), COHORT, STATUS]
+    rows, tasks = _plan(records, raw_dir, out_dir, output_suffix(config), pseudonymiser, shard)
+    errors = _problem_reports(problems, raw_dir, pseudonymiser, shard)
     problem_count = len(errors)
-
-    # Any earlier manifest counts, the full one or shard parts: a cohort sharded 4 ways can be
-    # finished 2 ways, or whole, without redoing what is done.
-    finished = set()
-    for previous in map(read_manifest, out_dir.glob("manifest*.csv")):
-        finished.update(previous[IMAGE][previous[STATUS] == STATUS_OK])
+    finished = finished_images(out_dir)
     todo = []
     for task in tasks:
-        if rows[task.stem][IMAGE] in finished and os.path.exists(rows[task.stem][IMAGE]):
+        if rows[task.stem][IMAGE] in finished:
             rows[task.stem][STATUS] = STATUS_OK
         else:
             todo.append(task)
-
-    def write_tables() -> None:
-        written = [row for row in rows.values() if STATUS in row]
-        table = pd.DataFrame(written, columns=[SUBJECT, IMAGE, *labels, COHORT, STATUS])
-        write_manifest(table.sort_values([SUBJECT, IMAGE]), manifest_path)
-        with atomic_output(errors_path) as tmp:
-            pd.DataFrame(errors, columns=ERROR_COLUMNS).sort_values([SUBJECT, "file"]).to_csv(tmp, index=False)
 
     failed, last_checkpoint = 0, time.monotonic()
     bar = tqdm(total=len(todo), unit="img", desc="preprocess", disable=not progress, dynamic_ncols=True)
@@ -384,17 +410,17 @@ def preprocess_records(
             bar.update()
             bar.set_postfix(failed=failed, refresh=False)
             if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
-                write_tables()
+                _write_tables(rows.values(), errors, columns, *tables)
                 last_checkpoint = time.monotonic()
     finally:
         bar.close()
-        write_tables()
+        _write_tables(rows.values(), errors, columns, *tables)
     return PreprocessSummary(
         done=len(todo) - failed,
         skipped=len(tasks) - len(todo),
         failed=failed,
         problems=problem_count,
         seconds=time.perf_counter() - start,
-        manifest=manifest_path,
-        errors=errors_path,
+        manifest=tables[0],
+        errors=tables[1],
     )
