@@ -21,7 +21,7 @@ class LoadImageBySuffixd(MapTransform):
     """Load each image with the first of ``readers`` that accepts its suffix, and with no other.
 
     ``LoadImaged`` tries every registered reader in turn when one fails, and some read broken files
-    without complaint: ITK returns a truncated ``.nii.gz`` as a volume of zeros. Choosing one reader
+    without complaint: ITK returns a truncated ``.nii.gz`` as a volume, the missing part zero. One reader
     per suffix lets a broken file fail with its reader's own error.
 
     Parameters
