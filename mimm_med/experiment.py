@@ -15,7 +15,7 @@ from monai.utils import set_determinism
 
 from mimm_med.data.confounding import rebalancing_sampler
 from mimm_med.engines import MIMMXObjective, MIMMXTrainer, parse_method
-from mimm_med.evaluation import collect_outputs, evaluate_test_sets
+from mimm_med.evaluation.report import evaluate_network
 from mimm_med.networks import MIMMXNet
 
 TEST_SETS: dict[str, str] = {"iid": "test-iid", "balanced": "test-balanced", "inverted": "test-inverted"}
@@ -123,9 +123,6 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Train on ``sets["train"]`` and evaluate on the three test sets.
 
-    Leakage (linear probe) and residual MI read f_y of the *balanced* test set, where z is
-    independent of y, so a probe cannot score by predicting y.
-
     Returns
     -------
     dict
@@ -150,9 +147,6 @@ def run_experiment(
     trainer.run()
     seconds = time.perf_counter() - start
     names = [primary, *spurious]
-    outputs = {
-        short: collect_outputs(trainer.network, _loader(sets[split], config, names, False, None), names, config.device)
-        for short, split in TEST_SETS.items()
-    }
-    results = evaluate_test_sets(outputs, primary, spurious, leakage_set="balanced", residual_mi=residual_mi, seed=config.seed)
+    loaders = {short: _loader(sets[split], config, names, False, None) for short, split in TEST_SETS.items()}
+    results, _ = evaluate_network(trainer.network, loaders, primary, spurious, config.device, residual_mi=residual_mi, seed=config.seed)
     return {"config": asdict(config), "seconds": seconds, "history": history, "results": results, "network": trainer.network}

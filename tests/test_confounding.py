@@ -86,3 +86,21 @@ def test_balancing_weights_equalise_cells():
     for yy in (0, 1):
         for zz in (0, 1):
             assert w[(y == yy) & (z == zz)].sum() == pytest.approx(0.25)
+
+
+def test_agreement_follows_the_cohorts_own_direction():
+    rng = np.random.default_rng(0)
+    n = 4000
+    cohort = rng.choice(["nako", "ukb"], n)
+    # UKB is mostly old, NAKO mostly young: "old" must pair with "ukb"
+    old = np.where(cohort == "ukb", rng.random(n) < 0.75, rng.random(n) < 0.25)
+    table = pd.DataFrame(
+        {"subject_id": [f"s{i}" for i in range(n)], "age_group": np.where(old, "old", "young"), "cohort": cohort}
+    )
+    splits = confounded_splits(table, "age_group", {"cohort": 0.9}, seed=0)
+    train = splits["train"]
+    assert ((train.age_group == "old") == (train.cohort == "ukb")).mean() == pytest.approx(0.9, abs=0.02)
+    # the natural direction keeps far more subjects than the opposite pairing could
+    assert len(train) > 0.45 * 0.6 * n
+    counts = cell_counts(splits, "age_group", ["cohort"])
+    assert counts[counts.split == "test-inverted"].agreement.iloc[0] == pytest.approx(0.1, abs=0.02)

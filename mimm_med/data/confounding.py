@@ -75,22 +75,52 @@ def _check_correlations(spurious: Mapping[str, float]) -> None:
             raise ValueError(f"correlation of {name!r} must lie in [0, 1], got {r}")
 
 
+def agreement_pairing(table: pd.DataFrame, primary: str, factor: str) -> dict:
+    """Which value of ``factor`` "agrees" with each value of ``primary``.
+
+    The pairing follows the table's own direction of association (agreement ≥ 50 % over the whole
+    table), so a requested ``r`` > 0.5 keeps the cells the cohort has most of: UK Biobank is older than
+    NAKO, so ``old`` pairs with ``ukb``.
+
+    Returns
+    -------
+    dict
+        ``{primary value: agreeing factor value}`` for both primary values.
+    """
+    y, y_levels = binary_codes(table[primary])
+    z, z_levels = binary_codes(table[factor])
+    flipped = float((y == z).mean()) < 0.5
+    return {y_levels[0]: z_levels[1 if flipped else 0], y_levels[1]: z_levels[0 if flipped else 1]}
+
+
+def agreement_codes(table: pd.DataFrame, primary: str, factor: str, pairing: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """0/1 codes of ``primary`` and ``factor`` such that equal codes mean agreement under ``pairing``."""
+    positive = list(pairing)[1]
+    y = (table[primary].to_numpy() == positive).astype(np.int64)
+    z = (table[factor].to_numpy() == pairing[positive]).astype(np.int64)
+    return y, z
+
+
 def select_confounded(
     table: pd.DataFrame,
     primary: str,
     spurious: Mapping[str, float],
     rng: np.random.Generator,
+    pairings: Mapping[str, Mapping] | None = None,
 ) -> pd.DataFrame:
     """Select the largest subset of ``table`` whose cells follow the requested correlations.
 
     ``P(y)`` is kept as in ``table``; each cell ``(y, z_1..z_K)`` is filled to ``n * p(cell)`` rows,
-    with ``n`` as large as the scarcest cell allows.
+    with ``n`` as large as the scarcest cell allows. ``pairings`` (factor → :func:`agreement_pairing`)
+    defaults to the pairing of ``table`` itself.
     """
     _check_correlations(spurious)
-    y, _ = binary_codes(table[primary])
-    zs = [binary_codes(table[name])[0] for name in spurious]
     if len(table) == 0:
         return table.copy()
+    pairings = {name: (pairings or {}).get(name) or agreement_pairing(table, primary, name) for name in spurious}
+    codes = [agreement_codes(table, primary, name, pairings[name]) for name in spurious]
+    y = codes[0][0]
+    zs = [z for _, z in codes]
     probabilities = cell_probabilities(float(y.mean()), list(spurious.values()))
     cells = np.stack([y, *zs], axis=1)
     members = {cell: np.flatnonzero((cells == np.array(cell)).all(axis=1)) for cell in probabilities}
@@ -100,7 +130,9 @@ def select_confounded(
         for cell, p in probabilities.items()
     ]
     index = np.sort(np.concatenate(chosen))
-    return table.iloc[index].reset_index(drop=True)
+    selected = table.iloc[index].reset_index(drop=True)
+    selected.attrs["agreement"] = {name: dict(pairing) for name, pairing in pairings.items()}
+    return selected
 
 
 def assign_confounders(
@@ -174,8 +206,9 @@ def confounded_splits(
         "test-inverted": (test_pools[2], inverted),
     }
     subjects = table[subject_column]
+    pairings = {name: agreement_pairing(table, primary, name) for name in spurious}
     return {
-        split: select_confounded(table[subjects.isin(set(pool))].reset_index(drop=True), primary, target, rng)
+        split: select_confounded(table[subjects.isin(set(pool))].reset_index(drop=True), primary, target, rng, pairings)
         for split, (pool, target) in plan.items()
     }
 
@@ -183,17 +216,17 @@ def confounded_splits(
 def cell_counts(splits: Mapping[str, pd.DataFrame], primary: str, spurious: Sequence[str]) -> pd.DataFrame:
     """Rows per ``(split, factor, primary value, factor value)`` cell, with each split's agreement rate.
 
-    The agreement rate of a factor is the fraction of rows whose factor code equals the primary code,
-    with codes taken over all splits together (so a split missing one value still gets a rate).
+    Agreement uses the pairing recorded by :func:`confounded_splits` (``frame.attrs["agreement"]``),
+    else the pairing of all splits together.
     """
     everything = pd.concat(list(splits.values()), ignore_index=True)
-    _, y_levels = binary_codes(everything[primary])
     rows = []
     for name in spurious:
-        _, z_levels = binary_codes(everything[name])
+        recorded = [f.attrs.get("agreement", {}).get(name) for f in splits.values()]
+        pairing = next((p for p in recorded if p), None) or agreement_pairing(everything, primary, name)
         for split, frame in splits.items():
             counts = frame.groupby([primary, name], observed=True).size()
-            agree = (frame[primary] == y_levels[1]).to_numpy() == (frame[name] == z_levels[1]).to_numpy()
+            agree = frame[name].to_numpy() == frame[primary].map(pairing).to_numpy()
             agreement = float(agree.mean()) if len(frame) else float("nan")
             for (y_value, z_value), count in counts.items():
                 rows.append(

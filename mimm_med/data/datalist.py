@@ -49,3 +49,12 @@ def manifest_datalist(
             record["label"] = record[primary]
         records.append(record)
     return records
+
+
+def image_datalist(manifest: str | Path) -> list[dict]:
+    """``{"image", "image_path"}`` dicts of the ``ok`` rows of a manifest, for inference (labels not needed)."""
+    path = Path(manifest)
+    if not path.is_file():
+        raise ManifestError(f"no manifest at {path}: {PREPARE_HINT}")
+    table = load_manifest(path)
+    return [{"image": image, "image_path": image} for image in table[IMAGE]]

@@ -1,0 +1,133 @@
+"""Evaluate a trained network on the three test sets and write the report (JSON, Markdown, plots, MLflow)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from monai.data import DataLoader, Dataset
+
+from mimm_med.evaluation.outputs import collect_outputs
+from mimm_med.evaluation.plots import plot_group_accuracy, plot_tsne
+from mimm_med.evaluation.protocol import evaluate_test_sets, flatten_metrics, results_table
+
+TEST_SET_FILES: dict[str, str] = {"iid": "test-iid.csv", "balanced": "test-balanced.csv", "inverted": "test-inverted.csv"}
+
+
+def evaluate_network(
+    network: torch.nn.Module,
+    loaders: Mapping[str, Any],
+    primary: str,
+    spurious: Sequence[str],
+    device: torch.device | str,
+    amp: bool = False,
+    residual_mi: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, dict]]:
+    """Run the protocol of DESIGN §3 on test loaders keyed ``iid``, ``balanced``, ``inverted``.
+
+    Leakage and residual MI read f_y of the balanced set, where z is independent of y, so a probe
+    cannot score by predicting y.
+
+    Returns
+    -------
+    results, outputs
+        :func:`evaluate_test_sets` results and the collected outputs per set.
+    """
+    factors = [primary, *spurious]
+    outputs = {name: collect_outputs(network, loader, factors, device, amp=amp) for name, loader in loaders.items()}
+    results = evaluate_test_sets(outputs, primary, spurious, leakage_set="balanced", residual_mi=residual_mi, seed=seed)
+    return results, outputs
+
+
+def write_report(
+    results: Mapping[str, Any], outputs: Mapping[str, Mapping], primary: str, spurious: Sequence[str], output_dir: str | Path
+) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md``, the group-accuracy bars and the t-SNE of f_y; return their paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
+    paths["json"].write_text(json.dumps({**results, "metrics": flatten_metrics(results)}, indent=2, default=float))
+    paths["markdown"].write_text(results_table(results) + "\n")
+    paths["group_accuracy"] = plot_group_accuracy(results["sets"], output_dir / "group_accuracy.png")
+    balanced = outputs["balanced"]
+    labels = {name: balanced[f"{name}_label"] for name in (primary, *spurious)}
+    paths["tsne"] = plot_tsne(balanced[f"{primary}_features"], labels, output_dir / "tsne_primary_features.png")
+    return paths
+
+
+def log_report(
+    metrics: Mapping[str, float],
+    paths: Mapping[str, Path],
+    tracking_uri: str,
+    experiment_name: str,
+    run_name: str,
+    params: Mapping[str, Any] | None = None,
+    artifact_location: str | None = None,
+) -> str:
+    """Log metrics and report files as an MLflow run; return its run id."""
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(experiment_name, artifact_location=artifact_location)
+    )
+    run = client.create_run(experiment_id, run_name=run_name)
+    run_id = run.info.run_id
+    for name, value in (params or {}).items():
+        client.log_param(run_id, name, value)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+    for path in paths.values():
+        client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    client.set_terminated(run_id)
+    return run_id
+
+
+def evaluate_checkpoint(
+    network: torch.nn.Module,
+    checkpoint: str | Path,
+    dataset_dir: str | Path,
+    datalist_fn: Callable[[Path], list[dict]],
+    transform: Callable,
+    primary: str,
+    spurious: Sequence[str],
+    device: torch.device | str,
+    output_dir: str | Path,
+    batch_size: int = 8,
+    amp: bool = False,
+    tracking_uri: str | None = None,
+    experiment_name: str | None = None,
+    run_name: str | None = None,
+    artifact_location: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Load ``checkpoint`` (a CheckpointSaver file with a ``network`` entry) and evaluate on the test splits.
+
+    This is what every bundle's ``evaluate.json`` runs. With ``tracking_uri`` and ``experiment_name``
+    the metrics and report files are logged as an MLflow run ``run_name``.
+
+    Returns
+    -------
+    dict
+        ``results`` (nested), ``metrics`` (flat) and ``paths`` of the report files.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}: train first (python -m monai.bundle run training ...)")
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    network.load_state_dict(state.get("network", state))
+    network.to(device)
+    loaders = {
+        name: DataLoader(Dataset(datalist_fn(Path(dataset_dir) / filename), transform=transform), batch_size=batch_size)
+        for name, filename in TEST_SET_FILES.items()
+    }
+    results, outputs = evaluate_network(network, loaders, primary, spurious, device, amp=amp, seed=seed)
+    paths = write_report(results, outputs, primary, spurious, output_dir)
+    metrics = flatten_metrics(results)
+    if tracking_uri and experiment_name:
+        log_report(metrics, paths, tracking_uri, experiment_name, run_name or "evaluate", {"checkpoint": str(checkpoint)}, artifact_location)
+    print(results_table(results))
+    return {"results": results, "metrics": metrics, "paths": paths}
