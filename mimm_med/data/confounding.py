@@ -111,7 +111,7 @@ def select_confounded(
     """Select the largest subset of ``table`` whose cells follow the requested correlations.
 
     ``P(y)`` is kept as in ``table``; each cell ``(y, z_1..z_K)`` is filled to ``n * p(cell)`` rows,
-    with ``n`` as large as the scarcest cell allows. ``pairings`` (factor → :func:`agreement_pairing`)
+    with ``n`` as large as the scarcest cell allows after rounding. ``pairings`` (factor → :func:`agreement_pairing`)
     defaults to the pairing of ``table`` itself.
     """
     _check_correlations(spurious)
@@ -124,7 +124,8 @@ def select_confounded(
     probabilities = cell_probabilities(float(y.mean()), list(spurious.values()))
     cells = np.stack([y, *zs], axis=1)
     members = {cell: np.flatnonzero((cells == np.array(cell)).all(axis=1)) for cell in probabilities}
-    size = min(len(members[c]) / p for c, p in probabilities.items() if p > 0)
+    # + 0.5: a cell may round down to what it has, so one rare empty cell does not empty the set
+    size = min((len(members[c]) + 0.5) / p for c, p in probabilities.items() if p > 0)
     chosen = [
         rng.choice(members[cell], size=min(len(members[cell]), int(round(size * p))), replace=False)
         for cell, p in probabilities.items()
