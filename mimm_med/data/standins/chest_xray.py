@@ -196,7 +196,9 @@ def draw_studies(n: int, rng: np.random.Generator) -> list[ChestStudy]:
                     # A fixed share, so that even a tiny cohort has lateral views to filter out.
                     lateral=len(studies) % _LATERAL_EVERY == 1,
                     effusion=(effusion and side != 1, effusion and side != 0),
-                    devices=tuple(rng.choice(_DEVICES, rng.integers(1, 4), replace=False)) if has_devices else (),
+                    devices=tuple(map(str, rng.choice(_DEVICES, rng.integers(1, 4), replace=False)))
+                    if has_devices
+                    else (),
                     cardiomegaly=labels["Cardiomegaly"] == 1.0,
                     labels=labels,
                 )
