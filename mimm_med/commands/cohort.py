@@ -156,14 +156,14 @@ def merge_command(args: argparse.Namespace) -> int:
 def split_command(args: argparse.Namespace) -> int:
     """Run ``mimm-med cohort split``."""
     from mimm_med.data.confounding import cell_counts, confounded_splits
-    from mimm_med.data.manifest import ManifestError, load_manifest, validate_splits, write_manifest
+    from mimm_med.data.manifest import load_manifest, validate_splits, write_manifest
     from mimm_med.data.writers import atomic_output
 
     try:
         table = load_manifest(args.manifest)
         splits = confounded_splits(table, args.primary, args.spurious, fractions=args.fractions, seed=args.seed)
         validate_splits(splits)
-    except (ManifestError, ValueError) as error:
+    except ValueError as error:  # ManifestError, and the sampler's errors about labels and fractions
         return _fail("split", error)
     for name, frame in splits.items():
         write_manifest(frame, args.out / f"{name}.csv")
