@@ -174,7 +174,7 @@ def test_chexpert_layout_tables_and_pictures(cohorts):
 
 
 def test_label_rates_are_realistic():
-    studies = chest_xray.draw_studies(3000, np.random.default_rng(0))
+    studies = chest_xray.draw_studies(1500, np.random.default_rng(0))
     effusion = pd.Series([s.labels["Pleural Effusion"] for s in studies if s.split == "train"])
     shares = {
         "positive": (effusion == 1.0).mean(),
