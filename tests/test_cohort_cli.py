@@ -40,7 +40,7 @@ def confounded_manifest(folder: Path, subjects: int = 1500, seed: int = 0) -> Pa
 
 
 def test_split_hits_the_correlations_by_subject(tmp_path, capsys):
-    manifest = confounded_manifest(tmp_path / "processed")
+    manifest = confounded_manifest(tmp_path / "processed", subjects=5000)  # cells big enough for ±2 points
     out = tmp_path / "splits"
     status = main(["cohort", "split", "--manifest", str(manifest), "--primary", "age_group",
                    "--spurious", "sex=0.9,cohort=0.8", "--out", str(out), "--seed", "3"])

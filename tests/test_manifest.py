@@ -29,7 +29,7 @@ def make_manifest(folder: Path, n: int = 8, name: str = "manifest.csv", **column
         {
             "subject_id": [f"sub-{i:04x}" for i in range(n)],
             "image": images,
-            "sex": ["female", "male"] * (n // 2),
+            "sex": [("female", "male")[i % 2] for i in range(n)],
             "age": [50.0 + i for i in range(n)],
             "cohort": "ukb",
             "status": "ok",
