@@ -1,0 +1,26 @@
+"""MLflow tracking and registry for mimm-med runs.
+
+MONAI's ``monai.handlers.MLFlowHandler`` logs parameters and metrics; this package adds what it
+lacks: epoch means of the MIMM-X training terms (:class:`EpochAverages`), training figures
+(:class:`TrainingPlots`), model registration (:class:`ModelRegistration`), the store location
+(:func:`resolve_tracking_uri`) and registry helpers. See ``mimm_med/tracking/README.md``.
+"""
+
+from .epoch_averages import EpochAverages
+from .model_registration import ModelRegistration, default_pip_requirements
+from .registry import list_versions, load_registered_network, promote, registry_client
+from .training_plots import TrainingPlots
+from .uri import default_artifact_location, resolve_tracking_uri
+
+__all__ = [
+    "EpochAverages",
+    "ModelRegistration",
+    "TrainingPlots",
+    "default_artifact_location",
+    "default_pip_requirements",
+    "list_versions",
+    "load_registered_network",
+    "promote",
+    "registry_client",
+    "resolve_tracking_uri",
+]

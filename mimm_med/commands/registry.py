@@ -1,0 +1,73 @@
+"""``mimm-med registry``: list the versions of a registered model and move its aliases.
+
+MLflow is imported inside each sub-command so that ``mimm-med --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``registry`` and its sub-commands."""
+    parser = subparsers.add_parser(
+        "registry",
+        help="list registered model versions and move aliases (champion, candidate)",
+        description="MLflow model registry: list the versions of a model, promote one to an alias.",
+    )
+    commands = parser.add_subparsers(dest="registry_command", metavar="SUBCOMMAND", required=True)
+    uri_help = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlruns/mlflow.db)"
+
+    promote = commands.add_parser(
+        "promote",
+        help="point an alias at a version",
+        description="Point an alias (default: champion) of a registered model at one of its versions.",
+    )
+    promote.add_argument("name", help="registered model name, e.g. the bundle's name")
+    promote.add_argument("--version", required=True, help="version to promote")
+    promote.add_argument("--alias", default="champion", help="alias to set (default: champion)")
+    promote.add_argument("--tracking-uri", help=uri_help)
+    promote.set_defaults(func=promote_command)
+
+    listing = commands.add_parser(
+        "list",
+        help="versions of a model with their aliases and runs",
+        description="List the versions of a registered model, newest first, with their aliases and run ids.",
+    )
+    listing.add_argument("name", help="registered model name")
+    listing.add_argument("--tracking-uri", help=uri_help)
+    listing.set_defaults(func=list_command)
+
+
+def promote_command(args: argparse.Namespace) -> int:
+    """Run ``mimm-med registry promote``."""
+    from mimm_med.tracking import promote
+
+    try:
+        version = promote(args.name, args.version, args.alias, args.tracking_uri)
+    except (LookupError, FileNotFoundError) as error:
+        return _fail("promote", error)
+    print(f"models:/{args.name}@{args.alias} -> version {version.version} (run {version.run_id})")
+    return 0
+
+
+def list_command(args: argparse.Namespace) -> int:
+    """Run ``mimm-med registry list``."""
+    from mimm_med.tracking import list_versions
+
+    try:
+        versions = list_versions(args.name, args.tracking_uri)
+    except (LookupError, FileNotFoundError) as error:
+        return _fail("list", error)
+    rows = [("version", "aliases", "run_id")]
+    rows += [(str(v.version), ",".join(sorted(v.aliases)) or "-", v.run_id or "-") for v in versions]
+    widths = [max(len(row[column]) for row in rows) for column in range(2)]
+    for version, aliases, run_id in rows:
+        print(f"{version:<{widths[0]}}  {aliases:<{widths[1]}}  {run_id}")
+    return 0
+
+
+def _fail(command: str, error: Exception) -> int:
+    print(f"mimm-med registry {command}: {error}", file=sys.stderr)
+    return 2

@@ -1,0 +1,99 @@
+"""Epoch means of a trainer's per-iteration output dict, for MLflow and for plots."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+from ._rank import is_rank_zero
+
+__all__ = ["EpochAverages"]
+
+
+class EpochAverages:
+    """Average ``engine.state.output`` (a flat dict of floats) over each epoch.
+
+    The running means are written to ``engine.state.metrics`` as ``f"{prefix}{key}"`` after every
+    iteration, so by ``EPOCH_COMPLETED`` they hold the epoch's means whatever the order of the
+    handlers: MONAI's ``MLFlowHandler`` (``epoch_log``) and ``StatsHandler`` then log every loss, MI
+    estimate and confounder weight per epoch. :attr:`history` keeps one dict per epoch for plots.
+    NaN values (e.g. ``critic_loss`` of a method without critics) are left out of the means.
+
+    Put it in the checkpoint dict (``state_dict`` / ``load_state_dict``) so a resumed run keeps its
+    history, also when resumed in the middle of an epoch. On ranks other than 0 it does nothing.
+
+    Parameters
+    ----------
+    prefix
+        Prepended to every key in ``engine.state.metrics``.
+
+    Examples
+    --------
+    >>> averages = EpochAverages()
+    >>> averages.attach(trainer)
+    >>> trainer.run()
+    >>> averages.history[-1]["dependence/y-a"], trainer.state.metrics["train/dependence/y-a"]
+    (0.031, 0.031)
+    """
+
+    def __init__(self, prefix: str = "train/") -> None:
+        self.prefix = prefix
+        self.history: list[dict[str, float]] = []
+        self._epoch = 0
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    def attach(self, engine: Engine) -> None:
+        """Update the means after every iteration of ``engine``."""
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not is_rank_zero():
+            return
+        output = engine.state.output
+        if not isinstance(output, Mapping):
+            raise TypeError(
+                f"EpochAverages needs engine.state.output to be a dict of floats, got {type(output).__name__}; "
+                "attach it to a MIMMXTrainer (or an engine whose iteration returns such a dict)."
+            )
+        # Epochs are told apart by number rather than by EPOCH_STARTED, which a resumed run may skip.
+        if engine.state.epoch != self._epoch:
+            self._epoch = engine.state.epoch
+            self._sums, self._counts = {}, {}
+        for key, value in output.items():
+            value = _as_float(key, value)
+            if not math.isnan(value):
+                self._sums[key] = self._sums.get(key, 0.0) + value
+                self._counts[key] = self._counts.get(key, 0) + 1
+        means = {key: total / self._counts[key] for key, total in self._sums.items()}
+        engine.state.metrics.update({self.prefix + key: mean for key, mean in means.items()})
+        if self.history and self.history[-1]["epoch"] == self._epoch:
+            self.history[-1] = {"epoch": self._epoch, **means}
+        else:
+            self.history.append({"epoch": self._epoch, **means})
+
+    def state_dict(self) -> dict[str, Any]:
+        """History and the running sums of the current epoch."""
+        return {
+            "history": [dict(entry) for entry in self.history],
+            "epoch": self._epoch,
+            "sums": dict(self._sums),
+            "counts": dict(self._counts),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.history = [dict(entry) for entry in state_dict["history"]]
+        self._epoch = int(state_dict["epoch"])
+        self._sums = dict(state_dict["sums"])
+        self._counts = dict(state_dict["counts"])
+
+
+def _as_float(key: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"engine.state.output[{key!r}] is {type(value).__name__}, not a number") from None

@@ -1,0 +1,157 @@
+"""Log the best network of a training run as an MLflow model and register it."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlflow
+import torch
+from ignite.engine import Engine, Events
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import infer_signature
+
+from ._rank import is_rank_zero
+from .handler_run import HandlerRun
+from .uri import using_tracking_uri
+
+if TYPE_CHECKING:
+    from monai.handlers import MLFlowHandler
+
+__all__ = ["ModelRegistration", "default_pip_requirements"]
+
+logger = logging.getLogger(__name__)
+
+#: Size of the example batch: ``torch.export`` fixes dimensions of size 1, so a batch of 1 would
+#: fix the batch size of the logged model.
+EXAMPLE_BATCH = 2
+
+
+def default_pip_requirements() -> list[str]:
+    """``torch``, ``monai`` and ``mimm-med``, pinned to the installed versions (local tags dropped)."""
+    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "monai", "mimm-med")]
+
+
+class ModelRegistration:
+    """At ``COMPLETED``, log the best network to the MLflow run, register it and mark it ``candidate``.
+
+    The weights come from ``best_checkpoint`` (a file of MONAI's ``CheckpointSaver``, e.g. with
+    ``save_key_metric=True, key_metric_filename="model.pt"``; its ``"network"`` entry) or, when no
+    such file exists, from ``network`` as it is at the end of training, i.e. the final checkpoint.
+    The model is logged with ``mlflow.pytorch.log_model`` (``torch.export`` format by default, so
+    loading it needs neither pickle nor this package), a signature inferred from a zero batch of
+    ``input_shape`` (outputs: the network's dict of tensors) and :func:`default_pip_requirements`;
+    it is then registered as a new version of ``model_name`` and given the alias ``alias``.
+    On ranks other than 0 it does nothing.
+
+    Parameters
+    ----------
+    mlflow_handler
+        MONAI's ``MLFlowHandler`` of the same trainer; the model is logged to its run. ``None`` where
+        it is disabled, on ranks other than 0.
+    network
+        The trained network (may be wrapped in DDP); a copy on the CPU receives the checkpoint.
+    model_name
+        Registered model name, e.g. the bundle's name.
+    input_shape
+        Shape of one input image ``(channels, *spatial)``, without the batch dimension.
+    best_checkpoint
+        File written by ``CheckpointSaver`` whose ``"network"`` entry holds the best weights.
+    alias
+        Alias set on the new version.
+    artifact_path
+        Name of the logged model.
+    serialization_format
+        ``"pt2"`` (``torch.export``) or ``"pickle"`` (for a network that ``torch.export`` rejects).
+
+    Attributes
+    ----------
+    registered_version
+        The new :class:`mlflow.entities.model_registry.ModelVersion` after ``COMPLETED``.
+
+    Examples
+    --------
+    >>> ModelRegistration(mlflow_handler, net, "mimmx_brain", (1, 96, 96, 96), "models/model.pt").attach(trainer)
+    """
+
+    def __init__(
+        self,
+        mlflow_handler: MLFlowHandler | None,
+        network: torch.nn.Module,
+        model_name: str,
+        input_shape: Sequence[int],
+        best_checkpoint: str | Path | None = None,
+        alias: str = "candidate",
+        artifact_path: str = "model",
+        serialization_format: str = "pt2",
+    ) -> None:
+        self.run = HandlerRun(mlflow_handler)
+        self.network = network
+        self.model_name = model_name
+        self.input_shape = tuple(int(size) for size in input_shape)
+        self.best_checkpoint = Path(best_checkpoint) if best_checkpoint is not None else None
+        self.alias = alias
+        self.artifact_path = artifact_path
+        self.serialization_format = serialization_format
+        self.registered_version: ModelVersion | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Log and register when ``engine`` completes; attach it after the ``CheckpointSaver``."""
+        self.run.attach(engine)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not is_rank_zero():
+            return
+        network, source = self.trained_network()
+        self.registered_version = self.register(network, source)
+
+    def trained_network(self) -> tuple[torch.nn.Module, str]:
+        """A CPU copy of the network in eval mode with the best weights, and where they came from."""
+        network = copy.deepcopy(getattr(self.network, "module", self.network)).cpu().eval()
+        if self.best_checkpoint is None or not self.best_checkpoint.is_file():
+            logger.warning("no best checkpoint at %s; registering the weights at the end of training",
+                           self.best_checkpoint)
+            return network, "end of training"
+        checkpoint = torch.load(self.best_checkpoint, map_location="cpu", weights_only=True)
+        if "network" not in checkpoint:
+            raise KeyError(
+                f"{self.best_checkpoint} has no 'network' entry (it has {sorted(checkpoint)}); save it with "
+                "CheckpointSaver(save_dict={'network': network, ...})."
+            )
+        network.load_state_dict(checkpoint["network"])
+        return network, str(self.best_checkpoint)
+
+    def register(self, network: torch.nn.Module, source: str) -> ModelVersion:
+        """Log ``network`` to the run, register it under :attr:`model_name` and set :attr:`alias`."""
+        client, run_id = self.run.client, self.run.run_id
+        example = torch.zeros(EXAMPLE_BATCH, *self.input_shape)
+        with torch.no_grad():
+            outputs = {key: value.numpy() for key, value in network(example).items()}
+        signature = infer_signature(example.numpy(), outputs)
+        # Created here so the model lands in the run's experiment: log_model alone would take the
+        # process's active experiment, which MONAI's handler never sets.
+        logged = client.create_logged_model(
+            client.get_run(run_id).info.experiment_id, name=self.artifact_path, source_run_id=run_id
+        )
+        with using_tracking_uri(self.run.tracking_uri):
+            info = mlflow.pytorch.log_model(
+                network,
+                name=self.artifact_path,
+                model_id=logged.model_id,
+                run_id=run_id,
+                signature=signature,
+                input_example=example,
+                pip_requirements=default_pip_requirements(),
+                serialization_format=self.serialization_format,
+                registered_model_name=self.model_name,
+            )
+        model_version = str(info.registered_model_version)
+        client.set_model_version_tag(self.model_name, model_version, "weights", source)
+        client.set_registered_model_alias(self.model_name, self.alias, model_version)
+        logger.info("registered %s version %s (%s) as @%s", self.model_name, model_version, source, self.alias)
+        return client.get_model_version(self.model_name, model_version)

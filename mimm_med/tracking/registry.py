@@ -1,0 +1,121 @@
+"""Model registry helpers: list versions, move aliases, load a registered network."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from sqlalchemy.engine import make_url
+
+from .uri import resolve_tracking_uri, using_tracking_uri
+
+__all__ = ["list_versions", "load_registered_network", "promote", "registry_client"]
+
+#: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (other forms go to MLflow unchecked).
+MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+
+
+def registry_client(tracking_uri: str | None = None) -> MlflowClient:
+    """Client of the registry at :func:`resolve_tracking_uri` ``(tracking_uri)``.
+
+    A local SQLite store must exist already: listing or promoting in an empty folder is a mistake.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:"):
+        database = make_url(uri).database
+        if database and database != ":memory:" and not Path(database).is_file():
+            raise FileNotFoundError(
+                f"no MLflow store at {database}; run from the project folder, pass --tracking-uri or set "
+                "MLFLOW_TRACKING_URI."
+            )
+    return MlflowClient(tracking_uri=uri)
+
+
+def list_versions(name: str, tracking_uri: str | None = None) -> list[ModelVersion]:
+    """Versions of the registered model ``name``, newest first, with their aliases and run ids.
+
+    Raises
+    ------
+    LookupError
+        No registered model ``name``; the message lists those that exist.
+    """
+    return _versions(registry_client(tracking_uri), name)
+
+
+def promote(name: str, version: int | str, alias: str = "champion", tracking_uri: str | None = None) -> ModelVersion:
+    """Point ``alias`` of the registered model ``name`` at ``version`` (moving it from any other).
+
+    Raises
+    ------
+    LookupError
+        No registered model ``name`` or no such version; the message lists what exists.
+
+    Examples
+    --------
+    >>> promote("mimmx_brain", 3)  # models:/mimmx_brain@champion is now version 3
+    """
+    client = registry_client(tracking_uri)
+    _check_version(client, name, str(version))
+    client.set_registered_model_alias(name, alias, str(version))
+    return client.get_model_version(name, str(version))
+
+
+def load_registered_network(model_uri: str, tracking_uri: str | None = None) -> torch.nn.Module:
+    """Load a network logged by :class:`~mimm_med.tracking.ModelRegistration`.
+
+    Parameters
+    ----------
+    model_uri
+        ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/model`` or any URI MLflow
+        resolves.
+    tracking_uri
+        Tracking (and, unless ``MLFLOW_REGISTRY_URI`` says otherwise, registry) URI.
+
+    Returns
+    -------
+    torch.nn.Module
+        A module on the CPU whose ``forward(image)`` returns the network's dict of tensors.
+
+    Examples
+    --------
+    >>> net = load_registered_network("models:/mimmx_brain@champion")
+    >>> net(image)["age_group_output"].shape
+    torch.Size([1, 2])
+    """
+    client = registry_client(tracking_uri)
+    match = MODELS_URI.match(model_uri)
+    if match and match["alias"]:
+        aliases = {alias for version in _versions(client, match["name"]) for alias in version.aliases}
+        if match["alias"] not in aliases:
+            raise LookupError(
+                f"registered model {match['name']!r} has no alias {match['alias']!r}; it has {sorted(aliases)}."
+            )
+    elif match:
+        _check_version(client, match["name"], match["version"])
+    with using_tracking_uri(client.tracking_uri):
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
+
+def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(model.name for model in client.search_registered_models())
+        raise LookupError(
+            f"no registered model {name!r} at {client.tracking_uri}; registered models: {names or 'none'}."
+        ) from None
+    found = client.search_model_versions(f"name = '{name}'")
+    numbers = sorted((int(version.version) for version in found), reverse=True)
+    # search_model_versions leaves the aliases out; get_model_version fills them in.
+    return [client.get_model_version(name, str(number)) for number in numbers]
+
+
+def _check_version(client: MlflowClient, name: str, version: str) -> None:
+    versions = [str(model.version) for model in _versions(client, name)]
+    if version not in versions:
+        raise LookupError(f"registered model {name!r} has no version {version}; its versions: {versions}.")

@@ -1,0 +1,93 @@
+"""Where runs and artifacts go: an explicit URI, ``MLFLOW_TRACKING_URI``, or an embedded SQLite file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from monai.utils import path_to_sqlite_uri
+from sqlalchemy.engine import make_url
+
+__all__ = ["default_artifact_location", "resolve_tracking_uri"]
+
+#: Folder of the embedded store under the project root: ``mlflow.db`` and ``artifacts/``.
+STORE_FOLDER = "mlruns"
+
+
+def resolve_tracking_uri(uri: str | None = None, root: str | Path = ".") -> str:
+    """Return the MLflow tracking URI to use.
+
+    An explicit ``uri`` wins over the ``MLFLOW_TRACKING_URI`` environment variable, which wins over
+    the embedded default ``sqlite:///<root>/mlruns/mlflow.db`` (absolute; its folder is created).
+    MLflow ≥ 3 has no file store by default, hence a SQLite file rather than a folder of runs.
+
+    Note that MONAI's ``MLFlowHandler`` lets ``MLFLOW_TRACKING_URI`` override its ``tracking_uri``
+    argument, so in a bundle pass ``resolve_tracking_uri()`` (no ``uri``) to get the same answer.
+
+    Parameters
+    ----------
+    uri
+        A tracking URI given by the user (``http://…`` server, ``postgresql://…``, ``sqlite:///…``).
+    root
+        Project folder that holds the embedded store.
+
+    Examples
+    --------
+    >>> resolve_tracking_uri(root="/data/project")  # with MLFLOW_TRACKING_URI unset
+    'sqlite:////data/project/mlruns/mlflow.db'
+    """
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    folder = Path(root).absolute() / STORE_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    return path_to_sqlite_uri(folder / "mlflow.db")
+
+
+def default_artifact_location(root: str | Path = ".", tracking_uri: str | None = None) -> str | None:
+    """Return the artifact location for new experiments of a local SQLite store, else ``None``.
+
+    For a SQLite store the artifacts go to the folder ``artifacts`` next to the database file
+    (``<root>/mlruns/artifacts`` for the embedded default), as a ``file://`` URI. For any other store
+    (a tracking server, PostgreSQL) ``None`` lets the server choose, so that runs on a shared server
+    never point at one machine's disk. Pass the result to ``MLFlowHandler(artifact_location=...)``
+    or ``MlflowClient.create_experiment``; it only matters when the experiment is created.
+
+    Parameters
+    ----------
+    root
+        Project folder of the embedded store, as in :func:`resolve_tracking_uri`.
+    tracking_uri
+        The tracking URI; resolved by :func:`resolve_tracking_uri` when not given.
+
+    Examples
+    --------
+    >>> default_artifact_location("/data/project")  # with MLFLOW_TRACKING_URI unset
+    'file:///data/project/mlruns/artifacts'
+    """
+    tracking_uri = resolve_tracking_uri(tracking_uri, root)
+    if not tracking_uri.startswith("sqlite:"):
+        return None
+    database = make_url(tracking_uri).database
+    if not database or database == ":memory:":
+        return None
+    return (Path(database).absolute().parent / "artifacts").as_uri()
+
+
+@contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (``mlflow.pytorch.log_model``, ``load_model``) at ``uri`` for a while.
+
+    Those functions read a process-wide URI; restoring it keeps this module from changing where
+    the rest of the process logs.
+    """
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -1,0 +1,275 @@
+"""MLflow tracking: a tiny MIMM-X run with MONAI's MLFlowHandler and the mimm-med handlers, on SQLite."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from mlflow import MlflowClient
+from monai.data import DataLoader, Dataset
+from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler
+from monai.utils import set_determinism
+
+from mimm_med.cli import main
+from mimm_med.engines import MIMMXObjective, MIMMXTrainer
+from mimm_med.networks import MIMMXNet
+from mimm_med.tracking import (
+    EpochAverages,
+    ModelRegistration,
+    TrainingPlots,
+    default_artifact_location,
+    list_versions,
+    load_registered_network,
+    promote,
+    resolve_tracking_uri,
+)
+from mimm_med.tracking.uri import using_tracking_uri
+
+PARTS = {"y": 8, "a": 4, "b": 4}
+EPOCHS = 2
+MODEL_NAME = "tiny_bundle"
+
+
+def _loader(n: int = 32, seed: int = 0) -> DataLoader:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    a = np.where(rng.random(n) < 0.9, y, 1 - y)
+    b = rng.integers(0, 2, n)
+    images = (rng.normal(size=(n, 1, 12, 12)) + y[:, None, None, None] * 0.5).astype(np.float32)
+    records = [{"image": images[i], "y": int(y[i]), "a": int(a[i]), "b": int(b[i])} for i in range(n)]
+    return DataLoader(Dataset(records), batch_size=16, shuffle=True)
+
+
+def _trainer() -> MIMMXTrainer:
+    net = MIMMXNet("small_cnn", PARTS, {k: 2 for k in PARTS}, backbone_kwargs={"channels": (4, 8)})
+    objective = MIMMXObjective.for_network("mimmx", net)
+    return MIMMXTrainer(
+        "cpu",
+        EPOCHS,
+        _loader(),
+        net,
+        torch.optim.Adam(net.parameters(), 1e-2),
+        objective,
+        torch.optim.Adam(objective.critic_parameters(), 1e-2),
+        torch.optim.Adam(objective.gradnorm.parameters(), 0.025),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One training run logged to ``<root>/mlruns`` the way a bundle wires it."""
+    root = tmp_path_factory.mktemp("project")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        patch.chdir(root)  # anything MLflow writes to its cwd default stays out of the repository
+        uri = resolve_tracking_uri(root=root)
+        config = root / "train.json"
+        config.write_text(json.dumps({"epochs": EPOCHS}))
+        set_determinism(0)
+        trainer = _trainer()
+        # close_on_complete and attaching MONAI's handler first: ours run after it closed its run.
+        mlflow_handler = MLFlowHandler(
+            tracking_uri=uri,
+            artifact_location=default_artifact_location(root),
+            experiment_name="tracking-test",
+            run_name="tiny",
+            iteration_log=False,
+            artifacts=[str(config)],
+            close_on_complete=True,
+        )
+        averages = EpochAverages()
+        handlers = [
+            mlflow_handler,
+            averages,
+            CheckpointSaver(str(root / "models"), trainer.checkpoint_items(), save_final=True, final_filename="l.pt"),
+            TrainingPlots(mlflow_handler, averages, trainer.network, root / "plots", _loader(24, seed=1)),
+            # No validation here, hence no best checkpoint: the weights at the end are registered.
+            ModelRegistration(mlflow_handler, trainer.network, MODEL_NAME, (1, 12, 12), root / "models" / "model.pt"),
+        ]
+        for handler in handlers:
+            handler.attach(trainer)
+        trainer.run()
+        client = MlflowClient(uri)
+        run = client.search_runs([client.get_experiment_by_name("tracking-test").experiment_id])[0]
+        yield SimpleNamespace(root=root, uri=uri, trainer=trainer, averages=averages, client=client, run=run)
+        mlflow_handler.close()
+
+
+def test_run_lives_in_the_sqlite_file_with_epoch_means_of_every_term(trained):
+    assert trained.uri == f"sqlite:///{trained.root}/mlruns/mlflow.db"
+    assert (trained.root / "mlruns" / "mlflow.db").is_file()
+    experiment = trained.client.get_experiment(trained.run.info.experiment_id)
+    assert experiment.artifact_location == (trained.root / "mlruns" / "artifacts").as_uri()
+    keys = set(trained.run.data.metrics)
+    assert {"train/loss", "train/loss/y", "train/mi_scale", "train/weight/a", "train/task_weight/y"} <= keys
+    dependence = sorted(key for key in keys if key.startswith("train/dependence/"))
+    assert dependence
+    for key in dependence:
+        history = trained.client.get_metric_history(trained.run.info.run_id, key)
+        assert [metric.step for metric in history] == list(range(1, EPOCHS + 1))
+        name = key.removeprefix("train/")
+        expected = [entry[name] for entry in trained.averages.history]
+        assert [metric.value for metric in history] == pytest.approx(expected)
+
+
+def test_plots_and_config_are_artifacts_of_the_run(trained):
+    run_id = trained.run.info.run_id
+    plots = {Path(item.path).name for item in trained.client.list_artifacts(run_id, "plots")}
+    assert plots == {"training_curves.png", "tsne_y_features.png"}
+    assert "train.json" in {item.path for item in trained.client.list_artifacts(run_id)}
+    stored = trained.root / "mlruns" / "artifacts" / run_id / "artifacts"
+    assert (stored / "plots" / "training_curves.png").stat().st_size > 0
+
+
+def test_registered_candidate_predicts_like_the_trained_network(trained):
+    candidate = trained.client.get_model_version_by_alias(MODEL_NAME, "candidate")
+    assert candidate.run_id == trained.run.info.run_id
+    assert candidate.tags["weights"] == "end of training"
+    loaded = load_registered_network(f"models:/{MODEL_NAME}@candidate", tracking_uri=trained.uri)
+    network = trained.trainer.network.eval()
+    x = torch.randn(3, 1, 12, 12)  # a batch size other than the example's
+    with torch.no_grad():
+        expected, actual = network(x), loaded(x)
+    assert set(actual) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key])
+    with pytest.raises(LookupError, match="candidate"):
+        load_registered_network(f"models:/{MODEL_NAME}@nonexistent", tracking_uri=trained.uri)
+
+
+def test_promote_moves_the_champion_alias(trained):
+    first = trained.client.get_model_version_by_alias(MODEL_NAME, "candidate")
+    with using_tracking_uri(trained.uri):  # the registry looks the logged model up in the global store
+        second = trained.client.create_model_version(MODEL_NAME, first.source, first.run_id, model_id=first.model_id)
+    promote(MODEL_NAME, first.version, tracking_uri=trained.uri)
+    assert trained.client.get_model_version_by_alias(MODEL_NAME, "champion").version == first.version
+    promote(MODEL_NAME, second.version, tracking_uri=trained.uri)
+    aliases = {version.version: version.aliases for version in list_versions(MODEL_NAME, trained.uri)}
+    assert aliases[second.version] == ["champion"] and aliases[first.version] == ["candidate"]
+    with pytest.raises(LookupError, match=f"its versions: .*'{first.version}'"):
+        promote(MODEL_NAME, 99, tracking_uri=trained.uri)
+    with pytest.raises(LookupError, match=MODEL_NAME):
+        promote("no_such_model", 1, tracking_uri=trained.uri)
+
+
+def test_registry_cli_promotes_and_lists(trained, capsys):
+    first = trained.client.get_model_version_by_alias(MODEL_NAME, "candidate")
+    uri = ["--tracking-uri", trained.uri]
+    assert main(["registry", "promote", MODEL_NAME, "--version", str(first.version), "--alias", "champion", *uri]) == 0
+    assert trained.client.get_model_version_by_alias(MODEL_NAME, "champion").version == first.version
+    capsys.readouterr()
+    assert main(["registry", "list", MODEL_NAME, *uri]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows[str(first.version)] == ["candidate,champion", first.run_id]
+    assert main(["registry", "list", "no_such_model", *uri]) == 2
+    assert MODEL_NAME in capsys.readouterr().err
+
+
+def test_registry_refuses_a_folder_without_a_store(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert main(["registry", "list", MODEL_NAME, "--tracking-uri", uri]) == 2
+    assert "no MLflow store" in capsys.readouterr().err
+
+
+def test_best_checkpoint_weights_are_registered_rather_than_the_last(tmp_path):
+    def net() -> MIMMXNet:
+        return MIMMXNet("small_cnn", PARTS, {k: 2 for k in PARTS}, backbone_kwargs={"channels": (4, 8)})
+
+    last, best = net(), net()
+    torch.save({"network": best.state_dict(), "optimizer": {}}, tmp_path / "model.pt")
+    handler = SimpleNamespace(cur_run=None, client=None)
+    registration = ModelRegistration(handler, last, MODEL_NAME, (1, 12, 12), tmp_path / "model.pt")
+    network, source = registration.trained_network()
+    assert source == str(tmp_path / "model.pt")
+    for key, value in best.state_dict().items():
+        assert torch.equal(network.state_dict()[key], value)
+    torch.save({"net": best.state_dict()}, tmp_path / "model.pt")
+    with pytest.raises(KeyError, match="'network'"):
+        registration.trained_network()
+
+
+def test_epoch_averages_survive_a_checkpoint_round_trip(tmp_path):
+    averages = EpochAverages()
+    engine = Engine(lambda engine, batch: {"loss": float(batch), "critic_loss": math.nan})
+    averages.attach(engine)
+    saver = CheckpointSaver(str(tmp_path), {"epoch_averages": averages}, save_final=True, final_filename="last.pt")
+    saver.attach(engine)
+    engine.run([1.0, 2.0, 3.0, 4.0], max_epochs=2, epoch_length=2)
+    # NaN (no critic) stays out of the means.
+    assert averages.history == [{"epoch": 1, "loss": 1.5}, {"epoch": 2, "loss": 3.5}]
+    assert engine.state.metrics == {"train/loss": 3.5}
+
+    resumed = EpochAverages()
+    loader = Engine(lambda engine, batch: {})
+    CheckpointLoader(str(tmp_path / "last.pt"), {"epoch_averages": resumed}).attach(loader)
+    loader.run([0.0], max_epochs=1)
+    assert resumed.history == averages.history
+
+
+def test_epoch_averages_resume_in_the_middle_of_an_epoch():
+    def engine(epoch: int, loss: float) -> SimpleNamespace:
+        return SimpleNamespace(state=SimpleNamespace(epoch=epoch, output={"loss": loss}, metrics={}))
+
+    before = EpochAverages()
+    before(engine(1, 1.0))
+    after = EpochAverages()
+    after.load_state_dict(before.state_dict())
+    after(engine(1, 3.0))
+    assert after.history == [{"epoch": 1, "loss": 2.0}]
+    after(engine(2, 10.0))
+    assert after.history == [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 10.0}]
+    with pytest.raises(TypeError, match="dict of floats"):
+        after(SimpleNamespace(state=SimpleNamespace(epoch=2, output=[1.0], metrics={})))
+
+
+def test_handlers_do_nothing_off_rank_zero(tmp_path, monkeypatch):
+    net = MIMMXNet("small_cnn", PARTS, {k: 2 for k in PARTS}, backbone_kwargs={"channels": (4, 8)})
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    # A multi-GPU bundle disables MONAI's MLFlowHandler off rank 0, so ours get None there.
+    averages = EpochAverages()
+    engine = Engine(lambda engine, batch: {"loss": batch})
+    for handler in (
+        averages,
+        TrainingPlots(None, averages, net, tmp_path / "plots", _loader(8)),
+        ModelRegistration(None, net, MODEL_NAME, (1, 12, 12)),
+    ):
+        handler.attach(engine)
+    engine.run([1.0, 2.0], max_epochs=1)
+    assert engine.state.metrics == {} and averages.history == []
+    assert not (tmp_path / "plots").exists()
+
+    # On rank 0 the same handlers act, and fail for want of an MLflow run.
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    averages(engine)
+    assert engine.state.metrics == {"train/loss": 2.0}
+    no_run = SimpleNamespace(cur_run=None, client=None)
+    for handler in (TrainingPlots(no_run, averages, net, tmp_path), ModelRegistration(no_run, net, "m", (1, 12, 12))):
+        with pytest.raises(RuntimeError, match="no run"):
+            handler(engine)
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = resolve_tracking_uri(root="project")
+    assert default == f"sqlite:///{tmp_path}/project/mlruns/mlflow.db"
+    assert (tmp_path / "project" / "mlruns").is_dir()
+    assert default_artifact_location("project") == (tmp_path / "project" / "mlruns" / "artifacts").as_uri()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert resolve_tracking_uri(root="project") == "http://mlflow.example:5000"
+    assert resolve_tracking_uri("sqlite:///elsewhere/runs.db") == "sqlite:///elsewhere/runs.db"
+    # A server keeps its own artifact store; a SQLite file keeps them next to it.
+    assert default_artifact_location("project") is None
+    assert default_artifact_location(tracking_uri="sqlite:///elsewhere/runs.db") == (
+        tmp_path / "elsewhere" / "artifacts"
+    ).as_uri()
