@@ -118,12 +118,8 @@ class ModelRegistration:
                            self.best_checkpoint)
             return network, "end of training"
         checkpoint = torch.load(self.best_checkpoint, map_location="cpu", weights_only=True)
-        if "network" not in checkpoint:
-            raise KeyError(
-                f"{self.best_checkpoint} has no 'network' entry (it has {sorted(checkpoint)}); save it with "
-                "CheckpointSaver(save_dict={'network': network, ...})."
-            )
-        network.load_state_dict(checkpoint["network"])
+        # ignite stores a one-entry save_dict as the bare state dict
+        network.load_state_dict(checkpoint.get("network", checkpoint))
         return network, str(self.best_checkpoint)
 
     def register(self, network: torch.nn.Module, source: str) -> ModelVersion:

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
+import logging
+
 import torch
 from ignite.engine import Engine, Events
 
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
     from monai.handlers import MLFlowHandler
 
 __all__ = ["TrainingPlots"]
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingPlots:
@@ -104,7 +108,10 @@ class TrainingPlots:
             history = pd.DataFrame(self.epoch_averages.history).set_index("epoch")
             figures.append(plot_training_curves(history, self.output_dir / "training_curves.png"))
         if self.data_loader is not None:
-            figures.append(self._tsne())
+            try:
+                figures.append(self._tsne())
+            except ValueError as error:  # e.g. a validation set too small for t-SNE: the run itself is fine
+                logger.warning("t-SNE of the primary features skipped: %s", error)
         return figures
 
     def _tsne(self) -> Path:
