@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # Each module defines ``add_parser(subparsers)`` which registers its sub-command and sets ``func``.
-COMMAND_MODULES: tuple[str, ...] = ("cohort", "preprocess", "registry")
+COMMAND_MODULES: tuple[str, ...] = ("cohort", "preprocess", "registry", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

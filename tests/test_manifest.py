@@ -121,3 +121,4 @@ def test_splits_sharing_a_subject_are_refused():
     validate_splits({"train": train, "val": test.iloc[:1]})
     with pytest.raises(ManifestError, match=r"'train' and 'test-iid' share 1 subjects \(sub-3\)"):
         validate_splits({"train": train, "test-iid": test})
+    validate_splits({"test-iid": test, "test-inverted": test})  # held-out subjects under other correlations

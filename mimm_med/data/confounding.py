@@ -179,8 +179,9 @@ def confounded_splits(
     spurious
         Spurious column → training correlation ``r`` (probability the factor agrees with ``primary``).
     fractions
-        Subject fractions of the train, val and test pools; the test pool is cut into three equal
-        parts, one per test set, so no subject is in two sets.
+        Subject fractions of the train, val and test pools. Each test set draws from the whole test
+        pool, so the three may share held-out subjects (never with train or val): disjoint thirds
+        leave the inverted set a handful of subjects in a cohort of hundreds.
     seed
         Seed of the subject partition and the row selection.
 
@@ -196,15 +197,14 @@ def confounded_splits(
         raise ValueError(f"fractions are (train, val, test), got {tuple(fractions)}")
     rng = np.random.default_rng(seed)
     train_pool, val_pool, test_pool = subject_pools(table[subject_column].tolist(), fractions, rng)
-    test_pools = np.array_split(test_pool, 3)
     inverted = {name: 1.0 - r for name, r in spurious.items()}
     balanced = {name: 0.5 for name in spurious}
     plan = {
         "train": (train_pool, spurious),
         "val": (val_pool, spurious),
-        "test-iid": (test_pools[0], spurious),
-        "test-balanced": (test_pools[1], balanced),
-        "test-inverted": (test_pools[2], inverted),
+        "test-iid": (test_pool, spurious),
+        "test-balanced": (test_pool, balanced),
+        "test-inverted": (test_pool, inverted),
     }
     subjects = table[subject_column]
     pairings = {name: agreement_pairing(table, primary, name) for name in spurious}
