@@ -54,7 +54,7 @@ class ExperimentConfig:
 
 
 def _loader(records: Sequence[dict], config: ExperimentConfig, labels: Sequence[str], train: bool, transform: Callable | None) -> DataLoader:
-    dataset = Dataset(list(records), transform=transform if train else None)
+    dataset = Dataset(list(records), transform=transform)
     if train and parse_method(config.training_method).rebalance:
         sampler = rebalancing_sampler(records, labels, seed=config.seed)
         return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True)
@@ -120,8 +120,12 @@ def run_experiment(
     in_channels: int = 1,
     transform: Callable | None = None,
     residual_mi: Mapping[str, Any] | None = None,
+    eval_transform: Callable | None = None,
 ) -> dict[str, Any]:
     """Train on ``sets["train"]`` and evaluate on the three test sets.
+
+    ``transform`` applies to training items (loading, augmentation), ``eval_transform`` to test items
+    (loading only); records holding arrays need neither.
 
     Returns
     -------
@@ -147,6 +151,6 @@ def run_experiment(
     trainer.run()
     seconds = time.perf_counter() - start
     names = [primary, *spurious]
-    loaders = {short: _loader(sets[split], config, names, False, None) for short, split in TEST_SETS.items()}
+    loaders = {short: _loader(sets[split], config, names, False, eval_transform) for short, split in TEST_SETS.items()}
     results, _ = evaluate_network(trainer.network, loaders, primary, spurious, config.device, residual_mi=residual_mi, seed=config.seed)
     return {"config": asdict(config), "seconds": seconds, "history": history, "results": results, "network": trainer.network}
