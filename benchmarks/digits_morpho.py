@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mimm_med.data.digits_morpho import FACTORS, PRIMARY, make_digits_morpho
 from mimm_med.engines import METHODS
@@ -132,12 +133,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--estimator", default="mine", choices=("mine", "nwj", "infonce", "club"))
     parser.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=False, help="estimate I(f_y; f_z | y)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="write the results here")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     methods = list(ALL_METHODS) if args.method == "all" else args.method.split(",")
     unknown = [m for m in methods if m not in (*METHODS, "oracle")]
     if unknown:
