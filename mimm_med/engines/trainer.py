@@ -8,6 +8,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine
 from monai.engines import Trainer
 from monai.engines.utils import default_metric_cmp_fn
@@ -24,6 +25,22 @@ class TrainingDiverged(RuntimeError):
     """A loss term became NaN or infinite."""
 
 
+def _mean_over_ranks(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Average gradients over the ranks of ``torch.distributed`` in one collective; unchanged without one.
+
+    ``None`` entries (parameters a loss does not reach) stay ``None``; every rank has the same ones.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(grads)
+    present = [grad for grad in grads if grad is not None]
+    if not present:
+        return list(grads)
+    flat = torch.cat([grad.reshape(-1) for grad in present])
+    dist.all_reduce(flat)  # a sum: gloo has no average
+    chunks = iter((flat / dist.get_world_size()).split([grad.numel() for grad in present]))
+    return [None if grad is None else next(chunks).view_as(grad) for grad in grads]
+
+
 class MIMMXTrainer(Trainer):
     """Trains a :class:`~mimm_med.networks.MIMMXNet` with any method of :mod:`mimm_med.engines.methods`.
 
@@ -36,6 +53,12 @@ class MIMMXTrainer(Trainer):
        critics frozen (their gradients are discarded). For MIMM-X, ``α`` clips the MI gradient at the
        network's last shared layer to the task gradient's norm, and GradNorm updates the task
        weights ``w`` through ``gradnorm_optimizer``.
+
+    Under ``torch.distributed`` (the network wrapped in ``DistributedDataParallel``) the critics see the
+    global batch (:func:`mimm_med.mi.gather_batch`), so the MI estimates, critic updates and attention
+    match a single process on that batch. The shared-layer gradients behind ``α`` and the GradNorm
+    weight gradients are averaged over the ranks, as DDP averages the network's: ``α`` is then the
+    global batch's and the task weights stay equal on every rank, while the task losses are per rank.
 
     Reusing the batch's features for the critic steps costs one network forward per iteration, so a
     MIMM-X step stays close to an ERM step (see ``benchmarks/step_overhead.py``).
@@ -214,7 +237,8 @@ class MIMMXTrainer(Trainer):
             if objective.spec.adaptive_scaling:
                 task_grads = torch.autograd.grad(task_total, shared, retain_graph=True, allow_unused=True)
                 mi_grads = torch.autograd.grad(penalty, shared, retain_graph=True, allow_unused=True)
-                scale = adaptive_mi_scale(task_grads, mi_grads)
+                grads = _mean_over_ranks([*task_grads, *mi_grads])
+                scale = adaptive_mi_scale(grads[: len(shared)], grads[len(shared) :])
             total = task_total + scale * penalty
             report.update({f"dependence/{name}": float(value.detach()) for name, value in terms.items()})
             report.update({f"weight/{name}": float(w) for name, w in zip(terms, weights)})
@@ -223,7 +247,9 @@ class MIMMXTrainer(Trainer):
         gradnorm_grads = None
         if objective.gradnorm is not None:
             gradnorm_loss = objective.gradnorm.gradnorm_loss(task_losses, shared)
-            gradnorm_grads = torch.autograd.grad(gradnorm_loss, list(objective.gradnorm.parameters()), retain_graph=True)
+            gradnorm_grads = _mean_over_ranks(
+                torch.autograd.grad(gradnorm_loss, list(objective.gradnorm.parameters()), retain_graph=True)
+            )
 
         if self.scaler is not None:
             self.scaler.scale(total).backward()
