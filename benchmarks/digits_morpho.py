@@ -77,6 +77,7 @@ def run_method(method: str, args: argparse.Namespace, confounders: list[str]) ->
             critic_lr=args.critic_lr,
             estimator=args.estimator,
             conditional=args.conditional,
+            balanced=args.balanced,
             seed=seed,
             device=args.device,
         )
@@ -132,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--critic-lr", type=float, default=1e-3)
     parser.add_argument("--estimator", default="mine", choices=("mine", "nwj", "infonce", "club"))
     parser.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=False, help="estimate I(f_y; f_z | y)")
+    parser.add_argument(
+        "--balanced", action=argparse.BooleanOptionalAction, default=False, help="MI under cell-balanced weights"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="write the results here")

@@ -40,6 +40,7 @@ class ExperimentConfig:
     gradnorm_lr: float = 0.025
     estimator: str = "mine"
     conditional: bool = False
+    balanced: bool = False
     temperature: float = 1.0
     part_size: int = 16
     backbone: str = "small_cnn"
@@ -88,6 +89,7 @@ def build_run(
         mi_weight=config.mi_weight,
         estimator=config.estimator,
         conditional=config.conditional,
+        balanced=config.balanced,
         temperature=config.temperature,
     )
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)

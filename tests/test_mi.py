@@ -338,3 +338,41 @@ def test_adversarial_head_reverses_the_gradient_of_its_classifier():
     torch.nn.functional.cross_entropy(plain(x), torch.tensor([0, 1, 2, 0])).backward()
     torch.testing.assert_close(reversed_grad, -2.0 * x.grad)
     assert all(p.grad is not None for p in head.classifier.parameters())
+
+
+def _labelled_features(n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """a knows y only, b knows z only, and z agrees with y 90 % of the time; plus cell weights."""
+    y = torch.randint(0, 2, (n,), generator=generator)
+    z = torch.where(torch.rand(n, generator=generator) < 0.9, y, 1 - y)
+    a = y[:, None].float() + 0.3 * torch.randn(n, 2, generator=generator)
+    b = z[:, None].float() + 0.3 * torch.randn(n, 2, generator=generator)
+    cells = y * 2 + z
+    return a, b, 1.0 / torch.bincount(cells, minlength=4).float()[cells]
+
+
+def _held_out_estimate(balanced: bool) -> float:
+    generator = torch.Generator().manual_seed(0)
+    estimator = MINE(2, 2, hidden_dim=32, embed_dim=8)
+    optimizer = torch.optim.Adam(estimator.parameters(), lr=3e-3)
+    for _ in range(300):
+        a, b, weights = _labelled_features(256, generator)
+        optimizer.zero_grad()
+        estimator.critic_loss(a, b, weights=weights if balanced else None).backward()
+        optimizer.step()
+    a, b, weights = _labelled_features(4096, generator)
+    with torch.no_grad():
+        return float(estimator(a, b, weights=weights if balanced else None))
+
+
+def test_cell_balancing_weights_remove_dependence_that_only_comes_from_label_correlation():
+    assert _held_out_estimate(balanced=False) > 0.2  # I(y; z) ≈ 0.37 nats leaks into a and b
+    assert abs(_held_out_estimate(balanced=True)) < 0.05  # y and z are independent under the balanced weights
+
+
+def test_equal_weights_change_nothing_and_bad_weights_are_refused():
+    torch.manual_seed(1)
+    a, b = torch.randn(32, 3), torch.randn(32, 4)
+    estimator = MINE(3, 4)
+    assert torch.allclose(estimator(a, b), estimator(a, b, weights=torch.full((32,), 2.0)), atol=1e-6)
+    with pytest.raises(ValueError, match="weights must be finite and non-negative"):
+        estimator(a, b, weights=-torch.ones(32))

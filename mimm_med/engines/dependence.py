@@ -67,8 +67,14 @@ class MutualInformationTerms(DependenceTerms):
     estimator
         ``"mine"``, ``"nwj"``, ``"infonce"`` or ``"club"``.
     conditional
-        Estimate I(f_y; f_zk | y) with negatives drawn within each primary class; the plain MI cannot
-        reach zero when z correlates with y in the data, the conditional one can.
+        Estimate I(f_y; f_zk | y) with negatives drawn within each primary class.
+    balanced
+        Estimate the MI under the cell-balanced distribution of the batch: sample weights
+        1 / count(y, z_k) for the pair (y, z_k) (1 / count(z_i, z_j) for factor pairs). When z
+        agrees with y at rate r, the plain I(f_y; f_zk) cannot reach zero without f_y losing y
+        (it is at least I(y; z_k)); under the balanced weights y and z_k are independent, so the
+        estimate reaches zero exactly when f_y carries nothing about z_k beyond y — the leakage the
+        balanced test set measures.
     factor_pairs
         Also penalize MI between every pair of spurious parts.
     estimator_options
@@ -84,6 +90,7 @@ class MutualInformationTerms(DependenceTerms):
         conditional: bool = False,
         factor_pairs: bool = False,
         estimator_options: Mapping[str, Any] | None = None,
+        balanced: bool = False,
     ) -> None:
         super().__init__(primary, factors)
         if estimator not in ESTIMATORS:
@@ -93,6 +100,7 @@ class MutualInformationTerms(DependenceTerms):
             pairs += [(a, b) for i, a in enumerate(self.factors) for b in self.factors[i + 1 :]]
         self.pairs = pairs
         self.conditional = conditional
+        self.balanced = balanced
         self.estimators = nn.ModuleDict(
             {
                 self._pair_name(a, b): ESTIMATORS[estimator](part_sizes[a], part_sizes[b], **(estimator_options or {}))
@@ -110,20 +118,26 @@ class MutualInformationTerms(DependenceTerms):
     def _strata(self, labels: Mapping[str, Tensor]) -> Tensor | None:
         return labels[self.primary].long().view(-1) if self.conditional else None
 
-    def forward(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def _weights(self, labels: Mapping[str, Tensor], a: str, b: str) -> Tensor | None:
+        if not self.balanced:
+            return None
+        cells = labels[a].long().view(-1) * (int(labels[b].max()) + 1) + labels[b].long().view(-1)
+        return 1.0 / torch.bincount(cells).float()[cells]
+
+    def _per_pair(self, method: str, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
         strata = self._strata(labels)
         return {
-            name: self.estimators[name](outputs[f"{a}_features"], outputs[f"{b}_features"], strata=strata)
+            name: getattr(self.estimators[name], method)(
+                outputs[f"{a}_features"], outputs[f"{b}_features"], strata=strata, weights=self._weights(labels, a, b)
+            )
             for name, (a, b) in zip(self.estimators, self.pairs)
         }
 
+    def forward(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return self._per_pair("forward", outputs, labels)
+
     def critic_loss(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> Tensor:
-        strata = self._strata(labels)
-        losses = [
-            self.estimators[name].critic_loss(outputs[f"{a}_features"], outputs[f"{b}_features"], strata=strata)
-            for name, (a, b) in zip(self.estimators, self.pairs)
-        ]
-        return torch.stack(losses).sum()
+        return torch.stack(list(self._per_pair("critic_loss", outputs, labels).values())).sum()
 
 
 class DistanceCorrelationTerms(DependenceTerms):

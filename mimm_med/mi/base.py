@@ -15,14 +15,15 @@ __all__ = ["ContrastPairs", "MutualInformationEstimator", "gather_batch"]
 
 
 class ContrastPairs:
-    """Which pairs (i, j) of a batch are contrasted against the positives (i, i).
+    """Which pairs (i, j) of a batch are contrasted against the positives (i, i), and with what weight.
 
     Negatives are the pairs i ≠ j within the same stratum (all of them when ``strata`` is None).
     Anchors without a partner in their stratum are left out of both the positive and the negative
-    term, so both expectations run over the same distribution of strata. Each anchor's negatives
-    are weighted by one over their count: every anchor counts once, every stratum in proportion to
-    its size, which makes the negative term an expectation under p(s)·p(a|s)·p(b|s) — the product
-    of marginals that defines the conditional MI I(a; b | s).
+    term, so both expectations run over the same distribution of strata. Anchor i counts with its
+    sample weight w_i, and its negatives j with w_j / Σ_{j'} w_j' over its partners: the negative
+    term is an expectation under q(s)·q(a|s)·q(b|s), the product of marginals that defines the
+    conditional MI I(a; b | s) under the weighted distribution q (the empirical one when all
+    weights are equal).
 
     Parameters
     ----------
@@ -32,6 +33,9 @@ class ContrastPairs:
         B.
     device
         Where the masks live.
+    weights
+        ``(B,)`` non-negative sample weights, or None for equal weights. Importance weights
+        1 / count(y, z) make q the cell-balanced distribution, in which y and z are independent.
 
     Examples
     --------
@@ -40,40 +44,44 @@ class ContrastPairs:
     [True, True, False]
     """
 
-    def __init__(self, strata: Tensor | None, batch_size: int, device: torch.device) -> None:
+    def __init__(
+        self, strata: Tensor | None, batch_size: int, device: torch.device, weights: Tensor | None = None
+    ) -> None:
         if strata is None:
             same = torch.ones(batch_size, batch_size, dtype=torch.bool, device=device)
         else:
             same = strata[:, None] == strata[None, :]
+        weights = torch.ones(batch_size, device=device) if weights is None else weights.float()
         self.same_stratum = same
         self.negatives = same & ~torch.eye(batch_size, dtype=torch.bool, device=device)
-        partners = self.negatives.sum(dim=1)
-        self.anchors = partners > 0
-        self.num_anchors = self.anchors.sum().float()
-        self.log_weight = torch.where(
-            self.negatives, -partners.clamp_min(1).float().log()[:, None], -math.inf
-        )
+        partner_weight = (self.negatives * weights[None, :]).sum(dim=1)
+        self.anchors = partner_weight > 0
+        self.anchor_weight = weights * self.anchors
+        self.total_weight = self.anchor_weight.sum()
+        log_pair = self.anchor_weight.log()[:, None] + weights.log()[None, :] - partner_weight.clamp_min(1e-30).log()[:, None]
+        self.log_weight = torch.where(self.negatives & self.anchors[:, None], log_pair, -math.inf)
+        self.log_column_weight = weights.log()[None, :].expand(batch_size, batch_size)
 
     def mean_positive(self, scores: Tensor) -> Tensor:
-        """Mean of the anchors' positive scores S_ii."""
-        return (scores.diagonal() * self.anchors).sum() / self.num_anchors
+        """Weighted mean of the anchors' positive scores S_ii."""
+        return (scores.diagonal() * self.anchor_weight).sum() / self.total_weight
 
     def mean_negative(self, scores: Tensor) -> Tensor:
         """Weighted mean of the negative scores S_ij."""
-        return (scores * self.log_weight.exp()).sum() / self.num_anchors
+        return (scores * self.log_weight.exp()).sum() / self.total_weight
 
     def log_mean_exp_negative(self, scores: Tensor) -> Tensor:
         """log of the weighted mean of exp(S_ij) over the negatives, computed stably."""
-        return torch.logsumexp((scores + self.log_weight).flatten(), dim=0) - self.num_anchors.log()
+        return torch.logsumexp((scores + self.log_weight).flatten(), dim=0) - self.total_weight.log()
 
     def log_mean_exp_stratum(self, scores: Tensor) -> Tensor:
-        """``(B,)``: per row i, log of the mean of exp(S_ij) over j in i's stratum, j = i included."""
-        masked = scores.masked_fill(~self.same_stratum, -math.inf)
-        return torch.logsumexp(masked, dim=1) - self.same_stratum.sum(dim=1).float().log()
+        """``(B,)``: per row i, log of the w_j-weighted mean of exp(S_ij) over j in i's stratum, j = i included."""
+        log_weights = self.log_column_weight.masked_fill(~self.same_stratum, -math.inf)
+        return torch.logsumexp(scores + log_weights, dim=1) - torch.logsumexp(log_weights, dim=1)
 
     def mean_over_anchors(self, values: Tensor) -> Tensor:
-        """Mean of a per-sample ``(B,)`` tensor over the anchors."""
-        return (values * self.anchors).sum() / self.num_anchors
+        """Weighted mean of a per-sample ``(B,)`` tensor over the anchors."""
+        return (values * self.anchor_weight).sum() / self.total_weight
 
 
 def gather_batch(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -148,13 +156,17 @@ class MutualInformationEstimator(nn.Module, ABC):
         """The estimator's training loss; by default the negated estimate (a lower bound to maximize)."""
         return -self.bound_from_scores(scores, pairs)
 
-    def forward(self, a: Tensor, b: Tensor, strata: Tensor | None = None) -> Tensor:
-        """MI estimate in nats of the batch (a, b), conditional on ``strata`` when given."""
-        return self._evaluate(self.bound_from_scores, a, b, strata)
+    def forward(
+        self, a: Tensor, b: Tensor, strata: Tensor | None = None, weights: Tensor | None = None
+    ) -> Tensor:
+        """MI estimate in nats of the batch (a, b), conditional on ``strata`` and under ``weights`` when given."""
+        return self._evaluate(self.bound_from_scores, a, b, strata, weights)
 
-    def critic_loss(self, a: Tensor, b: Tensor, strata: Tensor | None = None) -> Tensor:
+    def critic_loss(
+        self, a: Tensor, b: Tensor, strata: Tensor | None = None, weights: Tensor | None = None
+    ) -> Tensor:
         """Loss to minimize over the estimator's parameters; detach ``a`` and ``b`` before calling."""
-        return self._evaluate(self.loss_from_scores, a, b, strata)
+        return self._evaluate(self.loss_from_scores, a, b, strata, weights)
 
     def _evaluate(
         self,
@@ -162,18 +174,21 @@ class MutualInformationEstimator(nn.Module, ABC):
         a: Tensor,
         b: Tensor,
         strata: Tensor | None,
+        weights: Tensor | None = None,
     ) -> Tensor:
-        self._check_inputs(a, b, strata)
-        a, b, *rest = gather_batch(a, b) if strata is None else gather_batch(a, b, strata)
-        strata = rest[0] if rest else None
+        self._check_inputs(a, b, strata, weights)
+        optional = [t for t in (strata, weights) if t is not None]
+        a, b, *rest = gather_batch(a, b, *optional)
+        strata = rest.pop(0) if strata is not None else None
+        weights = rest.pop(0) if weights is not None else None
         with torch.autocast(device_type=a.device.type, enabled=False):
             scores = self.pair_scores(a.float(), b.float())
-            pairs = ContrastPairs(strata, a.shape[0], a.device)
+            pairs = ContrastPairs(strata, a.shape[0], a.device, weights)
             if not pairs.anchors.any():
                 return scores.sum() * 0.0
             return reduce(scores, pairs)
 
-    def _check_inputs(self, a: Tensor, b: Tensor, strata: Tensor | None) -> None:
+    def _check_inputs(self, a: Tensor, b: Tensor, strata: Tensor | None, weights: Tensor | None = None) -> None:
         expected = f"expected a of shape (B, {self.dim_a}) and b of shape (B, {self.dim_b})"
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != self.dim_a or b.shape[1] != self.dim_b:
             raise ValueError(f"{expected}, got a {tuple(a.shape)} and b {tuple(b.shape)}")
@@ -183,6 +198,13 @@ class MutualInformationEstimator(nn.Module, ABC):
             raise ValueError(
                 f"strata must be an integer tensor of shape ({a.shape[0]},) for a {tuple(a.shape)}, "
                 f"got {strata.dtype} {tuple(strata.shape)}"
+            )
+        if weights is not None and (
+            weights.shape != (a.shape[0],) or not torch.isfinite(weights).all() or (weights < 0).any()
+        ):
+            raise ValueError(
+                f"weights must be finite and non-negative with shape ({a.shape[0]},) for a {tuple(a.shape)}, "
+                f"got {tuple(weights.shape)}"
             )
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise ValueError(
