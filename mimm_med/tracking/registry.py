@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 
 from .uri import resolve_tracking_uri, using_tracking_uri
 
-__all__ = ["list_versions", "load_registered_network", "promote", "registry_client"]
+__all__ = ["ExportedNetwork", "list_versions", "load_registered_network", "promote", "registry_client"]
 
 #: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (other forms go to MLflow unchecked).
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
@@ -79,7 +79,8 @@ def load_registered_network(model_uri: str, tracking_uri: str | None = None) -> 
     Returns
     -------
     torch.nn.Module
-        A module on the CPU whose ``forward(image)`` returns the network's dict of tensors.
+        A module on the CPU in eval mode whose ``forward(image)`` returns the network's dict of
+        tensors; an :class:`ExportedNetwork` for models logged in the ``torch.export`` format.
 
     Examples
     --------
@@ -98,7 +99,41 @@ def load_registered_network(model_uri: str, tracking_uri: str | None = None) -> 
     elif match:
         _check_version(client, match["name"], match["version"])
     with using_tracking_uri(client.tracking_uri):
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        network = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    try:
+        return network.eval()
+    except NotImplementedError:  # raised by torch.export modules, whatever the mode
+        return ExportedNetwork(network)
+
+
+class ExportedNetwork(torch.nn.Module):
+    """A ``torch.export`` module (exported in eval mode) that MONAI's engines can switch to eval mode.
+
+    Such a module refuses ``eval()`` and ``train()``; evaluators call ``eval()`` on their network.
+    Here ``eval()`` is a no-op and ``train()`` an error, because the exported graph is fixed in the
+    mode it was exported in.
+
+    Parameters
+    ----------
+    module
+        ``ExportedProgram.module()``, e.g. what ``mlflow.pytorch.load_model`` returns for a pt2 model.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.training = False
+
+    def train(self, mode: bool = True) -> ExportedNetwork:
+        if mode:
+            raise RuntimeError(
+                "a registered model in the torch.export format is fixed in eval mode; to train further, load "
+                "the best checkpoint of its run into the bundle's network_def"
+            )
+        return self
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.module(image)
 
 
 def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:

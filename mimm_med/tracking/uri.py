@@ -83,11 +83,16 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API (``mlflow.pytorch.log_model``, ``load_model``) at ``uri`` for a while.
 
     Those functions read a process-wide URI; restoring it keeps this module from changing where
-    the rest of the process logs.
+    the rest of the process logs. ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI``
+    (and ``None`` deletes it), and a URI set explicitly outranks that variable, so the variable is
+    what is restored: the URI in use before is found through it again, while a later change of the
+    variable (another store in the same process) still takes effect.
     """
-    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(None)
+        if previous is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
