@@ -1,4 +1,4 @@
-"""``mimm-med cohort``: generate stand-in cohorts; merge, split and describe manifests.
+"""``mimm-med cohort``: generate stand-in cohorts and Digits-Morpho; merge, split and describe manifests.
 
 Heavy imports (pandas, MONAI, matplotlib, the generators) happen inside each sub-command so that
 ``mimm-med --help`` stays fast.
@@ -102,6 +102,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     split.set_defaults(func=split_command)
 
+    digits = commands.add_parser(
+        "digits",
+        help="write Digits-Morpho as PNG images and confounded splits",
+        description="Write Digits-Morpho (scikit-learn's handwritten digits; digit >= 5 as the label, thick and "
+        "rotated versions as spurious factors) as 8-bit PNGs and the split manifests of `cohort split`: the "
+        "input of bundles/mimm_digits.",
+    )
+    digits.add_argument("--out", type=Path, required=True, help="folder for the images, split manifests and cells.csv")
+    digits.add_argument(
+        "--correlation", type=float, default=0.9, metavar="R", help="training correlation of each factor (default: 0.9)"
+    )
+    digits.add_argument(
+        "--confounders",
+        type=lambda text: tuple(name.strip() for name in text.split(",")),
+        default=("thickness", "rotation"),
+        metavar="NAME,...",
+        help="factors correlated with the label; the others stay thin and upright (default: thickness,rotation)",
+    )
+    digits.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    digits.add_argument(
+        "--oracle", action="store_true", help="balanced train and val sets (r = 0.5), the oracle's data; test sets at R"
+    )
+    digits.set_defaults(func=digits_command)
+
     describe = commands.add_parser(
         "describe",
         help="label counts and primary × factor cross-tabs of a manifest",
@@ -155,9 +179,8 @@ def merge_command(args: argparse.Namespace) -> int:
 
 def split_command(args: argparse.Namespace) -> int:
     """Run ``mimm-med cohort split``."""
-    from mimm_med.data.confounding import cell_counts, confounded_splits
-    from mimm_med.data.manifest import load_manifest, validate_splits, write_manifest
-    from mimm_med.data.writers import atomic_output
+    from mimm_med.data.confounding import confounded_splits, write_splits
+    from mimm_med.data.manifest import load_manifest, validate_splits
 
     try:
         table = load_manifest(args.manifest)
@@ -165,14 +188,29 @@ def split_command(args: argparse.Namespace) -> int:
         validate_splits(splits)
     except ValueError as error:  # ManifestError, and the sampler's errors about labels and fractions
         return _fail("split", error)
-    for name, frame in splits.items():
-        write_manifest(frame, args.out / f"{name}.csv")
-    cells = cell_counts(splits, args.primary, list(args.spurious))
-    with atomic_output(args.out / "cells.csv") as tmp:
-        cells.to_csv(tmp, index=False)
+    cells = write_splits(splits, args.out, args.primary, list(args.spurious))
     print(cells.to_string(index=False))
     sizes = ", ".join(f"{name} {len(frame)}" for name, frame in splits.items())
     print(f"cohort split: {sizes} images → {args.out}")
+    return 0
+
+
+def digits_command(args: argparse.Namespace) -> int:
+    """Run ``mimm-med cohort digits``."""
+    import pandas as pd
+
+    from mimm_med.data.digits_morpho import write_digits_splits
+
+    try:
+        out = write_digits_splits(
+            args.out, args.correlation, args.confounders, args.seed, train_correlation=0.5 if args.oracle else None
+        )
+    except ValueError as error:  # unknown confounders, a correlation outside [0, 1]
+        return _fail("digits", error)
+    cells = pd.read_csv(out / "cells.csv")
+    print(cells.to_string(index=False))
+    sizes = cells[cells["factor"] == args.confounders[0]].groupby("split", sort=False)["count"].sum()
+    print("cohort digits: " + ", ".join(f"{split} {count}" for split, count in sizes.items()) + f" images → {out}")
     return 0
 
 

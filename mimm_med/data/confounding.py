@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import WeightedRandomSampler
+
+from .manifest import write_manifest
+from .writers import atomic_output
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test-iid", "test-balanced", "test-inverted")
 TEST_CORRELATIONS: dict[str, str] = {"test-iid": "r", "test-balanced": "0.5", "test-inverted": "1 - r"}
@@ -235,6 +239,25 @@ def cell_counts(splits: Mapping[str, pd.DataFrame], primary: str, spurious: Sequ
                      "count": int(count), "agreement": agreement}
                 )
     return pd.DataFrame(rows, columns=["split", "factor", "primary", "value", "count", "agreement"])
+
+
+def write_splits(
+    splits: Mapping[str, pd.DataFrame], out_dir: str | Path, primary: str, spurious: Sequence[str]
+) -> pd.DataFrame:
+    """Write each split as the manifest ``<out_dir>/<split>.csv`` and its :func:`cell_counts` as ``cells.csv``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The cell counts.
+    """
+    out_dir = Path(out_dir)
+    for name, frame in splits.items():
+        write_manifest(frame, out_dir / f"{name}.csv")
+    cells = cell_counts(splits, primary, spurious)
+    with atomic_output(out_dir / "cells.csv") as tmp:
+        cells.to_csv(tmp, index=False)
+    return cells
 
 
 def cell_balancing_weights(labels: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -9,8 +9,9 @@ from mimm_med.data.manifest import IMAGE, SUBJECT, ManifestError, load_manifest
 from mimm_med.data.pseudonym import canonical_text
 
 PREPARE_HINT = (
-    "make the splits with `mimm-med demo --prepare-only` (stand-in cohort), or with `mimm-med cohort generate`, "
-    "`mimm-med preprocess` and `mimm-med cohort split --out <dataset_dir>` for your own cohort"
+    "make the splits with `mimm-med demo --prepare-only` (stand-in brain cohort), `mimm-med cohort digits --out "
+    "<dataset_dir>` (Digits-Morpho), or with `mimm-med cohort generate`, `mimm-med preprocess` and "
+    "`mimm-med cohort split --out <dataset_dir>` for your own cohort"
 )
 
 

@@ -6,18 +6,24 @@ The 1,797 8×8 digits of ``sklearn.datasets.load_digits`` are upsampled to 28×2
 label is ``digit = 1`` for digits ≥ 5; the spurious factors are ``thickness`` (1 = thick) and
 ``rotation`` (1 = rotated). Each subject (original digit) appears in exactly one split, with one
 version whose factors are drawn by :func:`~mimm_med.data.confounding.assign_confounders`.
+:func:`write_digits_splits` writes the sets as PNG images and split manifests, the input of the
+``mimm_digits`` bundle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage
 from skimage.transform import resize
 from sklearn.datasets import load_digits
 
-from .confounding import assign_confounders, subject_pools
+from .confounding import assign_confounders, subject_pools, write_splits
+from .manifest import COHORT, IMAGE, STATUS, STATUS_OK, SUBJECT
+from .writers import ImageFileWriter
 
 PRIMARY = "digit"
 FACTORS: tuple[str, ...] = ("thickness", "rotation")
@@ -111,10 +117,12 @@ def make_digits_morpho(
     unknown = [c for c in confounders if c not in FACTORS]
     if unknown or not confounders:
         raise ValueError(f"confounders must be a non-empty subset of {list(FACTORS)}, got {list(confounders)}")
+    r_train = correlation if train_correlation is None else train_correlation
+    if not (0.0 <= correlation <= 1.0 and 0.0 <= r_train <= 1.0):
+        raise ValueError(f"correlations must lie in [0, 1], got {correlation} (train: {r_train})")
     images, digits = digit_versions()
     rng = np.random.default_rng(seed)
     train, val, test = (np.array(pool, dtype=np.int64) for pool in subject_pools(range(len(digits)), fractions, rng))
-    r_train = correlation if train_correlation is None else train_correlation
     plan = {
         "train": (train, r_train),
         "val": (val, r_train),
@@ -130,3 +138,58 @@ def make_digits_morpho(
             factors[:, FACTORS.index(factor)] = drawn[:, column]
         sets[name] = _records(images, digits, subjects, factors)
     return sets
+
+
+def write_digits_splits(
+    out_dir: str | Path,
+    correlation: float = 0.9,
+    confounders: Sequence[str] = FACTORS,
+    seed: int = 0,
+    train_correlation: float | None = None,
+) -> Path:
+    """Write the sets of :func:`make_digits_morpho` as a split folder, as ``mimm-med cohort split`` does.
+
+    Writes 8-bit PNGs ``images/<subject>/thickness<t>-rotation<r>.png`` (one per digit version; the
+    test sets hold the same subjects and share a file where they draw the same version), the
+    manifests ``train.csv``, ``val.csv``, ``test-iid.csv``, ``test-balanced.csv``, ``test-inverted.csv``
+    (``subject_id, image, digit, thickness, rotation, cohort, status``) and ``cells.csv``.
+
+    Parameters
+    ----------
+    out_dir
+        Split folder, created if needed.
+    correlation, confounders, seed, train_correlation
+        As in :func:`make_digits_morpho`; ``train_correlation=0.5`` gives the oracle's training data.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_dir``.
+
+    Examples
+    --------
+    >>> write_digits_splits("data/digits/splits", correlation=0.9)
+    PosixPath('data/digits/splits')
+    """
+    out_dir = Path(out_dir)
+    sets = make_digits_morpho(correlation, confounders, seed, train_correlation=train_correlation)
+    images: dict[Path, np.ndarray] = {}
+    splits = {}
+    for name, records in sets.items():
+        rows = []
+        for record in records:
+            version = f"thickness{record['thickness']}-rotation{record['rotation']}.png"
+            path = out_dir / "images" / record[SUBJECT] / version
+            images[path] = record["image"][0]
+            labels = {factor: record[factor] for factor in (PRIMARY, *FACTORS)}
+            rows.append(
+                {SUBJECT: record[SUBJECT], IMAGE: str(path.absolute()), **labels, COHORT: "digits", STATUS: STATUS_OK}
+            )
+        splits[name] = pd.DataFrame(rows)
+        # a factor agrees with the label when their codes are equal, as assign_confounders draws them
+        splits[name].attrs["agreement"] = {factor: {0: 0, 1: 1} for factor in confounders}
+    writer = ImageFileWriter("png", bit_depth=8)
+    for path, image in images.items():
+        writer(image.T[None], path.with_suffix(""))  # the writer takes MONAI's [column, row] indexing
+    write_splits(splits, out_dir, PRIMARY, list(confounders))
+    return out_dir
