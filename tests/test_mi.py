@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from mimm_med.mi.base import standardize
 from mimm_med.mi import (
     CLUB,
     MINE,
@@ -142,7 +143,7 @@ def test_samples_without_a_partner_in_their_stratum_are_ignored(cls):
     strata = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 7])
     alone = estimator(a[:8], b[:8], strata[:8]).item()
     assert estimator(a, b, strata).item() == pytest.approx(alone, abs=1e-6)
-    assert estimator(a[:8], b[:8]).item() != pytest.approx(alone, abs=1e-3)
+    assert estimator(a[:8], b[:8]).item() != pytest.approx(alone, abs=1e-4)
 
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
@@ -157,7 +158,7 @@ def test_mine_matches_the_donsker_varadhan_formula_with_per_anchor_weights():
     estimator = small_estimator(MINE, 3, 2)
     a, b = torch.randn(7, 3), torch.randn(7, 2)
     strata = torch.tensor([0, 0, 0, 1, 1, 1, 1])
-    scores = estimator.critic(a, b).detach()
+    scores = estimator.critic(standardize(a), standardize(b)).detach()
     anchor_means = [
         sum(math.exp(scores[i, j]) for j in range(7) if j != i and strata[j] == strata[i])
         / (int((strata == strata[i]).sum()) - 1)
@@ -187,7 +188,7 @@ def test_mine_critic_loss_uses_the_moving_average_in_its_gradient():
     estimator.zero_grad()
     estimator.critic_loss(a, b).backward()
     corrected = [p.grad.clone() for p in estimator.parameters()]
-    scores = estimator.critic(a, b)
+    scores = estimator.critic(standardize(a), standardize(b))
     off_diagonal = ~torch.eye(16, dtype=torch.bool)
     log_mean_exp = torch.logsumexp(scores[off_diagonal], 0) - math.log(16 * 15)
     expected = torch.autograd.grad(-scores.diagonal().mean() + 0.5 * log_mean_exp, list(estimator.parameters()))
