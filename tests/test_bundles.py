@@ -1,0 +1,231 @@
+"""The MONAI bundles end to end on tiny data: train → evaluate → infer (checkpoint and registry) → TorchScript.
+
+Bundles run in this process through ``monai.bundle.run`` from the repository root, as ``python -m
+monai.bundle run ...`` runs them; only the data, the image size and the batch size are overridden.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from filelock import FileLock
+from mlflow import MlflowClient
+from monai.bundle import ConfigParser, ckpt_export, run
+from PIL import Image
+
+from mimm_med.cli import main
+from mimm_med.data.confounding import SPLIT_NAMES
+from mimm_med.data.datalist import PREPARE_HINT
+from mimm_med.data.manifest import read_manifest, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+MANDATORY_METADATA = (
+    "version", "monai_version", "pytorch_version", "numpy_version", "optional_packages_version", "task",
+    "description", "authors", "copyright", "network_data_format", "changelog", "schema",
+)  # fmt: skip
+#: Rows kept per split of the digits set: a few batches of training, enough test images for every metric.
+DIGITS_ROWS = {"train": 64, "val": 16, "test-iid": 32, "test-balanced": 32, "test-inverted": 32}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle under test: its name, the fixture that makes its splits, and its small-run overrides."""
+
+    name: str
+    splits: str
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def configs(self) -> str:
+        return f"bundles/{self.name}/configs"
+
+    def config_files(self, *workflows: str) -> list[str]:
+        return [f"{self.configs}/{workflow}.json" for workflow in ("train", *workflows)]
+
+
+BUNDLES = [
+    Bundle("mimm_digits", "digits_small_splits", {"batch_size": 16}),
+    Bundle("mimmx_cxr", "cxr_splits", {"spatial_size": [32, 32], "batch_size": 16}),
+    Bundle("mimmx_brain", "brain_splits", {"spatial_size": [24, 24, 24], "batch_size": 4}),
+]
+
+
+def _shared_folder(tmp_path_factory: pytest.TempPathFactory, worker_id: str, name: str) -> Path:
+    """A folder of this test run that pytest-xdist workers share (build it under ``FileLock(f"{folder}.lock")``)."""
+    root = tmp_path_factory.getbasetemp()
+    return (root if worker_id == "master" else root.parent) / name
+
+
+@pytest.fixture(scope="session")
+def digits_splits(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """The whole Digits-Morpho split folder at r = 0.9, written by ``mimm-med cohort digits`` (about 10 s)."""
+    out = _shared_folder(tmp_path_factory, worker_id, "digits_splits")
+    with FileLock(f"{out}.lock"):
+        if not (out / "cells.csv").exists():
+            assert main(["cohort", "digits", "--out", str(out), "--correlation", "0.9"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits_small_splits(digits_splits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first :data:`DIGITS_ROWS` rows of every digits split, pointing at the same images."""
+    out = tmp_path_factory.mktemp("digits_small")
+    for name, rows in DIGITS_ROWS.items():
+        write_manifest(read_manifest(digits_splits / f"{name}.csv").head(rows), out / f"{name}.csv")
+    return out
+
+
+@pytest.fixture(scope="module")
+def cxr_splits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in CheXpert cohort of 300 patients, preprocessed to 32² and split at r = 0.7 (about 10 s)."""
+    work = tmp_path_factory.mktemp("cxr")
+    raw, processed, splits = work / "raw", work / "processed", work / "splits"
+    commands = [
+        ["cohort", "generate", "chexpert", "--n", "300", "--resolution-mm", "4", "--out", str(raw), "--no-progress"],
+        ["preprocess", "--cohort", f"{REPO}/cohorts/chexpert.yaml", "--raw", str(raw), "--out", str(processed),
+         "--key", "test-key-for-the-bundle-tests", "--set", "spatial_size=32"],
+        ["cohort", "split", "--manifest", str(processed / "manifest.csv"), "--primary", "effusion",
+         "--spurious", "sex=0.7,devices=0.7", "--out", str(splits)],
+    ]  # fmt: skip
+    for command in commands:
+        assert main(command) in (0, 1)  # 1: some metadata rows dropped by the card (uncertain effusion)
+    return splits
+
+
+@pytest.fixture
+def at_repo_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    """Run from the repository root (the configs' ``%bundles/common/...`` macros) with a private MLflow store."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri
+
+
+def _predictions(path: Path) -> pd.DataFrame:
+    """``predictions.csv`` of ``ClassificationSaver``: image path, then one probability per class (no header)."""
+    return pd.read_csv(path, header=None, index_col=0)
+
+
+def _network(bundle: Bundle, checkpoint: Path | None = None) -> torch.nn.Module:
+    parser = ConfigParser()
+    parser.read_config(f"{REPO}/{bundle.configs}/train.json")
+    network = parser.get_parsed_content("network_def")
+    if checkpoint is not None:
+        network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    return network.eval()
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_bundle_trains_evaluates_infers_and_exports(bundle: Bundle, request, at_repo_root: str, tmp_path: Path):
+    splits = request.getfixturevalue(bundle.splits)
+    root = tmp_path / bundle.name
+    settings = {"dataset_dir": str(splits), "bundle_root": str(root), **bundle.overrides}
+    run("training", config_file=bundle.config_files(), epochs=1, cache_rate=0, **settings)
+
+    defaults = ConfigParser.load_config_file(f"{bundle.configs}/train.json")
+    run_name = f"{defaults['method']}-seed0"
+    client = MlflowClient(at_repo_root)
+    experiment = client.get_experiment_by_name(bundle.name)
+    (training,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{run_name}'")
+    assert training.info.status == "FINISHED"
+    assert "train/loss" in training.data.metrics and "val_bacc" in training.data.metrics
+    candidate = client.get_model_version_by_alias(bundle.name, "candidate")
+    assert candidate.run_id == training.info.run_id
+    artifacts = {a.path for a in client.list_artifacts(training.info.run_id)}
+    assert "train.json" in artifacts  # the bundle's own config, logged by MONAI's MLFlowHandler
+
+    run("evaluating", config_file=bundle.config_files("evaluate"), **settings)
+    output_dir = root / "eval" / run_name
+    metrics = json.loads((output_dir / "results.json").read_text())["metrics"]
+    assert 0.0 <= metrics["inverted/y_bacc"] <= 1.0
+    (evaluation,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{run_name}-evaluate'")
+    assert evaluation.info.status == "FINISHED" and "inverted/y_bacc" in evaluation.data.metrics
+
+    run("inferring", config_file=bundle.config_files("inference"), **settings)
+    from_checkpoint = _predictions(output_dir / "predictions.csv")
+    assert len(from_checkpoint) == len(read_manifest(splits / "test-iid.csv"))
+    np.testing.assert_allclose(from_checkpoint.sum(axis=1), 1.0, rtol=1e-5)
+    (output_dir / "predictions.csv").unlink()
+    registered = f"models:/{bundle.name}@candidate"
+    run("inferring", config_file=bundle.config_files("inference"), model_uri=registered, **settings)
+    from_registry = _predictions(output_dir / "predictions.csv")
+    pd.testing.assert_frame_equal(from_registry, from_checkpoint, atol=1e-5, rtol=1e-4)
+
+    checkpoint = root / "models" / run_name / "model.pt"
+    exported = tmp_path / "model.ts"
+    ckpt_export(
+        "network_def", filepath=str(exported), ckpt_file=str(checkpoint), config_file=f"{bundle.configs}/train.json",
+        meta_file=f"{bundle.configs}/metadata.json",
+    )  # fmt: skip
+    extra_files = {"metadata.json": ""}
+    scripted = torch.jit.load(str(exported), _extra_files=extra_files)
+    assert json.loads(extra_files["metadata.json"])["version"]
+    image = torch.rand(2, 1, *settings.get("spatial_size", defaults["spatial_size"]))
+    with torch.no_grad():
+        expected, actual = _network(bundle, checkpoint)(image), scripted(image)
+    assert set(actual) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key])
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_metadata_describes_the_network(bundle: Bundle):
+    metadata = json.loads((REPO / bundle.configs / "metadata.json").read_text())
+    assert not [key for key in MANDATORY_METADATA if key not in metadata]
+    assert metadata["version"] in metadata["changelog"]
+    assert metadata["optional_packages_version"] == metadata["required_packages_version"]  # MONAI renames the first
+    image = metadata["network_data_format"]["inputs"]["image"]
+    with torch.no_grad():
+        outputs = _network(bundle)(torch.zeros(1, image["num_channels"], *image["spatial_shape"]))
+    described = metadata["network_data_format"]["outputs"]
+    assert {key for key in outputs if key.endswith("_output")} <= set(described) <= set(outputs)
+    for key, spec in described.items():
+        assert list(outputs[key].shape[1:]) == spec["spatial_shape"] == [spec["num_channels"]]
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_missing_splits_name_the_command_that_makes_them(bundle: Bundle, at_repo_root: str, tmp_path: Path):
+    with pytest.raises(Exception) as raised:
+        run("training", config_file=bundle.config_files(), dataset_dir=str(tmp_path), bundle_root=str(tmp_path))
+    messages, error = [], raised.value
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any(PREPARE_HINT in message and str(tmp_path / "train.csv") in message for message in messages)
+
+
+def test_digits_splits_on_disk(digits_splits: Path):
+    cells = pd.read_csv(digits_splits / "cells.csv")
+    agreement = cells.groupby(["split", "factor"])["agreement"].first()
+    for split, expected in {"train": 0.9, "test-iid": 0.9, "test-balanced": 0.5, "test-inverted": 0.1}.items():
+        for factor in ("thickness", "rotation"):
+            assert abs(agreement[split, factor] - expected) < 0.06, (split, factor)
+    splits = {name: read_manifest(digits_splits / f"{name}.csv") for name in SPLIT_NAMES}
+    assert list(pd.read_csv(digits_splits / "train.csv").columns) == [
+        "subject_id", "image", "digit", "thickness", "rotation", "cohort", "status",
+    ]  # fmt: skip
+    subjects = {name: set(frame["subject_id"]) for name, frame in splits.items()}
+    assert not subjects["train"] & subjects["val"]
+    assert not (subjects["train"] | subjects["val"]) & subjects["test-iid"]
+    assert subjects["test-iid"] == subjects["test-balanced"] == subjects["test-inverted"]
+    row = splits["test-inverted"].iloc[0]
+    with Image.open(row["image"]) as image:
+        assert image.mode == "L" and image.size == (28, 28)
+    assert Path(row["image"]).name == f"thickness{row['thickness']}-rotation{row['rotation']}.png"
+
+
+def test_digits_oracle_trains_on_balanced_data(tmp_path: Path):
+    out = tmp_path / "oracle"
+    assert main(["cohort", "digits", "--out", str(out), "--correlation", "0.8", "--confounders", "rotation",
+                 "--oracle", "--seed", "1"]) == 0  # fmt: skip
+    agreement = pd.read_csv(out / "cells.csv").groupby("split")["agreement"].first()
+    assert abs(agreement["train"] - 0.5) < 0.06 and abs(agreement["test-iid"] - 0.8) < 0.06
+    assert set(read_manifest(out / "train.csv")["thickness"]) == {0}  # not a confounder: thin throughout
+    assert main(["cohort", "digits", "--out", str(out), "--confounders", "colour"]) == 2
