@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # Each module defines ``add_parser(subparsers)`` which registers its sub-command and sets ``func``.
-COMMAND_MODULES: tuple[str, ...] = ("cohort", "preprocess", "registry", "demo")
+COMMAND_MODULES: tuple[str, ...] = ("cohort", "preprocess", "registry", "demo", "benchmark")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,208 @@
+"""The benchmark matrix: methods × data sets × correlations × seeds, one stored JSON per finished cell.
+
+A cell trains one method on one data set at one training correlation and seed and scores it with the
+evaluation protocol (DESIGN §3). Its result is written to ``<out>/cells/<key>.json`` as soon as it is
+done, so an interrupted benchmark resumes where it stopped: a re-run loads finished cells instead of
+training them again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from mimm_med.benchmark.datasets import BenchmarkData, BenchmarkDataset
+from mimm_med.data.writers import atomic_output
+from mimm_med.engines import PENALTY_METHODS, TrainingDiverged
+from mimm_med.evaluation import flatten_metrics
+from mimm_med.experiment import ExperimentConfig, run_experiment
+
+#: The matrix of Mueller & Berens (2026) plus MIMM, MIMM-X and the oracle (DESIGN §2).
+DEFAULT_METHODS: tuple[str, ...] = ("erm", "rebalance", *PENALTY_METHODS, "oracle")
+#: Each penalty also combined with group rebalancing (``--with-rebalance``).
+REBALANCED_METHODS: tuple[str, ...] = tuple(f"{name}+rebalance" for name in PENALTY_METHODS)
+
+
+class StaleCellError(ValueError):
+    """A stored cell was run with other settings than the benchmark that finds it."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One entry of the matrix."""
+
+    dataset: str
+    method: str
+    correlation: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """File-name-safe identifier, e.g. ``digits_mimmx_r0.9_seed0``."""
+        return f"{self.dataset}_{self.method}_r{self.correlation:g}_seed{self.seed}"
+
+
+def plan_cells(
+    datasets: Sequence[str], methods: Sequence[str], correlations: Sequence[float], seeds: Sequence[int]
+) -> list[Cell]:
+    """Every cell, ordered so that consecutive cells share a data set, correlation and seed (one split)."""
+    return [
+        Cell(dataset, method, correlation, seed)
+        for dataset in datasets
+        for correlation in correlations
+        for seed in seeds
+        for method in methods
+    ]
+
+
+def run_cell(
+    cell: Cell,
+    data: BenchmarkData,
+    options: Mapping[str, Any],
+    residual_mi: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate one cell.
+
+    Parameters
+    ----------
+    data
+        The cell's splits, from :meth:`BenchmarkDataset.data` (train and val at r = 0.5 for the oracle).
+    options
+        :class:`~mimm_med.experiment.ExperimentConfig` fields shared by every cell (epochs, mi_weight, …).
+    residual_mi
+        Passed to :func:`~mimm_med.experiment.run_experiment` (``None``: no residual MI).
+
+    Returns
+    -------
+    dict
+        ``cell``, ``options``, ``config``, ``seconds`` (training), ``sizes`` (records per split),
+        ``history`` (per-epoch training means), ``metrics`` (:func:`~mimm_med.evaluation.flatten_metrics`)
+        and ``diverged``: the :class:`~mimm_med.engines.TrainingDiverged` message, or ``None``. A diverged
+        cell is a result too (no metrics, NaN seconds): rerunning it with the same seed diverges again.
+    """
+    config = ExperimentConfig(**{**data.config_defaults, **options, "method": cell.method, "seed": cell.seed})
+    result = {
+        "cell": asdict(cell),
+        "options": dict(options),
+        "config": asdict(config),
+        "seconds": math.nan,
+        "sizes": {name: len(records) for name, records in data.sets.items()},
+        "history": [],
+        "metrics": {},
+        "diverged": None,
+    }
+    try:
+        run = run_experiment(
+            data.sets,
+            data.primary,
+            data.spurious,
+            data.num_classes,
+            config,
+            spatial_dims=data.spatial_dims,
+            in_channels=data.in_channels,
+            residual_mi=residual_mi,
+        )
+    except TrainingDiverged as error:
+        return {**result, "diverged": str(error)}
+    return {**result, "seconds": run["seconds"], "history": run["history"], "metrics": flatten_metrics(run["results"])}
+
+
+def cell_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """Every figure of a cell result under a ``<test>/<metric>`` name.
+
+    The evaluation metrics (``inverted/y_bacc``, ``leakage/sex``, …), plus ``train/seconds``,
+    ``train/diverged`` (1 or 0) and the records per split ``data/n_<split>``.
+    """
+    metrics = {**result["metrics"], "train/seconds": result["seconds"]}
+    metrics["train/diverged"] = result["diverged"] is not None
+    metrics.update({f"data/n_{split}": size for split, size in result["sizes"].items()})
+    return {name: float(value) for name, value in metrics.items()}
+
+
+def cell_path(out: str | Path, cell: Cell) -> Path:
+    """Where a finished cell is stored."""
+    return Path(out) / "cells" / f"{cell.key}.json"
+
+
+def save_cell(path: Path, result: Mapping[str, Any]) -> None:
+    """Write a cell result atomically (an interrupted write never looks finished)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
+
+
+def load_cell(path: Path, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Read a finished cell and check it was run with the same ``options``.
+
+    Raises
+    ------
+    StaleCellError
+        If the stored options differ: mixing settings in one table would be silently wrong.
+    """
+    result = json.loads(path.read_text())
+    if result["options"] != dict(options):
+        raise StaleCellError(
+            f"{path} was run with {result['options']}, this benchmark uses {dict(options)}; "
+            "give another --out folder, or delete that folder's cells/ to start over"
+        )
+    return result
+
+
+def run_matrix(
+    cells: Iterable[Cell],
+    datasets: Mapping[str, BenchmarkDataset],
+    out: str | Path,
+    options: Mapping[str, Any],
+    residual_mi: Mapping[str, Any] | None = None,
+    on_result: Callable[[dict], Mapping[str, Any]] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every cell not yet stored under ``out`` and return the results of all cells, in order.
+
+    Parameters
+    ----------
+    on_result
+        Called with the result of every cell, finished now or before (e.g. to log it to MLflow); the
+        fields it returns, if any, are added to the result and stored with it.
+    progress
+        Show a progress bar over the cells to run, with ETA.
+
+    Examples
+    --------
+    >>> cells = plan_cells(["digits"], ["erm", "mimmx"], [0.9], [0])
+    >>> results = run_matrix(cells, {"digits": DigitsData()}, "out/benchmark", {"epochs": 5})
+    """
+    cells = list(cells)
+    todo = [cell for cell in cells if not cell_path(out, cell).exists()]
+    for name in dict.fromkeys(cell.dataset for cell in todo):
+        datasets[name].prepare()
+    bar = tqdm(total=len(todo), unit="cell", disable=not progress, dynamic_ncols=True)
+    results = []
+    split_key, data = None, None
+    with bar:
+        for cell in cells:
+            path = cell_path(out, cell)
+            if path.exists():
+                result = load_cell(path, options)
+            else:
+                bar.set_postfix_str(cell.key)
+                oracle = cell.method == "oracle"
+                # Consecutive cells share their splits (see plan_cells): draw them once.
+                if split_key != (cell.dataset, cell.correlation, cell.seed, oracle):
+                    split_key = (cell.dataset, cell.correlation, cell.seed, oracle)
+                    data = datasets[cell.dataset].data(cell.correlation, cell.seed, oracle)
+                result = run_cell(cell, data, options, residual_mi)
+                save_cell(path, result)
+                bar.update()
+            extra = on_result(result) if on_result is not None else None
+            if extra:
+                result.update(extra)
+                save_cell(path, result)
+            results.append(result)
+    return results
+

@@ -1,0 +1,119 @@
+"""MLflow runs of a benchmark: one parent run per output folder, one child run per cell."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from mimm_med.benchmark.matrix import Cell, cell_metrics
+from mimm_med.tracking import default_artifact_location, resolve_tracking_uri
+
+RUN_FILE = "mlflow_run.json"
+
+
+class BenchmarkTracker:
+    """Log a benchmark to MLflow: a parent run for the whole matrix, a nested run per cell.
+
+    The parent run's id is kept in ``<out>/mlflow_run.json``, so a resumed benchmark logs into the
+    same parent run, and cells logged there before are not logged twice.
+
+    Parameters
+    ----------
+    out
+        The benchmark's output folder.
+    experiment
+        MLflow experiment name (created with :func:`~mimm_med.tracking.default_artifact_location`).
+    params
+        Parameters of the parent run (logged when it is created).
+    tracking_uri
+        Passed to :func:`~mimm_med.tracking.resolve_tracking_uri`.
+
+    Examples
+    --------
+    >>> with BenchmarkTracker("out/benchmark", "mimm-med-benchmark", {"epochs": 5}) as tracker:
+    ...     run_matrix(cells, datasets, "out/benchmark", {"epochs": 5}, on_result=tracker.log_cell)
+    ...     tracker.log_artifacts([Path("out/benchmark/results.md")])
+    """
+
+    def __init__(
+        self, out: str | Path, experiment: str, params: Mapping[str, Any], tracking_uri: str | None = None
+    ) -> None:
+        self.uri = resolve_tracking_uri(tracking_uri)
+        self.client = MlflowClient(self.uri)
+        self.run_file = Path(out) / RUN_FILE
+        self.run_id = self._resume() or self._create(experiment, params)
+        self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
+
+    def _resume(self) -> str | None:
+        if not self.run_file.exists():
+            return None
+        stored = json.loads(self.run_file.read_text())
+        if stored["tracking_uri"] != self.uri:
+            return None
+        try:
+            self.client.update_run(stored["run_id"], status="RUNNING")
+        except MlflowException:  # deleted, or the store was wiped
+            return None
+        return stored["run_id"]
+
+    def _create(self, experiment: str, params: Mapping[str, Any]) -> str:
+        found = self.client.get_experiment_by_name(experiment)
+        if found:
+            experiment_id = found.experiment_id
+        else:
+            location = default_artifact_location(tracking_uri=self.uri)
+            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        run_id = self.client.create_run(experiment_id, run_name=self.run_file.parent.name).info.run_id
+        self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
+        self.run_file.parent.mkdir(parents=True, exist_ok=True)
+        self.run_file.write_text(json.dumps({"tracking_uri": self.uri, "run_id": run_id}))
+        return run_id
+
+    def log_cell(self, result: Mapping[str, Any]) -> dict[str, Any]:
+        """Log a cell result as a child run unless it is logged under this parent already.
+
+        Returns
+        -------
+        dict
+            ``{"mlflow": {"parent_run_id", "run_id"}}`` to store with the cell, or ``{}`` if nothing was logged.
+        """
+        if result.get("mlflow", {}).get("parent_run_id") == self.run_id:
+            return {}
+        cell = result["cell"]
+        child = self.client.create_run(
+            self.experiment_id,
+            run_name=Cell(**cell).key,
+            tags={MLFLOW_PARENT_RUN_ID: self.run_id},
+        ).info.run_id
+        params = {**result["config"], **cell}
+        self.client.log_batch(
+            child,
+            metrics=[Metric(name, value, 0, 0) for name, value in cell_metrics(result).items()],
+            params=[Param(name, _param(value)) for name, value in params.items()],
+        )
+        self.client.set_terminated(child, status="FINISHED" if result["diverged"] is None else "FAILED")
+        return {"mlflow": {"parent_run_id": self.run_id, "run_id": child}}
+
+    def log_artifacts(self, paths: Iterable[Path]) -> None:
+        """Attach files (the results table, Markdown and plots) to the parent run."""
+        for path in paths:
+            self.client.log_artifact(self.run_id, str(path))
+
+    def __enter__(self) -> BenchmarkTracker:
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: TracebackType | None) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED" if error is None else "FAILED")
+
+
+def _param(value: Any) -> str:
+    """MLflow parameter text: JSON for containers, ``str`` otherwise."""
+    return json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)

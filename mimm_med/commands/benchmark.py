@@ -1,0 +1,232 @@
+"""``mimm-med benchmark``: the shortcut benchmark matrix, methods × data sets × correlations × seeds.
+
+Every cell trains one method on one data set at training correlation r and one seed, and scores it
+on the iid / balanced / inverted test sets (DESIGN §3). Finished cells are stored under ``--out`` and
+skipped by a re-run, so an interrupted benchmark resumes. Outputs in ``--out``: ``results.csv``
+(long format: dataset, method, correlation, seed, test, metric, value), ``results.md`` (mean ± sd
+tables and the drop from the lowest to the highest r), ``inverted_vs_correlation_<dataset>.png`` and
+``leakage_vs_correlation_<dataset>.png``; everything is logged to MLflow (a parent run with the table
+and plots, a child run per cell).
+
+Examples
+--------
+    mimm-med benchmark --quick --docs docs/results.md          # minutes: tiny cohorts, r = 0.9 and 0.98
+    mimm-med benchmark --datasets digits --seeds 3 --with-rebalance
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+DATASETS = ("digits", "brain", "cxr")
+DEFAULT_EXPERIMENT = "mimm-med-benchmark"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Settings that ``--quick`` changes; an option given explicitly wins."""
+
+    correlations: tuple[float, ...]
+    seeds: int
+    epochs: int
+    out: str
+
+
+# Correlations: the prevalence ablation of Mueller & Berens (2026), P(z agrees with y) in training.
+FULL = Defaults(correlations=(0.7, 0.8, 0.9, 0.95, 0.98), seeds=3, epochs=20, out="out/benchmark")
+QUICK = Defaults(correlations=(0.9, 0.98), seeds=1, epochs=3, out="out/benchmark-quick")
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _listed(values: tuple[float, ...]) -> str:
+    return ",".join(f"{value:g}" for value in values)
+
+
+def _correlations(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.7,0.9; got {text!r}") from None
+    if not all(0.5 <= value < 1.0 for value in values):
+        raise argparse.ArgumentTypeError(f"correlations lie in [0.5, 1) (the inverted set uses 1 - r), got {text!r}")
+    return values
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``benchmark``."""
+    parser = subparsers.add_parser(
+        "benchmark",
+        help="run the shortcut benchmark matrix (methods x data sets x correlations x seeds)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    matrix = parser.add_argument_group("matrix")
+    matrix.add_argument(
+        "--datasets", type=_names, default=list(DATASETS), help=f"comma-separated (default: {','.join(DATASETS)})"
+    )
+    matrix.add_argument(
+        "--methods", type=_names, help="comma-separated (default: erm,rebalance,adversarial,dcor,mmd,mimm,mimmx,oracle)"
+    )
+    matrix.add_argument(
+        "--with-rebalance", action="store_true", help="also each penalty with group rebalancing (mimmx+rebalance, ...)"
+    )
+    matrix.add_argument(
+        "--correlations",
+        type=_correlations,
+        help=f"training correlations r (default: {_listed(FULL.correlations)}; quick: {_listed(QUICK.correlations)})",
+    )
+    matrix.add_argument(
+        "--seeds",
+        type=int,
+        help=f"seeds 0..N-1 per cell (default: {FULL.seeds}; quick: {QUICK.seeds})",
+    )
+    matrix.add_argument(
+        "--quick", action="store_true", help="tiny stand-ins, fewer correlations, seeds and epochs: minutes on a CPU"
+    )
+    training = parser.add_argument_group("training (ExperimentConfig)")
+    training.add_argument("--epochs", type=int, help=f"default: {FULL.epochs}; quick: {QUICK.epochs}")
+    training.add_argument("--mi-weight", type=float, default=1.0, help="λ of the dependence term (default: 1.0)")
+    training.add_argument(
+        "--estimator",
+        default="mine",
+        choices=("mine", "nwj", "infonce", "club"),
+        help="MI estimator of mimm and mimmx (default: mine)",
+    )
+    training.add_argument("--conditional", action="store_true", help="estimate I(f_y; f_z | y) instead of I(f_y; f_z)")
+    training.add_argument("--n-critic", type=int, default=3, help="critic steps per encoder step (default: 3)")
+    training.add_argument("--residual-mi", action="store_true", help="also fit a fresh critic per factor on f_y (slow)")
+    training.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    training.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's; 1 is faster on a busy machine)",
+    )
+    outputs = parser.add_argument_group("outputs")
+    outputs.add_argument(
+        "--out",
+        type=Path,
+        help=f"results folder, reused to resume (default: {FULL.out}; quick: {QUICK.out})",
+    )
+    outputs.add_argument(
+        "--cache", type=Path, default=Path("data/benchmark"), help="stand-in cohorts, made once (default: %(default)s)"
+    )
+    outputs.add_argument(
+        "--docs",
+        type=Path,
+        help="also publish the page here, e.g. docs/results.md (plots: docs/results/)",
+    )
+    outputs.add_argument(
+        "--experiment",
+        default=DEFAULT_EXPERIMENT,
+        help=f"MLflow experiment (default: {DEFAULT_EXPERIMENT})",
+    )
+    outputs.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)",
+    )
+    outputs.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_benchmark)
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left out with the full or ``--quick`` defaults, and the method list."""
+    from mimm_med.benchmark import DEFAULT_METHODS, REBALANCED_METHODS
+
+    defaults = QUICK if args.quick else FULL
+    methods = list(args.methods or DEFAULT_METHODS) + (list(REBALANCED_METHODS) if args.with_rebalance else [])
+    return argparse.Namespace(
+        **{
+            **vars(args),
+            "methods": list(dict.fromkeys(methods)),
+            "correlations": args.correlations or defaults.correlations,
+            "seeds": defaults.seeds if args.seeds is None else args.seeds,
+            "epochs": defaults.epochs if args.epochs is None else args.epochs,
+            "out": args.out or Path(defaults.out),
+        }
+    )
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reruns the resolved ``args`` (every matrix and training setting spelled out)."""
+    words = ["mimm-med", "benchmark", *(["--quick"] if args.quick else [])]
+    words += ["--datasets", ",".join(args.datasets), "--methods", ",".join(args.methods)]
+    words += ["--correlations", _listed(args.correlations), "--seeds", str(args.seeds)]
+    words += ["--epochs", str(args.epochs), "--mi-weight", f"{args.mi_weight:g}", "--estimator", args.estimator]
+    words += ["--n-critic", str(args.n_critic), *(["--conditional"] if args.conditional else [])]
+    words += ["--residual-mi"] if args.residual_mi else []
+    words += ["--threads", str(args.threads)] if args.threads else []
+    words += ["--out", str(args.out)]
+    return shlex.join(words + (["--docs", str(args.docs)] if args.docs else []))
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    """Run ``mimm-med benchmark``; return the exit status."""
+    from mimm_med.benchmark import (
+        BenchmarkTracker,
+        StaleCellError,
+        make_datasets,
+        plan_cells,
+        run_matrix,
+        write_results,
+    )
+    from mimm_med.engines import METHODS
+
+    args = resolve(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    unknown = [method for method in args.methods if method not in (*METHODS, "oracle")]
+    if unknown:
+        print(f"mimm-med benchmark: unknown methods {unknown}; choose from {[*METHODS, 'oracle']}", file=sys.stderr)
+        return 2
+    try:
+        datasets = make_datasets(args.datasets, args.cache, "quick" if args.quick else "full")
+    except ValueError as error:
+        print(f"mimm-med benchmark: {error}", file=sys.stderr)
+        return 2
+    options = {
+        "epochs": args.epochs,
+        "mi_weight": args.mi_weight,
+        "estimator": args.estimator,
+        "conditional": args.conditional,
+        "n_critic": args.n_critic,
+        "device": args.device,
+    }
+    cells = plan_cells(args.datasets, args.methods, args.correlations, range(args.seeds))
+    command = command_line(args)
+    start = time.perf_counter()
+    print(f"{len(cells)} cells -> {args.out}\n{command}", flush=True)
+    params = {**options, "datasets": args.datasets, "methods": args.methods, "correlations": args.correlations}
+    params["seeds"] = args.seeds
+    with BenchmarkTracker(args.out, args.experiment, params, args.tracking_uri) as tracker, warnings.catch_warnings():
+        # Per-epoch means of terms a method does not have (ERM's critic loss) are NaN by design.
+        warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+        try:
+            results = run_matrix(
+                cells,
+                datasets,
+                args.out,
+                options,
+                residual_mi={"device": args.device} if args.residual_mi else None,
+                on_result=tracker.log_cell,
+                progress=not args.no_progress,
+            )
+        except StaleCellError as error:
+            print(f"mimm-med benchmark: {error}", file=sys.stderr)
+            return 2
+        paths = write_results(results, args.out, command, args.docs)
+        tracker.log_artifacts(paths.values())
+    print(paths["markdown"].read_text())
+    print(f"benchmark finished in {time.perf_counter() - start:.0f} s; results in {args.out}")
+    print(f"MLflow: {tracker.uri}, parent run {tracker.run_id}")
+    return 0

@@ -1,0 +1,211 @@
+"""The shortcut benchmark: resumable matrix, long results table, mean ± sd summaries, the quick path end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from mimm_med.benchmark import (
+    COLUMNS,
+    SCALES,
+    BenchmarkDataset,
+    ManifestData,
+    StaleCellError,
+    cell_metrics,
+    correlation_drop,
+    long_format,
+    make_datasets,
+    mean_sd,
+    plan_cells,
+    results_markdown,
+    run_matrix,
+    summarize,
+)
+from mimm_med.benchmark import matrix as matrix_module
+from mimm_med.cli import main
+from mimm_med.data.confounding import SPLIT_NAMES
+from mimm_med.engines import TrainingDiverged
+
+
+class TinyData(BenchmarkDataset):
+    """Four random records per split: enough for the runner, which never sees real training here."""
+
+    name = "tiny"
+    primary = "y"
+    spurious = ("z",)
+    spatial_dims = 2
+
+    def splits(self, correlation: float, seed: int, oracle: bool = False) -> dict[str, list[dict]]:
+        image = np.zeros((1, 4, 4), dtype=np.float32)
+        return {split: [{"image": image, "y": i % 2, "z": i // 2} for i in range(4)] for split in SPLIT_NAMES}
+
+
+def _fake_results(accuracy: float) -> dict:
+    """What :func:`evaluate_test_sets` returns, reduced to the keys :func:`flatten_metrics` reads."""
+    report = {
+        "accuracy": accuracy,
+        "balanced_accuracy": accuracy,
+        "auroc": accuracy,
+        "worst_group_accuracy": accuracy / 2,
+        "factors": {"z": {"worst_group_accuracy": 0.4, "tpr_gap": 0.1, "group_accuracy": {"y0_z0": 0.9}}},
+        "switched_heads": {"z": 0.5},
+        "switched_heads_reverse": {"z": 0.6},
+    }
+    sets = {name: report for name in ("iid", "balanced", "inverted")}
+    return {"sets": sets, "leakage": {"z": 0.55}, "residual_mi": {}}
+
+
+@pytest.fixture
+def fake_training(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Replace run_experiment by a stub that records the methods it was asked to train."""
+    calls: list[str] = []
+
+    def run_experiment(sets, primary, spurious, num_classes, config, **kwargs):
+        calls.append(config.method)
+        if config.method == "dcor" and config.seed == 1:
+            raise TrainingDiverged("training diverged at epoch 1, iteration 1: loss of task 'y' = nan")
+        return {"config": {"method": config.method, "epochs": config.epochs}, "seconds": 0.1, "history": [],
+                "results": _fake_results(0.5 + 0.01 * len(calls)), "network": None}  # fmt: skip
+
+    monkeypatch.setattr(matrix_module, "run_experiment", run_experiment)
+    return calls
+
+
+def test_resume_skips_finished_cells(tmp_path, fake_training):
+    cells = plan_cells(["tiny"], ["erm", "mimmx", "oracle"], [0.9, 0.98], [0, 1])
+    datasets = {"tiny": TinyData()}
+    logged: list[str] = []
+
+    def log(result: dict) -> dict:
+        logged.append(result["cell"]["method"])
+        return {} if "mlflow" in result else {"mlflow": {"run_id": "x"}}
+
+    first = run_matrix(cells, datasets, tmp_path, {"epochs": 1}, on_result=log, progress=False)
+    assert len(fake_training) == len(cells) == 12
+    assert len(list((tmp_path / "cells").glob("*.json"))) == 12
+    second = run_matrix(cells, datasets, tmp_path, {"epochs": 1}, on_result=log, progress=False)
+    assert len(fake_training) == 12, "a re-run must not train finished cells again"
+    assert [r["metrics"] for r in second] == [r["metrics"] for r in first]
+    assert len(logged) == 24 and all(r["mlflow"] == {"run_id": "x"} for r in second)
+    # one cell lost: only that one is trained again
+    (tmp_path / "cells" / f"{cells[4].key}.json").unlink()
+    run_matrix(cells, datasets, tmp_path, {"epochs": 1}, progress=False)
+    assert fake_training[12:] == [cells[4].method]
+    with pytest.raises(StaleCellError, match="epochs"):
+        run_matrix(cells, datasets, tmp_path, {"epochs": 2}, progress=False)
+
+
+def test_long_format_has_one_row_per_metric(tmp_path, fake_training):
+    cells = plan_cells(["tiny"], ["erm", "dcor"], [0.8], [0, 1])
+    results = run_matrix(cells, {"tiny": TinyData()}, tmp_path, {"epochs": 1}, progress=False)
+    frame = long_format(results)
+    assert tuple(frame.columns) == COLUMNS == ("dataset", "method", "correlation", "seed", "test", "metric", "value")
+    assert len(frame) == sum(len(cell_metrics(r)) for r in results)
+    assert not frame.duplicated(["dataset", "method", "correlation", "seed", "test", "metric"]).any()
+    erm = frame[(frame["method"] == "erm") & (frame["seed"] == 0)].set_index(["test", "metric"])["value"]
+    assert erm[("inverted", "y_bacc")] == pytest.approx(0.51)
+    assert erm[("inverted", "z/tpr_gap")] == pytest.approx(0.1)
+    assert erm[("leakage", "z")] == pytest.approx(0.55)
+    assert erm[("data", "n_train")] == 4 and erm[("train", "seconds")] == pytest.approx(0.1)
+    assert set(frame["test"]) == {"iid", "balanced", "inverted", "leakage", "data", "train"}
+    # a diverged cell is a result without figures, named on the page
+    diverged = frame[(frame["method"] == "dcor") & (frame["seed"] == 1)].set_index(["test", "metric"])["value"]
+    assert diverged[("train", "diverged")] == 1 and ("inverted", "y_bacc") not in diverged.index
+    assert summarize(frame, "inverted", "y_bacc").set_index("method").loc["dcor", "n"] == 1
+    assert "Training diverged (loss NaN; no figures): dcor at r = 0.8, seed 1." in results_markdown(frame)
+
+
+def test_summaries_by_hand():
+    rows = [("d", "erm", 0.7, seed, "inverted", "y_bacc", value) for seed, value in enumerate([0.8, 0.9])]
+    rows += [("d", "erm", 0.98, seed, "inverted", "y_bacc", value) for seed, value in enumerate([0.5, 0.7])]
+    rows += [("d", "oracle", 0.7, seed, "inverted", "y_bacc", value) for seed, value in enumerate([0.6, 0.7, 0.8])]
+    rows += [("d", "erm", 0.7, 0, "leakage", "z", 0.9)]
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    summary = summarize(frame, "inverted", "y_bacc").set_index(["method", "correlation"])
+    assert summary.loc[("erm", 0.7), "mean"] == pytest.approx(0.85)
+    assert summary.loc[("erm", 0.7), "sd"] == pytest.approx(math.sqrt(0.005))  # sample sd of 0.8, 0.9
+    assert summary.loc[("oracle", 0.7), "mean"] == pytest.approx(0.7)
+    assert summary.loc[("oracle", 0.7), "sd"] == pytest.approx(0.1)
+    assert summary.loc[("oracle", 0.7), "n"] == 3
+    assert mean_sd(0.7, 0.1) == "70.0 ± 10.0" and mean_sd(0.7, float("nan")) == "70.0"
+    drop = correlation_drop(frame).set_index("method")
+    assert drop.loc["erm", "mean"] == pytest.approx(0.25)  # per seed: 0.8 - 0.5, 0.9 - 0.7
+    assert drop.loc["erm", "sd"] == pytest.approx(np.std([0.3, 0.2], ddof=1))
+    assert "oracle" not in drop.index  # one correlation only
+
+
+def test_manifest_splits_and_oracle(tmp_path):
+    class Listed(ManifestData):
+        name, primary, spurious, spatial_dims = "listed", "y", ("z",), 2
+        label_levels = {"y": [0, 1], "z": [0, 1]}
+
+        def write_manifest(self):
+            raise AssertionError("records are given")
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 800)
+    z = np.where(rng.random(800) < 0.6, y, 1 - y)  # agreement is counted in the cohort's own direction
+    data = Listed(tmp_path)
+    data.__dict__["records"] = [
+        {"image": np.full((1, 2, 2), i, dtype=np.float32), "subject_id": f"s{i // 2}", "y": int(y[i]), "z": int(z[i])}
+        for i in range(800)
+    ]
+    for oracle in (False, True):
+        sets = data.splits(0.9, seed=3, oracle=oracle)
+        train, inverted = sets["train"], sets["test-inverted"]
+        agreement = np.mean([r["y"] == r["z"] for r in train])
+        assert agreement == pytest.approx(0.5 if oracle else 0.9, abs=0.06)
+        assert np.mean([r["y"] == r["z"] for r in inverted]) == pytest.approx(0.1, abs=0.06)
+        subjects = {name: {r["subject_id"] for r in records} for name, records in sets.items()}
+        assert not subjects["train"] & (subjects["val"] | subjects["test-iid"] | subjects["test-inverted"])
+        assert all(r["image"][0, 0, 0] // 2 == int(r["subject_id"][1:]) for r in train), "records keep their images"
+        sizes = {name: len(records) for name, records in sets.items()}
+        if oracle:
+            assert sizes == confounded_sizes, "the oracle trains on as much data as the others, tests on the same sets"
+            assert [r["subject_id"] for r in inverted] == confounded_inverted
+        else:
+            confounded_sizes, confounded_inverted = sizes, [r["subject_id"] for r in inverted]
+
+
+def test_unknown_dataset_is_named():
+    with pytest.raises(ValueError, match="'mnist'.*digits"):
+        make_datasets(["mnist"], "unused")
+
+
+def test_quick_path_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setitem(SCALES["quick"], "digits", {"limit": 120})
+    out, docs, uri = tmp_path / "out", tmp_path / "docs" / "results.md", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["benchmark", "--quick", "--datasets", "digits", "--methods", "erm,mimmx,oracle", "--epochs", "1",
+            "--out", str(out), "--docs", str(docs), "--tracking-uri", uri, "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    frame = pd.read_csv(out / "results.csv")
+    assert tuple(frame.columns) == COLUMNS
+    assert set(frame["method"]) == {"erm", "mimmx", "oracle"} and set(frame["correlation"]) == {0.9, 0.98}
+    page = (out / "results.md").read_text()
+    assert "inverted balanced accuracy" in page and "leakage of thickness" in page and "r = 0.9 to r = 0.98" in page
+    for kind in ("inverted", "leakage"):
+        assert (out / f"{kind}_vs_correlation_digits.png").stat().st_size > 0
+        assert (docs.parent / "results" / f"{kind}_vs_correlation_digits.png").is_file()
+    published = docs.read_text()
+    assert "mimm-med benchmark --quick --datasets digits --methods erm,mimmx,oracle" in published
+    assert "](results/inverted_vs_correlation_digits.png)" in published
+
+    client = MlflowClient(uri)
+    parent = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+
+    def children() -> list:
+        experiment = client.get_run(parent).info.experiment_id
+        return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
+
+    assert len(children()) == 6 and all("inverted/y_bacc" in run.data.metrics for run in children())
+    artifacts = {artifact.path for artifact in client.list_artifacts(parent)}
+    assert artifacts >= {"results.csv", "results.md", "inverted_vs_correlation_digits.png"}
+    # resumed: nothing trained or logged twice, same parent run
+    assert main(argv) == 0
+    assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == parent
+    assert len(children()) == 6
