@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,16 +15,35 @@ logger = logging.getLogger(__name__)
 
 
 def latest_checkpoint(directory: str | Path, pattern: str = "*.pt") -> Path | None:
-    """The most recently written file matching ``pattern`` in ``directory``, or ``None``."""
-    candidates = sorted(Path(directory).glob(pattern), key=lambda p: p.stat().st_mtime_ns)
-    return candidates[-1] if candidates else None
+    """The most recently written complete file matching ``pattern`` in ``directory``, or ``None``.
+
+    MONAI's ``CheckpointSaver`` writes in place (ignite's ``Checkpoint`` first removes the oldest of its
+    ``n_saved`` files), so a run killed while saving leaves a truncated newest file: such files
+    (``torch.save`` archives without their closing zip directory) are skipped with a warning. Save
+    with ``n_saved=2`` so that a complete checkpoint is left in that case.
+    """
+    candidates = sorted(Path(directory).glob(pattern), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for path in candidates:
+        if _is_complete_archive(path):
+            return path
+        logger.warning("skipping %s: not a complete checkpoint (the run was probably stopped while saving it)", path)
+    return None
+
+
+def _is_complete_archive(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path):  # reads the directory at the end of the file, which is written last
+            return True
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 class ResumeFromLatest:
     """On ``STARTED``, load the newest checkpoint of ``directory`` into ``load_dict`` with MONAI's CheckpointLoader.
 
     A run killed mid-epoch restarts at the start of the epoch after its last checkpoint, with network,
-    critics, optimizers, scaler, epoch counter and weighting state as saved. Nothing happens when the
+    critics, optimizers, scaler, epoch counter and weighting state as saved; one killed while saving
+    restarts from the checkpoint before (see :func:`latest_checkpoint`). Nothing happens when the
     folder holds no checkpoint yet (a fresh run).
 
     Parameters
