@@ -146,7 +146,8 @@ def run_experiment(
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _epoch_means(engine: MIMMXTrainer) -> None:
-        history.append({"epoch": engine.state.epoch, **{k: float(np.nanmean(v)) for k, v in sums.items()}})
+        means = {k: float(np.nanmean(v)) for k, v in sums.items() if not np.isnan(v).all()}
+        history.append({"epoch": engine.state.epoch, **means})
         sums.clear()
 
     start = time.perf_counter()

@@ -377,3 +377,10 @@ def test_equal_weights_change_nothing_and_bad_weights_are_refused():
     assert torch.allclose(estimator(a, b), estimator(a, b, weights=torch.full((32,), 2.0)), atol=1e-6)
     with pytest.raises(ValueError, match="weights must be finite and non-negative"):
         estimator(a, b, weights=-torch.ones(32))
+
+
+def test_distance_correlation_gradient_is_finite_for_a_constant_batch():
+    a = torch.randn(8, 3, requires_grad=True)
+    value = DistanceCorrelation()(a, torch.zeros(8, 2))  # one label value in the whole batch
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(a.grad).all()

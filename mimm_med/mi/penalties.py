@@ -79,7 +79,8 @@ class DistanceCorrelation(nn.Module):
             # The common factor 1 / (n (n - 3)) of the three U-statistics cancels in the ratio.
             covariance = (centred_a * centred_b).sum()
             variances = (centred_a * centred_a).sum() * (centred_b * centred_b).sum()
-            dcor_squared = covariance / variances.sqrt().clamp_min(self.eps)
+            # clamp before the square root: its gradient at a zero variance (a constant batch) is NaN
+            dcor_squared = covariance / variances.clamp_min(self.eps**2).sqrt()
             return dcor_squared if self.squared else dcor_squared.clamp_min(self.eps).sqrt()
 
 
