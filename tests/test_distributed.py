@@ -120,7 +120,7 @@ def test_bundle_trains_on_two_gloo_ranks_and_rank_zero_alone_tracks(brain_splits
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     root = tmp_path / "bundle"
     command = training_command(["train.json", "multi_gpu_train.json"], brain_splits, root, EPOCHS, TORCHRUN)
-    result = subprocess.run(command, cwd=REPO, env=run_env(uri), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=run_env(uri), capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
 

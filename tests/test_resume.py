@@ -30,8 +30,8 @@ def kill_in_second_epoch(command: list[str], env: dict[str, str], bundle_root: P
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
         try:
-            while not (checkpoint_files(bundle_root) and f"Epoch: 2/{EPOCHS}, Iter: 1/" in log.read_text()):
-                assert process.poll() is None, f"training ended before it could be killed:\n{log.read_text()[-4000:]}"
+            while not (checkpoint_files(bundle_root) and f"Epoch: 2/{EPOCHS}, Iter: 1/" in log.read_text(encoding="utf-8", errors="replace")):
+                assert process.poll() is None, f"training ended before it could be killed:\n{log.read_text(encoding='utf-8', errors='replace')[-4000:]}"
                 assert time.monotonic() < deadline, "no checkpoint and second epoch within 600 s"
                 time.sleep(0.1)
         finally:
@@ -53,7 +53,7 @@ def test_killed_training_resumes_from_its_checkpoint_into_the_same_mlflow_run(br
     assert killed_run.info.status == "RUNNING"
     assert metric_steps(uri, killed_run.info.run_id, "train/loss") == [1]
 
-    resumed = subprocess.run(command, cwd=REPO, env=run_env(uri), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(command, cwd=REPO, env=run_env(uri), capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-6000:]
     assert f"resumed from {saved} at epoch 1" in log
@@ -89,7 +89,7 @@ def test_fixed_seed_training_repeats_exactly_on_cpu(brain_splits, tmp_path):
             runs[name] = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         for name, process in runs.items():
-            assert process.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-6000:]
+            assert process.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text(encoding="utf-8", errors="replace")[-6000:]
     finally:
         for process in runs.values():
             process.kill()  # no-op for a finished process
