@@ -137,7 +137,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=int, default=32, help="preprocessed volume size (cube edge, voxels)")
     parser.add_argument("--correlation", type=float, default=0.9, help="r of sex and cohort with the age group")
     parser.add_argument("--methods", default="erm,mimmx", help="comma-separated methods to train")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prepare-only", action="store_true", help="stop after writing the splits")
     parser.set_defaults(func=run_demo)
