@@ -29,5 +29,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
+def run_subcommand(argv: Sequence[str], allowed: tuple[int, ...] = (0,)) -> int:
+    """Run a ``mimm-med`` sub-command in this process and return its status.
+
+    Raises
+    ------
+    SystemExit
+        With a message naming the command when its exit status is not in ``allowed``.
+    """
+    status = main(argv)
+    if status not in allowed:
+        raise SystemExit(f"mimm-med {' '.join(argv)} exited with {status}")
+    return status
+
+
 if __name__ == "__main__":
     sys.exit(main())

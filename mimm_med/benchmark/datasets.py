@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, ScaleIntensityRanged
 
+from mimm_med.cli import run_subcommand
 from mimm_med.data.confounding import confounded_splits
 from mimm_med.data.datalist import manifest_datalist
 from mimm_med.data.digits_morpho import FACTORS, PRIMARY, make_digits_morpho
@@ -187,15 +188,6 @@ class ManifestData(BenchmarkDataset):
         return {name: [records[row] for row in frame["row"]] for name, frame in splits.items()}
 
 
-def _mimm_med(argv: list[str], allowed: tuple[int, ...] = (0,)) -> None:
-    """Run a ``mimm-med`` sub-command in this process; raise if its exit status is not ``allowed``."""
-    from mimm_med.cli import main
-
-    status = main(argv)
-    if status not in allowed:
-        raise RuntimeError(f"mimm-med {' '.join(argv)} exited with {status}; see the log in the cache folder")
-
-
 class BrainStandinData(ManifestData):
     """Stand-in UK Biobank + NAKO brain T1: primary ``age_group``, spurious ``sex`` and ``cohort``.
 
@@ -263,13 +255,13 @@ class ChestXrayStandinData(ManifestData):
         if not raw.exists():
             # Generate at about the output resolution: the phantom is smooth, finer pixels only cost time.
             resolution = max(FIELD_MM) / (2 * self.size)
-            _mimm_med(["cohort", "generate", "chexpert", "--n", str(self.patients), "--out", str(raw),
-                       "--resolution-mm", f"{resolution:.3f}", "--no-progress"])  # fmt: skip
+            run_subcommand(["cohort", "generate", "chexpert", "--n", str(self.patients), "--out", str(raw),
+                            "--resolution-mm", f"{resolution:.3f}", "--no-progress"])  # fmt: skip
         if not (processed / "manifest.csv").exists():
             # Status 1: rows dropped by the card's policies (uncertain effusion, unknown sex), listed in errors.csv.
-            _mimm_med(["preprocess", "--cohort", "cohorts/chexpert.yaml", "--raw", str(raw), "--out", str(processed),
-                       "--key-file", str(key_file), "--set", f"spatial_size={self.size}", "--no-progress"],
-                      allowed=(0, 1))  # fmt: skip
+            run_subcommand(["preprocess", "--cohort", "cohorts/chexpert.yaml", "--raw", str(raw), "--out", str(processed),
+                            "--key-file", str(key_file), "--set", f"spatial_size={self.size}", "--no-progress"],
+                           allowed=(0, 1))  # fmt: skip
         return processed / "manifest.csv"
 
 

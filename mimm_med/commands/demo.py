@@ -13,6 +13,7 @@ import secrets
 import time
 from pathlib import Path
 
+from mimm_med.cli import run_subcommand
 from mimm_med.tracking import list_versions, resolve_tracking_uri
 
 BUNDLE = Path("bundles/mimmx_brain")
@@ -20,15 +21,6 @@ BUNDLE = Path("bundles/mimmx_brain")
 
 def _step(message: str) -> None:
     print(f"\n== {message}", flush=True)
-
-
-def _run(command: list[str]) -> None:
-    """Run one ``mimm-med`` sub-command in this process; stop the demo if it fails."""
-    from mimm_med.cli import main
-
-    status = main(command)
-    if status not in (0, None):
-        raise SystemExit(f"mimm-med {' '.join(command)} exited with {status}")
 
 
 def prepare(workdir: Path, subjects: int, resolution_mm: float, size: int, correlation: float, seed: int) -> Path:
@@ -48,20 +40,20 @@ def prepare(workdir: Path, subjects: int, resolution_mm: float, size: int, corre
         raw, processed = workdir / "raw" / cohort, workdir / "processed" / cohort
         if not raw.exists():
             _step(f"generating {subjects} stand-in {cohort.upper()} subjects")
-            _run(["cohort", "generate", cohort, "--n", str(subjects), "--out", str(raw), "--seed", str(seed + offset),
+            run_subcommand(["cohort", "generate", cohort, "--n", str(subjects), "--out", str(raw), "--seed", str(seed + offset),
                   "--resolution-mm", str(resolution_mm)])
         if not (processed / "manifest.csv").exists():
             _step(f"preprocessing {cohort.upper()}")
-            _run(["preprocess", "--cohort", f"cohorts/{cohort}.yaml", "--raw", str(raw), "--out", str(processed),
+            run_subcommand(["preprocess", "--cohort", f"cohorts/{cohort}.yaml", "--raw", str(raw), "--out", str(processed),
                   "--key-file", str(key_file), "--set", f"spacing={spacing}", "--set", f"spatial_size={shape}"])
         manifests.append(str(processed / "manifest.csv"))
     merged, splits = workdir / "processed" / "brain.csv", workdir / "splits"
     if not merged.exists():
         _step("merging UKB and NAKO")
-        _run(["cohort", "merge", *manifests, "--out", str(merged)])
+        run_subcommand(["cohort", "merge", *manifests, "--out", str(merged)])
     if not (splits / "train.csv").exists():
         _step(f"splitting at r = {correlation} (sex and cohort agree with the age group)")
-        _run(["cohort", "split", "--manifest", str(merged), "--primary", "age_group",
+        run_subcommand(["cohort", "split", "--manifest", str(merged), "--primary", "age_group",
               "--spurious", f"sex={correlation},cohort={correlation}", "--out", str(splits), "--seed", str(seed)])
     return splits
 
