@@ -78,6 +78,7 @@ def run_method(method: str, args: argparse.Namespace, confounders: list[str]) ->
             estimator=args.estimator,
             conditional=args.conditional,
             balanced=args.balanced,
+            reference=args.reference,
             seed=seed,
             device=args.device,
         )
@@ -136,6 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--balanced", action=argparse.BooleanOptionalAction, default=False, help="MI under cell-balanced weights"
     )
+    parser.add_argument("--reference", default="features", choices=("features", "labels"), help="what stands for z_k in I(f_y; z_k)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="write the results here")

@@ -41,6 +41,7 @@ class ExperimentConfig:
     estimator: str = "mine"
     conditional: bool = False
     balanced: bool = False
+    reference: str = "features"
     temperature: float = 1.0
     part_size: int = 16
     backbone: str = "small_cnn"
@@ -90,6 +91,7 @@ def build_run(
         estimator=config.estimator,
         conditional=config.conditional,
         balanced=config.balanced,
+        reference=config.reference,
         temperature=config.temperature,
     )
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)

@@ -89,6 +89,21 @@ def test_critics_learn_in_the_critic_phase_and_encoder_in_the_encoder_phase():
     assert not _same(calls[2][1], initial_net) and _same(calls[2][2], calls[1][2])
 
 
+def test_mi_weight_multiplies_the_clipped_mi_gradient():
+    # α clips the MI gradient to the task gradient's norm; λ applied after the clip lets a larger λ
+    # push harder. Folded into the clipped term, λ would cancel out whenever the clip is active.
+    after = {}
+    for mi_weight in (2.0, 8.0):
+        set_determinism(0)
+        trainer = _build("mimmx", mi_weight=mi_weight)
+        trainer.state.max_epochs = 1
+        trainer.state.epoch_length = 1
+        trainer.run()
+        assert trainer.state.output["mi_scale"] < 1.0  # the clip was active
+        after[mi_weight] = _snapshot(trainer.network.shared_layer)
+    assert not _same(after[2.0], after[8.0])
+
+
 def test_fixed_seed_reproduces_a_run_on_cpu():
     histories = []
     for _ in range(2):
@@ -150,3 +165,23 @@ def test_missing_labels_and_optimizers_are_explained():
         MIMMXTrainer("cpu", 1, [], net, torch.optim.SGD(net.parameters(), 0.1), objective)
     with pytest.raises(ValueError, match="unknown method 'mimmy'"):
         MIMMXObjective.for_network("mimmy", net)
+
+
+def test_label_reference_pairs_f_y_with_the_factor_labels_not_the_factor_features():
+    torch.manual_seed(0)
+    net = MIMMXNet("small_cnn", PARTS, {k: 2 for k in PARTS}, backbone_kwargs={"channels": (4, 8)})
+    objective = MIMMXObjective.for_network("mimmx", net, reference="labels")
+    batch = _records(32)
+    image = torch.tensor(np.stack([r["image"] for r in batch])).float()
+    labels = {k: torch.tensor([r[k] for r in batch]) for k in PARTS}
+    outputs = net(image)
+    terms = objective.dependence_terms(outputs, labels)
+    assert [est.dim_b for est in objective.terms.estimators.values()] == [2, 2]  # one-hot labels
+    other_features = {**outputs, "a_features": torch.randn_like(outputs["a_features"])}
+    assert torch.equal(objective.dependence_terms(other_features, labels)["a"], terms["a"])
+    flipped = {**labels, "a": 1 - labels["a"]}
+    assert not torch.equal(objective.dependence_terms(outputs, flipped)["a"], terms["a"])
+    (grad,) = torch.autograd.grad(terms["a"], outputs["y_features"])
+    assert grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="reference must be"):
+        MIMMXObjective.for_network("mimmx", net, reference="logits")

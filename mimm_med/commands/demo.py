@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
+import hashlib
 import time
 from pathlib import Path
 
@@ -31,8 +31,10 @@ def prepare(workdir: Path, subjects: int, resolution_mm: float, size: int, corre
     key_file = workdir / "pseudonym.key"
     if not key_file.exists():
         workdir.mkdir(parents=True, exist_ok=True)
-        # demo only: a real cohort's key lives apart from its outputs
-        key_file.write_text(secrets.token_hex(32))
+        # Demo only: the stand-in subjects are synthetic, so the key may derive from the seed, which makes
+        # pseudonyms, hence the split, hence the results repeat run to run. A real cohort's key is
+        # random and lives apart from its outputs.
+        key_file.write_text(hashlib.sha256(f"mimm-med demo, seed {seed}".encode()).hexdigest())
     spacing = json.dumps([resolution_mm] * 3)
     shape = json.dumps([size] * 3)
     manifests = []

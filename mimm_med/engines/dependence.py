@@ -60,6 +60,11 @@ def _factor_as_matrix(values: Tensor, num_classes: int) -> Tensor:
 class MutualInformationTerms(DependenceTerms):
     """MI estimates I(f_y; f_zk) (and optionally I(f_zi; f_zj)) with one estimator per pair.
 
+    The encoder step's gradient reaches f_y only: f_zk is held fixed as the reference of what z_k
+    looks like (its head keeps it informative). Letting the MI gradient reshape f_zk too gives the
+    encoder a second way to lower the estimate without cleaning f_y; on Digits-Morpho the primary
+    loss then barely fell (0.53 after 8 epochs, against 0.25 with f_zk fixed).
+
     Parameters
     ----------
     part_sizes
@@ -68,11 +73,13 @@ class MutualInformationTerms(DependenceTerms):
         ``"mine"``, ``"nwj"``, ``"infonce"`` or ``"club"``.
     conditional
         Estimate I(f_y; f_zk | y) with negatives drawn within each primary class.
-    The encoder step's gradient reaches f_y only: f_zk is held fixed as the reference of what z_k
-    looks like (its head keeps it informative). Letting the MI gradient reshape f_zk too gives the
-    encoder a second way to lower the estimate without cleaning f_y; on Digits-Morpho the primary
-    loss then barely fell (0.53 after 8 epochs, against 0.25 with f_zk fixed).
-
+    reference
+        What stands for z_k in the pair: ``"features"`` (f_zk, MIMM's choice) or ``"labels"`` (the
+        factor's one-hot label, or its value for a regression factor). With labels the estimate
+        targets I(f_y; z_k) itself, what the leakage probe measures, rather than the dependence on
+        whatever else f_zk encodes (f_zk may carry y as a shortcut for z_k).
+    num_classes
+        Classes of every factor (1 for regression); needed with ``reference="labels"``.
     balanced
         Estimate the MI under the cell-balanced distribution of the batch: sample weights
         1 / count(y, z_k) for the pair (y, z_k) (1 / count(z_i, z_j) for factor pairs). When z
@@ -96,8 +103,14 @@ class MutualInformationTerms(DependenceTerms):
         factor_pairs: bool = False,
         estimator_options: Mapping[str, Any] | None = None,
         balanced: bool = False,
+        reference: str = "features",
+        num_classes: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(primary, factors)
+        if reference not in ("features", "labels"):
+            raise ValueError(f"reference must be 'features' or 'labels', got {reference!r}")
+        if reference == "labels" and num_classes is None:
+            raise ValueError("reference='labels' needs num_classes of every factor")
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(ESTIMATORS)}")
         pairs = [(primary, z) for z in self.factors]
@@ -106,9 +119,17 @@ class MutualInformationTerms(DependenceTerms):
         self.pairs = pairs
         self.conditional = conditional
         self.balanced = balanced
+        self.reference = reference
+        self.num_classes = {z: int(num_classes[z]) for z in self.factors} if num_classes is not None else {}
+
+        def size(name: str) -> int:
+            if reference == "labels" and name != primary:
+                return max(self.num_classes[name], 1)
+            return part_sizes[name]
+
         self.estimators = nn.ModuleDict(
             {
-                self._pair_name(a, b): ESTIMATORS[estimator](part_sizes[a], part_sizes[b], **(estimator_options or {}))
+                self._pair_name(a, b): ESTIMATORS[estimator](size(a), size(b), **(estimator_options or {}))
                 for a, b in pairs
             }
         )
@@ -129,12 +150,18 @@ class MutualInformationTerms(DependenceTerms):
         cells = labels[a].long().view(-1) * (int(labels[b].max()) + 1) + labels[b].long().view(-1)
         return 1.0 / torch.bincount(cells).float()[cells]
 
+    def _side(self, name: str, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor], detach: bool) -> Tensor:
+        if name == self.primary or self.reference == "features":
+            features = outputs[f"{name}_features"]
+            return features.detach() if detach else features
+        return _factor_as_matrix(labels[name], self.num_classes[name])
+
     def _per_pair(self, method: str, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
         strata = self._strata(labels)
         return {
             name: getattr(self.estimators[name], method)(
-                outputs[f"{a}_features"],
-                outputs[f"{b}_features"].detach() if a == self.primary else outputs[f"{b}_features"],
+                self._side(a, outputs, labels, detach=False),
+                self._side(b, outputs, labels, detach=a == self.primary),
                 strata=strata,
                 weights=self._weights(labels, a, b),
             )

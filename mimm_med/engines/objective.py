@@ -40,7 +40,7 @@ class MIMMXObjective(nn.Module):
         Factors the method acts on; default every part after the first.
     mi_weight
         λ.
-    estimator, conditional, factor_pairs, estimator_options, balanced
+    estimator, conditional, factor_pairs, estimator_options, balanced, reference
         See :class:`~mimm_med.engines.dependence.MutualInformationTerms` (MIMM, MIMM-X).
     temperature, attention_momentum
         Of :class:`~mimm_med.weighting.ConfounderAttention` (MIMM-X).
@@ -67,6 +67,7 @@ class MIMMXObjective(nn.Module):
         attention_momentum: float = 0.9,
         gradnorm_alpha: float = 1.5,
         balanced: bool = False,
+        reference: str = "features",
     ) -> None:
         super().__init__()
         self.spec: MethodSpec = parse_method(method)
@@ -81,7 +82,7 @@ class MIMMXObjective(nn.Module):
         self.mi_weight = float(mi_weight)
         self.num_classes = {name: int(num_classes[name]) for name in names}
         self.task_names = [self.primary, *(self.spurious if self.spec.factor_heads else [])]
-        self.terms = self._build_terms(part_sizes, estimator, conditional, factor_pairs, estimator_options, balanced)
+        self.terms = self._build_terms(part_sizes, estimator, conditional, factor_pairs, estimator_options, balanced, reference)
         self.attention = (
             ConfounderAttention(self.terms.term_names, temperature=temperature, momentum=attention_momentum)
             if self.spec.attention and self.terms is not None
@@ -102,13 +103,23 @@ class MIMMXObjective(nn.Module):
         factor_pairs: bool,
         estimator_options: Mapping[str, Any] | None,
         balanced: bool,
+        reference: str,
     ) -> DependenceTerms | None:
         penalty = self.spec.penalty
         if penalty is None:
             return None
         if penalty in ("mimm", "mimmx"):
             return MutualInformationTerms(
-                self.primary, self.spurious, part_sizes, estimator, conditional, factor_pairs, estimator_options, balanced
+                self.primary,
+                self.spurious,
+                part_sizes,
+                estimator,
+                conditional,
+                factor_pairs,
+                estimator_options,
+                balanced,
+                reference,
+                self.num_classes,
             )
         if penalty == "dcor":
             return DistanceCorrelationTerms(self.primary, self.spurious, self.num_classes)

@@ -232,14 +232,16 @@ class MIMMXTrainer(Trainer):
             for name, value in terms.items():
                 self._check_finite(engine, f"dependence term {name!r}", value)
             weights = objective.term_weights(terms)
-            penalty = objective.mi_weight * (weights * torch.stack(list(terms.values()))).sum()
+            penalty = (weights * torch.stack(list(terms.values()))).sum()
             scale = torch.ones((), device=penalty.device)
             if objective.spec.adaptive_scaling:
                 task_grads = torch.autograd.grad(task_total, shared, retain_graph=True, allow_unused=True)
                 mi_grads = torch.autograd.grad(penalty, shared, retain_graph=True, allow_unused=True)
                 grads = _mean_over_ranks([*task_grads, *mi_grads])
                 scale = adaptive_mi_scale(grads[: len(shared)], grads[len(shared) :])
-            total = task_total + scale * penalty
+            # λ multiplies after the clip (DESIGN §2), so the MI gradient at the shared layer is at most
+            # λ times the task gradient: λ stays the knob of how much the penalty may outweigh the task.
+            total = task_total + objective.mi_weight * scale * penalty
             report.update({f"dependence/{name}": float(value.detach()) for name, value in terms.items()})
             report.update({f"weight/{name}": float(w) for name, w in zip(terms, weights)})
             report["mi_scale"] = float(scale.detach())
