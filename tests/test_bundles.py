@@ -118,7 +118,7 @@ def _network(bundle: Bundle, checkpoint: Path | None = None) -> torch.nn.Module:
     parser.read_config(f"{REPO}/{bundle.configs}/train.json")
     network = parser.get_parsed_content("network_def")
     if checkpoint is not None:
-        network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["network"])
     return network.eval()
 
 
@@ -161,7 +161,7 @@ def test_bundle_trains_evaluates_infers_and_exports(bundle: Bundle, request, at_
     checkpoint = root / "models" / run_name / "model.pt"
     exported = tmp_path / "model.ts"
     ckpt_export(
-        "network_def", filepath=str(exported), ckpt_file=str(checkpoint), config_file=f"{bundle.configs}/train.json",
+        "network_def", filepath=str(exported), ckpt_file=str(checkpoint), key_in_ckpt="network", config_file=f"{bundle.configs}/train.json",
         meta_file=f"{bundle.configs}/metadata.json",
     )  # fmt: skip
     extra_files = {"metadata.json": ""}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -10,7 +11,10 @@ from pathlib import Path
 import torch
 from bundle_runs import REPO, bundle_runs, checkpoint_dir, checkpoint_files, metric_steps, run_env, training_command
 
-from mimm_med.engines import latest_checkpoint
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointSaver
+
+from mimm_med.engines import ResumeFromLatest, latest_checkpoint
 
 EPOCHS = 3
 N_CRITIC = 3  # the brain bundle's
@@ -58,6 +62,7 @@ def test_killed_training_resumes_from_its_checkpoint_into_the_same_mlflow_run(br
     assert resumed.returncode == 0, log[-6000:]
     assert f"resumed from {saved} at epoch 1" in log
     assert f"Epoch: 1/{EPOCHS}, Iter" not in log
+    assert "restored the ranking of the best model" in log  # the first epoch's validation still counts
 
     (run,) = bundle_runs(uri)
     assert (run.info.run_id, run.info.status) == (killed_run.info.run_id, "FINISHED")
@@ -110,3 +115,35 @@ def test_a_checkpoint_truncated_by_a_kill_while_saving_is_skipped(tmp_path, capl
     assert "skipping" in caplog.text and "checkpoint_2.pt" in caplog.text
     (tmp_path / "checkpoint_1.pt").unlink()
     assert latest_checkpoint(tmp_path, "checkpoint_*.pt") is None
+
+
+def _validated_run(save_dir: Path, scores: list[float], resume: bool) -> CheckpointSaver:
+    """An evaluator whose key metric takes ``scores`` epoch by epoch, saving the best model as the bundles do."""
+    network = torch.nn.Linear(2, 1)
+    evaluator = Engine(lambda engine, batch: None)
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def _score(engine: Engine) -> None:
+        engine.state.metrics["bacc"] = scores[engine.state.epoch - 1]
+        network.bias.data.fill_(engine.state.epoch)  # tells which epoch's model was saved
+
+    saver = CheckpointSaver(
+        str(save_dir), {"network": network, "validation": evaluator}, save_key_metric=True, key_metric_name="bacc",
+        key_metric_filename="model.pt", key_metric_save_state=True,
+    )  # fmt: skip
+    saver.attach(evaluator)
+    if resume:
+        ResumeFromLatest(save_dir, {}, best_model_saver=saver)._restore_best_model_ranking()
+    evaluator.run([0], max_epochs=len(scores))
+    return saver
+
+
+def test_resume_keeps_the_best_model_of_the_epochs_before_the_kill(tmp_path):
+    _validated_run(tmp_path, [0.5, 0.9], resume=False)  # killed after epoch 2, the best so far
+    assert load(tmp_path / "model.pt")["network"]["bias"].item() == 2
+    for resume, kept_epoch in ((False, 1), (True, 2)):
+        folder = tmp_path / str(resume)
+        shutil.copytree(tmp_path, folder, ignore=shutil.ignore_patterns("False", "True"))
+        _validated_run(folder, [0.7], resume=resume)  # the resumed run's first validation is worse
+        # without the restored ranking, the worse model of the resumed epoch would replace the best
+        assert load(folder / "model.pt")["network"]["bias"].item() == kept_epoch

@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader
+from monai.handlers import CheckpointLoader, CheckpointSaver
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,11 @@ class ResumeFromLatest:
     restarts from the checkpoint before (see :func:`latest_checkpoint`). Nothing happens when the
     folder holds no checkpoint yet (a fresh run).
 
+    The best-model saver (``save_key_metric=True``) keeps its ranking only in memory; saved with
+    ``key_metric_save_state=True`` the ranking travels in its file, and handing that saver here
+    restores it, so the first validation after a resume replaces the best model only when it beats
+    the best before the kill.
+
     Parameters
     ----------
     directory
@@ -54,12 +60,25 @@ class ResumeFromLatest:
         Objects to restore, e.g. ``trainer.checkpoint_items()``.
     pattern
         Glob of the resumable checkpoints in ``directory``.
+    best_model_saver
+        The run's best-model ``CheckpointSaver`` (``key_metric_save_state=True``), or None.
+    best_model_file
+        Its ``key_metric_filename`` in ``directory``.
     """
 
-    def __init__(self, directory: str | Path, load_dict: Mapping[str, Any], pattern: str = "checkpoint_*.pt") -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        load_dict: Mapping[str, Any],
+        pattern: str = "checkpoint_*.pt",
+        best_model_saver: CheckpointSaver | None = None,
+        best_model_file: str = "model.pt",
+    ) -> None:
         self.directory = Path(directory)
         self.load_dict = dict(load_dict)
         self.pattern = pattern
+        self.best_model_saver = best_model_saver
+        self.best_model_file = best_model_file
 
     def attach(self, engine: Engine) -> None:
         """Load on ``STARTED``; list this handler first so later ``STARTED`` handlers see the restored state."""
@@ -71,3 +90,15 @@ class ResumeFromLatest:
             return
         CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=str(engine.state.device))(engine)
         logger.info("resumed from %s at epoch %d", path, engine.state.epoch)
+        self._restore_best_model_ranking()
+
+    def _restore_best_model_ranking(self) -> None:
+        best = self.directory / self.best_model_file
+        if self.best_model_saver is None or not _is_complete_archive(best):
+            return
+        state = torch.load(best, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "checkpointer" not in state:
+            logger.warning("%s holds no ranking (saved without key_metric_save_state); the next validation replaces it", best)
+            return
+        self.best_model_saver.load_state_dict(state["checkpointer"])
+        logger.info("restored the ranking of the best model %s: %s", best, dict(state["checkpointer"]))
