@@ -50,6 +50,11 @@ class DependenceTerms(nn.Module):
         return outputs[f"{self.primary}_features"]
 
 
+def _factor_width(num_classes: int) -> int:
+    """Columns of :func:`_factor_as_matrix` for a factor with ``num_classes`` (1: regression)."""
+    return num_classes if num_classes >= 2 else 1
+
+
 def _factor_as_matrix(values: Tensor, num_classes: int) -> Tensor:
     """One-hot codes for a classification factor, a column for a regression factor."""
     if num_classes >= 2:
@@ -121,15 +126,12 @@ class MutualInformationTerms(DependenceTerms):
         self.balanced = balanced
         self.reference = reference
         self.num_classes = {z: int(num_classes[z]) for z in self.factors} if num_classes is not None else {}
-
-        def size(name: str) -> int:
-            if reference == "labels" and name != primary:
-                return max(self.num_classes[name], 1)
-            return part_sizes[name]
-
+        sizes = dict(part_sizes)
+        if reference == "labels":
+            sizes.update({z: _factor_width(n) for z, n in self.num_classes.items()})
         self.estimators = nn.ModuleDict(
             {
-                self._pair_name(a, b): ESTIMATORS[estimator](size(a), size(b), **(estimator_options or {}))
+                self._pair_name(a, b): ESTIMATORS[estimator](sizes[a], sizes[b], **(estimator_options or {}))
                 for a, b in pairs
             }
         )
