@@ -27,6 +27,7 @@ from mimm_med.data.digits_morpho import FACTORS, PRIMARY, make_digits_morpho
 from mimm_med.engines import METHODS
 from mimm_med.evaluation import flatten_metrics
 from mimm_med.experiment import TEST_SETS, ExperimentConfig, run_experiment
+from mimm_med.mi import ESTIMATORS
 
 ALL_METHODS = ("erm", "rebalance", "adversarial", "dcor", "mmd", "mimm", "mimmx", "oracle")
 
@@ -132,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mi-weight", type=float, default=1.0, help="λ of the dependence term")
     parser.add_argument("--n-critic", type=int, default=3)
     parser.add_argument("--critic-lr", type=float, default=1e-3)
-    parser.add_argument("--estimator", default="mine", choices=("mine", "nwj", "infonce", "club"))
+    parser.add_argument("--estimator", default="mine", choices=tuple(ESTIMATORS))
     parser.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=False, help="estimate I(f_y; f_z | y)")
     parser.add_argument(
         "--balanced", action=argparse.BooleanOptionalAction, default=False, help="MI under cell-balanced weights"

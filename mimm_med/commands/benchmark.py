@@ -98,8 +98,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     training.add_argument(
         "--estimator",
         default="mine",
-        choices=("mine", "nwj", "infonce", "club"),
-        help="MI estimator of mimm and mimmx (default: mine)",
+        help="MI estimator of mimm and mimmx: mine, nwj, infonce, club or gaussian (default: mine)",
     )
     training.add_argument("--conditional", action="store_true", help="estimate I(f_y; f_z | y) instead of I(f_y; f_z)")
     training.add_argument("--n-critic", type=int, default=3, help="critic steps per encoder step (default: 3)")
@@ -179,6 +178,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         write_results,
     )
     from mimm_med.engines import METHODS
+    from mimm_med.mi import ESTIMATORS
 
     args = resolve(args)
     if args.threads:
@@ -188,6 +188,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
     unknown = [method for method in args.methods if method not in (*METHODS, "oracle")]
     if unknown:
         print(f"mimm-med benchmark: unknown methods {unknown}; choose from {[*METHODS, 'oracle']}", file=sys.stderr)
+        return 2
+    if args.estimator not in ESTIMATORS:
+        print(f"mimm-med benchmark: unknown estimator {args.estimator!r}; choose from {list(ESTIMATORS)}", file=sys.stderr)
         return 2
     try:
         datasets = make_datasets(args.datasets, args.cache, "quick" if args.quick else "full")

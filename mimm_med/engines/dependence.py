@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mimm_med.mi import CLUB, MINE, NWJ, AdversarialHead, DistanceCorrelation, InfoNCE, MMDPenalty
-
-ESTIMATORS = {"mine": MINE, "nwj": NWJ, "infonce": InfoNCE, "club": CLUB}
+from mimm_med.mi import ESTIMATORS, AdversarialHead, DistanceCorrelation, MMDPenalty
 
 
 class DependenceTerms(nn.Module):
@@ -75,7 +73,8 @@ class MutualInformationTerms(DependenceTerms):
     part_sizes
         Feature size of every part, primary included.
     estimator
-        ``"mine"``, ``"nwj"``, ``"infonce"`` or ``"club"``.
+        A name of :data:`mimm_med.mi.ESTIMATORS`: ``"mine"``, ``"nwj"``, ``"infonce"``, ``"club"`` or
+        ``"gaussian"`` (closed form, no critic).
     conditional
         Estimate I(f_y; f_zk | y) with negatives drawn within each primary class.
     reference

@@ -1,8 +1,8 @@
-"""Mutual-information estimators (MINE, NWJ, InfoNCE, CLUB) and the baselines' dependence penalties."""
+"""Mutual-information estimators (MINE, NWJ, InfoNCE, CLUB, Gaussian) and the baselines' dependence penalties."""
 
-from mimm_med.mi.base import ContrastPairs, MutualInformationEstimator, gather_batch
+from mimm_med.mi.base import ContrastPairs, MutualInformationEstimator, PairScoreEstimator, gather_batch
 from mimm_med.mi.critics import ConcatCritic, SeparableCritic, make_critic, mlp
-from mimm_med.mi.estimators import CLUB, MINE, NWJ, CriticEstimator, InfoNCE
+from mimm_med.mi.estimators import CLUB, ESTIMATORS, MINE, NWJ, CriticEstimator, GaussianMI, InfoNCE
 from mimm_med.mi.penalties import (
     AdversarialHead,
     DistanceCorrelation,
@@ -19,6 +19,8 @@ __all__ = [
     "ContrastPairs",
     "CriticEstimator",
     "DistanceCorrelation",
+    "ESTIMATORS",
+    "GaussianMI",
     "GradientReversal",
     "GradientReversalFunction",
     "InfoNCE",
@@ -26,6 +28,7 @@ __all__ = [
     "MMDPenalty",
     "MutualInformationEstimator",
     "NWJ",
+    "PairScoreEstimator",
     "SeparableCritic",
     "correlated_gaussians",
     "gather_batch",

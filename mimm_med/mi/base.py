@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["ContrastPairs", "MutualInformationEstimator", "gather_batch", "standardize"]
+__all__ = ["ContrastPairs", "MutualInformationEstimator", "PairScoreEstimator", "gather_batch", "standardize"]
 
 
 class ContrastPairs:
@@ -134,26 +134,19 @@ def gather_batch(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 class MutualInformationEstimator(nn.Module, ABC):
-    """Estimate I(a; b) (or I(a; b | s)) of a batch from the scores of all pairs (a_i, b_j).
+    """Estimate I(a; b) (or I(a; b | s)) of a batch, in nats.
 
-    ``est(a, b, strata=None)`` returns the estimate in nats as a scalar, differentiable w.r.t. ``a``
-    and ``b`` (an encoder minimizes it); ``est.critic_loss(a, b, strata=None)`` returns the loss that
-    trains the estimator's own parameters (pass detached features). With ``strata`` negatives are
-    only taken within a stratum, giving the conditional MI; see :class:`ContrastPairs`. A batch in
-    which no sample has a partner gives 0.
+    ``est(a, b, strata=None, weights=None)`` returns the estimate as a scalar, differentiable w.r.t.
+    ``a`` and ``b`` (an encoder minimizes it); ``est.critic_loss(a, b, strata=None, weights=None)``
+    returns the loss that trains the estimator's own parameters (pass detached features). With
+    ``strata`` the estimate is the conditional MI given the stratum; ``weights`` make it the MI under
+    the weighted distribution of the batch (see :class:`ContrastPairs`).
 
-    Both inputs are standardized over the batch (per dimension, gradients flowing through) before
-    the critic sees them. MI is invariant to such affine maps, but an encoder minimizing the
-    estimate is not: without it, it shrinks its features until the critic's scores flatten and the
-    estimate drops while the dependence stays (seen on Digits-Morpho: a lagging critic read
-    0.6 nats where a fresh one found 2.4, with features shrunk to a tenth of their scale).
+    The maths runs in float32 with autocast disabled, because logsumexp, exp and log-determinants
+    lose their precision in float16. Under ``torch.distributed`` with several ranks the estimate is
+    that of the global batch (:func:`gather_batch`), so every rank gets the same value.
 
-    The maths runs in float32 with autocast disabled, because logsumexp and exp overflow in float16.
-    Under ``torch.distributed`` with several ranks the negatives come from the global batch
-    (:func:`gather_batch`), so every rank gets the estimate of the whole batch.
-
-    Subclasses implement :meth:`pair_scores` and :meth:`bound_from_scores`, and may override
-    :meth:`loss_from_scores`.
+    Subclasses implement :meth:`estimate` and :meth:`estimator_loss` on the gathered float32 batch.
     """
 
     def __init__(self, dim_a: int, dim_b: int) -> None:
@@ -164,36 +157,32 @@ class MutualInformationEstimator(nn.Module, ABC):
         self.dim_b = dim_b
 
     @abstractmethod
-    def pair_scores(self, a: Tensor, b: Tensor) -> Tensor:
-        """``(B, B)`` scores whose entry (i, j) belongs to the pair (a_i, b_j); positives on the diagonal."""
+    def estimate(self, a: Tensor, b: Tensor, strata: Tensor | None, weights: Tensor | None) -> Tensor:
+        """The MI estimate of a checked, gathered float32 batch."""
 
     @abstractmethod
-    def bound_from_scores(self, scores: Tensor, pairs: ContrastPairs) -> Tensor:
-        """The MI estimate of the batch from its pair scores."""
-
-    def loss_from_scores(self, scores: Tensor, pairs: ContrastPairs) -> Tensor:
-        """The estimator's training loss; by default the negated estimate (a lower bound to maximize)."""
-        return -self.bound_from_scores(scores, pairs)
+    def estimator_loss(self, a: Tensor, b: Tensor, strata: Tensor | None, weights: Tensor | None) -> Tensor:
+        """The estimator's training loss on a checked, gathered float32 batch."""
 
     def forward(
         self, a: Tensor, b: Tensor, strata: Tensor | None = None, weights: Tensor | None = None
     ) -> Tensor:
         """MI estimate in nats of the batch (a, b), conditional on ``strata`` and under ``weights`` when given."""
-        return self._evaluate(self.bound_from_scores, a, b, strata, weights)
+        return self._evaluate(self.estimate, a, b, strata, weights)
 
     def critic_loss(
         self, a: Tensor, b: Tensor, strata: Tensor | None = None, weights: Tensor | None = None
     ) -> Tensor:
         """Loss to minimize over the estimator's parameters; detach ``a`` and ``b`` before calling."""
-        return self._evaluate(self.loss_from_scores, a, b, strata, weights)
+        return self._evaluate(self.estimator_loss, a, b, strata, weights)
 
     def _evaluate(
         self,
-        reduce: Callable[[Tensor, ContrastPairs], Tensor],
+        reduce: Callable[[Tensor, Tensor, Tensor | None, Tensor | None], Tensor],
         a: Tensor,
         b: Tensor,
         strata: Tensor | None,
-        weights: Tensor | None = None,
+        weights: Tensor | None,
     ) -> Tensor:
         self._check_inputs(a, b, strata, weights)
         optional = [t for t in (strata, weights) if t is not None]
@@ -201,11 +190,7 @@ class MutualInformationEstimator(nn.Module, ABC):
         strata = rest.pop(0) if strata is not None else None
         weights = rest.pop(0) if weights is not None else None
         with torch.autocast(device_type=a.device.type, enabled=False):
-            pairs = ContrastPairs(strata, a.shape[0], a.device, weights)
-            scores = self.pair_scores(standardize(a.float(), pairs.anchors), standardize(b.float(), pairs.anchors))
-            if not pairs.anchors.any():
-                return scores.sum() * 0.0
-            return reduce(scores, pairs)
+            return reduce(a.float(), b.float(), strata, weights)
 
     def _check_inputs(self, a: Tensor, b: Tensor, strata: Tensor | None, weights: Tensor | None = None) -> None:
         expected = f"expected a of shape (B, {self.dim_a}) and b of shape (B, {self.dim_b})"
@@ -230,3 +215,50 @@ class MutualInformationEstimator(nn.Module, ABC):
                 f"a {tuple(a.shape)} or b {tuple(b.shape)} contains NaN or Inf; "
                 "check the features feeding the estimator"
             )
+
+
+class PairScoreEstimator(MutualInformationEstimator):
+    """An estimator computed from the scores of all pairs (a_i, b_j) of the batch.
+
+    Both inputs are standardized over the batch (per dimension, gradients flowing through) before
+    they are scored. MI is invariant to such affine maps, but an encoder minimizing the estimate is
+    not: without it, it shrinks its features until the critic's scores flatten and the estimate drops
+    while the dependence stays (seen on Digits-Morpho: a lagging critic read 0.6 nats where a fresh
+    one found 2.4, with features shrunk to a tenth of their scale). A batch in which no sample has a
+    partner in its stratum gives 0.
+
+    Subclasses implement :meth:`pair_scores` and :meth:`bound_from_scores`, and may override
+    :meth:`loss_from_scores`.
+    """
+
+    @abstractmethod
+    def pair_scores(self, a: Tensor, b: Tensor) -> Tensor:
+        """``(B, B)`` scores whose entry (i, j) belongs to the pair (a_i, b_j); positives on the diagonal."""
+
+    @abstractmethod
+    def bound_from_scores(self, scores: Tensor, pairs: ContrastPairs) -> Tensor:
+        """The MI estimate of the batch from its pair scores."""
+
+    def loss_from_scores(self, scores: Tensor, pairs: ContrastPairs) -> Tensor:
+        """The estimator's training loss; by default the negated estimate (a lower bound to maximize)."""
+        return -self.bound_from_scores(scores, pairs)
+
+    def estimate(self, a: Tensor, b: Tensor, strata: Tensor | None, weights: Tensor | None) -> Tensor:
+        return self._from_scores(self.bound_from_scores, a, b, strata, weights)
+
+    def estimator_loss(self, a: Tensor, b: Tensor, strata: Tensor | None, weights: Tensor | None) -> Tensor:
+        return self._from_scores(self.loss_from_scores, a, b, strata, weights)
+
+    def _from_scores(
+        self,
+        reduce: Callable[[Tensor, ContrastPairs], Tensor],
+        a: Tensor,
+        b: Tensor,
+        strata: Tensor | None,
+        weights: Tensor | None,
+    ) -> Tensor:
+        pairs = ContrastPairs(strata, a.shape[0], a.device, weights)
+        scores = self.pair_scores(standardize(a, pairs.anchors), standardize(b, pairs.anchors))
+        if not pairs.anchors.any():
+            return scores.sum() * 0.0
+        return reduce(scores, pairs)
