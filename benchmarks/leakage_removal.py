@@ -97,7 +97,7 @@ def remove_leak(
         loss.backward()
         optimizer.step()
         if step % args.report_every == 0:
-            curve.append({"step": step, "dependence": float(dependence), **leakage(projection, test_features, test_labels, part)})
+            curve.append({"step": step, "dependence": float(dependence.detach()), **leakage(projection, test_features, test_labels, part)})
     return {"estimator": estimator, "curve": curve, "seconds": time.perf_counter() - start}
 
 

@@ -60,6 +60,20 @@ def test_every_method_trains_and_reports_its_terms(method):
         assert sum(output[f"weight/{k}"] for k in "ab") == pytest.approx(1.0)
 
 
+def test_closed_form_estimator_trains_without_a_critic_and_its_term_reaches_f_y():
+    set_determinism(0)
+    trainer = _build("mimmx", estimator="gaussian", reference="labels", conditional=True, balanced=True)
+    assert trainer.critic_optimizer is None and trainer.objective.critic_parameters() == []
+    trainer.run()
+    output = trainer.state.output
+    assert np.isnan(output["critic_loss"]) and np.isfinite(output["dependence/a"])
+    outputs = trainer.network(torch.as_tensor(np.stack([r["image"] for r in _records()[:16]])).float())
+    labels = {k: torch.as_tensor([r[k] for r in _records()[:16]]) for k in PARTS}
+    term = trainer.objective.dependence_terms(outputs, labels)["a"]
+    (grad,) = torch.autograd.grad(term, outputs["y_features"])
+    assert grad.abs().sum() > 0
+
+
 def test_critics_learn_in_the_critic_phase_and_encoder_in_the_encoder_phase():
     set_determinism(0)
     trainer = _build("mimmx")
