@@ -79,10 +79,15 @@ def remove_leak(
     train_features, train_labels = features["train"]
     test_features, test_labels = features["test-balanced"]
     generator = torch.Generator().manual_seed(args.seed)
+    cells = torch.stack([train_labels[name] for name in (PRIMARY, *FACTORS)], dim=1).unique(dim=0, return_inverse=True)[1]
+    cell_weights = 1.0 / torch.bincount(cells).float()[cells]
     curve = [{"step": 0, **leakage(projection, test_features, test_labels, part)}]
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        rows = torch.randint(0, len(train_features), (args.batch_size,), generator=generator)
+        if args.cell_balanced:  # every (y, z_1, z_2) cell equally often
+            rows = torch.multinomial(cell_weights, args.batch_size, replacement=True, generator=generator)
+        else:
+            rows = torch.randint(0, len(train_features), (args.batch_size,), generator=generator)
         labels = {name: values[rows] for name, values in train_labels.items()}
         parts = projection(train_features[rows]).split(network.part_sizes, dim=1)
         # Only f_y is optimized; the factor parts stay the fixed reference of what each factor looks like.
@@ -119,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--report-every", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--cell-balanced", action="store_true", help="draw batches with every (y, z) cell equally often")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--critic-lr", type=float, default=1e-3)
     parser.add_argument("--n-critic", type=int, default=3)
