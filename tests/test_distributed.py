@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from bundle_runs import (
     BATCH_SIZE,
     REPO,
@@ -21,6 +20,7 @@ from bundle_runs import (
     run_env,
     training_command,
 )
+from gloo_ranks import spawn_gloo_ranks
 from mlflow import MlflowClient
 from torch import nn
 
@@ -88,7 +88,7 @@ def run_rank(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("ranks")
-    mp.spawn(run_rank, args=(str(out_dir / "init"), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    spawn_gloo_ranks(run_rank, out_dir, WORLD_SIZE)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
 

@@ -7,15 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import spawn_gloo_ranks
 
-from mimm_med.mi import CLUB, MINE, InfoNCE, correlated_gaussians
+from mimm_med.mi import CLUB, MINE, GaussianMI, InfoNCE, correlated_gaussians
 
 WORLD_SIZE = 2
 BATCH = 12
 # Rank 0 holds 7 rows and rank 1 holds 5 in the uneven case: the last batch of an epoch.
 SPLITS = {"even": (6, 6), "uneven": (7, 5)}
-ESTIMATORS = {"MINE": MINE, "InfoNCE": InfoNCE, "CLUB": CLUB}
+ESTIMATORS = {"MINE": MINE, "InfoNCE": InfoNCE, "CLUB": CLUB, "Gaussian": GaussianMI}
+CRITIC_OPTIONS = {"hidden_dim": 32}
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -29,7 +30,7 @@ def build() -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
     """The same encoder and estimator weights in every process."""
     torch.manual_seed(0)
     encoder = torch.nn.Linear(3, 3)
-    return encoder, {name: cls(3, 3, hidden_dim=32) for name, cls in ESTIMATORS.items()}
+    return encoder, {name: cls(3, 3) if cls is GaussianMI else cls(3, 3, **CRITIC_OPTIONS) for name, cls in ESTIMATORS.items()}
 
 
 def results(encoder, estimators, x, b, strata) -> dict[str, float | torch.Tensor]:
@@ -69,7 +70,7 @@ def run_rank(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> Path:
     out_dir = tmp_path_factory.mktemp("ranks")
-    mp.spawn(run_rank, args=(str(out_dir / "init"), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    spawn_gloo_ranks(run_rank, out_dir, WORLD_SIZE)
     return out_dir
 
 
