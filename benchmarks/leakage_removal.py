@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mimm_med.data.confounding import cell_balancing_weights
 from mimm_med.data.digits_morpho import FACTORS, PRIMARY, make_digits_morpho
 from mimm_med.engines.dependence import MutualInformationTerms
 from mimm_med.evaluation.leakage import linear_probe_leakage
@@ -79,8 +80,7 @@ def remove_leak(
     train_features, train_labels = features["train"]
     test_features, test_labels = features["test-balanced"]
     generator = torch.Generator().manual_seed(args.seed)
-    cells = torch.stack([train_labels[name] for name in (PRIMARY, *FACTORS)], dim=1).unique(dim=0, return_inverse=True)[1]
-    cell_weights = 1.0 / torch.bincount(cells).float()[cells]
+    cell_weights = torch.as_tensor(cell_balancing_weights({name: values.numpy() for name, values in train_labels.items()}))
     curve = [{"step": 0, **leakage(projection, test_features, test_labels, part)}]
     start = time.perf_counter()
     for step in range(1, args.steps + 1):

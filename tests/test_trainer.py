@@ -67,8 +67,9 @@ def test_closed_form_estimator_trains_without_a_critic_and_its_term_reaches_f_y(
     trainer.run()
     output = trainer.state.output
     assert np.isnan(output["critic_loss"]) and np.isfinite(output["dependence/a"])
-    outputs = trainer.network(torch.as_tensor(np.stack([r["image"] for r in _records()[:16]])).float())
-    labels = {k: torch.as_tensor([r[k] for r in _records()[:16]]) for k in PARTS}
+    records = _records()[:16]
+    outputs = trainer.network(torch.as_tensor(np.stack([r["image"] for r in records])).float())
+    labels = {k: torch.as_tensor([r[k] for r in records]) for k in PARTS}
     term = trainer.objective.dependence_terms(outputs, labels)["a"]
     (grad,) = torch.autograd.grad(term, outputs["y_features"])
     assert grad.abs().sum() > 0
