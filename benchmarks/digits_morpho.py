@@ -5,11 +5,13 @@ Example
     python benchmarks/digits_morpho.py --method mimmx --correlation 0.9 \
         --confounders thickness,rotation --seeds 3 --json out.json
     python benchmarks/digits_morpho.py --method all --seeds 1     # every method, one seed
+    python benchmarks/digits_morpho.py --method erm,mimmx,oracle --readout   # + what linear read-outs reach
 
 Prints a table of inverted/balanced/iid accuracy, leakage and switched heads (means over seeds,
 ± sd) and writes JSON: ``{"method", "correlation", "seeds", "tests": {set: {"y_acc", "y_bacc",
 "worst_group_acc"}}, "leakage": {factor: bacc}, "switched": {factor: acc}, "seconds", "per_seed"}``
-(a list of these with ``--method`` naming several methods).
+(a list of these with ``--method`` naming several methods). ``--readout`` adds ``"readout"``: the
+inverted-set accuracy of linear read-outs refitted on the frozen features (:func:`readout_ceilings`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mimm_med.data.confounding import cell_balancing_weights
 from mimm_med.data.digits_morpho import FACTORS, PRIMARY, make_digits_morpho
+from mimm_med.data.manifest import SUBJECT
 from mimm_med.engines import METHODS
-from mimm_med.evaluation import flatten_metrics
+from mimm_med.evaluation import conditional_mean_eraser, flatten_metrics, linear_readout_accuracy
 from mimm_med.experiment import TEST_SETS, ExperimentConfig, run_experiment
 from mimm_med.mi import ESTIMATORS
 
@@ -62,6 +66,45 @@ def sd_over_seeds(per_seed: list[dict], path: tuple[str, ...]) -> float:
     return float(np.std(values))
 
 
+def frozen_features(network: torch.nn.Module, records: list[dict]) -> dict[str, np.ndarray]:
+    """Backbone features, f_y and the primary head's predictions of ``records``."""
+    network.eval()
+    device = next(network.parameters()).device
+    with torch.no_grad():
+        images = torch.as_tensor(np.stack([r["image"] for r in records]), device=device)
+        backbone = network.backbone(images)
+        parts = network.shared_layer(backbone)
+        predicted = network(images)[f"{PRIMARY}_output"].argmax(dim=1)
+    return {"backbone": backbone.cpu().numpy(), "f_y": parts[:, : network.part_sizes[0]].cpu().numpy(), "predicted": predicted.cpu().numpy()}
+
+
+def readout_ceilings(network: torch.nn.Module, sets: dict[str, list[dict]], confounders: list[str], seed: int) -> dict[str, float]:
+    """Inverted-set accuracy of the y head and of linear read-outs refitted on the frozen features.
+
+    The test subjects are halved: read-outs fitted on test data see the balanced versions of one
+    half, and everything is scored on the inverted versions of the other half. ``erased`` read-outs
+    are fitted on the training set after :func:`conditional_mean_eraser` and with cell-balancing
+    weights (what a perfectly linearly invariant f_y allows); ``balanced-fit`` read-outs are
+    fitted on balanced data the method never sees (what the features hold).
+    """
+    subjects = sorted({r[SUBJECT] for r in sets["test-balanced"]})
+    fit_half = set(np.random.default_rng(seed).permutation(subjects)[: len(subjects) // 2])
+    balanced = [r for r in sets["test-balanced"] if r[SUBJECT] in fit_half]
+    scored = [r for r in sets["test-inverted"] if r[SUBJECT] not in fit_half]
+    y = {name: np.array([r[PRIMARY] for r in records]) for name, records in (("train", sets["train"]), ("balanced", balanced), ("scored", scored))}
+    factors = {z: np.array([r[z] for r in sets["train"]]) for z in confounders}
+    weights = cell_balancing_weights({PRIMARY: y["train"], **factors})
+    train, fit, score = (frozen_features(network, records) for records in (sets["train"], balanced, scored))
+    ceilings = {"head": float(np.mean(score["predicted"] == y["scored"]))}
+    for layer in ("f_y", "backbone"):
+        eraser = conditional_mean_eraser(train[layer], y["train"], factors)
+        ceilings[f"erased {layer}"] = linear_readout_accuracy(
+            train[layer] @ eraser, y["train"], score[layer] @ eraser, y["scored"], sample_weight=weights
+        )
+        ceilings[f"balanced-fit {layer}"] = linear_readout_accuracy(fit[layer], y["balanced"], score[layer], y["scored"])
+    return ceilings
+
+
 def run_method(method: str, args: argparse.Namespace, confounders: list[str]) -> dict:
     per_seed = []
     for seed in range(args.seeds):
@@ -85,6 +128,8 @@ def run_method(method: str, args: argparse.Namespace, confounders: list[str]) ->
         )
         run = run_experiment(sets, PRIMARY, confounders, {name: 2 for name in (PRIMARY, *confounders)}, config)
         summary = summarize_seed(flatten_metrics(run["results"]), confounders, run["seconds"])
+        if args.readout:
+            summary["readout"] = readout_ceilings(run["network"], sets, confounders, seed)
         per_seed.append(summary)
         print(
             f"  {method} seed {seed}: inverted {summary['tests']['inverted']['y_acc']:.3f}, "
@@ -121,6 +166,16 @@ def table(results: list[dict], confounders: list[str]) -> str:
     return "\n".join(lines)
 
 
+def readout_table(results: list[dict]) -> str:
+    """Markdown table of :func:`readout_ceilings`: one row per method, mean ± sd over seeds."""
+    keys = list(results[0]["readout"])
+    lines = ["| method | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for r in results:
+        cells = [f"{100 * r['readout'][k]:.1f} ± {100 * sd_over_seeds(r['per_seed'], ('readout', k)):.1f}" for k in keys]
+        lines.append("| " + " | ".join([r["method"], *cells]) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="mimmx", help=f"comma-separated, or 'all' ({', '.join(ALL_METHODS)}); any of {', '.join(METHODS)} or oracle")
@@ -139,6 +194,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--balanced", action=argparse.BooleanOptionalAction, default=False, help="MI under cell-balanced weights"
     )
     parser.add_argument("--reference", default="features", choices=("features", "labels"), help="what stands for z_k in I(f_y; z_k)")
+    parser.add_argument(
+        "--readout", action="store_true", help="also score linear read-outs refitted on the frozen features (readout_ceilings)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -158,6 +216,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = [run_method(method, args, confounders) for method in methods]
     print(f"\nDigits-Morpho, r = {args.correlation}, confounders {confounders}, {args.seeds} seed(s), % (mean ± sd)\n")
     print(table(results, confounders))
+    if args.readout:
+        print("\nInverted-set accuracy of y on half the test subjects: the head, and linear read-outs of frozen features, %\n")
+        print(readout_table(results))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,11 @@ from mimm_med import mi
 from mimm_med.evaluation import (
     classification_report,
     collect_outputs,
+    conditional_mean_eraser,
     evaluate_test_sets,
     flatten_metrics,
     linear_probe_leakage,
+    linear_readout_accuracy,
     plot_group_accuracy,
     plot_training_curves,
     plot_tsne,
@@ -189,6 +191,51 @@ def test_linear_probe_on_tiny_and_degenerate_sets():
         linear_probe_leakage(features, np.ones(6))
     with pytest.raises(ValueError, match="at least 2 samples per class"):
         linear_probe_leakage(features, np.array([0, 0, 0, 0, 0, 1]))
+
+
+def shortcut_features(n: int, agreement: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A weak y signal, a strong z signal and a mix, with z agreeing with y at the given rate."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    z = np.where(rng.random(n) < agreement, y, 1 - y)
+    noise = rng.normal(size=(n, 4))
+    features = np.stack([y + 0.8 * noise[:, 0], 3.0 * z + 0.3 * noise[:, 1], noise[:, 2], y + z + noise[:, 3]], axis=1)
+    return features, y, z
+
+
+def test_conditional_mean_eraser_equalizes_factor_means_within_each_class():
+    features, y, z = shortcut_features(2000, 0.9, seed=0)
+    rng = np.random.default_rng(1)
+    features = np.concatenate([features, rng.normal(size=(len(y), 4))], axis=1)
+    w = rng.integers(0, 3, len(y))  # a three-class factor with no signal
+    projector = conditional_mean_eraser(features, y, {"z": z, "w": w})
+    erased = features @ projector
+
+    np.testing.assert_allclose(projector, projector.T, atol=1e-12)
+    np.testing.assert_allclose(projector @ projector, projector, atol=1e-10)
+    for label in (0, 1):
+        for factor in (z, w):
+            means = [erased[(y == label) & (factor == c)].mean(axis=0) for c in np.unique(factor)]
+            for mean in means[1:]:
+                np.testing.assert_allclose(mean, means[0], atol=1e-9)
+    # Without the eraser the factor's mean difference within a class is large.
+    assert abs(features[(y == 0) & (z == 1), 1].mean() - features[(y == 0) & (z == 0), 1].mean()) > 2.5
+    # Only the span of the 2 classes x (1 + 2) differences is removed: 8 - 6 directions are kept.
+    assert np.trace(projector) == pytest.approx(2.0)
+
+
+def test_erased_readout_escapes_the_shortcut_that_a_plain_readout_takes():
+    features, y, z = shortcut_features(2000, 0.9, seed=0)
+    inverted, y_inverted, _ = shortcut_features(1000, 0.1, seed=2)
+
+    plain = linear_readout_accuracy(features, y, inverted, y_inverted)
+    projector = conditional_mean_eraser(features, y, {"z": z})
+    erased = linear_readout_accuracy(features @ projector, y, inverted @ projector, y_inverted)
+
+    assert plain < 0.4
+    assert erased > 0.65
+    with pytest.raises(ValueError, match="same layer"):
+        linear_readout_accuracy(features, y, inverted[:, :3], y_inverted)
 
 
 def gaussian_features(mi_nats: float, seed: int, n: int = 1000) -> tuple[np.ndarray, np.ndarray]:
