@@ -11,7 +11,7 @@ Prints a table of inverted/balanced/iid accuracy, leakage and switched heads (me
 ± sd) and writes JSON: ``{"method", "correlation", "seeds", "tests": {set: {"y_acc", "y_bacc",
 "worst_group_acc"}}, "leakage": {factor: bacc}, "switched": {factor: acc}, "seconds", "per_seed"}``
 (a list of these with ``--method`` naming several methods). ``--readout`` adds ``"readout"``: the
-inverted-set accuracy of linear read-outs refitted on the frozen features (:func:`readout_ceilings`).
+accuracy of linear read-outs refitted on the frozen features (:func:`readout_ceilings`).
 """
 
 from __future__ import annotations
@@ -78,30 +78,38 @@ def frozen_features(network: torch.nn.Module, records: list[dict]) -> dict[str, 
     return {"backbone": backbone.cpu().numpy(), "f_y": parts[:, : network.part_sizes[0]].cpu().numpy(), "predicted": predicted.cpu().numpy()}
 
 
-def readout_ceilings(network: torch.nn.Module, sets: dict[str, list[dict]], confounders: list[str], seed: int) -> dict[str, float]:
-    """Inverted-set accuracy of the y head and of linear read-outs refitted on the frozen features.
+def readout_ceilings(
+    network: torch.nn.Module, sets: dict[str, list[dict]], confounders: list[str], seed: int
+) -> dict[str, dict[str, float]]:
+    """Accuracy of the y head and of linear read-outs refitted on the frozen features, per test set.
 
-    The test subjects are halved: read-outs fitted on test data see the balanced versions of one
-    half, and everything is scored on the inverted versions of the other half. ``erased`` read-outs
-    are fitted on the training set after :func:`conditional_mean_eraser` and with cell-balancing
-    weights (what a perfectly linearly invariant f_y allows); ``balanced-fit`` read-outs are
-    fitted on balanced data the method never sees (what the features hold).
+    The test subjects are halved: ``balanced-fit`` read-outs are fitted on the balanced versions of
+    one half, data no method sees (what the features hold; deep feature reweighting). ``erased``
+    read-outs are fitted on the training set after :func:`conditional_mean_eraser` and with
+    cell-balancing weights (what a y head on a linearly invariant f_y could learn from the training
+    set). Everything is scored on the iid, balanced and inverted versions of the other half; an
+    invariant read-out scores alike on all three.
     """
     subjects = sorted({r[SUBJECT] for r in sets["test-balanced"]})
     fit_half = set(np.random.default_rng(seed).permutation(subjects)[: len(subjects) // 2])
-    balanced = [r for r in sets["test-balanced"] if r[SUBJECT] in fit_half]
-    scored = [r for r in sets["test-inverted"] if r[SUBJECT] not in fit_half]
-    y = {name: np.array([r[PRIMARY] for r in records]) for name, records in (("train", sets["train"]), ("balanced", balanced), ("scored", scored))}
+    fit_records = [r for r in sets["test-balanced"] if r[SUBJECT] in fit_half]
+    scored_records = {name: [r for r in sets[split] if r[SUBJECT] not in fit_half] for name, split in TEST_SETS.items()}
+    train, fit = frozen_features(network, sets["train"]), frozen_features(network, fit_records)
+    scored = {name: frozen_features(network, records) for name, records in scored_records.items()}
+    y_train, y_fit = (np.array([r[PRIMARY] for r in records]) for records in (sets["train"], fit_records))
+    y_scored = {name: np.array([r[PRIMARY] for r in records]) for name, records in scored_records.items()}
     factors = {z: np.array([r[z] for r in sets["train"]]) for z in confounders}
-    weights = cell_balancing_weights({PRIMARY: y["train"], **factors})
-    train, fit, score = (frozen_features(network, records) for records in (sets["train"], balanced, scored))
-    ceilings = {"head": float(np.mean(score["predicted"] == y["scored"]))}
+    weights = cell_balancing_weights({PRIMARY: y_train, **factors})
+    ceilings = {"head": {name: float(np.mean(scored[name]["predicted"] == y_scored[name])) for name in scored}}
     for layer in ("f_y", "backbone"):
-        eraser = conditional_mean_eraser(train[layer], y["train"], factors)
-        ceilings[f"erased {layer}"] = linear_readout_accuracy(
-            train[layer] @ eraser, y["train"], score[layer] @ eraser, y["scored"], sample_weight=weights
-        )
-        ceilings[f"balanced-fit {layer}"] = linear_readout_accuracy(fit[layer], y["balanced"], score[layer], y["scored"])
+        eraser = conditional_mean_eraser(train[layer], y_train, factors)
+        ceilings[f"erased {layer}"] = {
+            name: linear_readout_accuracy(train[layer] @ eraser, y_train, scored[name][layer] @ eraser, y_scored[name], weights)
+            for name in scored
+        }
+        ceilings[f"balanced-fit {layer}"] = {
+            name: linear_readout_accuracy(fit[layer], y_fit, scored[name][layer], y_scored[name]) for name in scored
+        }
     return ceilings
 
 
@@ -167,11 +175,14 @@ def table(results: list[dict], confounders: list[str]) -> str:
 
 
 def readout_table(results: list[dict]) -> str:
-    """Markdown table of :func:`readout_ceilings`: one row per method, mean ± sd over seeds."""
-    keys = list(results[0]["readout"])
-    lines = ["| method | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    """Markdown table of :func:`readout_ceilings`: iid / balanced / inverted means, ± sd of inverted."""
+    readouts = list(results[0]["readout"])
+    lines = ["| method | " + " | ".join(readouts) + " |", "|" + "---|" * (len(readouts) + 1)]
     for r in results:
-        cells = [f"{100 * r['readout'][k]:.1f} ± {100 * sd_over_seeds(r['per_seed'], ('readout', k)):.1f}" for k in keys]
+        cells = []
+        for readout in readouts:
+            means = " / ".join(f"{100 * r['readout'][readout][name]:.1f}" for name in TEST_SETS)
+            cells.append(f"{means} ± {100 * sd_over_seeds(r['per_seed'], ('readout', readout, 'inverted')):.1f}")
         lines.append("| " + " | ".join([r["method"], *cells]) + " |")
     return "\n".join(lines)
 
@@ -217,7 +228,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"\nDigits-Morpho, r = {args.correlation}, confounders {confounders}, {args.seeds} seed(s), % (mean ± sd)\n")
     print(table(results, confounders))
     if args.readout:
-        print("\nInverted-set accuracy of y on half the test subjects: the head, and linear read-outs of frozen features, %\n")
+        print(
+            "\nAccuracy of y on half the test subjects, iid / balanced / inverted (± sd of inverted), %: "
+            "the head and linear read-outs of the frozen features\n"
+        )
         print(readout_table(results))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json:

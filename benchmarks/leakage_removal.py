@@ -3,7 +3,8 @@
 A diagnostic for the MI penalty, separated from everything else training does. A MIMM-X network
 (λ = 0, so its backbone encodes the digit, thickness and rotation) is trained on Digits-Morpho;
 then the backbone is frozen and only the linear map from backbone features to f_y is optimized,
-on the dependence term alone (no task loss unless ``--task-weight``). A linear map that removes
+on the dependence term alone (no task loss unless ``--task-weight``, which also trains a y head on
+f_y and reports its accuracy). A linear map that removes
 every linear trace of the factors exists (project out the class-mean differences), so a working
 penalty must drive the leakage probe towards 50 %. The table gives the probe's balanced accuracy
 on the balanced test set after each block of steps.
@@ -40,7 +41,7 @@ def frozen_backbone_features(args: argparse.Namespace) -> tuple[MIMMXNet, dict[s
     network = run_experiment(sets, PRIMARY, list(FACTORS), {name: 2 for name in (PRIMARY, *FACTORS)}, config)["network"]
     network.eval()
     features = {}
-    for split in ("train", "test-balanced"):
+    for split in ("train", "test-balanced", "test-inverted"):
         records = sets[split]
         with torch.no_grad():
             backbone = network.backbone(torch.as_tensor(np.stack([r["image"] for r in records])))
@@ -49,10 +50,18 @@ def frozen_backbone_features(args: argparse.Namespace) -> tuple[MIMMXNet, dict[s
     return network, features
 
 
-def leakage(projection: torch.nn.Linear, features: Tensor, labels: dict[str, Tensor], part: int) -> dict[str, float]:
+def probe(
+    projection: torch.nn.Linear, head: torch.nn.Linear, features: dict[str, tuple[Tensor, dict[str, Tensor]]], part: int
+) -> dict[str, float]:
+    """Leakage of each factor from f_y on the balanced test set, and the y head's accuracy on the balanced and inverted sets."""
     with torch.no_grad():
-        f_y = projection(features)[:, :part].numpy()
-    return {z: linear_probe_leakage(f_y, labels[z].numpy()) for z in FACTORS}
+        f_y = {split: projection(features[split][0])[:, :part] for split in ("test-balanced", "test-inverted")}
+        accuracy = {
+            f"y {split[5:]}": float((head(f_y[split]).argmax(dim=1) == features[split][1][PRIMARY]).float().mean())
+            for split in f_y
+        }
+    balanced_labels = features["test-balanced"][1]
+    return {**{z: linear_probe_leakage(f_y["test-balanced"].numpy(), balanced_labels[z].numpy()) for z in FACTORS}, **accuracy}
 
 
 def remove_leak(
@@ -78,10 +87,9 @@ def remove_leak(
     critic_parameters = list(terms.parameters())
     critic_optimizer = torch.optim.Adam(critic_parameters, lr=args.critic_lr) if critic_parameters else None
     train_features, train_labels = features["train"]
-    test_features, test_labels = features["test-balanced"]
     generator = torch.Generator().manual_seed(args.seed)
     cell_weights = torch.as_tensor(cell_balancing_weights({name: values.numpy() for name, values in train_labels.items()}))
-    curve = [{"step": 0, **leakage(projection, test_features, test_labels, part)}]
+    curve = [{"step": 0, **probe(projection, head, features, part)}]
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         if args.cell_balanced:  # every (y, z_1, z_2) cell equally often
@@ -102,16 +110,16 @@ def remove_leak(
         loss.backward()
         optimizer.step()
         if step % args.report_every == 0:
-            curve.append({"step": step, "dependence": float(dependence.detach()), **leakage(projection, test_features, test_labels, part)})
+            curve.append({"step": step, "dependence": float(dependence.detach()), **probe(projection, head, features, part)})
     return {"estimator": estimator, "curve": curve, "seconds": time.perf_counter() - start}
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], keys: tuple[str, ...]) -> str:
     steps = [point["step"] for point in results[0]["curve"]]
     header = ["estimator", *(f"step {s}" for s in steps), "s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
-        cells = [" / ".join(f"{100 * point[z]:.1f}" for z in FACTORS) for point in result["curve"]]
+        cells = [" / ".join(f"{100 * point[key]:.1f}" for key in keys) for point in result["curve"]]
         lines.append("| " + " | ".join([result["estimator"], *cells, f"{result['seconds']:.0f}"]) + " |")
     return "\n".join(lines)
 
@@ -148,7 +156,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     network, features = frozen_backbone_features(args)
     results = [remove_leak(name, network, features, args) for name in estimators]
     print(f"\nLeakage of {' / '.join(FACTORS)} from f_y on the balanced test set, % (50 = none), batch {args.batch_size}\n")
-    print(table(results))
+    print(table(results, FACTORS))
+    if args.task_weight:
+        print("\nAccuracy of the y head on the balanced / inverted test sets, %\n")
+        print(table(results, ("y balanced", "y inverted")))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

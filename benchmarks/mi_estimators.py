@@ -25,24 +25,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from mimm_med.mi import (
-    CLUB,
-    MINE,
-    NWJ,
-    CriticEstimator,
-    GaussianMI,
-    InfoNCE,
-    MutualInformationEstimator,
-    correlated_gaussians,
-)
+from mimm_med.mi import CLUB, ESTIMATORS, MINE, NWJ, CriticEstimator, InfoNCE, correlated_gaussians
 
-ESTIMATORS: dict[str, Callable[..., MutualInformationEstimator]] = {
-    "MINE": MINE,
-    "NWJ": NWJ,
-    "InfoNCE": InfoNCE,
-    "CLUB": CLUB,
-    "Gaussian": GaussianMI,
-}
 TRUE_MI = (0.0, 1.0, 2.0, 4.0)
 ACCURACY_DIM, ACCURACY_BATCH = 8, 256
 SPEED_DIM, SPEED_BATCHES = 32, (64, 256, 1024)
@@ -132,9 +116,9 @@ def speed_candidates() -> dict[str, Callable[[], nn.Module]]:
 def check_targets(accuracy: list[AccuracyResult], speed: list[SpeedResult], estimator_names: list[str]) -> list[dict]:
     found = {(r.estimator, r.true_mi): r.mean for r in accuracy}
     targets = []
-    if "MINE" in estimator_names:
+    if "mine" in estimator_names:
         for true_mi in (1.0, 2.0):
-            estimate = found[("MINE", true_mi)]
+            estimate = found[("mine", true_mi)]
             targets.append(
                 {
                     "target": f"MINE within 10 % of {true_mi:g} nats",
@@ -142,7 +126,7 @@ def check_targets(accuracy: list[AccuracyResult], speed: list[SpeedResult], esti
                     "met": abs(estimate - true_mi) <= 0.1 * true_mi,
                 }
             )
-        estimate = found[("MINE", 0.0)]
+        estimate = found[("mine", 0.0)]
         targets.append(
             {
                 "target": "MINE within 0.03 nats of 0 (independent)",
@@ -150,13 +134,13 @@ def check_targets(accuracy: list[AccuracyResult], speed: list[SpeedResult], esti
                 "met": abs(estimate) <= 0.03,
             }
         )
-    if "CLUB" in estimator_names:
+    if "club" in estimator_names:
         # At I = 0, "10 % below" is read with the same 0.03-nat tolerance as MINE's independence target.
-        shortfalls = {mi: found[("CLUB", mi)] - min(0.9 * mi, mi - 0.03) for mi in TRUE_MI}
+        shortfalls = {mi: found[("club", mi)] - min(0.9 * mi, mi - 0.03) for mi in TRUE_MI}
         targets.append(
             {
                 "target": "CLUB never more than 10 % below the truth",
-                "value": ", ".join(f"{found[('CLUB', mi)]:.3f}@{mi:g}" for mi in TRUE_MI),
+                "value": ", ".join(f"{found[('club', mi)]:.3f}@{mi:g}" for mi in TRUE_MI),
                 "met": all(shortfall >= 0 for shortfall in shortfalls.values()),
             }
         )
@@ -178,7 +162,7 @@ def print_accuracy(accuracy: list[AccuracyResult]) -> None:
     names = list(dict.fromkeys(r.estimator for r in accuracy))
     found = {(r.estimator, r.true_mi): r for r in accuracy}
     print(f"\nMI estimates on correlated Gaussians (dims {ACCURACY_DIM}+{ACCURACY_DIM}, batch {ACCURACY_BATCH}), nats")
-    print(f"{'true MI':>10}" + "".join(f"{name:>18}" for name in names))
+    print(f"{'true MI':>10}" + "".join(f"{ESTIMATORS[name].__name__:>18}" for name in names))
     for true_mi in TRUE_MI:
         cells = "".join(f"{found[(name, true_mi)].mean:>10.3f} ± {found[(name, true_mi)].std:<5.3f}" for name in names)
         print(f"{true_mi:>10.1f}" + cells)
@@ -209,7 +193,9 @@ def parse_args() -> argparse.Namespace:
         default="separable",
         help="critic of MINE/NWJ/InfoNCE in the accuracy runs",
     )
-    parser.add_argument("--estimators", nargs="+", choices=tuple(ESTIMATORS), default=list(ESTIMATORS))
+    parser.add_argument(
+        "--estimators", nargs="+", type=str.lower, choices=tuple(ESTIMATORS), default=list(ESTIMATORS), help="case-insensitive"
+    )
     parser.add_argument("--timing-steps", type=int, default=5, help="timed critic steps per cell (median reported)")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument(
@@ -236,7 +222,7 @@ def main() -> None:
         for name in args.estimators:
             for true_mi in TRUE_MI:
                 accuracy.append(estimate_accuracy(name, true_mi, args))
-                print(f"  {name} at {true_mi:g} nats: {accuracy[-1].mean:.3f} ± {accuracy[-1].std:.3f}", flush=True)
+                print(f"  {ESTIMATORS[name].__name__} at {true_mi:g} nats: {accuracy[-1].mean:.3f} ± {accuracy[-1].std:.3f}", flush=True)
         print_accuracy(accuracy)
     speed: list[SpeedResult] = []
     if not args.skip_speed:
