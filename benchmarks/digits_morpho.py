@@ -73,9 +73,9 @@ def frozen_features(network: torch.nn.Module, records: list[dict]) -> dict[str, 
     with torch.no_grad():
         images = torch.as_tensor(np.stack([r["image"] for r in records]), device=device)
         backbone = network.backbone(images)
-        parts = network.shared_layer(backbone)
-        predicted = network(images)[f"{PRIMARY}_output"].argmax(dim=1)
-    return {"backbone": backbone.cpu().numpy(), "f_y": parts[:, : network.part_sizes[0]].cpu().numpy(), "predicted": predicted.cpu().numpy()}
+        f_y = network.shared_layer(backbone)[:, : network.part_sizes[0]]
+        predicted = network.heads[PRIMARY](f_y).argmax(dim=1)
+    return {"backbone": backbone.cpu().numpy(), "f_y": f_y.cpu().numpy(), "predicted": predicted.cpu().numpy()}
 
 
 def readout_ceilings(
