@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mimm_med.networks import MIMMXNet
+from mimm_med.networks import MIMMXNet, SmallCNN
 
 
 @pytest.mark.parametrize(
@@ -46,3 +46,17 @@ def test_bad_configuration_is_explained():
     net = MIMMXNet("small_cnn", {"y": 4}, {"y": 2}, in_channels=1)
     with pytest.raises(RuntimeError, match="channels"):
         net(torch.randn(2, 3, 28, 28))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_instance_norm_small_cnn_computes_the_same_in_training_and_evaluation(spatial_dims):
+    torch.manual_seed(0)
+    network = SmallCNN(spatial_dims=spatial_dims, channels=(4, 8), norm="instance")
+    batch = torch.rand((3, 1) + (12,) * spatial_dims)
+    network.train()
+    training = network(batch)
+    network.eval()
+    torch.testing.assert_close(network(batch), training)
+    # Batch norm, the default, does not: its evaluation uses running statistics.
+    batch_norm = SmallCNN(spatial_dims=spatial_dims, channels=(4, 8))
+    assert not torch.allclose(batch_norm.train()(batch), batch_norm.eval()(batch))

@@ -23,6 +23,8 @@ GROUP: list[str] = ["dataset", "method", "correlation"]
 HEADLINES: tuple[tuple[str, str, str], ...] = (
     ("inverted balanced accuracy", "inverted", "y_bacc"),
     ("inverted worst-group accuracy", "inverted", "worst_group_acc"),
+    # Threshold-free: a model can rank the inverted set well while its decision threshold sits off.
+    ("inverted AUROC", "inverted", "y_auroc"),
 )
 
 

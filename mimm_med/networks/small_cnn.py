@@ -23,6 +23,10 @@ class SmallCNN(nn.Module):
         Output channels of each block; the first block keeps the resolution, the others halve it.
     dropout
         Dropout inside the blocks.
+    norm
+        Normalization of the blocks, as MONAI's ``Convolution`` takes it (``"batch"``, ``"instance"``,
+        ``("group", {"num_groups": 8})``). Instance or group norm behave alike in training and
+        evaluation, which small 3D batches need.
 
     Examples
     --------
@@ -36,6 +40,7 @@ class SmallCNN(nn.Module):
         in_channels: int = 1,
         channels: Sequence[int] = (32, 64, 128),
         dropout: float = 0.0,
+        norm: str | tuple = "batch",
     ) -> None:
         super().__init__()
         blocks = []
@@ -49,7 +54,7 @@ class SmallCNN(nn.Module):
                     strides=1 if index == 0 else 2,
                     kernel_size=3,
                     act="relu",
-                    norm="batch",
+                    norm=norm,
                     dropout=dropout,
                 )
             )
