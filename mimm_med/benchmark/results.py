@@ -130,7 +130,8 @@ def results_markdown(
         "Percent, mean ± sd over seeds (the mean alone for one seed). Train and val at correlation r, test sets "
         "at r (iid), 0.5 (balanced) and 1 − r (inverted); the oracle trains at r = 0.5 and is tested on the "
         "same sets. Leakage: balanced accuracy of a linear probe on f_y predicting the factor on the balanced "
-        "set (50 is ideal).",
+        "set (50 is ideal). A balanced accuracy of 50.0 beside an AUROC far from 50 means the model puts "
+        "every image in one class while its scores still rank them (undertrained, as in `--quick`, or collapsed).",
         "",
     ]
     for dataset in dict.fromkeys(frame["dataset"]):
