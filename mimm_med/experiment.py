@@ -12,6 +12,7 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from monai.utils import set_determinism
+from torch.optim.swa_utils import update_bn
 
 from mimm_med.data.confounding import rebalancing_sampler
 from mimm_med.engines import MIMMXObjective, MIMMXTrainer, parse_method
@@ -49,6 +50,10 @@ class ExperimentConfig:
     seed: int = 0
     device: str = "cpu"
     amp: bool = True
+    #: Recompute batch-norm running statistics over the training set once training ends. With small
+    #: batches and fast-moving weights the running averages lag the final weights, and the
+    #: evaluation-mode network can put every image in one class (the stand-in brain's MIMM-X did).
+    recompute_bn: bool = False
 
     @property
     def training_method(self) -> str:
@@ -154,8 +159,11 @@ def run_experiment(
 
     start = time.perf_counter()
     trainer.run()
-    seconds = time.perf_counter() - start
     names = [primary, *spurious]
+    if config.recompute_bn:
+        images = _loader(sets["train"], config, names, False, transform)
+        update_bn((batch["image"] for batch in images), trainer.network, device=torch.device(config.device))
+    seconds = time.perf_counter() - start
     loaders = {short: _loader(sets[split], config, names, False, eval_transform) for short, split in TEST_SETS.items()}
     results, _ = evaluate_network(trainer.network, loaders, primary, spurious, config.device, residual_mi=residual_mi, seed=config.seed)
     return {"config": asdict(config), "seconds": seconds, "history": history, "results": results, "network": trainer.network}

@@ -210,7 +210,7 @@ class BrainStandinData(ManifestData):
     primary = "age_group"
     spurious = ("sex", "cohort")
     spatial_dims = 3
-    config_defaults = {"batch_size": 8, "backbone_kwargs": SMALL_BATCH_BACKBONE}
+    config_defaults = {"batch_size": 8, "backbone_kwargs": SMALL_BATCH_BACKBONE, "recompute_bn": True}
     label_levels = {"age_group": ["young", "old"], "sex": ["female", "male"], "cohort": ["nako", "ukb"]}
 
     def __init__(self, cache: str | Path, subjects: int = 600, resolution_mm: float = 4.0, size: int = 32) -> None:
@@ -242,7 +242,7 @@ class ChestXrayStandinData(ManifestData):
     primary = "effusion"
     spurious = ("sex", "devices")
     spatial_dims = 2
-    config_defaults = {"batch_size": 16, "backbone_kwargs": SMALL_BATCH_BACKBONE}
+    config_defaults = {"batch_size": 16, "backbone_kwargs": SMALL_BATCH_BACKBONE, "recompute_bn": True}
     label_levels = {"effusion": [0, 1], "sex": ["female", "male"], "devices": [0, 1]}
     stored_maximum = 65535.0  # the pipeline's 16-bit PNGs
 

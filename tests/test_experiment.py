@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from mimm_med.data.digits_morpho import FACTORS, PRIMARY, make_digits_morpho
+from mimm_med.experiment import ExperimentConfig, run_experiment
+
+
+@pytest.fixture(scope="module")
+def small_sets() -> dict[str, list[dict]]:
+    sets = make_digits_morpho(0.9, seed=0)
+    return {name: records[:64] for name, records in sets.items()}
+
+
+@pytest.mark.parametrize("recompute_bn", [False, True])
+def test_recompute_bn_sets_running_statistics_from_the_final_weights(small_sets, recompute_bn):
+    torch.manual_seed(0)
+    config = ExperimentConfig(
+        method="erm",
+        epochs=2,
+        batch_size=32,
+        lr=1e-2,
+        backbone_kwargs={"channels": (4, 8), "dropout": 0.0},
+        recompute_bn=recompute_bn,
+    )
+    network = run_experiment(small_sets, PRIMARY, list(FACTORS), dict.fromkeys((PRIMARY, *FACTORS), 2), config)["network"]
+    first_block = network.backbone.blocks[0]
+    images = torch.as_tensor([r["image"] for r in small_sets["train"]])
+    with torch.no_grad():
+        # update_bn averages the batch means with equal weights; 64 images in batches of 32 make that the mean
+        expected = first_block.conv(images).mean(dim=(0, 2, 3))
+
+    matches = torch.allclose(first_block.adn.N.running_mean, expected, atol=1e-5)
+
+    assert matches == recompute_bn
