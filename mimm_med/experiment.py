@@ -12,10 +12,9 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from monai.utils import set_determinism
-from torch.optim.swa_utils import update_bn
 
 from mimm_med.data.confounding import rebalancing_sampler
-from mimm_med.engines import MIMMXObjective, MIMMXTrainer, parse_method
+from mimm_med.engines import MIMMXObjective, MIMMXTrainer, RecomputeBatchNorm, parse_method
 from mimm_med.evaluation.report import evaluate_network
 from mimm_med.networks import MIMMXNet
 
@@ -161,8 +160,7 @@ def run_experiment(
     trainer.run()
     names = [primary, *spurious]
     if config.recompute_bn:
-        images = _loader(sets["train"], config, names, False, transform)
-        update_bn((batch["image"] for batch in images), trainer.network, device=torch.device(config.device))
+        RecomputeBatchNorm(_loader(sets["train"], config, names, False, transform))(trainer)
     seconds = time.perf_counter() - start
     loaders = {short: _loader(sets[split], config, names, False, eval_transform) for short, split in TEST_SETS.items()}
     results, _ = evaluate_network(trainer.network, loaders, primary, spurious, config.device, residual_mi=residual_mi, seed=config.seed)

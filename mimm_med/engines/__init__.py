@@ -1,5 +1,6 @@
 """Training engines: methods, objectives and the alternating critic / encoder trainer."""
 
+from .batch_norm import RecomputeBatchNorm
 from .dependence import (
     AdversarialTerms,
     DependenceTerms,
@@ -24,6 +25,7 @@ __all__ = [
     "MMDTerms",
     "MethodSpec",
     "OutputKeyInferer",
+    "RecomputeBatchNorm",
     "ResumeFromLatest",
     "MutualInformationTerms",
     "TrainingDiverged",
