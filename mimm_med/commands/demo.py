@@ -60,8 +60,12 @@ def prepare(workdir: Path, subjects: int, resolution_mm: float, size: int, corre
     return splits
 
 
-def train_and_evaluate(method: str, splits: Path, size: int, epochs: int, seed: int) -> dict:
-    """Train ``method`` with the brain bundle, evaluate it, and return the evaluation metrics."""
+def train_and_evaluate(method: str, splits: Path, size: int, epochs: int, seed: int, cohort: str) -> dict:
+    """Train ``method`` with the brain bundle, evaluate it, and return the evaluation metrics.
+
+    ``cohort`` names the demo cohort's settings in the run name: the bundle resumes a run from its
+    checkpoints, so a demo on another cohort must not share a run name with an earlier one.
+    """
     from monai.bundle import run
 
     overrides = {
@@ -70,7 +74,7 @@ def train_and_evaluate(method: str, splits: Path, size: int, epochs: int, seed: 
         "spatial_size": [size] * 3,
         "epochs": epochs,
         "seed": seed,
-        "run_name": f"demo-{method}-seed{seed}",
+        "run_name": f"demo-{method}-seed{seed}-{cohort}",
         "backbone": "small_cnn",
     }
     _step(f"training {method} ({epochs} epochs) with {BUNDLE / 'configs/train.json'}")
@@ -103,7 +107,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.prepare_only:
         print(f"\nsplits ready in {splits}")
         return 0
-    results = {m: train_and_evaluate(m, splits, args.size, args.epochs, args.seed) for m in args.methods.split(",")}
+    cohort = f"n{args.subjects}-{args.resolution_mm:g}mm-{args.size}vox-r{args.correlation:g}"
+    results = {m: train_and_evaluate(m, splits, args.size, args.epochs, args.seed, cohort) for m in args.methods.split(",")}
     _step(f"results (r = {args.correlation}, %, age group balanced accuracy; leakage: linear probe on f_y, 50 ideal)")
     print(results_table(results))
     print("\nplots and reports:")
