@@ -103,13 +103,10 @@ def readout_ceilings(
     ceilings = {"head": {name: float(np.mean(scored[name]["predicted"] == y_scored[name])) for name in scored}}
     for layer in ("f_y", "backbone"):
         eraser = conditional_mean_eraser(train[layer], y_train, factors)
-        ceilings[f"erased {layer}"] = {
-            name: linear_readout_accuracy(train[layer] @ eraser, y_train, scored[name][layer] @ eraser, y_scored[name], weights)
-            for name in scored
-        }
-        ceilings[f"balanced-fit {layer}"] = {
-            name: linear_readout_accuracy(fit[layer], y_fit, scored[name][layer], y_scored[name]) for name in scored
-        }
+        erased = {name: (scored[name][layer] @ eraser, y_scored[name]) for name in scored}
+        ceilings[f"erased {layer}"] = linear_readout_accuracy(train[layer] @ eraser, y_train, erased, weights)
+        plain = {name: (scored[name][layer], y_scored[name]) for name in scored}
+        ceilings[f"balanced-fit {layer}"] = linear_readout_accuracy(fit[layer], y_fit, plain)
     return ceilings
 
 

@@ -49,9 +49,8 @@ class ExperimentConfig:
     seed: int = 0
     device: str = "cpu"
     amp: bool = True
-    #: Recompute batch-norm running statistics over the training set once training ends. With small
-    #: batches and fast-moving weights the running averages lag the final weights, and the
-    #: evaluation-mode network can put every image in one class (the stand-in brain's MIMM-X did).
+    #: Recompute batch-norm running statistics over the training set once training ends
+    #: (:class:`~mimm_med.engines.RecomputeBatchNorm`).
     recompute_bn: bool = False
 
     @property

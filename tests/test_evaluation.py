@@ -228,14 +228,14 @@ def test_erased_readout_escapes_the_shortcut_that_a_plain_readout_takes():
     features, y, z = shortcut_features(2000, 0.9, seed=0)
     inverted, y_inverted, _ = shortcut_features(1000, 0.1, seed=2)
 
-    plain = linear_readout_accuracy(features, y, inverted, y_inverted)
+    plain = linear_readout_accuracy(features, y, {"inverted": (inverted, y_inverted)})["inverted"]
     projector = conditional_mean_eraser(features, y, {"z": z})
-    erased = linear_readout_accuracy(features @ projector, y, inverted @ projector, y_inverted)
+    erased = linear_readout_accuracy(features @ projector, y, {"inverted": (inverted @ projector, y_inverted)})["inverted"]
 
     assert plain < 0.4
     assert erased > 0.65
     with pytest.raises(ValueError, match="same layer"):
-        linear_readout_accuracy(features, y, inverted[:, :3], y_inverted)
+        linear_readout_accuracy(features, y, {"inverted": (inverted[:, :3], y_inverted)})
 
 
 def gaussian_features(mi_nats: float, seed: int, n: int = 1000) -> tuple[np.ndarray, np.ndarray]:

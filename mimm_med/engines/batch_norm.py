@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from ignite.engine import Engine, Events
 from torch.optim.swa_utils import update_bn
 
@@ -44,6 +43,5 @@ class RecomputeBatchNorm:
     def __call__(self, engine: Engine) -> None:
         # Under DistributedDataParallel the wrapped module is updated; DDP broadcasts rank 0's buffers.
         network = getattr(engine.network, "module", engine.network)
-        device = next(network.parameters()).device
         images = (batch[self.image_key] for batch in self.loader)
-        update_bn(images, network, device=torch.device(device))
+        update_bn(images, network, device=next(network.parameters()).device)

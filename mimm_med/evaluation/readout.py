@@ -70,19 +70,18 @@ def conditional_mean_eraser(features: np.ndarray, primary: np.ndarray, factors: 
 def linear_readout_accuracy(
     fit_features: np.ndarray,
     fit_labels: np.ndarray,
-    score_features: np.ndarray,
-    score_labels: np.ndarray,
+    score_sets: Mapping[str, tuple[np.ndarray, np.ndarray]],
     sample_weight: np.ndarray | None = None,
     max_iter: int = 3000,
-) -> float:
-    """Accuracy on the score set of a standardized logistic regression fitted on the fit set.
+) -> dict[str, float]:
+    """Accuracy on each score set of one standardized logistic regression fitted on the fit set.
 
     Parameters
     ----------
     fit_features, fit_labels
         ``(N, D)`` features and ``(N,)`` labels the read-out is fitted on.
-    score_features, score_labels
-        ``(M, D)`` features and ``(M,)`` labels it is scored on.
+    score_sets
+        Name → ``(features (M, D), labels (M,))`` of each set it is scored on.
     sample_weight
         Optional ``(N,)`` weights of the fit samples (e.g. cell-balancing weights).
     max_iter
@@ -90,20 +89,22 @@ def linear_readout_accuracy(
 
     Examples
     --------
-    >>> linear_readout_accuracy(balanced_features, y_balanced, inverted_features, y_inverted)
-    0.72
+    >>> linear_readout_accuracy(balanced_features, y_balanced, {"inverted": (inverted_features, y_inverted)})
+    {'inverted': 0.72}
     """
     fit_features = as_feature_matrix(fit_features, "fit_features")
-    score_features = as_feature_matrix(score_features, "score_features")
     fit_labels = as_class_labels(fit_labels, "fit_labels")
-    score_labels = as_class_labels(score_labels, "score_labels")
     check_same_length({"fit_features": fit_features, "fit_labels": fit_labels})
-    check_same_length({"score_features": score_features, "score_labels": score_labels})
-    if fit_features.shape[1] != score_features.shape[1]:
-        raise ValueError(
-            f"fit features have {fit_features.shape[1]} columns but score features {score_features.shape[1]}; "
-            "read both from the same layer."
-        )
+    scored = {}
+    for name, (features, labels) in score_sets.items():
+        features, labels = as_feature_matrix(features, f"{name} features"), as_class_labels(labels, f"{name} labels")
+        check_same_length({f"{name} features": features, f"{name} labels": labels})
+        if features.shape[1] != fit_features.shape[1]:
+            raise ValueError(
+                f"fit features have {fit_features.shape[1]} columns but {name} features {features.shape[1]}; "
+                "read both from the same layer."
+            )
+        scored[name] = (features, labels)
     readout = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
     readout.fit(fit_features, fit_labels, logisticregression__sample_weight=sample_weight)
-    return float(np.mean(readout.predict(score_features) == score_labels))
+    return {name: float(readout.score(features, labels)) for name, (features, labels) in scored.items()}

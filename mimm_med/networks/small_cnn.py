@@ -25,8 +25,8 @@ class SmallCNN(nn.Module):
         Dropout inside the blocks.
     norm
         Normalization of the blocks, as MONAI's ``Convolution`` takes it (``"batch"``, ``"instance"``,
-        ``("group", {"num_groups": 8})``). Instance or group norm behave alike in training and
-        evaluation, which small 3D batches need.
+        ``("group", {"num_groups": 8})``). Instance and group norm compute the same in training and
+        evaluation; they also remove each image's overall intensity.
 
     Examples
     --------
