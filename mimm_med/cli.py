@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 # Each module defines ``add_parser(subparsers)`` which registers its sub-command and sets ``func``.
@@ -23,8 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_gpu_decoder_notices() -> None:
+    """Silence MONAI's notices that the GPU DICOM decoder (nvImageCodec) is missing.
+
+    Every ``LoadImage`` registers all of MONAI's readers, whatever reader it is given, so each run
+    on a machine without nvImageCodec prints them although pydicom's own decoders do the work.
+    """
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mimm-med`` with ``argv`` and return its exit status."""
+    quiet_gpu_decoder_notices()
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from monai.transforms import LoadImage
 from test_manifest import make_manifest
 
-from mimm_med.cli import main
+from mimm_med.cli import main, quiet_gpu_decoder_notices
 from mimm_med.data.manifest import load_manifest, read_manifest
 
 SUBCOMMANDS = [["preprocess"], ["cohort"], ["cohort", "generate"], ["cohort", "merge"], ["cohort", "split"],
@@ -184,3 +187,13 @@ def test_no_dicom_identifier_or_source_id_reaches_any_output(tmp_path, key_file,
             assert text.encode() not in content and text not in name, f"{text!r} leaked into {path}"
     for text in forbidden:
         assert text not in captured.out + captured.err, f"{text!r} leaked into the console"
+
+
+def test_the_cli_silences_monai_gpu_decoder_notices(caplog: pytest.LogCaptureFixture):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # shown again although an earlier test may have triggered them
+        quiet_gpu_decoder_notices()
+        with caplog.at_level(logging.WARNING):
+            LoadImage(image_only=True)  # registers every MONAI reader, the GPU DICOM decoder among them
+    assert not [record for record in caplog.records if "nvImageCodec" in record.getMessage()]
+    assert not [warning for warning in caught if "nvImageCodec" in str(warning.message)]
