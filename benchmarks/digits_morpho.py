@@ -128,6 +128,7 @@ def run_method(method: str, args: argparse.Namespace, confounders: list[str]) ->
             conditional=args.conditional,
             balanced=args.balanced,
             reference=args.reference,
+            invariant_head=args.invariant_head,
             seed=seed,
             device=args.device,
         )
@@ -204,6 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference", default="features", choices=("features", "labels"), help="what stands for z_k in I(f_y; z_k)")
     parser.add_argument(
         "--readout", action="store_true", help="also score linear read-outs refitted on the frozen features (readout_ceilings)"
+    )
+    parser.add_argument(
+        "--invariant-head", action="store_true", help="refit the y head on f_y with the factors' linear traces erased"
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

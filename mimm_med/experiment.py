@@ -14,7 +14,7 @@ from monai.data import DataLoader, Dataset
 from monai.utils import set_determinism
 
 from mimm_med.data.confounding import rebalancing_sampler
-from mimm_med.engines import MIMMXObjective, MIMMXTrainer, RecomputeBatchNorm, parse_method
+from mimm_med.engines import InvariantHeadRefit, MIMMXObjective, MIMMXTrainer, RecomputeBatchNorm, parse_method
 from mimm_med.evaluation.report import evaluate_network
 from mimm_med.networks import MIMMXNet
 
@@ -52,6 +52,9 @@ class ExperimentConfig:
     #: Recompute batch-norm running statistics over the training set once training ends
     #: (:class:`~mimm_med.engines.RecomputeBatchNorm`).
     recompute_bn: bool = False
+    #: Once training ends, refit the primary head on f_y with the factors' linear traces erased
+    #: (:class:`~mimm_med.engines.InvariantHeadRefit`).
+    invariant_head: bool = False
 
     @property
     def training_method(self) -> str:
@@ -160,6 +163,9 @@ def run_experiment(
     names = [primary, *spurious]
     if config.recompute_bn:
         RecomputeBatchNorm(_loader(sets["train"], config, names, False, transform))(trainer)
+    if config.invariant_head:
+        # Training images as the test images are seen: loaded, not augmented.
+        InvariantHeadRefit(_loader(sets["train"], config, names, False, eval_transform), primary, spurious).refit(trainer.network)
     seconds = time.perf_counter() - start
     loaders = {short: _loader(sets[split], config, names, False, eval_transform) for short, split in TEST_SETS.items()}
     results, _ = evaluate_network(trainer.network, loaders, primary, spurious, config.device, residual_mi=residual_mi, seed=config.seed)

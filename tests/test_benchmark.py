@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,8 @@ from mimm_med.benchmark import (
 )
 from mimm_med.benchmark import matrix as matrix_module
 from mimm_med.benchmark.datasets import BrainStandinData, ChestXrayStandinData
-from mimm_med.cli import main
+from mimm_med.cli import build_parser, main
+from mimm_med.commands.benchmark import command_line, resolve
 from mimm_med.data.confounding import SPLIT_NAMES
 from mimm_med.engines import TrainingDiverged
 from mimm_med.networks import MIMMXNet
@@ -249,3 +251,12 @@ def test_quick_path_end_to_end(tmp_path, monkeypatch):
     assert main(argv) == 0
     assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == parent
     assert len(children()) == 6
+
+
+def test_command_line_reruns_the_invariant_head_option():
+    parser = build_parser()
+    args = resolve(parser.parse_args(["benchmark", "--datasets", "brain", "--methods", "erm", "--invariant-head"]))
+    words = shlex.split(command_line(args))
+
+    assert "--invariant-head" in words
+    assert resolve(parser.parse_args(words[1:])) == args

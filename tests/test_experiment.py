@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from mimm_med.data.digits_morpho import FACTORS, PRIMARY, make_digits_morpho
+from mimm_med.evaluation import flatten_metrics
 from mimm_med.experiment import ExperimentConfig, run_experiment
 
 
@@ -32,3 +33,17 @@ def test_recompute_bn_sets_running_statistics_from_the_final_weights(small_sets,
     matches = torch.allclose(first_block.adn.N.running_mean, expected, atol=1e-5)
 
     assert matches == recompute_bn
+
+
+def test_invariant_head_replaces_the_trained_primary_head():
+    sets = {name: records[:300] for name, records in make_digits_morpho(0.9, seed=0).items()}
+    heads = {}
+    for invariant_head in (False, True):
+        config = ExperimentConfig(method="erm", epochs=1, backbone_kwargs={"channels": (4, 8)}, invariant_head=invariant_head)
+        run = run_experiment(sets, PRIMARY, list(FACTORS), dict.fromkeys((PRIMARY, *FACTORS), 2), config)
+        heads[invariant_head] = run["network"].heads[PRIMARY]
+        assert 0.0 <= flatten_metrics(run["results"])["inverted/y_acc"] <= 1.0
+
+    # Same seed, same backbone: only the refit changes the head.
+    assert not torch.allclose(heads[False].weight, heads[True].weight)
+    assert torch.equal(heads[True].weight[0], torch.zeros_like(heads[True].weight[0]))  # logits (0, s)

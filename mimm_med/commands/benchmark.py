@@ -102,6 +102,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="MI estimator of mimm and mimmx: mine, nwj, infonce, club or gaussian (default: mine)",
     )
     training.add_argument("--conditional", action="store_true", help="estimate I(f_y; f_z | y) instead of I(f_y; f_z)")
+    training.add_argument(
+        "--invariant-head",
+        action="store_true",
+        help="after training, refit the y head on f_y with the factors' linear traces erased (InvariantHeadRefit)",
+    )
     training.add_argument("--n-critic", type=int, default=3, help="critic steps per encoder step (default: 3)")
     training.add_argument("--residual-mi", action="store_true", help="also fit a fresh critic per factor on f_y (slow)")
     training.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -162,6 +167,7 @@ def command_line(args: argparse.Namespace) -> str:
     words += ["--correlations", _listed(args.correlations), "--seeds", str(args.seeds)]
     words += ["--epochs", str(args.epochs), "--mi-weight", f"{args.mi_weight:g}", "--estimator", args.estimator]
     words += ["--n-critic", str(args.n_critic), *(["--conditional"] if args.conditional else [])]
+    words += ["--invariant-head"] if args.invariant_head else []
     words += ["--residual-mi"] if args.residual_mi else []
     words += ["--threads", str(args.threads)] if args.threads else []
     words += ["--out", str(args.out)]
@@ -205,6 +211,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "conditional": args.conditional,
         "n_critic": args.n_critic,
         "device": args.device,
+        # Only when set: cells finished before the option existed stay valid for a resumed run.
+        **({"invariant_head": True} if args.invariant_head else {}),
     }
     cells = plan_cells(args.datasets, args.methods, args.correlations, range(args.seeds))
     command = command_line(args)

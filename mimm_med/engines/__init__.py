@@ -8,6 +8,7 @@ from .dependence import (
     MMDTerms,
     MutualInformationTerms,
 )
+from .head_refit import InvariantHeadRefit
 from .inferer import OutputKeyInferer
 from .methods import METHODS, PENALTY_METHODS, MethodSpec, parse_method
 from .objective import MIMMXObjective
@@ -20,6 +21,7 @@ __all__ = [
     "AdversarialTerms",
     "DependenceTerms",
     "DistanceCorrelationTerms",
+    "InvariantHeadRefit",
     "MIMMXObjective",
     "MIMMXTrainer",
     "MMDTerms",
