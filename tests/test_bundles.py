@@ -229,3 +229,17 @@ def test_digits_oracle_trains_on_balanced_data(tmp_path: Path):
     assert abs(agreement["train"] - 0.5) < 0.06 and abs(agreement["test-iid"] - 0.8) < 0.06
     assert set(read_manifest(out / "train.csv")["thickness"]) == {0}  # not a confounder: thin throughout
     assert main(["cohort", "digits", "--out", str(out), "--confounders", "colour"]) == 2
+
+
+def test_invariant_head_is_refitted_before_validation(digits_splits: Path, at_repo_root: str, tmp_path: Path):
+    bundle = BUNDLES[0]
+    settings = {"dataset_dir": str(digits_splits), "bundle_root": str(tmp_path), "batch_size": 64, "run_name": "refit"}
+    run("training", config_file=bundle.config_files(), epochs=1, cache_rate=0, invariant_head=True, **settings)
+
+    best = torch.load(tmp_path / "models" / "refit" / "model.pt", map_location="cpu", weights_only=True)["network"]
+    primary = ConfigParser.load_config_file(f"{bundle.configs}/train.json")["primary"]
+    # The refit's signature on a binary head: logits (0, s); a trained head's first row is not zero.
+    assert torch.equal(best[f"heads.{primary}.weight"][0], torch.zeros_like(best[f"heads.{primary}.weight"][0]))
+    client = MlflowClient(at_repo_root)
+    (training,) = client.search_runs([client.get_experiment_by_name(bundle.name).experiment_id], "attributes.run_name = 'refit'")
+    assert training.data.params["invariant_head"] == "True"

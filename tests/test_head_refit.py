@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine
 from monai.data import DataLoader, Dataset
 from sklearn.linear_model import LogisticRegression
 
@@ -84,6 +85,26 @@ def test_refit_names_the_empty_cell():
         InvariantHeadRefit(_loader(train), "y", ["z"]).refit(_identity_network())
 
 
-def test_refit_rejects_a_regression_head():
-    with pytest.raises(ValueError, match="regression"):
-        InvariantHeadRefit(_loader(_records(64, 0.9, seed=0)), "y", ["z"]).refit(_identity_network(num_classes=1))
+@pytest.mark.parametrize("num_classes, head_hidden", [(1, 0), (2, 8)], ids=["regression", "hidden layer"])
+def test_refit_needs_a_linear_classification_head(num_classes, head_hidden):
+    network = MIMMXNet(torch.nn.Flatten(), {"y": FEATURES, "z": 1}, {"y": num_classes, "z": 2}, backbone_dim=FEATURES,
+                       head_hidden=head_hidden)  # fmt: skip
+
+    with pytest.raises(ValueError, match="needs a linear classification head"):
+        InvariantHeadRefit(_loader(_records(64, 0.9, seed=0)), "y", ["z"]).refit(network)
+
+
+@pytest.mark.parametrize("interval, refits", [(None, 1), (2, 2)])
+def test_handler_refits_every_interval_or_once_at_the_end(interval, refits):
+    engine = Engine(lambda engine, batch: None)
+    engine.network = _identity_network()
+    handler = InvariantHeadRefit(_loader(_records(200, 0.9, seed=0)), "y", ["z"], interval=interval)
+    calls = []
+    refit = handler.refit
+    handler.refit = lambda network: calls.append(refit(network))
+    handler.attach(engine)
+
+    engine.run([0], max_epochs=4)
+
+    assert len(calls) == refits
+    assert torch.equal(engine.network.heads["y"].weight[0], torch.zeros(FEATURES))  # binary: logits (0, s)

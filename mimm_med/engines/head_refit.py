@@ -1,4 +1,4 @@
-"""Refit the primary head, at the end of training, on f_y with the spurious factors' linear traces erased."""
+"""Refit the primary head on f_y with the spurious factors' linear traces erased, during or after training."""
 
 from __future__ import annotations
 
@@ -17,15 +17,18 @@ from mimm_med.evaluation.readout import conditional_mean_eraser
 
 
 class InvariantHeadRefit:
-    """Ignite handler: when training completes, replace the primary head by an invariant linear one.
+    """Ignite handler: refit the linear primary head so that it ignores the spurious factors' linear traces.
 
     Over ``loader`` (the training set, in order) it gathers f_y and the labels, projects out every
     direction in which a spurious factor's class means differ within a primary class
     (:func:`~mimm_med.evaluation.conditional_mean_eraser`), and fits a standardized logistic
     regression of the primary label on the projected f_y with cell-balancing weights. Projection,
-    standardization and regression fold into one ``nn.Linear`` that replaces the primary head; the
-    backbone, f_y and the spurious heads do not change, so leakage and switched heads measure the
-    trained features as before.
+    standardization and regression fold into one linear map, copied into the primary head in place
+    (the optimizer keeps training it). The backbone, f_y and the spurious heads do not change, so
+    leakage and switched heads measure the trained features as before.
+
+    Once training completes, or every ``interval`` epochs: list it before the ``ValidationHandler``
+    so that validation, the best checkpoint and the registered model use the refitted head.
 
     Where the MI penalty leaves linear traces of the factors in f_y, the trained head reads them
     (the stand-in brain's MIMM-X head scores 13 % on the inverted set while a read-out of its erased f_y
@@ -41,6 +44,8 @@ class InvariantHeadRefit:
         Name of the primary task (a classification head).
     spurious
         Names of the spurious factors (classification labels).
+    interval
+        Epochs between refits; ``None`` refits once, when training completes.
     image_key
         Key of the network input in a batch.
 
@@ -49,34 +54,47 @@ class InvariantHeadRefit:
     >>> InvariantHeadRefit(train_loader_in_order, "age_group", ["sex", "cohort"]).attach(trainer)
     """
 
-    def __init__(self, loader: Iterable[dict[str, Any]], primary: str, spurious: Sequence[str], image_key: str = "image") -> None:
+    def __init__(
+        self,
+        loader: Iterable[dict[str, Any]],
+        primary: str,
+        spurious: Sequence[str],
+        interval: int | None = None,
+        image_key: str = "image",
+    ) -> None:
         if not spurious:
             raise ValueError("InvariantHeadRefit needs at least one spurious factor to erase")
         self.loader = loader
         self.primary = primary
         self.spurious = list(spurious)
+        self.interval = interval
         self.image_key = image_key
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.COMPLETED, self)
+        event = Events.COMPLETED if self.interval is None else Events.EPOCH_COMPLETED(every=self.interval)
+        engine.add_event_handler(event, self)
 
     def __call__(self, engine: Engine) -> None:
         network = getattr(engine.network, "module", engine.network)
         self.refit(network)
 
     def refit(self, network: torch.nn.Module) -> None:
-        """Replace ``network.heads[primary]`` by the invariant linear head fitted on ``loader``.
+        """Overwrite ``network.heads[primary]`` with the invariant linear head fitted on ``loader``.
 
         Raises
         ------
         ValueError
-            If the primary head is a regression head, or a (y, z_k) cell of the training set is empty.
+            If the primary head is not a linear classification head, or a (y, z_k) cell of the
+            training set is empty.
         """
+        head = network.heads[self.primary]
         classes = network.num_classes[self.primary]
-        if classes < 2:
-            raise ValueError(f"InvariantHeadRefit needs a classification head; {self.primary!r} is a regression")
-        device = next(network.parameters()).device
-        outputs = collect_outputs(network, self.loader, [self.primary, *self.spurious], device)
+        if classes < 2 or not isinstance(head, torch.nn.Linear):
+            raise ValueError(
+                f"InvariantHeadRefit needs a linear classification head; {self.primary!r} has {head} "
+                f"for {classes} class(es) (MIMMXNet(head_hidden=0) and at least 2 classes)"
+            )
+        outputs = collect_outputs(network, self.loader, [self.primary, *self.spurious], head.weight.device)
         features = outputs[f"{self.primary}_features"].astype(np.float64)
         labels = outputs[f"{self.primary}_label"].astype(int)
         factors = {name: outputs[f"{name}_label"].astype(int) for name in self.spurious}
@@ -105,8 +123,6 @@ class InvariantHeadRefit:
         if classes == 2:  # one score s; logits (0, s) give softmax = sigmoid(s) for class 1
             weight = np.concatenate([np.zeros_like(weight), weight])
             bias = np.concatenate([np.zeros_like(bias), bias])
-        head = torch.nn.Linear(features.shape[1], classes).to(device)
         with torch.no_grad():
-            head.weight.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
-            head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
-        network.heads[self.primary] = head
+            head.weight.copy_(torch.as_tensor(weight))
+            head.bias.copy_(torch.as_tensor(bias))
