@@ -108,3 +108,23 @@ def test_handler_refits_every_interval_or_once_at_the_end(interval, refits):
 
     assert len(calls) == refits
     assert torch.equal(engine.network.heads["y"].weight[0], torch.zeros(FEATURES))  # binary: logits (0, s)
+
+
+def test_refit_erases_the_factor_from_f_y_itself():
+    train = _records(2000, 0.9, seed=0)
+    network = _identity_network()
+    x, y = _arrays(train)
+    z = np.array([r["z"] for r in train])
+
+    def gaps(f_y: np.ndarray) -> np.ndarray:
+        return np.array([np.abs(f_y[(y == c) & (z == 1)].mean(0) - f_y[(y == c) & (z == 0)].mean(0)).max() for c in (0, 1)])
+
+    with torch.no_grad():
+        before = network(torch.as_tensor(x))["y_features"].numpy()
+    InvariantHeadRefit(_loader(train), "y", ["z"]).refit(network)
+    with torch.no_grad():
+        outputs = network(torch.as_tensor(x))
+
+    assert (gaps(before) > 4).all()  # the shortcut column: 6 apart
+    assert (gaps(outputs["y_features"].numpy()) < 1e-4).all()
+    torch.testing.assert_close(outputs["y_output"], network.heads["y"](torch.as_tensor(x)))  # head already ignores the erased part

@@ -1,4 +1,4 @@
-"""Refit the primary head on f_y with the spurious factors' linear traces erased, during or after training."""
+"""Erase the spurious factors' linear traces from f_y and refit the primary head, during or after training."""
 
 from __future__ import annotations
 
@@ -17,15 +17,16 @@ from mimm_med.evaluation.readout import conditional_mean_eraser
 
 
 class InvariantHeadRefit:
-    """Ignite handler: refit the linear primary head so that it ignores the spurious factors' linear traces.
+    """Ignite handler: erase the spurious factors' linear traces from f_y and refit the linear primary head.
 
-    Over ``loader`` (the training set, in order) it gathers f_y and the labels, projects out every
-    direction in which a spurious factor's class means differ within a primary class
-    (:func:`~mimm_med.evaluation.conditional_mean_eraser`), and fits a standardized logistic
-    regression of the primary label on the projected f_y with cell-balancing weights. Projection,
-    standardization and regression fold into one linear map, copied into the primary head in place
-    (the optimizer keeps training it). The backbone, f_y and the spurious heads do not change, so
-    leakage and switched heads measure the trained features as before.
+    Over ``loader`` (the training set, in order) it gathers f_y and the labels and finds the
+    projector that removes every direction in which a spurious factor's class means differ within a
+    primary class (:func:`~mimm_med.evaluation.conditional_mean_eraser`). The projector is folded
+    into the f_y rows of the network's shared layer, so f_y itself is erased (what leakage probes,
+    switched heads and the MI critics see), and a standardized logistic regression of the primary
+    label on the erased f_y, with cell-balancing weights, is copied into the primary head. Both are
+    changed in place; the optimizer keeps training them. The backbone and the spurious parts and
+    heads do not change.
 
     Once training completes, or every ``interval`` epochs: list it before the ``ValidationHandler``
     so that validation, the best checkpoint and the registered model use the refitted head.
@@ -87,7 +88,7 @@ class InvariantHeadRefit:
             If the primary head is not a linear classification head, or a (y, z_k) cell of the
             training set is empty.
         """
-        head = network.heads[self.primary]
+        head, layer = network.heads[self.primary], network.shared_layer
         classes = network.num_classes[self.primary]
         if classes < 2 or not isinstance(head, torch.nn.Linear):
             raise ValueError(
@@ -111,6 +112,9 @@ class InvariantHeadRefit:
                     )
         projector = conditional_mean_eraser(features, labels, factors)
         projected = features @ projector
+        start = sum(network.part_sizes[: network.part_names.index(self.primary)])
+        rows = slice(start, start + features.shape[1])
+        erase = torch.as_tensor(projector, dtype=layer.weight.dtype, device=layer.weight.device)
         scaler = StandardScaler().fit(projected)
         regression = LogisticRegression(max_iter=3000)
         # Mean-one weights: weights summing to one would scale the regularization up N-fold.
@@ -124,5 +128,8 @@ class InvariantHeadRefit:
             weight = np.concatenate([np.zeros_like(weight), weight])
             bias = np.concatenate([np.zeros_like(bias), bias])
         with torch.no_grad():
+            # f_y = W_y b + c_y becomes f_y P = (P W_y) b + P c_y (P symmetric).
+            layer.weight[rows] = erase @ layer.weight[rows]
+            layer.bias[rows] = erase @ layer.bias[rows]
             head.weight.copy_(torch.as_tensor(weight))
             head.bias.copy_(torch.as_tensor(bias))
