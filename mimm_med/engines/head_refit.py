@@ -39,7 +39,7 @@ class InvariantHeadRefit:
     Parameters
     ----------
     loader
-        Batches of MONAI dicts holding ``image_key`` and every label; no resampling (rebalancing is
+        Batches of MONAI dicts holding ``"image"`` and every label; no resampling (rebalancing is
         the weights' job).
     primary
         Name of the primary task (a classification head).
@@ -47,8 +47,6 @@ class InvariantHeadRefit:
         Names of the spurious factors (classification labels).
     interval
         Epochs between refits; ``None`` refits once, when training completes.
-    image_key
-        Key of the network input in a batch.
 
     Examples
     --------
@@ -61,7 +59,6 @@ class InvariantHeadRefit:
         primary: str,
         spurious: Sequence[str],
         interval: int | None = None,
-        image_key: str = "image",
     ) -> None:
         if not spurious:
             raise ValueError("InvariantHeadRefit needs at least one spurious factor to erase")
@@ -69,7 +66,6 @@ class InvariantHeadRefit:
         self.primary = primary
         self.spurious = list(spurious)
         self.interval = interval
-        self.image_key = image_key
 
     def attach(self, engine: Engine) -> None:
         event = Events.COMPLETED if self.interval is None else Events.EPOCH_COMPLETED(every=self.interval)
@@ -80,7 +76,7 @@ class InvariantHeadRefit:
         self.refit(network)
 
     def refit(self, network: torch.nn.Module) -> None:
-        """Overwrite ``network.heads[primary]`` with the invariant linear head fitted on ``loader``.
+        """Erase f_y in ``network.shared_layer`` and refit ``network.heads[primary]``, in place, on ``loader``.
 
         Raises
         ------
@@ -112,9 +108,6 @@ class InvariantHeadRefit:
                     )
         projector = conditional_mean_eraser(features, labels, factors)
         projected = features @ projector
-        start = sum(network.part_sizes[: network.part_names.index(self.primary)])
-        rows = slice(start, start + features.shape[1])
-        erase = torch.as_tensor(projector, dtype=layer.weight.dtype, device=layer.weight.device)
         scaler = StandardScaler().fit(projected)
         regression = LogisticRegression(max_iter=3000)
         # Mean-one weights: weights summing to one would scale the regularization up N-fold.
@@ -127,6 +120,9 @@ class InvariantHeadRefit:
         if classes == 2:  # one score s; logits (0, s) give softmax = sigmoid(s) for class 1
             weight = np.concatenate([np.zeros_like(weight), weight])
             bias = np.concatenate([np.zeros_like(bias), bias])
+        start = sum(network.part_sizes[: network.part_names.index(self.primary)])
+        rows = slice(start, start + features.shape[1])
+        erase = torch.as_tensor(projector, dtype=layer.weight.dtype, device=layer.weight.device)
         with torch.no_grad():
             # f_y = W_y b + c_y becomes f_y P = (P W_y) b + P c_y (P symmetric).
             layer.weight[rows] = erase @ layer.weight[rows]
