@@ -32,8 +32,8 @@ class InvariantHeadRefit:
     so that validation, the best checkpoint and the registered model use the refitted head.
 
     Where the MI penalty leaves linear traces of the factors in f_y, the trained head reads them
-    (the stand-in brain's MIMM-X head scores 13 % on the inverted set while a read-out of its erased f_y
-    scores 77 %; ``docs/mi-penalty-diagnosis.md``). The erasure holds in the training set's cell
+    (the stand-in brain's MIMM-X head scores 13 % on an inverted test half, a read-out of its erased
+    f_y 100 %; ``docs/mi-penalty-diagnosis.md``). The erasure holds in the training set's cell
     means, so it needs every (y, z_k) cell populated there.
 
     Parameters
