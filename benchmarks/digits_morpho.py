@@ -99,8 +99,7 @@ def readout_ceilings(
     y_train, y_fit = (np.array([r[PRIMARY] for r in records]) for records in (sets["train"], fit_records))
     y_scored = {name: np.array([r[PRIMARY] for r in records]) for name, records in scored_records.items()}
     factors = {z: np.array([r[z] for r in sets["train"]]) for z in confounders}
-    # Mean-one weights: weights summing to one would scale the read-out's regularization up N-fold.
-    weights = len(y_train) * cell_balancing_weights({PRIMARY: y_train, **factors})
+    weights = cell_balancing_weights({PRIMARY: y_train, **factors})
     ceilings = {"head": {name: float(np.mean(scored[name]["predicted"] == y_scored[name])) for name in scored}}
     for layer in ("f_y", "backbone"):
         eraser = conditional_mean_eraser(train[layer], y_train, factors)

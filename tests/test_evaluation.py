@@ -13,11 +13,13 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from mimm_med import mi
+from mimm_med.data.confounding import cell_balancing_weights
 from mimm_med.evaluation import (
     classification_report,
     collect_outputs,
     conditional_mean_eraser,
     evaluate_test_sets,
+    fit_linear_readout,
     flatten_metrics,
     linear_probe_leakage,
     linear_readout_accuracy,
@@ -395,3 +397,16 @@ def test_evaluate_test_sets_estimates_residual_mi_on_request():
     # f_y[:, 0] and f_z both follow z with noise 0.3: clearly dependent.
     assert results["residual_mi"]["z"] > 0.3
     assert "residual_mi/z" in flatten_metrics(results)
+
+
+def test_readout_fit_does_not_depend_on_the_scale_of_the_weights():
+    features, y, z = shortcut_features(500, 0.9, seed=0)
+    weights = cell_balancing_weights({"y": y, "z": z})  # sums to one
+
+    summed_to_one = fit_linear_readout(features, y, weights)[-1].coef_
+    mean_one = fit_linear_readout(features, y, len(y) * weights)[-1].coef_
+    unweighted = fit_linear_readout(features, y)[-1].coef_
+
+    np.testing.assert_allclose(summed_to_one, mean_one, rtol=1e-6)
+    # Taken as they are, weights summing to one would shrink the coefficients towards zero.
+    assert np.abs(mean_one).sum() > 0.5 * np.abs(unweighted).sum()

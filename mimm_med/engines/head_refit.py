@@ -8,12 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
-
 from mimm_med.data.confounding import cell_balancing_weights
 from mimm_med.evaluation.outputs import collect_outputs
-from mimm_med.evaluation.readout import conditional_mean_eraser
+from mimm_med.evaluation.readout import conditional_mean_eraser, fit_linear_readout
 
 
 class InvariantHeadRefit:
@@ -108,11 +105,7 @@ class InvariantHeadRefit:
                     )
         projector = conditional_mean_eraser(features, labels, factors)
         projected = features @ projector
-        scaler = StandardScaler().fit(projected)
-        regression = LogisticRegression(max_iter=3000)
-        # Mean-one weights: weights summing to one would scale the regularization up N-fold.
-        weights = len(labels) * cell_balancing_weights({"y": labels, **factors})
-        regression.fit(scaler.transform(projected), labels, sample_weight=weights)
+        scaler, regression = fit_linear_readout(projected, labels, cell_balancing_weights({"y": labels, **factors}))
         # score = coef · ((f P − mean) / scale) + intercept, folded into one linear map of f.
         coef = regression.coef_ / scaler.scale_
         weight = coef @ projector.T

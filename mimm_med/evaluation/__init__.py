@@ -7,7 +7,7 @@ from mimm_med.evaluation.metrics import as_probabilities, classification_report,
 from mimm_med.evaluation.outputs import collect_outputs
 from mimm_med.evaluation.plots import plot_group_accuracy, plot_training_curves, plot_tsne
 from mimm_med.evaluation.protocol import evaluate_test_sets, flatten_metrics, results_table
-from mimm_med.evaluation.readout import conditional_mean_eraser, linear_readout_accuracy
+from mimm_med.evaluation.readout import conditional_mean_eraser, fit_linear_readout, linear_readout_accuracy
 
 __all__ = [
     "as_probabilities",
@@ -15,6 +15,7 @@ __all__ = [
     "collect_outputs",
     "conditional_mean_eraser",
     "evaluate_test_sets",
+    "fit_linear_readout",
     "flatten_metrics",
     "linear_probe_leakage",
     "linear_readout_accuracy",

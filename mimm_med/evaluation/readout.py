@@ -12,12 +12,12 @@ from collections.abc import Mapping
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from mimm_med.evaluation._arrays import as_class_labels, as_feature_matrix, check_same_length
 
-__all__ = ["conditional_mean_eraser", "linear_readout_accuracy"]
+__all__ = ["conditional_mean_eraser", "fit_linear_readout", "linear_readout_accuracy"]
 
 
 def conditional_mean_eraser(features: np.ndarray, primary: np.ndarray, factors: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -67,6 +67,22 @@ def conditional_mean_eraser(features: np.ndarray, primary: np.ndarray, factors: 
     return projector - basis @ basis.T
 
 
+def fit_linear_readout(
+    features: np.ndarray, labels: np.ndarray, sample_weight: np.ndarray | None = None, max_iter: int = 3000
+) -> Pipeline:
+    """Standardized logistic regression of ``labels`` on ``features``: a ``StandardScaler`` then a ``LogisticRegression``.
+
+    ``sample_weight`` is rescaled to mean one: scikit-learn weights the loss but not the penalty, so
+    weights that sum to one (:func:`~mimm_med.data.confounding.cell_balancing_weights`) would scale
+    the regularization up N-fold.
+    """
+    if sample_weight is not None:
+        sample_weight = np.asarray(sample_weight, dtype=np.float64)
+        sample_weight = sample_weight / sample_weight.mean()
+    readout = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+    return readout.fit(features, labels, logisticregression__sample_weight=sample_weight)
+
+
 def linear_readout_accuracy(
     fit_features: np.ndarray,
     fit_labels: np.ndarray,
@@ -83,7 +99,7 @@ def linear_readout_accuracy(
     score_sets
         Name → ``(features (M, D), labels (M,))`` of each set it is scored on.
     sample_weight
-        Optional ``(N,)`` weights of the fit samples (e.g. cell-balancing weights).
+        Optional ``(N,)`` weights of the fit samples (e.g. cell-balancing weights; any scale).
     max_iter
         Iterations of the solver.
 
@@ -105,6 +121,5 @@ def linear_readout_accuracy(
                 "read both from the same layer."
             )
         scored[name] = (features, labels)
-    readout = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
-    readout.fit(fit_features, fit_labels, logisticregression__sample_weight=sample_weight)
+    readout = fit_linear_readout(fit_features, fit_labels, sample_weight, max_iter)
     return {name: float(readout.score(features, labels)) for name, (features, labels) in scored.items()}
