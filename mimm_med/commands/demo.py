@@ -61,6 +61,11 @@ def prepare(workdir: Path, subjects: int, resolution_mm: float, size: int, corre
     return splits
 
 
+def run_label(method: str, invariant_head: bool) -> str:
+    """What the demo calls a run in its messages and its results table, e.g. ``mimmx + invariant head``."""
+    return f"{method} + invariant head" if invariant_head else method
+
+
 def train_and_evaluate(
     method: str, splits: Path, size: int, epochs: int, seed: int, cohort: str, invariant_head: bool = False
 ) -> dict:
@@ -83,7 +88,7 @@ def train_and_evaluate(
         "run_name": f"demo-{method}{'-invariant-head' if invariant_head else ''}-seed{seed}-{cohort}",
         "backbone": "small_cnn",
     }
-    label = f"{method}{' with the invariant head' if invariant_head else ''}"
+    label = run_label(method, invariant_head)
     _step(f"training {label} ({epochs} epochs) with {BUNDLE / 'configs/train.json'}")
     run("training", config_file=str(BUNDLE / "configs/train.json"), **overrides)
     _step(f"evaluating {label} on the iid / balanced / inverted test sets")
@@ -117,7 +122,7 @@ def run_demo(args: argparse.Namespace) -> int:
     cohort = f"n{args.subjects}-{args.resolution_mm:g}mm-{args.size}vox-r{args.correlation:g}"
     heads = (False, True) if args.invariant_head else (False,)
     results = {
-        f"{method}{' + invariant head' if invariant_head else ''}": train_and_evaluate(
+        run_label(method, invariant_head): train_and_evaluate(
             method, splits, args.size, args.epochs, args.seed, cohort, invariant_head
         )
         for invariant_head in heads
