@@ -191,6 +191,19 @@ def test_metadata_describes_the_network(bundle: Bundle):
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_validation_labels_reach_the_prediction_device(bundle: Bundle):
+    # MONAI's decollate hands the post-transforms each label as a Python number; on CUDA a label
+    # left on the CPU broke the validation metric. The "meta" device stands in for a GPU here.
+    parser = ConfigParser()
+    parser.read_config([str(REPO / file) for file in bundle.config_files()])
+    parser["device"] = torch.device("meta")
+    postprocessing = parser.get_parsed_content("validate#postprocessing")
+    classes = len(parser["label_levels"][parser["primary"]])
+    item = postprocessing({"pred": torch.zeros(classes, device="meta"), "label": 1})
+    assert item["pred"].device == item["label"].device == torch.device("meta")
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
 def test_missing_splits_name_the_command_that_makes_them(bundle: Bundle, at_repo_root: str, tmp_path: Path):
     with pytest.raises(Exception) as raised:
         run("training", config_file=bundle.config_files(), dataset_dir=str(tmp_path), bundle_root=str(tmp_path))

@@ -236,16 +236,34 @@ def test_mine_critic_loss_uses_the_moving_average_in_its_gradient():
     assert not torch.equal(estimator.running_log_mean_exp, first + math.log(2.0))
 
 
+AUTOCAST_SETTINGS = [
+    pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16"),
+    pytest.param(
+        "cuda",
+        torch.float16,
+        id="cuda-float16",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ),
+]
+
+
+@pytest.mark.parametrize("device, dtype", AUTOCAST_SETTINGS)
 @pytest.mark.parametrize("cls", ESTIMATORS)
-def test_critic_math_stays_float32_under_autocast(cls):
-    estimator = small_estimator(cls, 4, 4)
-    a, b = (x.bfloat16() for x in correlated_gaussians(32, 4, 1.0, torch.Generator().manual_seed(0)))
+def test_critic_math_stays_float32_under_autocast(cls, device, dtype):
+    estimator = small_estimator(cls, 4, 4).to(device)
+    a, b = (x.to(device, dtype) for x in correlated_gaussians(32, 4, 1.0, torch.Generator().manual_seed(0)))
     expected = estimator(a.float(), b.float())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    a.requires_grad_(True)
+    with torch.autocast(device, dtype=dtype):
         value = estimator(a, b)
         loss = estimator.critic_loss(a, b)
     assert value.dtype == torch.float32 and loss.dtype == torch.float32
     assert value.item() == pytest.approx(expected.item(), abs=1e-5)
+    if loss.requires_grad:  # GaussianMI has no critic to train
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in estimator.parameters() if p.grad is not None)
+    (grad,) = torch.autograd.grad(estimator(a, b), a)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize(
@@ -343,10 +361,11 @@ def test_mmd_is_differentiable_and_checks_shapes():
         MMDPenalty()(a, torch.arange(39) % 2)
 
 
-def test_penalties_stay_float32_under_autocast():
-    a = torch.randn(32, 4).bfloat16()
-    labels = torch.arange(32) % 2
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+@pytest.mark.parametrize("device, dtype", AUTOCAST_SETTINGS)
+def test_penalties_stay_float32_under_autocast(device, dtype):
+    a = torch.randn(32, 4).to(device, dtype)
+    labels = torch.arange(32, device=device) % 2
+    with torch.autocast(device, dtype=dtype):
         assert DistanceCorrelation()(a, labels).dtype == torch.float32
         assert MMDPenalty()(a, labels).dtype == torch.float32
 

@@ -11,6 +11,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from monai.data import ITKReader
+from monai.utils import OptionalImportError
 from PIL import Image
 from preprocess_fixtures import (
     BRAIN_CONFIG,
@@ -236,6 +238,18 @@ def test_output_folder_made_with_other_settings_is_refused(brain, tmp_path):
     run(records.iloc[:1], problems.iloc[:0], raw, tmp_path)
     with pytest.raises(PreprocessError, match="other pipeline settings"):
         run(records.iloc[:1], problems.iloc[:0], raw, tmp_path, overrides={"spatial_size": [8, 8, 8]})
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pipeline_that_cannot_be_built_fails_once_naming_the_cause(brain, tmp_path, monkeypatch, workers):
+    raw, records, problems = brain
+
+    def itk_missing(self, *args, **kwargs):
+        raise OptionalImportError("required package `itk` is not installed")
+
+    monkeypatch.setattr(ITKReader, "__init__", itk_missing)
+    with pytest.raises(PreprocessError, match="cannot be built.*`itk` is not installed"):
+        run(records, problems, raw, tmp_path, workers=workers)
 
 
 def test_overrides_are_parsed_and_checked():

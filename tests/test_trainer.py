@@ -23,16 +23,17 @@ def _records(n: int = 48, seed: int = 0) -> list[dict]:
     return [{"image": images[i], "y": int(y[i]), "a": int(a[i]), "b": int(b[i])} for i in range(n)]
 
 
-def _build(method: str = "mimmx", epochs: int = 1, records=None, **objective_kwargs):
-    net = MIMMXNet("small_cnn", PARTS, {k: 2 for k in PARTS}, backbone_kwargs={"channels": (4, 8)})
+def _build(method: str = "mimmx", epochs: int = 1, records=None, device: str = "cpu", amp: bool = False, **objective_kwargs):
+    net = MIMMXNet("small_cnn", PARTS, {k: 2 for k in PARTS}, backbone_kwargs={"channels": (4, 8)}).to(device)
     objective = MIMMXObjective.for_network(method, net, **objective_kwargs)
     optimizer = torch.optim.Adam(net.parameters(), 1e-2)
     critic_params = objective.critic_parameters()
     critic_optimizer = torch.optim.Adam(critic_params, 1e-2) if critic_params else None
     gradnorm_optimizer = torch.optim.Adam(objective.gradnorm.parameters(), 0.025) if objective.gradnorm else None
     loader = DataLoader(Dataset(records or _records()), batch_size=16, shuffle=True)
-    trainer = MIMMXTrainer("cpu", epochs, loader, net, optimizer, objective, critic_optimizer, gradnorm_optimizer, n_critic=2)
-    return trainer
+    return MIMMXTrainer(
+        device, epochs, loader, net, optimizer, objective, critic_optimizer, gradnorm_optimizer, n_critic=2, amp=amp
+    )
 
 
 def _snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -159,6 +160,30 @@ def test_amp_request_on_cpu_is_off_without_warnings():
         trainer = MIMMXTrainer("cpu", 1, loader, net, torch.optim.SGD(net.parameters(), 0.1), objective, amp=True)
         trainer.run()
     assert trainer.amp is False and trainer.scaler is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_amp_on_cuda_trains_in_half_precision_with_float32_critics_and_resumes_the_scaler(tmp_path):
+    set_determinism(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer = _build("mimmx", epochs=2, device="cuda", amp=True)
+        half_precision_outputs = []
+        trainer.network.backbone.register_forward_hook(lambda m, i, out: half_precision_outputs.append(out.dtype))
+        before = _snapshot(trainer.network)
+        CheckpointSaver(str(tmp_path), trainer.checkpoint_items(), save_final=True, final_filename="last.pt").attach(trainer)
+        scaler = trainer.scaler
+        trainer.run()
+    assert trainer.amp is True and trainer.scaler is scaler and trainer.scaler.get_scale() > 0
+    assert set(half_precision_outputs) == {torch.float16}
+    assert all(p.dtype == torch.float32 for p in trainer.objective.parameters())
+    assert not _same(before, _snapshot(trainer.network))
+    assert all(np.isfinite(value) for value in trainer.state.output.values())
+    resumed = _build("mimmx", epochs=2, device="cuda", amp=True)
+    assert "scaler" in resumed.checkpoint_items()
+    CheckpointLoader(str(tmp_path / "last.pt"), resumed.checkpoint_items()).attach(resumed)
+    resumed.run()
+    assert resumed.scaler.state_dict() == trainer.scaler.state_dict()
 
 
 def test_nan_input_stops_training_naming_iteration_and_term():

@@ -126,10 +126,18 @@ def run(args: argparse.Namespace) -> int:
     except (PseudonymKeyError, CardError, PreprocessError, ManifestError, FileNotFoundError) as error:
         print(f"mimm-med preprocess: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (KeyboardInterrupt, BrokenProcessPool) as error:
-        cause = "a worker process died (out of memory?)" if isinstance(error, BrokenProcessPool) else "interrupted"
+    except KeyboardInterrupt:
         print(
-            f"mimm-med preprocess: {cause}; finished images are in the manifest, run the same command to resume",
+            "mimm-med preprocess: interrupted; finished images are in the manifest, run the same command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except BrokenProcessPool as error:
+        # The pool only knows that a worker is gone; a worker that raised printed its traceback above.
+        print(
+            f"mimm-med preprocess: a worker process died ({error}); finished images are in the manifest. "
+            f"Run the same command to resume: with fewer --workers if memory ran out, or with --workers 1, "
+            f"which runs in this process and names the image and error of any failure",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED

@@ -107,9 +107,15 @@ class PreprocessPipeline:
 
     def __init__(self, config: Mapping) -> None:
         parser = ConfigParser(dict(config))
-        self.image_key: str = parser.get_parsed_content("image_key", default="image")
-        self.transform = parser.get_parsed_content("preprocessing")
-        self.writer = parser.get_parsed_content("writer")
+        try:
+            self.image_key: str = parser.get_parsed_content("image_key", default="image")
+            self.transform = parser.get_parsed_content("preprocessing")
+            self.writer = parser.get_parsed_content("writer")
+        except Exception as error:
+            raise PreprocessError(
+                f"the preprocessing pipeline cannot be built ({describe_error(error)}); "
+                "install what it names, or fix the pipeline's config"
+            ) from error
 
     def __call__(self, source: str | Path, stem: str | Path) -> Path:
         """Process the raw image (file or DICOM series folder) ``source``; write ``stem + suffix``."""
@@ -202,6 +208,8 @@ def _init_worker(config: Mapping) -> None:
     global _WORKER_PIPELINE
     # The parent handles Ctrl-C and lets running images finish, so no worker dies mid-write.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A forked worker inherits the CLI's SIGTERM-as-interrupt handler; the pool's shutdown must just end it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # n workers × all-core torch ops would oversubscribe the CPU.
     torch.set_num_threads(1)
     _WORKER_PIPELINE = PreprocessPipeline(config)
@@ -217,8 +225,8 @@ def run_tasks(tasks: Iterable[Task], config: Mapping, workers: int = 1) -> Itera
     On ``KeyboardInterrupt`` pending tasks are cancelled, running ones finish and are yielded, then
     the interrupt propagates.
     """
+    pipeline = PreprocessPipeline(config)  # a config that cannot be built fails here, once, not in every worker
     if workers <= 1:
-        pipeline = PreprocessPipeline(config)
         for task in tasks:
             yield task, _process(pipeline, task)
         return

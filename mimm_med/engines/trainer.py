@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine
-from monai.engines import Trainer
+from monai.engines import Trainer, Workflow
 from monai.engines.utils import default_metric_cmp_fn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -160,6 +160,15 @@ class MIMMXTrainer(Trainer):
         self.n_critic = int(n_critic)
         self.image_key = image_key
         self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    def run(self) -> None:  # type: ignore[override]
+        """Train, keeping this trainer's ``GradScaler``.
+
+        MONAI's ``Trainer.run`` replaces ``scaler`` with a new (deprecated ``torch.cuda.amp``) one at
+        every call, after the checkpoint items were handed out: a resumed run would load the scaler
+        state into an object no longer used, and save one that never stepped.
+        """
+        Workflow.run(self)
 
     def checkpoint_items(self) -> dict[str, Any]:
         """Everything a resumed run needs, for ``CheckpointSaver(save_dict=...)`` / ``CheckpointLoader``."""
