@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.data import DataLoader, Dataset
 from sklearn.linear_model import LogisticRegression
 
@@ -94,11 +94,10 @@ def test_refit_needs_a_linear_classification_head(num_classes, head_hidden):
         InvariantHeadRefit(_loader(_records(64, 0.9, seed=0)), "y", ["z"]).refit(network)
 
 
-@pytest.mark.parametrize("interval, refits", [(None, 1), (2, 2)])
-def test_handler_refits_every_interval_or_once_at_the_end(interval, refits):
+def test_handler_on_a_trainer_refits_once_when_training_completes():
     engine = Engine(lambda engine, batch: None)
     engine.network = _identity_network()
-    handler = InvariantHeadRefit(_loader(_records(200, 0.9, seed=0)), "y", ["z"], interval=interval)
+    handler = InvariantHeadRefit(_loader(_records(200, 0.9, seed=0)), "y", ["z"])
     calls = []
     refit = handler.refit
     handler.refit = lambda network: calls.append(refit(network))
@@ -106,8 +105,26 @@ def test_handler_refits_every_interval_or_once_at_the_end(interval, refits):
 
     engine.run([0], max_epochs=4)
 
-    assert len(calls) == refits
+    assert len(calls) == 1
     assert torch.equal(engine.network.heads["y"].weight[0], torch.zeros(FEATURES))  # binary: logits (0, s)
+
+
+def test_temporary_refit_holds_during_each_validation_and_the_trained_weights_return_after():
+    validator = Engine(lambda engine, batch: None)
+    validator.network = _identity_network()
+    trained = {key: value.clone() for key, value in validator.network.state_dict().items()}
+    InvariantHeadRefit(_loader(_records(200, 0.9, seed=0)), "y", ["z"], temporary=True).attach(validator)
+    seen = []
+    validator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(e.network.heads["y"].weight.clone()))
+
+    for _ in range(2):  # a validator runs once per validated epoch
+        validator.run([0], max_epochs=1)
+        restored = validator.network.state_dict()
+        assert all(torch.equal(restored[key], value) for key, value in trained.items())
+
+    assert len(seen) == 2
+    for weight in seen:  # the validation saw the refitted head, not the trained one
+        assert torch.equal(weight[0], torch.zeros(FEATURES)) and not torch.equal(weight, trained["heads.y.weight"])
 
 
 def test_refit_erases_the_factor_from_f_y_itself():
