@@ -276,8 +276,10 @@ def test_residual_mutual_information_refuses_unknown_estimators_and_tiny_sets():
     a, b = gaussian_features(0.5, seed=0, n=20)
     with pytest.raises(ValueError, match="unknown estimator"):
         residual_mutual_information(a, b, estimator="kde")
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match="2 rows per fold"):
         residual_mutual_information(a[:5], b[:5])
+    with pytest.raises(ValueError, match="at least 3 folds"):
+        residual_mutual_information(a, b, folds=2)
 
 
 class StandInNetwork(nn.Module):

@@ -75,18 +75,21 @@ def residual_mutual_information(
     learning_rate: float = 1e-4,
     eval_every: int = 10,
     patience: int = 20,
-    held_out_fraction: float = 0.2,
+    folds: int = 5,
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> float:
-    """Mutual information between frozen features, estimated by a fresh critic on held-out rows.
+    """Mutual information between frozen features, estimated by fresh critics on held-out rows.
 
-    The rows are split into training, validation and held-out parts. A new estimator minimises
-    its ``critic_loss`` on random training minibatches with Adam; every ``eval_every`` steps its
-    loss on the validation rows is measured, and training stops once that has not improved for
-    ``patience`` checks (or after ``steps``). The critic with the best validation loss then
-    estimates MI on the held-out rows, averaged over ``batch_size`` chunks. Stopping on unseen
-    rows matters: on test-set-sized data a critic memorises its training pairs within a few
+    The rows are split into ``folds`` parts, and each part is held out once (cross-fitting): a new
+    estimator minimises its ``critic_loss`` on random minibatches of the other parts but one, which
+    validates it; every ``eval_every`` steps its validation loss is measured, and training stops once
+    that has not improved for ``patience`` checks (or after ``steps``). The critic with the best
+    validation loss then estimates MI on the held-out part, in ``batch_size`` chunks, and the result
+    is the mean over all rows, so every row counts in the estimate. On test-set-sized data it stays
+    noisy: for the stand-in brain's 171 balanced-set rows (16 + 16 features) the standard deviation
+    over seeds was 0.06 and 0.21 nats for two factors (0.19 and 0.09 with one held-out fifth), so
+    compare estimates over several seeds. Stopping on unseen rows matters: a critic memorises its training pairs within a few
     hundred steps and the held-out estimate falls far below zero, hence the small learning rate
     and frequent checks. Both inputs are standardised with training-row statistics, which leaves
     MI unchanged and eases the optimisation. Estimates for independent features scatter around 0
@@ -102,17 +105,17 @@ def residual_mutual_information(
         ``"gaussian"`` needs no training and is evaluated on the held-out rows at once), or any
         callable ``(dim_a, dim_b) -> estimator`` following the MI estimator contract.
     steps
-        Most optimisation steps.
+        Most optimisation steps per fold.
     batch_size, learning_rate
         Critic training; ``batch_size`` is also the chunk size of the validation and held-out passes.
     eval_every, patience
         Validation period in steps, and how many periods without improvement end training.
-    held_out_fraction
-        Share of rows for the final estimate, and again for validation.
+    folds
+        Parts of the rows, each held out once and used once for validation (at least 3).
     seed
-        Seed of the row split, the minibatches and the critic initialisation.
+        Seed of the row split, the minibatches and the critics' initialisation.
     device
-        Device the critic trains on.
+        Device the critics train on.
 
     Returns
     -------
@@ -129,54 +132,82 @@ def residual_mutual_information(
     a = as_feature_matrix(a, "a")
     b = as_feature_matrix(b, "b")
     n_rows = check_same_length({"a": a, "b": b})
-    rng = np.random.default_rng(seed)
-    rows = rng.permutation(n_rows)
-    n_held_out = int(round(n_rows * held_out_fraction))
-    if n_held_out < 2 or n_rows - 2 * n_held_out < 2:
+    if folds < 3 or n_rows < 2 * folds:
         raise ValueError(
-            f"{n_rows} rows with held_out_fraction={held_out_fraction} leave {n_rows - 2 * n_held_out} training, "
-            f"{n_held_out} validation and {n_held_out} held-out rows; each needs at least 2."
+            f"{n_rows} rows in {folds} folds: need at least 3 folds (training, validation and held-out "
+            f"rows) and 2 rows per fold"
         )
-    held_out, validation, train = np.split(rows, [n_held_out, 2 * n_held_out])
+    rng = np.random.default_rng(seed)
+    parts = np.array_split(rng.permutation(n_rows), folds)
     device = torch.device(device)
-    a_rows = _standardised(a, train, device)
-    b_rows = _standardised(b, train, device)
-    rows_per_batch = min(batch_size, train.size)
+    total = 0.0
+    for index, held_out in enumerate(parts):
+        validation = parts[(index + 1) % folds]
+        train = np.concatenate([part for other, part in enumerate(parts) if other not in (index, (index + 1) % folds)])
+        critic = _FoldCritic(a, b, train, device, batch_size)
+        total += critic.fit_and_estimate(
+            build_estimator, held_out, validation, steps, learning_rate, eval_every, patience, rng, seed + index
+        ) * held_out.size
+    return total / n_rows
 
-    def mean_over_chunks(measure: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], chosen: np.ndarray) -> float:
-        chunks = np.array_split(chosen, max(1, chosen.size // rows_per_batch))
+
+class _FoldCritic:
+    """The features of one cross-fitting fold, standardised with its training rows."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray, train: np.ndarray, device: torch.device, batch_size: int) -> None:
+        self.a_rows = _standardised(a, train, device)
+        self.b_rows = _standardised(b, train, device)
+        self.train = train
+        self.device = device
+        self.rows_per_batch = min(batch_size, train.size)
+
+    def mean_over_chunks(self, measure: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], chosen: np.ndarray) -> float:
+        chunks = np.array_split(chosen, max(1, chosen.size // self.rows_per_batch))
         with torch.no_grad():
-            return sum(float(measure(a_rows[chunk], b_rows[chunk])) * chunk.size for chunk in chunks) / chosen.size
+            return sum(float(measure(self.a_rows[chunk], self.b_rows[chunk])) * chunk.size for chunk in chunks) / chosen.size
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        critic = build_estimator(a.shape[1], b.shape[1]).to(device)
-        parameters = list(critic.parameters())
-        if not parameters:  # a closed-form estimator (GaussianMI) has no critic to fit
-            critic.eval()
-            return mean_over_chunks(critic, held_out)
-        optimizer = torch.optim.Adam(parameters, lr=learning_rate)
-        best_loss, best_state, checks_without_improvement = float("inf"), copy.deepcopy(critic.state_dict()), 0
-        for step in range(1, steps + 1):
-            critic.train()
-            batch = torch.as_tensor(rng.choice(train, size=rows_per_batch, replace=False), device=device)
-            loss = critic.critic_loss(a_rows[batch], b_rows[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if step % eval_every == 0 or step == steps:
+    def fit_and_estimate(
+        self,
+        build_estimator: Callable[..., torch.nn.Module],
+        held_out: np.ndarray,
+        validation: np.ndarray,
+        steps: int,
+        learning_rate: float,
+        eval_every: int,
+        patience: int,
+        rng: np.random.Generator,
+        seed: int,
+    ) -> float:
+        """Train a fresh critic on the training rows, stopping on ``validation``; its estimate on ``held_out``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            critic = build_estimator(self.a_rows.shape[1], self.b_rows.shape[1]).to(self.device)
+            parameters = list(critic.parameters())
+            if not parameters:  # a closed-form estimator (GaussianMI) has no critic to fit
                 critic.eval()
-                validation_loss = mean_over_chunks(critic.critic_loss, validation)
-                if validation_loss < best_loss:
-                    best_loss, best_state = validation_loss, copy.deepcopy(critic.state_dict())
-                    checks_without_improvement = 0
-                else:
-                    checks_without_improvement += 1
-                if checks_without_improvement >= patience:
-                    break
-        critic.load_state_dict(best_state)
-        critic.eval()
-        return mean_over_chunks(critic, held_out)
+                return self.mean_over_chunks(critic, held_out)
+            optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+            best_loss, best_state, checks_without_improvement = float("inf"), copy.deepcopy(critic.state_dict()), 0
+            for step in range(1, steps + 1):
+                critic.train()
+                batch = torch.as_tensor(rng.choice(self.train, size=self.rows_per_batch, replace=False), device=self.device)
+                loss = critic.critic_loss(self.a_rows[batch], self.b_rows[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if step % eval_every == 0 or step == steps:
+                    critic.eval()
+                    validation_loss = self.mean_over_chunks(critic.critic_loss, validation)
+                    if validation_loss < best_loss:
+                        best_loss, best_state = validation_loss, copy.deepcopy(critic.state_dict())
+                        checks_without_improvement = 0
+                    else:
+                        checks_without_improvement += 1
+                    if checks_without_improvement >= patience:
+                        break
+            critic.load_state_dict(best_state)
+            critic.eval()
+            return self.mean_over_chunks(critic, held_out)
 
 
 def _estimator_factory(estimator: str | Callable[[int, int], torch.nn.Module]) -> Callable[..., torch.nn.Module]:
