@@ -244,15 +244,22 @@ def test_digits_oracle_trains_on_balanced_data(tmp_path: Path):
     assert main(["cohort", "digits", "--out", str(out), "--confounders", "colour"]) == 2
 
 
-def test_invariant_head_is_refitted_before_validation(digits_splits: Path, at_repo_root: str, tmp_path: Path):
+def test_invariant_head_is_refitted_for_validation_and_training_keeps_its_weights(
+    digits_splits: Path, at_repo_root: str, tmp_path: Path
+):
     bundle = BUNDLES[0]
     settings = {"dataset_dir": str(digits_splits), "bundle_root": str(tmp_path), "batch_size": 64, "run_name": "refit"}
     run("training", config_file=bundle.config_files(), epochs=1, cache_rate=0, invariant_head=True, **settings)
 
-    best = torch.load(tmp_path / "models" / "refit" / "model.pt", map_location="cpu", weights_only=True)["network"]
-    primary = ConfigParser.load_config_file(f"{bundle.configs}/train.json")["primary"]
+    folder = tmp_path / "models" / "refit"
+    best = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)["network"]
+    (resumable,) = folder.glob("checkpoint_*.pt")
+    trained = torch.load(resumable, map_location="cpu", weights_only=True)["network"]
+    head = f"heads.{ConfigParser.load_config_file(f'{bundle.configs}/train.json')['primary']}.weight"
     # The refit's signature on a binary head: logits (0, s); a trained head's first row is not zero.
-    assert torch.equal(best[f"heads.{primary}.weight"][0], torch.zeros_like(best[f"heads.{primary}.weight"][0]))
+    # The best checkpoint (validated) has it, the checkpoint that training resumes from does not.
+    assert torch.equal(best[head][0], torch.zeros_like(best[head][0]))
+    assert not torch.equal(trained[head][0], torch.zeros_like(trained[head][0]))
     client = MlflowClient(at_repo_root)
     (training,) = client.search_runs([client.get_experiment_by_name(bundle.name).experiment_id], "attributes.run_name = 'refit'")
     assert training.data.params["invariant_head"] == "True"
