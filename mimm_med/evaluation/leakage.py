@@ -7,14 +7,12 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from mimm_med.mi import ESTIMATORS
 from mimm_med.evaluation._arrays import as_class_labels, as_feature_matrix, check_same_length
+from mimm_med.evaluation.readout import standardized_logistic_regression
 
 __all__ = ["linear_probe_leakage", "residual_mutual_information"]
 
@@ -61,8 +59,7 @@ def linear_probe_leakage(
             "least 2 samples per class."
         )
     folds = StratifiedKFold(n_splits=min(n_splits, int(counts.min())), shuffle=True, random_state=seed)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
-    predicted = cross_val_predict(probe, features, z, cv=folds)
+    predicted = cross_val_predict(standardized_logistic_regression(max_iter), features, z, cv=folds)
     return float(balanced_accuracy_score(z, predicted))
 
 
@@ -89,9 +86,9 @@ def residual_mutual_information(
     is the mean over all rows, so every row counts in the estimate. On test-set-sized data it stays
     noisy: for the stand-in brain's 171 balanced-set rows (16 + 16 features) the standard deviation
     over seeds was 0.06 and 0.21 nats for two factors (0.19 and 0.09 with one held-out fifth), so
-    compare estimates over several seeds. Stopping on unseen rows matters: a critic memorises its training pairs within a few
-    hundred steps and the held-out estimate falls far below zero, hence the small learning rate
-    and frequent checks. Both inputs are standardised with training-row statistics, which leaves
+    compare estimates over several seeds. Stopping on unseen rows matters: a critic memorises its
+    training pairs within a few hundred steps and the held-out estimate falls far below zero, hence
+    the small learning rate and frequent checks. Both inputs are standardised with training-row statistics, which leaves
     MI unchanged and eases the optimisation. Estimates for independent features scatter around 0
     and can be slightly negative; CLUB, an upper bound, exceeds the true MI of dependent features.
 

@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 
 from mimm_med.evaluation._arrays import as_class_labels, as_feature_matrix, check_same_length
 
-__all__ = ["conditional_mean_eraser", "fit_linear_readout", "linear_readout_accuracy"]
+__all__ = ["conditional_mean_eraser", "fit_linear_readout", "linear_readout_accuracy", "standardized_logistic_regression"]
 
 
 def conditional_mean_eraser(features: np.ndarray, primary: np.ndarray, factors: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -67,10 +67,15 @@ def conditional_mean_eraser(features: np.ndarray, primary: np.ndarray, factors: 
     return projector - basis @ basis.T
 
 
+def standardized_logistic_regression(max_iter: int = 3000) -> Pipeline:
+    """The unfitted linear read-out of frozen features: a ``StandardScaler`` then a ``LogisticRegression``."""
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+
+
 def fit_linear_readout(
     features: np.ndarray, labels: np.ndarray, sample_weight: np.ndarray | None = None, max_iter: int = 3000
 ) -> Pipeline:
-    """Standardized logistic regression of ``labels`` on ``features``: a ``StandardScaler`` then a ``LogisticRegression``.
+    """:func:`standardized_logistic_regression` of ``labels`` on ``features``, fitted.
 
     ``sample_weight`` is rescaled to mean one: scikit-learn weights the loss but not the penalty, so
     weights that sum to one (:func:`~mimm_med.data.confounding.cell_balancing_weights`) would scale
@@ -79,7 +84,7 @@ def fit_linear_readout(
     if sample_weight is not None:
         sample_weight = np.asarray(sample_weight, dtype=np.float64)
         sample_weight = sample_weight / sample_weight.mean()
-    readout = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+    readout = standardized_logistic_regression(max_iter)
     return readout.fit(features, labels, logisticregression__sample_weight=sample_weight)
 
 
