@@ -71,7 +71,7 @@ def train_and_evaluate(
 ) -> dict:
     """Train ``method`` with the brain bundle, evaluate it, and return the evaluation metrics.
 
-    ``invariant_head`` refits the primary head before each validation (the bundle's ``invariant_head``).
+    ``invariant_head`` refits the primary head for each validation (the bundle's ``invariant_head``).
 
     ``cohort`` names the demo cohort's settings in the run name: the bundle resumes a run from its
     checkpoints, so a demo on another cohort must not share a run name with an earlier one.

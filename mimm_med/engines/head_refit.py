@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+
 from mimm_med.data.confounding import cell_balancing_weights
 from mimm_med.evaluation.outputs import collect_outputs
 from mimm_med.evaluation.readout import conditional_mean_eraser, fit_linear_readout
