@@ -52,8 +52,8 @@ class ExperimentConfig:
     #: Recompute batch-norm running statistics over the training set once training ends
     #: (:class:`~mimm_med.engines.RecomputeBatchNorm`).
     recompute_bn: bool = False
-    #: Once training ends, refit the primary head on f_y with the factors' linear traces erased
-    #: (:class:`~mimm_med.engines.InvariantHeadRefit`).
+    #: Once training ends, refit the primary head on f_y with the factors' linear traces in the
+    #: training and validation sets erased (:class:`~mimm_med.engines.InvariantHeadRefit`).
     invariant_head: bool = False
 
     @property
@@ -164,8 +164,11 @@ def run_experiment(
     if config.recompute_bn:
         RecomputeBatchNorm(_loader(sets["train"], config, names, False, transform))(trainer)
     if config.invariant_head:
-        # Training images as the test images are seen: loaded, not augmented.
-        InvariantHeadRefit(_loader(sets["train"], config, names, False, eval_transform), primary, spurious).refit(trainer.network)
+        # Training images as the test images are seen: loaded, not augmented. The validation images,
+        # which nothing else here uses, show how the network encodes the factors of unseen subjects.
+        held_out = _loader(sets["val"], config, names, False, eval_transform) if sets.get("val") else None
+        refit = InvariantHeadRefit(_loader(sets["train"], config, names, False, eval_transform), primary, spurious, held_out_loader=held_out)
+        refit.refit(trainer.network)
     seconds = time.perf_counter() - start
     loaders = {short: _loader(sets[split], config, names, False, eval_transform) for short, split in TEST_SETS.items()}
     results, _ = evaluate_network(trainer.network, loaders, primary, spurious, config.device, residual_mi=residual_mi, seed=config.seed)

@@ -226,6 +226,33 @@ def test_conditional_mean_eraser_equalizes_factor_means_within_each_class():
     assert np.trace(projector) == pytest.approx(2.0)
 
 
+def test_conditional_mean_eraser_with_strata_equalizes_means_in_every_stratum():
+    # The factor sits in column 1 in the first stratum and in column 2 in the second, which is small:
+    # pooled, its differences are swamped; measured apart, both directions go.
+    features, y, z = shortcut_features(2000, 0.9, seed=0)
+    held_out, y_held, z_held = shortcut_features(200, 0.9, seed=3)
+    held_out[:, [1, 2]] = held_out[:, [2, 1]]
+    stacked, labels, factor = np.concatenate([features, held_out]), np.concatenate([y, y_held]), np.concatenate([z, z_held])
+    strata = np.repeat([0, 1], [len(y), len(y_held)])
+
+    def largest_gap(projector: np.ndarray, stratum: int) -> float:
+        erased, in_stratum = stacked @ projector, strata == stratum
+        return max(
+            np.abs(erased[in_stratum & (labels == c) & (factor == 1)].mean(0) - erased[in_stratum & (labels == c) & (factor == 0)].mean(0)).max()
+            for c in (0, 1)
+        )
+
+    apart = conditional_mean_eraser(stacked, labels, {"z": factor}, strata=strata)
+    pooled = conditional_mean_eraser(stacked, labels, {"z": factor})
+
+    assert largest_gap(apart, 0) < 1e-9 and largest_gap(apart, 1) < 1e-9
+    assert largest_gap(pooled, 1) > 1.0  # the held-out stratum's factor survives pooling
+    np.testing.assert_allclose(conditional_mean_eraser(features, y, {"z": z}, strata=np.zeros(len(y))),
+                               conditional_mean_eraser(features, y, {"z": z}), atol=1e-12)  # fmt: skip
+    with pytest.raises(ValueError, match="strata"):
+        conditional_mean_eraser(features, y, {"z": z}, strata=np.zeros(len(y) - 1))
+
+
 def test_erased_readout_escapes_the_shortcut_that_a_plain_readout_takes():
     features, y, z = shortcut_features(2000, 0.9, seed=0)
     inverted, y_inverted, _ = shortcut_features(1000, 0.1, seed=2)

@@ -12,7 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from mimm_med.engines import InvariantHeadRefit
 from mimm_med.networks import MIMMXNet
 
-FEATURES = 4
+FEATURES = 8
 
 
 def _records(n: int, correlation: float, seed: int) -> list[dict]:
@@ -60,6 +60,37 @@ def test_refitted_head_ignores_a_planted_shortcut():
 
     assert plain < 0.6  # the shortcut pulls a plain head towards chance
     assert refitted > 0.75  # column 0 alone gives about 0.84
+
+
+def test_held_out_images_erase_the_factor_where_the_network_encodes_it_for_unseen_subjects():
+    # Training images carry the factor in column 1; held-out and test images, as for subjects the network
+    # never memorized, also in column 2.
+    def unseen(records: list[dict]) -> list[dict]:
+        return [{**r, "image": r["image"] + np.float32([0, 0, 2 * r["z"]] + [0] * (FEATURES - 3))} for r in records]
+
+    train, held_out, test = _records(2000, 0.9, seed=0), unseen(_records(2000, 0.9, seed=2)), unseen(_records(2000, 0.5, seed=3))
+    x_test, y_test = _arrays(test)
+    z_test = np.array([r["z"] for r in test])
+
+    def test_gap(network: MIMMXNet) -> float:
+        with torch.no_grad():
+            f_y = network(torch.as_tensor(x_test))["y_features"].numpy()
+        return max(np.linalg.norm(f_y[(y_test == c) & (z_test == 1)].mean(0) - f_y[(y_test == c) & (z_test == 0)].mean(0)) for c in (0, 1))
+
+    training_only, with_held_out = _identity_network(), _identity_network()
+    InvariantHeadRefit(_loader(train), "y", ["z"]).refit(training_only)
+    InvariantHeadRefit(_loader(train), "y", ["z"], held_out_loader=_loader(held_out)).refit(with_held_out)
+
+    # Two training directions go: column 1 and the difference of the two classes' estimates (noise), which
+    # takes part of column 2 with it; the rest of column 2's gap of 2 stays.
+    assert test_gap(training_only) > 1.0
+    assert test_gap(with_held_out) < 0.4  # sampling noise of the cells (about 0.2 here)
+    assert np.mean(_predict(with_held_out, x_test @ _erased_rows(with_held_out)) == y_test) > 0.7  # column 0 stays
+
+
+def _erased_rows(network: MIMMXNet) -> np.ndarray:
+    """The map from input to f_y that the refit folded into the identity shared layer."""
+    return network.shared_layer.weight[:FEATURES].detach().numpy().T
 
 
 def test_refitted_head_is_constant_along_the_factor_direction():

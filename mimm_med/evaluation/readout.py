@@ -20,13 +20,24 @@ from mimm_med.evaluation._arrays import as_class_labels, as_feature_matrix, chec
 __all__ = ["conditional_mean_eraser", "fit_linear_readout", "linear_readout_accuracy", "standardized_logistic_regression"]
 
 
-def conditional_mean_eraser(features: np.ndarray, primary: np.ndarray, factors: Mapping[str, np.ndarray]) -> np.ndarray:
+def conditional_mean_eraser(
+    features: np.ndarray,
+    primary: np.ndarray,
+    factors: Mapping[str, np.ndarray],
+    strata: np.ndarray | None = None,
+) -> np.ndarray:
     """Orthogonal projector that equalizes each factor's class means within every primary class.
 
     The projector removes the span of the differences ``mean(x | y, z_k = c) - mean(x | y, z_k = c0)``
     over every primary class ``y``, factor ``z_k`` and factor class ``c``. On the data it was fitted
     to, no linear function of the projected features then differs in mean between the classes of a
     factor once the primary class is fixed: the first-moment version of ``f ⊥ z_k | y``.
+
+    With ``strata``, the differences are taken within each stratum and primary class, and the span
+    of all of them is removed. Give the source of each row, e.g. training vs held-out subjects: a
+    network encodes a factor differently in the images it memorized, and on the stand-in brain the
+    within-class sex difference of unseen subjects that a training-set eraser leaves
+    (cosine 0.74-0.90 between validation and test sets) is what a probe reads on the test set.
 
     Parameters
     ----------
@@ -36,6 +47,8 @@ def conditional_mean_eraser(features: np.ndarray, primary: np.ndarray, factors: 
         ``(N,)`` primary class labels.
     factors
         Spurious factor name → ``(N,)`` class labels.
+    strata
+        Optional ``(N,)`` labels of groups whose differences are measured apart (``None``: one group).
 
     Returns
     -------
@@ -50,10 +63,11 @@ def conditional_mean_eraser(features: np.ndarray, primary: np.ndarray, factors: 
     features = as_feature_matrix(features, "features")
     primary = as_class_labels(primary, "primary")
     factors = {name: as_class_labels(values, name) for name, values in factors.items()}
-    check_same_length({"features": features, "primary": primary, **factors})
+    strata = np.zeros(len(primary), dtype=np.int64) if strata is None else as_class_labels(strata, "strata")
+    check_same_length({"features": features, "primary": primary, "strata": strata, **factors})
     differences = []
-    for y in np.unique(primary):
-        in_class = primary == y
+    for stratum, y in np.unique(np.stack([strata, primary], axis=1), axis=0):
+        in_class = (strata == stratum) & (primary == y)
         for z in factors.values():
             present = np.unique(z[in_class])
             means = [features[in_class & (z == c)].mean(axis=0) for c in present]
