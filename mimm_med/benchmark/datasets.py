@@ -213,7 +213,7 @@ class BrainStandinData(ManifestData):
     config_defaults = {"batch_size": 8, "backbone_kwargs": SMALL_BATCH_BACKBONE, "recompute_bn": True}
     label_levels = {"age_group": ["young", "old"], "sex": ["female", "male"], "cohort": ["nako", "ukb"]}
 
-    def __init__(self, cache: str | Path, subjects: int = 600, resolution_mm: float = 4.0, size: int = 32) -> None:
+    def __init__(self, cache: str | Path, subjects: int = 2000, resolution_mm: float = 4.0, size: int = 32) -> None:
         super().__init__(cache)
         self.subjects, self.resolution_mm, self.size = subjects, resolution_mm, size
 
@@ -276,10 +276,13 @@ ADAPTERS: dict[str, type[BenchmarkDataset]] = {
     "cxr": ChestXrayStandinData,
 }
 #: Adapter arguments of the full benchmark and of ``--quick`` (tiny stand-ins, prepared in a minute or two).
+#: The full brain cohort has 2,000 subjects per cohort, of which the r = 0.9 split keeps 929 for training and
+#: 707 for the balanced test set: with 600, that set held 171 and a leakage probe of features without any
+#: leak scattered by 5 points (standard deviation over permuted labels), too much to test a 55 % target.
 SCALES: dict[str, dict[str, dict[str, float]]] = {
     "full": {
         "digits": {},
-        "brain": {"subjects": 600, "resolution_mm": 4.0, "size": 32},
+        "brain": {"subjects": 2000, "resolution_mm": 4.0, "size": 32},
         "cxr": {"patients": 3000, "size": 64},
     },
     "quick": {
