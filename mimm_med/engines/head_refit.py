@@ -22,7 +22,7 @@ class InvariantHeadRefit:
     primary class (:func:`~mimm_med.evaluation.conditional_mean_eraser`), in the training set and,
     measured apart, in ``held_out_loader``: images the network was not trained on show how it
     encodes the factors of new subjects, which the memorized training images do not (stand-in brain,
-    2,000 subjects per cohort, MIMM-X: a probe reads sex from the test set's erased f_y at 57.9 %
+    2,000 subjects per cohort, MIMM-X, seed 0: a probe reads sex from the test set's erased f_y at 57.9 %
     with the training set's differences alone, 53.6 % with the validation set's too). The projector is folded
     into the f_y rows of the network's shared layer, so f_y itself is erased (what leakage probes,
     switched heads and the MI critics see), and a standardized logistic regression of the primary
