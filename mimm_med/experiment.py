@@ -45,7 +45,7 @@ class ExperimentConfig:
     temperature: float = 1.0
     part_size: int = 16
     backbone: str = "small_cnn"
-    backbone_kwargs: dict = field(default_factory=lambda: {"dropout": 0.2, "channels": (16, 32, 64)})
+    backbone_kwargs: dict = field(default_factory=lambda: {"dropout": 0.2, "channels": (16, 32, 64, 128)})
     seed: int = 0
     device: str = "cpu"
     amp: bool = True

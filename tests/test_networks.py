@@ -60,3 +60,13 @@ def test_instance_norm_small_cnn_computes_the_same_in_training_and_evaluation(sp
     # Batch norm, the default, does not: its evaluation uses running statistics.
     batch_norm = SmallCNN(spatial_dims=spatial_dims, channels=(4, 8))
     assert not torch.allclose(batch_norm.train()(batch), batch_norm.eval()(batch))
+
+
+def test_default_small_cnn_features_see_most_of_a_digit():
+    """The last block's centre feature depends on a 17-pixel window, not the 9 of three blocks."""
+    network = SmallCNN(spatial_dims=2, in_channels=1).eval()
+    image = torch.zeros(1, 1, 28, 28, requires_grad=True)
+    last_block = network.blocks(image)
+    last_block[0, :, last_block.shape[2] // 2, last_block.shape[3] // 2].sum().backward()
+    rows = torch.nonzero(image.grad[0, 0].abs().sum(dim=1)).flatten()
+    assert rows.max() - rows.min() + 1 == 17
