@@ -299,6 +299,25 @@ def test_residual_mutual_information_takes_an_estimator_factory_and_is_seeded():
     assert residual_mutual_information(*features, estimator=small_mine, steps=300, learning_rate=1e-3) == first
 
 
+def test_residual_mutual_information_given_y_drops_the_dependence_that_passes_through_y():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    shared_style = rng.normal(size=2000)
+    # Both carry y (f_z's head took y as a shortcut for z); only the second pair shares more than y.
+    through_y = (3.0 * y + rng.normal(size=2000), 3.0 * y + rng.normal(size=2000))
+    beyond_y = (3.0 * y + shared_style + 0.5 * rng.normal(size=2000), shared_style + 0.5 * rng.normal(size=2000))
+
+    marginal = residual_mutual_information(*through_y, estimator="gaussian")
+    conditional = residual_mutual_information(*through_y, estimator="gaussian", given=y)
+    conditional_beyond = residual_mutual_information(*beyond_y, estimator="gaussian", given=y)
+
+    assert marginal > 0.25  # correlation 2.25 / 3.25: 0.33 nats
+    assert abs(conditional) < 0.01
+    assert conditional_beyond > 0.3  # correlation 0.8 within each class: 0.51 nats
+    with pytest.raises(ValueError, match="given"):
+        residual_mutual_information(*through_y, estimator="gaussian", given=y[:10])
+
+
 def test_residual_mutual_information_refuses_unknown_estimators_and_tiny_sets():
     a, b = gaussian_features(0.5, seed=0, n=20)
     with pytest.raises(ValueError, match="unknown estimator"):
@@ -425,7 +444,9 @@ def test_evaluate_test_sets_estimates_residual_mi_on_request():
 
     # f_y[:, 0] and f_z both follow z with noise 0.3: clearly dependent.
     assert results["residual_mi"]["z"] > 0.3
-    assert "residual_mi/z" in flatten_metrics(results)
+    assert results["residual_mi_given_y"]["z"] > 0.1
+    assert {"residual_mi/z", "residual_mi_given_y/z"} <= set(flatten_metrics(results))
+    assert "residual MI given y" in results_table(results)
 
 
 def test_readout_fit_does_not_depend_on_the_scale_of_the_weights():

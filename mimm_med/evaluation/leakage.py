@@ -75,6 +75,7 @@ def residual_mutual_information(
     folds: int = 5,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    given: np.ndarray | None = None,
 ) -> float:
     """Mutual information between frozen features, estimated by fresh critics on held-out rows.
 
@@ -113,6 +114,10 @@ def residual_mutual_information(
         Seed of the row split, the minibatches and the critics' initialisation.
     device
         Device the critics train on.
+    given
+        Optional discrete labels ``(N,)``, e.g. y: estimate I(a; b | given) = Σ_c p(c) I(a; b | given = c),
+        each term within one class. Features that both carry y (f_z does when its head learnt y as a
+        shortcut for z) are dependent through y alone; conditioned on y, that part drops out.
 
     Returns
     -------
@@ -128,6 +133,15 @@ def residual_mutual_information(
     build_estimator = _estimator_factory(estimator)
     a = as_feature_matrix(a, "a")
     b = as_feature_matrix(b, "b")
+    if given is not None:
+        given = np.asarray(given).reshape(-1)
+        n_rows = check_same_length({"a": a, "b": b, "given": given})
+        options = dict(estimator=estimator, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                       eval_every=eval_every, patience=patience, folds=folds, seed=seed, device=device)
+        return float(sum(
+            np.mean(given == value) * residual_mutual_information(a[given == value], b[given == value], **options)
+            for value in np.unique(given)
+        ))
     n_rows = check_same_length({"a": a, "b": b})
     if folds < 3 or n_rows < 2 * folds:
         raise ValueError(

@@ -35,7 +35,7 @@ def evaluate_test_sets(
     leakage_set
         Set whose ``f_y`` the linear probe (and the residual MI) reads.
     residual_mi
-        If given, also estimate I(f_y; f_zk) on ``leakage_set`` with a fresh critic per factor, passing
+        If given, also estimate I(f_y; f_zk) and I(f_y; f_zk | y) on ``leakage_set`` with fresh critics, passing
         these keyword arguments to :func:`residual_mutual_information` (e.g. ``{"estimator": "club",
         "steps": 2000, "device": "cuda"}``; ``{}`` takes its defaults). Off by default, since it trains
         one critic per factor.
@@ -48,8 +48,8 @@ def evaluate_test_sets(
         ``primary``, ``spurious``; ``sets``: per set the :func:`classification_report` of the primary
         head grouped by every spurious factor, plus ``switched_heads`` (primary head vs z_k) and
         ``switched_heads_reverse`` (z_k head vs y) per factor whose head shares the primary's classes;
-        ``leakage``: linear-probe balanced accuracy per factor; ``residual_mi``: nats per factor (empty
-        unless requested).
+        ``leakage``: linear-probe balanced accuracy per factor; ``residual_mi`` and
+        ``residual_mi_given_y``: nats per factor (empty unless requested).
 
     Examples
     --------
@@ -65,6 +65,7 @@ def evaluate_test_sets(
         "sets": {},
         "leakage": {},
         "residual_mi": {},
+        "residual_mi_given_y": {},
     }
     for set_name, outputs in outputs_by_set.items():
         primary_output = _output(outputs, f"{primary}_output", set_name)
@@ -86,8 +87,11 @@ def evaluate_test_sets(
             primary_features, _output(probed, f"{factor}_label", leakage_set), seed=seed
         )
         if residual_mi is not None:
-            results["residual_mi"][factor] = residual_mutual_information(
-                primary_features, _output(probed, f"{factor}_features", leakage_set), **{"seed": seed, **residual_mi}
+            factor_features = _output(probed, f"{factor}_features", leakage_set)
+            options = {"seed": seed, **residual_mi}
+            results["residual_mi"][factor] = residual_mutual_information(primary_features, factor_features, **options)
+            results["residual_mi_given_y"][factor] = residual_mutual_information(
+                primary_features, factor_features, given=_output(probed, f"{primary}_label", leakage_set), **options
             )
     return results
 
@@ -98,7 +102,8 @@ def flatten_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     Names: ``{set}/y_acc``, ``{set}/y_bacc``, ``{set}/y_auroc``, ``{set}/worst_group_acc``;
     per factor ``{set}/{factor}/worst_group_acc``, ``{set}/{factor}/tpr_gap``,
     ``{set}/{factor}/acc_y{y}_z{z}``, ``{set}/{factor}/switched_heads``,
-    ``{set}/{factor}/switched_heads_reverse``; and ``leakage/{factor}``, ``residual_mi/{factor}``.
+    ``{set}/{factor}/switched_heads_reverse``; and ``leakage/{factor}``, ``residual_mi/{factor}``,
+    ``residual_mi_given_y/{factor}``.
     Undefined values stay NaN.
 
     Examples
@@ -120,8 +125,8 @@ def flatten_metrics(results: Mapping[str, Any]) -> dict[str, float]:
         for key in ("switched_heads", "switched_heads_reverse"):
             for factor, accuracy in report[key].items():
                 metrics[f"{set_name}/{factor}/{key}"] = accuracy
-    for key in ("leakage", "residual_mi"):
-        for factor, value in results[key].items():
+    for key in ("leakage", "residual_mi", "residual_mi_given_y"):
+        for factor, value in results.get(key, {}).items():
             metrics[f"{key}/{factor}"] = value
     return {name: float(value) for name, value in metrics.items()}
 
@@ -148,10 +153,12 @@ def results_table(results: Mapping[str, Any]) -> str:
     tables = [_markdown(header, rows)]
     if results["leakage"] or results["residual_mi"]:
         probe_rows = [
-            [factor, _cell(results["leakage"].get(factor)), _cell(results["residual_mi"].get(factor))]
+            [factor, _cell(results["leakage"].get(factor))]
+            + [_cell(results.get(key, {}).get(factor)) for key in ("residual_mi", "residual_mi_given_y")]
             for factor in spurious
         ]
-        tables.append(_markdown(["factor", "linear-probe leakage (bal. acc.)", "residual MI (nats)"], probe_rows))
+        header = ["factor", "linear-probe leakage (bal. acc.)", "residual MI (nats)", "residual MI given y (nats)"]
+        tables.append(_markdown(header, probe_rows))
     return "\n\n".join(tables)
 
 
