@@ -260,3 +260,14 @@ def test_command_line_reruns_the_invariant_head_option():
 
     assert "--invariant-head" in words
     assert resolve(parser.parse_args(words[1:])) == args
+
+
+def test_chest_xray_stand_in_is_the_same_cohort_on_every_machine(tmp_path):
+    # The splits follow the pseudonyms, so a per-machine random key would give every machine other splits.
+    manifests = [
+        pd.read_csv(ChestXrayStandinData(tmp_path / name, patients=6, size=16).write_manifest())
+        for name in ("first", "second")
+    ]
+
+    assert manifests[0]["subject_id"].tolist() == manifests[1]["subject_id"].tolist()
+    assert len(manifests[0]) > 0
