@@ -130,18 +130,17 @@ def residual_mutual_information(
     >>> residual_mutual_information(outputs["digit_features"], outputs["thickness_features"], "club")
     0.03
     """
-    build_estimator = _estimator_factory(estimator)
     a = as_feature_matrix(a, "a")
     b = as_feature_matrix(b, "b")
     if given is not None:
         given = np.asarray(given).reshape(-1)
-        n_rows = check_same_length({"a": a, "b": b, "given": given})
+        check_same_length({"a": a, "b": b, "given": given})
         options = dict(estimator=estimator, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                        eval_every=eval_every, patience=patience, folds=folds, seed=seed, device=device)
-        return float(sum(
-            np.mean(given == value) * residual_mutual_information(a[given == value], b[given == value], **options)
-            for value in np.unique(given)
-        ))
+        per_class = [(np.mean(given == c), residual_mutual_information(a[given == c], b[given == c], **options))
+                     for c in np.unique(given)]  # fmt: skip
+        return float(sum(share * estimate for share, estimate in per_class))
+    build_estimator = _estimator_factory(estimator)
     n_rows = check_same_length({"a": a, "b": b})
     if folds < 3 or n_rows < 2 * folds:
         raise ValueError(
