@@ -15,7 +15,6 @@ test sets as every other method at r.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from mimm_med.cli import run_subcommand
 from mimm_med.data.confounding import confounded_splits
 from mimm_med.data.datalist import manifest_datalist
 from mimm_med.data.digits_morpho import FACTORS, PRIMARY, make_digits_morpho
+from mimm_med.data.pseudonym import write_synthetic_cohort_key
 
 ORACLE_CORRELATION = 0.5
 #: SmallCNN of the stand-ins, without dropout: dropout between batch-norm layers changes the variance
@@ -255,11 +255,8 @@ class ChestXrayStandinData(ManifestData):
 
         raw, processed, key_file = self.cache / "raw", self.cache / "processed", self.cache / "pseudonym.key"
         if not key_file.exists():
-            self.cache.mkdir(parents=True, exist_ok=True)
-            # Benchmark only: the patients are synthetic, so the key may be fixed, which makes pseudonyms,
-            # hence splits, the same on every machine (a random key changed the quick r = 0.9 training set
-            # from 178 to 159 images). A real cohort's key is random and lives apart from its outputs.
-            key_file.write_text(hashlib.sha256(f"mimm-med benchmark, {self.name} stand-in".encode()).hexdigest())
+            # A random key here changed the quick r = 0.9 training set from 178 to 159 images between machines.
+            write_synthetic_cohort_key(key_file, f"mimm-med benchmark, {self.name} stand-in")
         if not raw.exists():
             # Generate at about the output resolution: the phantom is smooth, finer pixels only cost time.
             resolution = max(FIELD_MM) / (2 * self.size)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import hashlib
 import time
 from pathlib import Path
 
 from mimm_med.cli import run_subcommand
+from mimm_med.data.pseudonym import write_synthetic_cohort_key
 from mimm_med.tracking import list_versions, resolve_tracking_uri
 
 BUNDLE = Path("bundles/mimmx_brain")
@@ -31,11 +31,7 @@ def prepare(workdir: Path, subjects: int, resolution_mm: float, size: int, corre
     """
     key_file = workdir / "pseudonym.key"
     if not key_file.exists():
-        workdir.mkdir(parents=True, exist_ok=True)
-        # Demo only: the stand-in subjects are synthetic, so the key may derive from the seed, which makes
-        # pseudonyms, hence the split, hence the results repeat run to run. A real cohort's key is
-        # random and lives apart from its outputs.
-        key_file.write_text(hashlib.sha256(f"mimm-med demo, seed {seed}".encode()).hexdigest())
+        write_synthetic_cohort_key(key_file, f"mimm-med demo, seed {seed}")
     spacing = json.dumps([resolution_mm] * 3)
     shape = json.dumps([size] * 3)
     manifests = []

@@ -61,6 +61,19 @@ def resolve_key(
     return key.encode()
 
 
+def write_synthetic_cohort_key(key_file: str | Path, label: str) -> Path:
+    """Write a key derived from ``label`` to ``key_file`` (folders created), for generated cohorts only.
+
+    The stand-in subjects are synthetic, so their key may be fixed: pseudonyms, hence splits, hence
+    results, then repeat on every run and every machine. A real cohort's key is random and lives apart
+    from its outputs.
+    """
+    key_file = Path(key_file)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(hashlib.sha256(label.encode()).hexdigest())
+    return key_file
+
+
 def canonical_text(value: object) -> str:
     """Spell a table value the same whether it was read as ``1000001``, ``1000001.0`` or ``"1000001"``."""
     if isinstance(value, float) and value.is_integer():
