@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mimm_med.data.confounding import cell_balancing_weights
-from mimm_med.data.digits_morpho import FACTORS, PRIMARY, make_digits_morpho
+from mimm_med.data.digits_morpho import FACTORS, PRIMARY, digits_augmentation, make_digits_morpho
 from mimm_med.data.manifest import SUBJECT
 from mimm_med.engines import METHODS
 from mimm_med.evaluation import conditional_mean_eraser, flatten_metrics, linear_readout_accuracy
@@ -132,7 +132,10 @@ def run_method(method: str, args: argparse.Namespace, confounders: list[str]) ->
             seed=seed,
             device=args.device,
         )
-        run = run_experiment(sets, PRIMARY, confounders, {name: 2 for name in (PRIMARY, *confounders)}, config)
+        augmentation = digits_augmentation() if args.augment else None
+        run = run_experiment(
+            sets, PRIMARY, confounders, {name: 2 for name in (PRIMARY, *confounders)}, config, transform=augmentation
+        )
         summary = summarize_seed(flatten_metrics(run["results"]), confounders, run["seconds"])
         if args.readout:
             summary["readout"] = readout_ceilings(run["network"], sets, confounders, seed)
@@ -142,7 +145,14 @@ def run_method(method: str, args: argparse.Namespace, confounders: list[str]) ->
             f"balanced {summary['tests']['balanced']['y_acc']:.3f}, {run['seconds']:.0f} s",
             file=sys.stderr,
         )
-    return {"method": method, "correlation": args.correlation, "seeds": args.seeds, **mean_over_seeds(per_seed), "per_seed": per_seed}
+    return {
+        "method": method,
+        "correlation": args.correlation,
+        "seeds": args.seeds,
+        "augment": args.augment,
+        **mean_over_seeds(per_seed),
+        "per_seed": per_seed,
+    }
 
 
 def table(results: list[dict], confounders: list[str]) -> str:
@@ -208,6 +218,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--invariant-head", action="store_true", help="refit the y head on f_y with the factors' linear traces erased"
+    )
+    parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="shift, scale and tilt the training digits (digits_augmentation)",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -105,6 +105,38 @@ def test_resume_skips_finished_cells(tmp_path, fake_training):
         run_matrix(cells, datasets, tmp_path, {"epochs": 2}, progress=False)
 
 
+class AugmentedTinyData(TinyData):
+    """TinyData whose training records are flipped."""
+
+    def train_transform(self):
+        from monai.transforms import Compose, RandFlipd
+
+        return Compose([RandFlipd("image", prob=0.5)])
+
+
+def test_augmentation_reaches_training_and_marks_stored_cells(tmp_path, monkeypatch):
+    transforms = []
+
+    def run_experiment(sets, primary, spurious, num_classes, config, **kwargs):
+        transforms.append(kwargs.get("transform"))
+        return {"seconds": 0.1, "history": [], "results": _fake_results(0.5), "network": None}
+
+    monkeypatch.setattr(matrix_module, "run_experiment", run_experiment)
+    cells = plan_cells(["tiny"], ["erm"], [0.9], [0])
+    run_matrix(cells, {"tiny": TinyData()}, tmp_path, {"epochs": 1}, progress=False)
+    assert transforms == [None]
+    # cells trained without augmentation do not pass for an augmented benchmark
+    with pytest.raises(StaleCellError, match="RandFlipd"):
+        run_matrix(cells, {"tiny": AugmentedTinyData()}, tmp_path, {"epochs": 1}, progress=False)
+    (result,) = run_matrix(cells, {"tiny": AugmentedTinyData()}, tmp_path / "augmented", {"epochs": 1}, progress=False)
+    assert type(transforms[-1].transforms[0]).__name__ == "RandFlipd" and result["train_transform"] == "RandFlipd"
+
+
+def test_digits_are_augmented_unless_asked_not_to():
+    assert make_datasets(["digits"], "unused")["digits"].train_transform() is not None
+    assert make_datasets(["digits"], "unused", augment=False)["digits"].train_transform() is None
+
+
 def test_long_format_has_one_row_per_metric(tmp_path, fake_training):
     cells = plan_cells(["tiny"], ["erm", "dcor"], [0.8], [0, 1])
     results = run_matrix(cells, {"tiny": TinyData()}, tmp_path, {"epochs": 1}, progress=False)
@@ -253,12 +285,13 @@ def test_quick_path_end_to_end(tmp_path, monkeypatch):
     assert len(children()) == 6
 
 
-def test_command_line_reruns_the_invariant_head_option():
+def test_command_line_reruns_the_invariant_head_and_augmentation_options():
     parser = build_parser()
-    args = resolve(parser.parse_args(["benchmark", "--datasets", "brain", "--methods", "erm", "--invariant-head"]))
+    argv = ["benchmark", "--datasets", "brain", "--methods", "erm", "--invariant-head", "--no-augment"]
+    args = resolve(parser.parse_args(argv))
     words = shlex.split(command_line(args))
 
-    assert "--invariant-head" in words
+    assert "--invariant-head" in words and "--no-augment" in words
     assert resolve(parser.parse_args(words[1:])) == args
 
 

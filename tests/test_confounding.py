@@ -102,3 +102,29 @@ def test_agreement_follows_the_cohorts_own_direction():
     assert len(train) > 0.45 * 0.6 * n
     counts = cell_counts(splits, "age_group", ["cohort"])
     assert counts[counts.split == "test-inverted"].agreement.iloc[0] == pytest.approx(0.1, abs=0.02)
+
+
+def test_digits_augmentation_moves_a_digit_but_leaves_both_factors():
+    from monai.data import get_track_meta
+
+    from mimm_med.data.digits_morpho import digit_versions, digits_augmentation
+
+    versions, _ = digit_versions()
+    thin, thick = versions[:50, 0, 0], versions[:50, 1, 0]
+    augment = digits_augmentation()
+    augment.set_random_state(seed=0)
+    augmented = np.stack([np.asarray(augment({"image": image[None]})["image"])[0] for image in thin])
+    assert get_track_meta(), "the metadata setting must come back after each call"
+
+    def correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+        a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+        return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+
+    assert np.mean(np.abs(augmented - thin)) > 0.02, "augmentation must move the digit"
+    # still upright: nearer the original than its 90° rotation is
+    assert np.all(correlation(augmented, thin) > correlation(np.rot90(thin, axes=(1, 2)), thin))
+    # still thin: the ink stays within the small change an affine resampling makes, far below dilation's
+    ink_change = np.abs(augmented.sum((1, 2)) / thin.sum((1, 2)) - 1)
+    dilation_change = thick.sum((1, 2)) / thin.sum((1, 2)) - 1
+    assert np.median(ink_change) < 0.25 * np.median(dilation_change)

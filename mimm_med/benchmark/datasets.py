@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -30,7 +30,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImag
 from mimm_med.cli import run_subcommand
 from mimm_med.data.confounding import confounded_splits
 from mimm_med.data.datalist import manifest_datalist
-from mimm_med.data.digits_morpho import FACTORS, PRIMARY, make_digits_morpho
+from mimm_med.data.digits_morpho import FACTORS, PRIMARY, digits_augmentation, make_digits_morpho
 from mimm_med.data.pseudonym import write_synthetic_cohort_key
 
 ORACLE_CORRELATION = 0.5
@@ -53,6 +53,8 @@ class BenchmarkData:
     config_defaults
         :class:`~mimm_med.experiment.ExperimentConfig` fields suited to this data set (batch size,
         backbone size); the benchmark's options override them.
+    train_transform
+        Augmentation of the training records, or None.
     """
 
     sets: dict[str, list[dict]]
@@ -62,6 +64,7 @@ class BenchmarkData:
     spatial_dims: int
     config_defaults: dict[str, Any]
     in_channels: int = 1
+    train_transform: Callable | None = None
 
 
 class BenchmarkDataset(ABC):
@@ -88,6 +91,10 @@ class BenchmarkDataset(ABC):
     def prepare(self) -> None:
         """Generate or load whatever every cell reuses (idempotent); the default has nothing to do."""
 
+    def train_transform(self) -> Callable | None:
+        """Augmentation of the training records, or None (the default)."""
+        return None
+
     @abstractmethod
     def splits(self, correlation: float, seed: int, oracle: bool = False) -> dict[str, list[dict]]:
         """The five splits at training correlation ``correlation`` (train and val at 0.5 for the oracle)."""
@@ -101,6 +108,7 @@ class BenchmarkDataset(ABC):
             num_classes={name: 2 for name in (self.primary, *self.spurious)},
             spatial_dims=self.spatial_dims,
             config_defaults=self.config_defaults,
+            train_transform=self.train_transform(),
         )
 
 
@@ -112,6 +120,8 @@ class DigitsData(BenchmarkDataset):
     limit
         Keep at most this many records per split (a random subset: records come in shuffled subject
         order); ``None`` keeps all 1,797 digits.
+    augment
+        Shift, scale and tilt the training digits (:func:`~mimm_med.data.digits_morpho.digits_augmentation`).
     """
 
     name = "digits"
@@ -119,8 +129,12 @@ class DigitsData(BenchmarkDataset):
     spurious = FACTORS
     spatial_dims = 2
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, augment: bool = True) -> None:
         self.limit = limit
+        self.augment = augment
+
+    def train_transform(self) -> Callable | None:
+        return digits_augmentation() if self.augment else None
 
     def splits(self, correlation: float, seed: int, oracle: bool = False) -> dict[str, list[dict]]:
         sets = make_digits_morpho(
@@ -293,11 +307,14 @@ SCALES: dict[str, dict[str, dict[str, float]]] = {
 }
 
 
-def make_datasets(names: Sequence[str], cache: str | Path, scale: str = "full") -> dict[str, BenchmarkDataset]:
+def make_datasets(
+    names: Sequence[str], cache: str | Path, scale: str = "full", augment: bool = True
+) -> dict[str, BenchmarkDataset]:
     """Adapters for ``names`` at ``scale`` (a key of :data:`SCALES`).
 
     Each stand-in cohort is cached in a folder of ``cache`` named after its sizes, e.g.
     ``brain-subjects160-resolution_mm6-size24``, so the quick and full cohorts never mix.
+    ``augment`` is Digits-Morpho's (:class:`DigitsData`); the stand-ins are not augmented.
 
     Raises
     ------
@@ -315,5 +332,5 @@ def make_datasets(names: Sequence[str], cache: str | Path, scale: str = "full") 
             folder = Path(cache) / "-".join([name, *(f"{key}{value:g}" for key, value in arguments.items())])
             made[name] = adapter(folder, **arguments)
         else:
-            made[name] = adapter(**arguments)
+            made[name] = adapter(**arguments, augment=augment)
     return made

@@ -33,6 +33,20 @@ class StaleCellError(ValueError):
     """A stored cell was run with other settings than the benchmark that finds it."""
 
 
+def transform_name(transform: Callable | None) -> str | None:
+    """What a cell stores of its training augmentation: the transforms' class names, or None.
+
+    Examples
+    --------
+    >>> from mimm_med.data.digits_morpho import digits_augmentation
+    >>> transform_name(digits_augmentation())
+    'RandAffined'
+    """
+    if transform is None:
+        return None
+    return "+".join(type(step).__name__ for step in getattr(transform, "transforms", [transform]))
+
+
 @dataclass(frozen=True)
 class Cell:
     """One entry of the matrix."""
@@ -81,7 +95,8 @@ def run_cell(
     Returns
     -------
     dict
-        ``cell``, ``options``, ``config``, ``seconds`` (training), ``sizes`` (records per split),
+        ``cell``, ``options``, ``config``, ``train_transform`` (:func:`transform_name`), ``seconds``
+        (training), ``sizes`` (records per split),
         ``history`` (per-epoch training means), ``metrics`` (:func:`~mimm_med.evaluation.flatten_metrics`)
         and ``diverged``: the :class:`~mimm_med.engines.TrainingDiverged` message, or ``None``. A diverged
         cell is a result too (no metrics, NaN seconds): rerunning it with the same seed diverges again.
@@ -91,6 +106,7 @@ def run_cell(
         "cell": asdict(cell),
         "options": dict(options),
         "config": asdict(config),
+        "train_transform": transform_name(data.train_transform),
         "seconds": math.nan,
         "sizes": {name: len(records) for name, records in data.sets.items()},
         "history": [],
@@ -106,6 +122,7 @@ def run_cell(
             config,
             spatial_dims=data.spatial_dims,
             in_channels=data.in_channels,
+            transform=data.train_transform,
             residual_mi=residual_mi,
         )
     except TrainingDiverged as error:
@@ -136,19 +153,24 @@ def save_cell(path: Path, result: Mapping[str, Any]) -> None:
         tmp.write_text(json.dumps(result, indent=1))
 
 
-def load_cell(path: Path, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Read a finished cell and check it was run with the same ``options``.
+def load_cell(path: Path, options: Mapping[str, Any], train_transform: str | None = None) -> dict[str, Any]:
+    """Read a finished cell and check it was run with the same ``options`` and training augmentation.
+
+    ``train_transform`` is the :func:`transform_name` of the augmentation this benchmark uses for the
+    cell's data set; cells stored before augmentation was recorded count as not augmented.
 
     Raises
     ------
     StaleCellError
-        If the stored options differ: mixing settings in one table would be silently wrong.
+        If the stored options or augmentation differ: mixing settings in one table would be silently wrong.
     """
     result = json.loads(path.read_text())
-    if result["options"] != dict(options):
+    stored = (result["options"], result.get("train_transform"))
+    if stored != (dict(options), train_transform):
         raise StaleCellError(
-            f"{path} was run with {result['options']}, this benchmark uses {dict(options)}; "
-            "give another --out folder, or delete that folder's cells/ to start over"
+            f"{path} was run with {result['options']} and training augmentation {stored[1]}, this benchmark "
+            f"uses {dict(options)} and {train_transform}; give another --out folder, or delete that folder's "
+            "cells/ to start over"
         )
     return result
 
@@ -188,7 +210,7 @@ def run_matrix(
         for cell in cells:
             path = cell_path(out, cell)
             if path.exists():
-                result = load_cell(path, options)
+                result = load_cell(path, options, transform_name(datasets[cell.dataset].train_transform()))
             else:
                 bar.set_postfix_str(cell.key)
                 oracle = cell.method == "oracle"

@@ -107,6 +107,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="after training, refit the y head on f_y with the factors' linear traces erased (InvariantHeadRefit)",
     )
+    training.add_argument(
+        "--no-augment", action="store_true", help="do not shift, scale and tilt the training digits (Digits-Morpho)"
+    )
     training.add_argument("--n-critic", type=int, default=3, help="critic steps per encoder step (default: 3)")
     training.add_argument("--residual-mi", action="store_true", help="also fit a fresh critic per factor on f_y (slow)")
     training.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -168,6 +171,7 @@ def command_line(args: argparse.Namespace) -> str:
     words += ["--epochs", str(args.epochs), "--mi-weight", f"{args.mi_weight:g}", "--estimator", args.estimator]
     words += ["--n-critic", str(args.n_critic), *(["--conditional"] if args.conditional else [])]
     words += ["--invariant-head"] if args.invariant_head else []
+    words += ["--no-augment"] if args.no_augment else []
     words += ["--residual-mi"] if args.residual_mi else []
     words += ["--threads", str(args.threads)] if args.threads else []
     words += ["--out", str(args.out)]
@@ -200,7 +204,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         print(f"mimm-med benchmark: unknown estimator {args.estimator!r}; choose from {list(ESTIMATORS)}", file=sys.stderr)
         return 2
     try:
-        datasets = make_datasets(args.datasets, args.cache, "quick" if args.quick else "full")
+        datasets = make_datasets(args.datasets, args.cache, "quick" if args.quick else "full", augment=not args.no_augment)
     except ValueError as error:
         print(f"mimm-med benchmark: {error}", file=sys.stderr)
         return 2
@@ -220,6 +224,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     print(f"{len(cells)} cells -> {args.out}\n{command}", flush=True)
     params = {**options, "datasets": args.datasets, "methods": args.methods, "correlations": args.correlations}
     params["seeds"] = args.seeds
+    params["augment_digits"] = not args.no_augment
     with BenchmarkTracker(args.out, args.experiment, params, args.tracking_uri) as tracker, warnings.catch_warnings():
         # Per-epoch means of terms a method does not have (ERM's critic loss) are NaN by design.
         warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
