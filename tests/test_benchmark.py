@@ -285,13 +285,14 @@ def test_quick_path_end_to_end(tmp_path, monkeypatch):
     assert len(children()) == 6
 
 
-def test_command_line_reruns_the_invariant_head_and_augmentation_options():
+def test_command_line_reruns_the_training_options():
     parser = build_parser()
-    argv = ["benchmark", "--datasets", "brain", "--methods", "erm", "--invariant-head", "--no-augment"]
+    argv = ["benchmark", "--datasets", "brain", "--methods", "erm", "--invariant-head", "--no-augment",
+            "--reference", "labels", "--balanced"]  # fmt: skip
     args = resolve(parser.parse_args(argv))
     words = shlex.split(command_line(args))
 
-    assert "--invariant-head" in words and "--no-augment" in words
+    assert {"--invariant-head", "--no-augment", "labels", "--balanced"} <= set(words)
     assert resolve(parser.parse_args(words[1:])) == args
 
 

@@ -103,6 +103,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     training.add_argument("--conditional", action="store_true", help="estimate I(f_y; f_z | y) instead of I(f_y; f_z)")
     training.add_argument(
+        "--reference",
+        choices=("features", "labels"),
+        default="features",
+        help="what stands for z_k in the MI term: its features f_zk or its labels (default: features)",
+    )
+    training.add_argument("--balanced", action="store_true", help="estimate the MI under cell-balanced sample weights")
+    training.add_argument(
         "--invariant-head",
         action="store_true",
         help="after training, refit the y head on f_y with the factors' linear traces erased (InvariantHeadRefit)",
@@ -170,6 +177,8 @@ def command_line(args: argparse.Namespace) -> str:
     words += ["--correlations", _listed(args.correlations), "--seeds", str(args.seeds)]
     words += ["--epochs", str(args.epochs), "--mi-weight", f"{args.mi_weight:g}", "--estimator", args.estimator]
     words += ["--n-critic", str(args.n_critic), *(["--conditional"] if args.conditional else [])]
+    words += ["--reference", args.reference] if args.reference != "features" else []
+    words += ["--balanced"] if args.balanced else []
     words += ["--invariant-head"] if args.invariant_head else []
     words += ["--no-augment"] if args.no_augment else []
     words += ["--residual-mi"] if args.residual_mi else []
@@ -215,8 +224,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "conditional": args.conditional,
         "n_critic": args.n_critic,
         "device": args.device,
-        # Only when set: cells finished before the option existed stay valid for a resumed run.
+        # Only when set: cells finished before these options existed stay valid for a resumed run.
         **({"invariant_head": True} if args.invariant_head else {}),
+        **({"reference": args.reference} if args.reference != "features" else {}),
+        **({"balanced": True} if args.balanced else {}),
     }
     cells = plan_cells(args.datasets, args.methods, args.correlations, range(args.seeds))
     command = command_line(args)
