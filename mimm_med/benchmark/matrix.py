@@ -201,6 +201,7 @@ def run_matrix(
     """
     cells = list(cells)
     todo = [cell for cell in cells if not cell_path(out, cell).exists()]
+    augmentation = {name: transform_name(datasets[name].train_transform()) for name in {cell.dataset for cell in cells}}
     for name in dict.fromkeys(cell.dataset for cell in todo):
         datasets[name].prepare()
     bar = tqdm(total=len(todo), unit="cell", disable=not progress, dynamic_ncols=True)
@@ -210,7 +211,7 @@ def run_matrix(
         for cell in cells:
             path = cell_path(out, cell)
             if path.exists():
-                result = load_cell(path, options, transform_name(datasets[cell.dataset].train_transform()))
+                result = load_cell(path, options, augmentation[cell.dataset])
             else:
                 bar.set_postfix_str(cell.key)
                 oracle = cell.method == "oracle"

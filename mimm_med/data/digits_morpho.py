@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from monai.transforms import RandAffined
 from scipy import ndimage
 from skimage.transform import resize
 from sklearn.datasets import load_digits
-
-from monai.transforms import RandAffined
 
 from .confounding import assign_confounders, subject_pools, write_splits
 from .manifest import COHORT, IMAGE, STATUS, STATUS_OK, SUBJECT
