@@ -445,8 +445,40 @@ def test_evaluate_test_sets_estimates_residual_mi_on_request():
     # f_y[:, 0] and f_z both follow z with noise 0.3: clearly dependent.
     assert results["residual_mi"]["z"] > 0.3
     assert results["residual_mi_given_y"]["z"] > 0.1
-    assert {"residual_mi/z", "residual_mi_given_y/z"} <= set(flatten_metrics(results))
-    assert "residual MI given y" in results_table(results)
+    assert results["residual_mi_label"]["z"] > 0.3
+    assert {"residual_mi/z", "residual_mi_given_y/z", "residual_mi_label/z"} <= set(flatten_metrics(results))
+    assert "residual MI with f_z given y" in results_table(results)
+    assert "residual MI with z" in results_table(results)
+
+
+def test_a_set_too_small_for_the_residual_mi_critics_leaves_the_other_metrics():
+    tiny = synthetic_outputs(0.5, seed=1, n=8)
+
+    with pytest.warns(UserWarning, match="residual_mi_label of z on the balanced set not estimated"):
+        results = evaluate_test_sets({"balanced": tiny}, "y", ["z"], "balanced", residual_mi={})
+
+    assert np.isnan(results["residual_mi_label"]["z"]) and np.isnan(results["residual_mi"]["z"])
+    assert 0.0 <= results["leakage"]["z"] <= 1.0
+    assert 0.0 <= flatten_metrics(results)["balanced/y_acc"] <= 1.0
+
+
+def test_residual_mi_with_the_label_reads_the_leak_and_not_what_f_z_shares_with_y():
+    # Balanced set: f_z follows y (its head learnt y as a shortcut for z), f_y carries y and no z.
+    rng = np.random.default_rng(0)
+    n = 400
+    y, z = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    outputs = {
+        "y_features": y[:, None] + 0.3 * rng.normal(size=(n, 2)),
+        "z_features": y[:, None] + 0.3 * rng.normal(size=(n, 1)),
+        "y_output": np.stack([1 - y, y], axis=1).astype(float),
+        "y_label": y,
+        "z_label": z,
+    }
+
+    results = evaluate_test_sets({"balanced": outputs}, "y", ["z"], "balanced", residual_mi={"estimator": "mine", "steps": 300, "folds": 3})
+
+    assert results["residual_mi"]["z"] > 0.3
+    assert abs(results["residual_mi_label"]["z"]) < 0.05
 
 
 def test_readout_fit_does_not_depend_on_the_scale_of_the_weights():

@@ -14,7 +14,11 @@ from mimm_med.mi import ESTIMATORS
 from mimm_med.evaluation._arrays import as_class_labels, as_feature_matrix, check_same_length
 from mimm_med.evaluation.readout import standardized_logistic_regression
 
-__all__ = ["linear_probe_leakage", "residual_mutual_information"]
+__all__ = ["TooFewRowsError", "linear_probe_leakage", "residual_mutual_information"]
+
+
+class TooFewRowsError(ValueError):
+    """Too few rows (in a class of ``given``) for the cross-fitted critics of :func:`residual_mutual_information`."""
 
 
 def linear_probe_leakage(
@@ -142,11 +146,10 @@ def residual_mutual_information(
         return float(sum(share * estimate for share, estimate in per_class))
     build_estimator = _estimator_factory(estimator)
     n_rows = check_same_length({"a": a, "b": b})
-    if folds < 3 or n_rows < 2 * folds:
-        raise ValueError(
-            f"{n_rows} rows in {folds} folds: need at least 3 folds (training, validation and held-out "
-            f"rows) and 2 rows per fold"
-        )
+    if folds < 3:
+        raise ValueError(f"{folds} folds: need at least 3 folds (training, validation and held-out rows)")
+    if n_rows < 2 * folds:
+        raise TooFewRowsError(f"{n_rows} rows in {folds} folds: need at least 2 rows per fold; use fewer folds or more rows")
     rng = np.random.default_rng(seed)
     parts = np.array_split(rng.permutation(n_rows), folds)
     device = torch.device(device)

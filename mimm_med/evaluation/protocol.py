@@ -3,15 +3,19 @@ MLflow metrics and a Markdown table."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from mimm_med.evaluation.leakage import linear_probe_leakage, residual_mutual_information
+from mimm_med.evaluation.leakage import TooFewRowsError, linear_probe_leakage, residual_mutual_information
 from mimm_med.evaluation.metrics import classification_report, switched_heads
 
 __all__ = ["evaluate_test_sets", "flatten_metrics", "results_table"]
+
+#: The residual-MI estimates of :func:`evaluate_test_sets`: I(f_y; f_z), I(f_y; f_z | y), I(f_y; z).
+RESIDUAL_MI_KEYS = ("residual_mi", "residual_mi_given_y", "residual_mi_label")
 
 
 def evaluate_test_sets(
@@ -35,10 +39,11 @@ def evaluate_test_sets(
     leakage_set
         Set whose ``f_y`` the linear probe (and the residual MI) reads.
     residual_mi
-        If given, also estimate I(f_y; f_zk) and I(f_y; f_zk | y) on ``leakage_set`` with fresh critics, passing
+        If given, also estimate I(f_y; f_zk), I(f_y; f_zk | y) and I(f_y; z_k) (the factor's label,
+        one-hot) on ``leakage_set`` with fresh critics, passing
         these keyword arguments to :func:`residual_mutual_information` (e.g. ``{"estimator": "club",
         "steps": 2000, "device": "cuda"}``; ``{}`` takes its defaults). Off by default, since it trains
-        one critic per factor.
+        fresh critics for every factor; a set too small for them gives NaN and a warning.
     seed
         Seed of the probe's folds and, unless ``residual_mi`` sets one, of the residual-MI critics.
 
@@ -48,8 +53,11 @@ def evaluate_test_sets(
         ``primary``, ``spurious``; ``sets``: per set the :func:`classification_report` of the primary
         head grouped by every spurious factor, plus ``switched_heads`` (primary head vs z_k) and
         ``switched_heads_reverse`` (z_k head vs y) per factor whose head shares the primary's classes;
-        ``leakage``: linear-probe balanced accuracy per factor; ``residual_mi`` and
-        ``residual_mi_given_y``: nats per factor (empty unless requested).
+        ``leakage``: linear-probe balanced accuracy per factor; ``residual_mi``,
+        ``residual_mi_given_y`` and ``residual_mi_label``: nats per factor (empty unless requested).
+        On a set where z_k is independent of y (the balanced one), ``residual_mi_label`` is the leak
+        alone; f_zk also carries y where its head learnt y as a shortcut for z_k, and
+        ``residual_mi`` counts that too.
 
     Examples
     --------
@@ -66,6 +74,7 @@ def evaluate_test_sets(
         "leakage": {},
         "residual_mi": {},
         "residual_mi_given_y": {},
+        "residual_mi_label": {},
     }
     for set_name, outputs in outputs_by_set.items():
         primary_output = _output(outputs, f"{primary}_output", set_name)
@@ -88,11 +97,20 @@ def evaluate_test_sets(
         )
         if residual_mi is not None:
             factor_features = _output(probed, f"{factor}_features", leakage_set)
-            options = {"seed": seed, **residual_mi}
-            results["residual_mi"][factor] = residual_mutual_information(primary_features, factor_features, **options)
-            results["residual_mi_given_y"][factor] = residual_mutual_information(
-                primary_features, factor_features, given=_output(probed, f"{primary}_label", leakage_set), **options
-            )
+            pairs = {
+                "residual_mi": (factor_features, None),
+                "residual_mi_given_y": (factor_features, _output(probed, f"{primary}_label", leakage_set)),
+                "residual_mi_label": (_one_hot(_output(probed, f"{factor}_label", leakage_set)), None),
+            }
+            for key, (other, given) in pairs.items():
+                try:
+                    results[key][factor] = residual_mutual_information(
+                        primary_features, other, given=given, **{"seed": seed, **residual_mi}
+                    )
+                except TooFewRowsError as error:
+                    # A small test set must not cost the rest of the evaluation.
+                    warnings.warn(f"{key} of {factor} on the {leakage_set} set not estimated: {error}", stacklevel=2)
+                    results[key][factor] = float("nan")
     return results
 
 
@@ -103,7 +121,7 @@ def flatten_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     per factor ``{set}/{factor}/worst_group_acc``, ``{set}/{factor}/tpr_gap``,
     ``{set}/{factor}/acc_y{y}_z{z}``, ``{set}/{factor}/switched_heads``,
     ``{set}/{factor}/switched_heads_reverse``; and ``leakage/{factor}``, ``residual_mi/{factor}``,
-    ``residual_mi_given_y/{factor}``.
+    ``residual_mi_given_y/{factor}``, ``residual_mi_label/{factor}``.
     Undefined values stay NaN.
 
     Examples
@@ -125,7 +143,7 @@ def flatten_metrics(results: Mapping[str, Any]) -> dict[str, float]:
         for key in ("switched_heads", "switched_heads_reverse"):
             for factor, accuracy in report[key].items():
                 metrics[f"{set_name}/{factor}/{key}"] = accuracy
-    for key in ("leakage", "residual_mi", "residual_mi_given_y"):
+    for key in ("leakage", *RESIDUAL_MI_KEYS):
         for factor, value in results.get(key, {}).items():
             metrics[f"{key}/{factor}"] = value
     return {name: float(value) for name, value in metrics.items()}
@@ -154,12 +172,18 @@ def results_table(results: Mapping[str, Any]) -> str:
     if results["leakage"] or results["residual_mi"]:
         probe_rows = [
             [factor, _cell(results["leakage"].get(factor))]
-            + [_cell(results.get(key, {}).get(factor)) for key in ("residual_mi", "residual_mi_given_y")]
+            + [_cell(results.get(key, {}).get(factor)) for key in RESIDUAL_MI_KEYS]
             for factor in spurious
         ]
-        header = ["factor", "linear-probe leakage (bal. acc.)", "residual MI (nats)", "residual MI given y (nats)"]
+        header = ["factor", "linear-probe leakage (bal. acc.)", "residual MI with f_z (nats)",
+                  "residual MI with f_z given y (nats)", "residual MI with z (nats)"]  # fmt: skip
         tables.append(_markdown(header, probe_rows))
     return "\n\n".join(tables)
+
+
+def _one_hot(labels: np.ndarray) -> np.ndarray:
+    codes = np.unique(labels, return_inverse=True)[1].reshape(-1)
+    return np.eye(codes.max() + 1)[codes]
 
 
 def _output(outputs: Mapping[str, np.ndarray], key: str, set_name: str) -> np.ndarray:

@@ -40,6 +40,8 @@ def evaluate_network(
     """
     factors = [primary, *spurious]
     outputs = {name: collect_outputs(network, loader, factors, device, amp=amp) for name, loader in loaders.items()}
+    if residual_mi is not None:
+        residual_mi = {"device": device, **residual_mi}
     results = evaluate_test_sets(outputs, primary, spurious, leakage_set="balanced", residual_mi=residual_mi, seed=seed)
     return results, outputs
 
@@ -103,11 +105,13 @@ def evaluate_checkpoint(
     run_name: str | None = None,
     artifact_location: str | None = None,
     seed: int = 0,
+    residual_mi: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load ``checkpoint`` (a CheckpointSaver file with a ``network`` entry) and evaluate on the test splits.
 
     This is what every bundle's ``evaluate.json`` runs. With ``tracking_uri`` and ``experiment_name``
-    the metrics and report files are logged as an MLflow run ``run_name``.
+    the metrics and report files are logged as an MLflow run ``run_name``. ``residual_mi``, if given,
+    holds the options of the residual-MI critics (:func:`evaluate_network`; ``{}`` for MINE's defaults).
 
     Returns
     -------
@@ -124,7 +128,7 @@ def evaluate_checkpoint(
         name: DataLoader(Dataset(datalist_fn(Path(dataset_dir) / filename), transform=transform), batch_size=batch_size)
         for name, filename in TEST_SET_FILES.items()
     }
-    results, outputs = evaluate_network(network, loaders, primary, spurious, device, amp=amp, seed=seed)
+    results, outputs = evaluate_network(network, loaders, primary, spurious, device, amp=amp, residual_mi=residual_mi, seed=seed)
     paths = write_report(results, outputs, primary, spurious, output_dir)
     metrics = flatten_metrics(results)
     if tracking_uri and experiment_name:
