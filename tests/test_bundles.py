@@ -141,7 +141,8 @@ def test_bundle_trains_evaluates_infers_and_exports(bundle: Bundle, request, at_
     artifacts = {a.path for a in client.list_artifacts(training.info.run_id)}
     assert "train.json" in artifacts  # the bundle's own config, logged by MONAI's MLFlowHandler
 
-    run("evaluating", config_file=bundle.config_files("evaluate"), **settings)
+    # Few critic steps: the test checks that the estimates reach MLflow, not their values.
+    run("evaluating", config_file=bundle.config_files("evaluate"), residual_mi={"folds": 3, "patience": 3}, **settings)
     output_dir = root / "eval" / run_name
     metrics = json.loads((output_dir / "results.json").read_text())["metrics"]
     assert 0.0 <= metrics["inverted/y_bacc"] <= 1.0
