@@ -94,7 +94,7 @@ def train_and_evaluate(
     # A balanced test set of a few dozen subjects gives residual-MI critics nothing to learn from, and
     # their fits would double the demo's time.
     evaluate_configs = [str(BUNDLE / "configs/train.json"), str(BUNDLE / "configs/evaluate.json")]
-    run("evaluating", config_file=evaluate_configs, residual_mi=None, **overrides)
+    run("evaluating", config_file=evaluate_configs, estimate_residual_mi=False, **overrides)
     output_dir = BUNDLE / "eval" / overrides["run_name"]
     return {"metrics": json.loads((output_dir / "results.json").read_text())["metrics"], "output_dir": output_dir}
 
