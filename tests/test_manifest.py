@@ -84,6 +84,22 @@ def test_labels_outside_the_allowed_values(tmp_path):
         load_manifest(path, label_values={"age_group": [0, 1]})
 
 
+def test_status_other_than_ok_or_failed_is_refused_not_dropped(tmp_path):
+    path = make_manifest(tmp_path, status=["ok"] * 6 + ["done", None])
+    with pytest.raises(ManifestError, match=r"status must be 'ok' or 'failed', but 2 rows \(subjects sub-0006, sub-0007\) hold \['done', 'nan'\]"):
+        load_manifest(path)
+
+
+def test_cohort_used_as_a_label_is_checked_like_one(tmp_path):
+    path = make_manifest(tmp_path, cohort=["ukb", "nako", "chexpert", None] * 2)
+    with pytest.raises(ManifestError, match=r"label 'cohort' is missing in 2 rows"):
+        load_manifest(path, label_values={"cohort": ["nako", "ukb"]})
+    path = make_manifest(tmp_path, cohort=["ukb", "nako", "chexpert", "ukb"] * 2)
+    with pytest.raises(ManifestError, match=r"label 'cohort' has values \['chexpert'\] outside \['nako', 'ukb'\]"):
+        load_manifest(path, label_values={"cohort": ["nako", "ukb"]})
+    assert len(load_manifest(path)) == 8  # not a label unless asked for
+
+
 def test_numeric_label_values_match_however_they_are_spelled(tmp_path):
     path = make_manifest(tmp_path, sex=[0, 1] * 4)
     assert len(load_manifest(path, label_values={"sex": [0.0, 1.0]})) == 8

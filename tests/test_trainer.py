@@ -207,6 +207,20 @@ def test_missing_labels_and_optimizers_are_explained():
         MIMMXObjective.for_network("mimmy", net)
 
 
+@pytest.mark.parametrize("mi_weight", [float("nan"), float("inf"), -0.5])
+def test_an_mi_weight_that_is_not_finite_and_non_negative_is_refused(mi_weight):
+    net = MIMMXNet("small_cnn", PARTS, {k: 2 for k in PARTS}, backbone_kwargs={"channels": (4, 8)})
+    with pytest.raises(ValueError, match=r"mi_weight must be a finite number >= 0"):
+        MIMMXObjective.for_network("mimmx", net, mi_weight=mi_weight)
+    assert MIMMXObjective.for_network("mimmx", net, mi_weight=0.0).mi_weight == 0.0
+
+
+@pytest.mark.parametrize("epochs", [0, -1])
+def test_fewer_than_one_epoch_is_refused_by_name(epochs):
+    with pytest.raises(ValueError, match=r"max_epochs \(the bundles' and benchmarks' epochs\) must be at least 1"):
+        _build("erm", epochs=epochs)
+
+
 def test_label_reference_pairs_f_y_with_the_factor_labels_not_the_factor_features():
     torch.manual_seed(0)
     net = MIMMXNet("small_cnn", PARTS, {k: 2 for k in PARTS}, backbone_kwargs={"channels": (4, 8)})

@@ -62,6 +62,13 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
             f"manifest {path} lacks columns {missing} (it has {list(table.columns)}); "
             "write manifests with `mimm-med preprocess` or `mimm-med cohort merge`"
         )
+    unknown_status = table[SUBJECT][~table[STATUS].isin((STATUS_OK, STATUS_FAILED))]
+    if len(unknown_status):
+        raise ManifestError(
+            f"manifest {path}: status must be {STATUS_OK!r} or {STATUS_FAILED!r}, but {len(unknown_status)} rows "
+            f"(subjects {_first(unknown_status)}) hold {sorted(set(map(str, table[STATUS][unknown_status.index])))}; "
+            "re-run preprocess, which writes it, or fix those rows"
+        )
     folder = os.path.abspath(path.parent)
     table[IMAGE] = [os.path.normpath(os.path.join(folder, p)) for p in table[IMAGE]]
     return table
@@ -119,7 +126,9 @@ def validate_manifest(
             f"manifest {path} lacks label columns {absent} (it has {label_columns(table)}); "
             "re-run preprocess with the cohort card that defines them"
         )
-    for name in label_columns(table):
+    # ``cohort`` is reserved but a bundle may use it as a label (the stand-in brain's second factor)
+    checked = [*label_columns(table), *(name for name in label_values if name in RESERVED_COLUMNS)]
+    for name in checked:
         missing = table[SUBJECT][table[name].isna()]
         if len(missing):
             raise ManifestError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -79,6 +80,9 @@ class MIMMXObjective(nn.Module):
             raise ValueError(f"spurious factors {unknown} are not network parts; parts are {names}")
         if self.spec.penalty is not None and not self.spurious:
             raise ValueError(f"method {method!r} needs at least one spurious factor part in the network")
+        if not (math.isfinite(float(mi_weight)) and float(mi_weight) >= 0):
+            # a negative weight would maximize the dependence the method is meant to remove
+            raise ValueError(f"mi_weight must be a finite number >= 0 (λ of the dependence term), got {mi_weight}")
         self.mi_weight = float(mi_weight)
         self.num_classes = {name: int(num_classes[name]) for name in names}
         self.task_names = [self.primary, *(self.spurious if self.spec.factor_heads else [])]

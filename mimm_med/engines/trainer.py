@@ -120,6 +120,8 @@ class MIMMXTrainer(Trainer):
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
     ) -> None:
+        if int(max_epochs) < 1:
+            raise ValueError(f"max_epochs (the bundles' and benchmarks' epochs) must be at least 1, got {max_epochs}")
         device = torch.device(device)
         # AMP is a CUDA feature here; on CPU it is off without a warning so one config serves both.
         use_amp = bool(amp) and device.type == "cuda"
