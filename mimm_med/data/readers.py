@@ -1,4 +1,5 @@
-"""Image loading for the preprocessing pipelines: one reader per file, DICOM radiographs, greyscale PIL images."""
+"""Image loading for the preprocessing pipelines: one reader per file, checked DICOM series, DICOM radiographs,
+greyscale PIL images."""
 
 from __future__ import annotations
 
@@ -10,11 +11,18 @@ import pydicom
 from monai.config import DtypeLike, KeysCollection, PathLike
 from monai.data import ImageReader, MetaTensor
 from monai.transforms import LoadImage, MapTransform
-from monai.utils import ensure_tuple
+from monai.utils import ensure_tuple, optional_import
 from PIL import Image
+from pydicom.misc import is_dicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+itk, _ = optional_import("itk", allow_namespace_pkg=True)
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
+#: Largest deviation of a slice gap from the series' median gap, relative to it: positions are decimal
+#: strings of a few digits, while a missing slice doubles a gap.
+SLICE_SPACING_RTOL = 0.01
+_NAMES_SHOWN = 3
 
 
 class LoadImageBySuffixd(MapTransform):
@@ -22,7 +30,8 @@ class LoadImageBySuffixd(MapTransform):
 
     ``LoadImaged`` tries every registered reader in turn when one fails, and some read broken files
     without complaint: ITK returns a truncated ``.nii.gz`` as a volume, the missing part zero. One reader
-    per suffix lets a broken file fail with its reader's own error.
+    per suffix lets a broken file fail with its reader's own error. A folder is a DICOM series and is
+    checked with :func:`check_dicom_series` first: ITK skips unreadable slices with only a warning.
 
     Parameters
     ----------
@@ -58,8 +67,102 @@ class LoadImageBySuffixd(MapTransform):
     def __call__(self, data: Mapping[Hashable, PathLike]) -> dict[Hashable, MetaTensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self._loader(d[key], self.reader_for(d[key]))
+            reader = self.reader_for(d[key])
+            if Path(d[key]).is_dir():
+                # ITKReader reads the series it is given by name, else the folder's first one.
+                check_dicom_series(d[key], getattr(reader, "series_name", ""))
+            d[key] = self._loader(d[key], reader)
         return d
+
+
+def _gdcm_series(folder: PathLike) -> dict[str, list[Path]]:
+    """The files of each DICOM series in ``folder``, sorted by slice position, as ``ITKReader`` finds them."""
+    names = itk.GDCMSeriesFileNames.New()
+    # The settings of ITKReader.read, so that the series checked are the series read.
+    names.SetUseSeriesDetails(True)
+    names.AddSeriesRestriction("0008|0021")  # Series Date
+    names.SetDirectory(str(folder))
+    return {uid: [Path(f) for f in names.GetFileNames(uid)] for uid in names.GetSeriesUIDs()}
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(names[:_NAMES_SHOWN]) + (", ..." if len(names) > _NAMES_SHOWN else "")
+
+
+def check_dicom_series(folder: PathLike, series_name: str = "") -> None:
+    """Check that a folder's DICOM series reads completely and has uniformly spaced slices.
+
+    ITK skips a slice file that it cannot parse (a truncated one, say) with only a warning on stderr
+    and builds a volume with the wrong geometry from the rest. Here every file of ``folder`` that is
+    DICOM (has the ``DICM`` preamble) must be a slice of a series ITK finds, and the read series'
+    slice positions (``ImagePositionPatient`` projected on the slice normal) must be uniformly
+    spaced, which a slice file missing from the middle breaks. Only headers are read.
+
+    Parameters
+    ----------
+    folder
+        Folder of one series' slice files.
+    series_name
+        Series that ``ITKReader(series_name=...)`` reads; other series may then share the folder.
+
+    Raises
+    ------
+    ValueError
+        If a DICOM file is no slice of any series, the folder holds several series and none is named,
+        or the slices are missing a position or are not uniformly spaced.
+    """
+    series = _gdcm_series(folder)
+    in_series = {f.name for files in series.values() for f in files}
+    unread = sorted(
+        f.name
+        for f in Path(folder).iterdir()
+        # DICOMDIR indexes the media's files and is no slice.
+        if f.is_file() and f.name not in in_series and f.name != "DICOMDIR" and is_dicom(f)
+    )
+    if unread:
+        raise ValueError(
+            f"DICOM series {folder}: {len(unread)} of {len(unread) + len(in_series)} files could not be read as "
+            f"slices of the series ({_listed(unread)}); re-export the series"
+        )
+    if not series:
+        return  # no DICOM file at all: ITKReader raises its own error
+    if not series_name and len(series) > 1:
+        raise ValueError(
+            f"DICOM series {folder}: the folder holds {len(series)} series; "
+            "move each series into its own folder or name one with ITKReader(series_name=...)"
+        )
+    if series_name and series_name not in series:
+        raise ValueError(f"DICOM series {folder}: no series {series_name!r}, only {_listed(list(series))}")
+    files = series[series_name or next(iter(series))]
+    if len(files) > 1:  # a single file is a 2D image or a multi-frame volume, placed by its own header
+        _check_slice_spacing(folder, files)
+
+
+def _check_slice_spacing(folder: PathLike, files: Sequence[Path]) -> None:
+    positions = []
+    for f in files:
+        header = pydicom.dcmread(
+            f, stop_before_pixels=True, specific_tags=["ImagePositionPatient", "ImageOrientationPatient"]
+        )
+        if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
+            raise ValueError(
+                f"DICOM series {folder}: slice {f.name} has no ImagePositionPatient or ImageOrientationPatient, "
+                "so the slices cannot be placed; re-export the series"
+            )
+        orientation = np.asarray(header.ImageOrientationPatient, dtype=float)
+        normal = np.cross(orientation[:3], orientation[3:])
+        positions.append(float(np.dot(np.asarray(header.ImagePositionPatient, dtype=float), normal)))
+    order = np.argsort(positions)
+    gaps = np.diff(np.asarray(positions)[order])
+    spacing = float(np.median(gaps))
+    deviation = np.abs(gaps - spacing)
+    if not spacing > 0 or deviation.max() > SLICE_SPACING_RTOL * spacing:
+        worst = int(deviation.argmax())
+        raise ValueError(
+            f"DICOM series {folder}: slice spacing is not uniform ({gaps[worst]:.4g} mm between "
+            f"{files[order[worst]].name} and {files[order[worst + 1]].name}, {spacing:.4g} mm elsewhere): a slice "
+            "is missing or slices repeat; re-export the series"
+        )
 
 
 def _single_file(data: Sequence[PathLike] | PathLike) -> Path:

@@ -1,0 +1,102 @@
+"""DICOM series folders: a series ITK would read with a slice missing or unreadable fails, naming the folder."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import itk
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from monai.data import ITKReader, NibabelReader
+from preprocess_fixtures import BRAIN_CONFIG, KEY, head_volume, write_dicom_series
+
+from mimm_med.data.manifest import read_manifest
+from mimm_med.data.preprocess import load_pipeline_config, preprocess_records
+from mimm_med.data.pseudonym import Pseudonymiser
+from mimm_med.data.readers import LoadImageBySuffixd, check_dicom_series
+
+SLICES = 6
+
+
+def series(folder: Path, seed: int = 0) -> Path:
+    """Six 8×8 slices 2 mm apart, files ``000.dcm`` to ``005.dcm``."""
+    return write_dicom_series(folder, head_volume(seed, size=8)[:SLICES])
+
+
+def truncate(path: Path, size: int = 300) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def load(folder: Path):
+    return LoadImageBySuffixd("image", [NibabelReader(), ITKReader()])({"image": str(folder)})["image"]
+
+
+def test_clean_series_reads_with_its_geometry(tmp_path):
+    image = load(series(tmp_path / "T1"))
+    assert tuple(image.shape) == (8, 8, SLICES)
+    assert image.affine[2, 2] == pytest.approx(2.0)  # slice spacing from the positions, 2 mm apart
+
+
+def test_truncated_slice_fails_naming_folder_and_file(tmp_path):
+    folder = series(tmp_path / "T1")
+    truncate(folder / "002.dcm")
+    message = rf"DICOM series {re.escape(str(folder))}: 1 of {SLICES} files could not be read as slices of the series"
+    with pytest.raises(ValueError, match=message + r" \(002.dcm\); re-export the series"):
+        load(folder)
+
+
+def test_slice_missing_from_the_middle_fails_as_non_uniform_spacing(tmp_path):
+    folder = series(tmp_path / "T1")
+    (folder / "003.dcm").unlink()
+    message = rf"DICOM series {re.escape(str(folder))}: slice spacing is not uniform \(4 mm between 002.dcm and 004.dcm"
+    with pytest.raises(ValueError, match=message):
+        load(folder)
+
+
+def test_position_rounding_and_other_files_are_tolerated(tmp_path):
+    folder = series(tmp_path / "T1")
+    header = pydicom.dcmread(folder / "003.dcm")
+    header.ImagePositionPatient = [0, 0, 6.004]  # a DS rounded off: 0.2 % of the 2 mm gap
+    header.save_as(folder / "003.dcm")
+    (folder / "notes.txt").write_text("exported from the PACS")
+    check_dicom_series(folder)
+
+
+def test_second_series_in_the_folder_fails_unless_one_is_named(tmp_path):
+    folder = series(tmp_path / "T1")
+    for path in series(tmp_path / "other", seed=1).iterdir():
+        shutil.copy(path, folder / f"other-{path.name}")
+    message = rf"DICOM series {re.escape(str(folder))}: the folder holds 2 series; move each"
+    with pytest.raises(ValueError, match=message):
+        check_dicom_series(folder)
+    names = itk.GDCMSeriesFileNames.New(UseSeriesDetails=True, Directory=str(folder))
+    first = next(uid for uid in names.GetSeriesUIDs() if not Path(names.GetFileNames(uid)[0]).name.startswith("other-"))
+    check_dicom_series(folder, first)
+    image = LoadImageBySuffixd("image", [ITKReader(series_name=first)])({"image": str(folder)})["image"]
+    assert tuple(image.shape) == (8, 8, SLICES)
+
+
+def test_runner_records_the_bad_series_as_a_failed_subject(tmp_path):
+    raw = tmp_path / "raw"
+    good, bad = series(raw / "1000001" / "dicom"), series(raw / "1000002" / "dicom", seed=1)
+    truncate(bad / "004.dcm")
+    records = pd.DataFrame(
+        {"source_id": ["1000001", "1000002"], "image": [str(good), str(bad)], "sex": ["male", "female"],
+         "age_group": ["young", "old"], "cohort": "ukb"}
+    )
+    problems = pd.DataFrame(columns=["source_id", "image", "reason", "cohort"])
+    config = load_pipeline_config(BRAIN_CONFIG, {"spatial_size": [8, 8, 8]})
+    summary = preprocess_records(records, problems, config, raw, tmp_path / "out", Pseudonymiser(KEY), progress=False)
+    assert (summary.done, summary.failed) == (1, 1)
+    manifest = read_manifest(summary.manifest).set_index("subject_id")["status"]
+    pseudonymiser = Pseudonymiser(KEY)
+    assert manifest[pseudonymiser.subject("ukb", "1000001")] == "ok"
+    assert manifest[pseudonymiser.subject("ukb", "1000002")] == "failed"
+    (reason,) = pd.read_csv(summary.errors)["reason"]
+    assert reason.startswith("ValueError: DICOM series ")
+    assert "1 of 6 files could not be read as slices of the series (004.dcm)" in reason
+    assert "1000002" not in reason  # the folder is shown with the subject's pseudonym
