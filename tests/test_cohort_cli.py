@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -197,3 +198,89 @@ def test_the_cli_silences_monai_gpu_decoder_notices(caplog: pytest.LogCaptureFix
             LoadImage(image_only=True)  # registers every MONAI reader, the GPU DICOM decoder among them
     assert not [record for record in caplog.records if "nvImageCodec" in record.getMessage()]
     assert not [warning for warning in caught if "nvImageCodec" in str(warning.message)]
+
+
+def test_another_key_is_refused_on_resume_and_on_merge(tmp_path, key_file, capsys):
+    raw = generate("ukb", 6, tmp_path / "raw", "--resolution-mm", "4")
+    other_key = tmp_path / "other.key"
+    other_key.write_text("fedcba9876543210fedcba9876543210\n")
+    assert preprocess("ukb.yaml", raw, tmp_path / "shard", key_file, *TINY_BRAIN, "--shard", "0/2") == 0
+    capsys.readouterr()
+    assert preprocess("ukb.yaml", raw, tmp_path / "shard", other_key, *TINY_BRAIN, "--shard", "1/2") == 2
+    assert "another pseudonymisation key" in capsys.readouterr().err
+    assert not list((tmp_path / "shard").glob("manifest-shard-1-*"))
+    # The other shard run into a folder of its own: the merge is refused, naming both records.
+    assert preprocess("ukb.yaml", raw, tmp_path / "elsewhere", other_key, *TINY_BRAIN, "--shard", "1/2") == 0
+    parts = [str(tmp_path / folder / f"manifest-shard-{i}-of-2.csv") for i, folder in enumerate(("shard", "elsewhere"))]
+    assert main(["cohort", "merge", *parts, "--out", str(tmp_path / "manifest.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "different keys" in err and str(tmp_path / "shard" / "pipeline.json") in err
+    assert str(tmp_path / "elsewhere" / "pipeline.json") in err and not (tmp_path / "manifest.csv").exists()
+
+
+def test_outputs_that_cannot_be_written_exit_2_in_one_line(tmp_path, key_file, capsys):
+    raw = generate("ukb", 2, tmp_path / "raw", "--resolution-mm", "4")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    capsys.readouterr()
+    for out in (blocker, blocker / "out"):
+        assert preprocess("ukb.yaml", raw, out, key_file, *TINY_BRAIN) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mimm-med preprocess: cannot write --out {out}: ") and err.count("\n") == 1
+        assert err.endswith("; choose a writable folder with free space\n")
+    manifest = make_manifest(tmp_path / "ukb")
+    assert main(["cohort", "merge", str(manifest), "--out", str(blocker / "manifest.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mimm-med cohort merge: cannot write --out {blocker / 'manifest.csv'}: ")
+    assert err.endswith("; choose a writable folder with free space\n") and err.count("\n") == 1
+
+
+def test_split_refuses_repeated_or_primary_factors_and_warns_of_empty_splits(tmp_path, capsys):
+    manifest = confounded_manifest(tmp_path / "processed", subjects=40)
+    split = ["cohort", "split", "--manifest", str(manifest), "--primary", "age_group", "--out", str(tmp_path / "s")]
+    with pytest.raises(SystemExit) as exit_:
+        main([*split, "--spurious", "sex=0.9,sex=0.5"])
+    assert exit_.value.code == 2 and "'sex' is given twice" in capsys.readouterr().err
+    assert main([*split, "--spurious", "age_group=0.9"]) == 2
+    assert "--primary 'age_group' is also in --spurious" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    assert main([*split, "--spurious", "sex=0.9", "--fractions", "0.7,0,0.3"]) == 0
+    err = capsys.readouterr().err
+    assert "split 'val' is empty; use more subjects, a larger val fraction in --fractions" in err
+    assert "'train'" not in err and "'test-iid'" not in err
+
+
+def write_ukb_table(raw: Path, content: bytes) -> Path:
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / "ukb_phenotypes.csv").write_bytes(content)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("eid,31-0.0,21003-2.0,54-2.0\n1000001,0,64,11025\n".encode("utf-16"), "is not UTF-8 text .* as a UTF-8 CSV"),
+        (b"", "is empty \\(no header row\\); check the file"),
+    ],
+    ids=["utf-16", "empty"],
+)
+def test_unreadable_metadata_table_names_the_table_and_the_fix(tmp_path, key_file, capsys, content, message):
+    raw = write_ukb_table(tmp_path / "raw", content)
+    assert preprocess("ukb.yaml", raw, tmp_path / "out", key_file) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"ukb.yaml: metadata.tables: {re.escape(str(raw / 'ukb_phenotypes.csv'))} {message}", err), err
+    assert "Traceback" not in err
+
+
+def test_card_errors_on_ages_name_the_problem_once(tmp_path):
+    from mimm_med.data.cohort_card import CardError, CohortCard
+
+    card = CohortCard.from_yaml(CARDS / "ukb.yaml")
+    raw = write_ukb_table(tmp_path / "raw", b"eid,31-0.0,21003-2.0,54-2.0\n1000001,0,nan,11025\n1000002,1,inf,11025\n")
+    reasons = card.index(raw)[1]["reason"]
+    for row in range(2):
+        assert "age_group: " in reasons[row] and "is not a finite number" in reasons[row]
+        assert "range []" not in reasons[row]
+    write_ukb_table(tmp_path / "raw", b"eid,31-0.0,54-2.0\n1000001,0,11025\n")
+    with pytest.raises(CardError, match=r"lacks column\(s\) \['21003-2\.0'\] that"):
+        card.index(raw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -138,3 +139,50 @@ def test_splits_sharing_a_subject_are_refused():
     with pytest.raises(ManifestError, match=r"'train' and 'test-iid' share 1 subjects \(sub-3\)"):
         validate_splits({"train": train, "test-iid": test})
     validate_splits({"test-iid": test, "test-inverted": test})  # held-out subjects under other correlations
+
+
+def test_merge_refuses_label_codings_that_clash_but_not_value_sets_that_differ(tmp_path):
+    letters = make_manifest(tmp_path / "letters", sex=["F", "M"] * 4)
+    words = make_manifest(tmp_path / "words", cohort="nako")
+    with pytest.raises(ManifestError, match=r"label 'sex' looks coded differently .*letters.*has \[F, M\].*"
+                                            r"words.*has \[female, male\].*labels\.sex\.values"):
+        merge_manifests([letters, words])
+    capitals = make_manifest(tmp_path / "capitals", cohort="nako", sex=["Female", "male"] * 4)
+    with pytest.raises(ManifestError, match=r"'Female' and 'female' look like one value spelt two ways"):
+        merge_manifests([words, capitals])
+    codes = make_manifest(tmp_path / "codes", cohort="nako", sex=[0, 1] * 4)
+    with pytest.raises(ManifestError, match="numbers in some manifests, text in others"):
+        merge_manifests([words, codes])
+    # A one-sex cohort, and sites of each cohort's own, are no clash.
+    men = make_manifest(tmp_path / "men", cohort="nako", sex="male", site=["berlin", "essen"] * 4)
+    sites = make_manifest(tmp_path / "sites", site=["cheadle", "reading"] * 4)
+    assert merge_manifests([sites, men])["sex"].value_counts().to_dict() == {"male": 12, "female": 4}
+
+
+def test_merge_checks_that_the_ok_images_exist(tmp_path):
+    ukb = make_manifest(tmp_path / "ukb")
+    nako = make_manifest(tmp_path / "nako", cohort="nako")
+    (tmp_path / "nako" / "images" / "sub-0003" / "img-0.png").unlink()
+    with pytest.raises(ManifestError, match=r"1 of 8 images listed in manifest .*nako.*manifest.csv are missing"):
+        merge_manifests([ukb, nako])
+
+
+def record_key(folder: Path, fingerprint: str) -> None:
+    (folder / "pipeline.json").write_text(json.dumps({"spacing": [2, 2, 2], "pseudonym_key_fingerprint": fingerprint}))
+
+
+def test_merge_refuses_one_cohort_pseudonymised_with_two_keys(tmp_path):
+    first = make_manifest(tmp_path / "first")
+    second = make_manifest(tmp_path / "second", n=10).parent
+    table = pd.read_csv(second / "manifest.csv").iloc[8:]  # other subjects than first's, same cohort
+    table.to_csv(second / "manifest.csv", index=False)
+    record_key(first.parent, "key-aaaa")
+    record_key(second, "key-bbbb")
+    with pytest.raises(ManifestError, match=r"first.*manifest.csv and .*second.*manifest.csv both hold cohort 'ukb' "
+                                            r"but were pseudonymised with different keys.*first.*pipeline.json"):
+        merge_manifests([first, second / "manifest.csv"])
+    record_key(second, "key-aaaa")
+    assert len(merge_manifests([first, second / "manifest.csv"])) == 10
+    nako = make_manifest(tmp_path / "nako", cohort="nako")
+    record_key(nako.parent, "key-cccc")  # the cohort is hashed into every pseudonym: keys of its own are safe
+    assert len(merge_manifests([first, nako])) == 16

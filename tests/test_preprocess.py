@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import signal
 from concurrent.futures.process import BrokenProcessPool
@@ -33,6 +35,7 @@ from preprocess_fixtures import (
 
 from mimm_med.data.manifest import merge_manifests, read_manifest
 from mimm_med.data.preprocess import (
+    OutputError,
     PreprocessError,
     PreprocessPipeline,
     Shard,
@@ -42,12 +45,12 @@ from mimm_med.data.preprocess import (
     preprocess_records,
 )
 from mimm_med.data.pseudonym import Pseudonymiser, PseudonymKeyError, resolve_key
-from mimm_med.data.writers import atomic_output
+from mimm_med.data.writers import ImageFileWriter, atomic_output
 
 
-def run(records, problems, raw, out, config=BRAIN_CONFIG, overrides=SMALL_BRAIN, **kwargs):
+def run(records, problems, raw, out, config=BRAIN_CONFIG, overrides=SMALL_BRAIN, key=KEY, **kwargs):
     config = load_pipeline_config(config, overrides)
-    return preprocess_records(records, problems, config, raw, out, Pseudonymiser(KEY), progress=False, **kwargs)
+    return preprocess_records(records, problems, config, raw, out, Pseudonymiser(key), progress=False, **kwargs)
 
 
 def all_files(folder: Path) -> list[Path]:
@@ -238,6 +241,53 @@ def test_output_folder_made_with_other_settings_is_refused(brain, tmp_path):
     run(records.iloc[:1], problems.iloc[:0], raw, tmp_path)
     with pytest.raises(PreprocessError, match="other pipeline settings"):
         run(records.iloc[:1], problems.iloc[:0], raw, tmp_path, overrides={"spatial_size": [8, 8, 8]})
+
+
+def test_output_folder_made_with_another_key_is_refused(brain, tmp_path):
+    raw, records, problems = brain
+    run(records.iloc[:2], problems.iloc[:0], raw, tmp_path)
+    record = (tmp_path / "pipeline.json").read_text()
+    assert Pseudonymiser(KEY).key_fingerprint in record and KEY.decode() not in record
+    with pytest.raises(PreprocessError, match=r"another pseudonymisation key .*pipeline.json.*pass the key"):
+        run(records, problems.iloc[:0], raw, tmp_path, key=KEY + b"!", shard=Shard(1, 2))
+    assert (tmp_path / "pipeline.json").read_text() == record and not list(tmp_path.glob("*shard*"))
+    # A folder from before fingerprints were recorded resumes, and gets the fingerprint.
+    (tmp_path / "pipeline.json").write_text(json.dumps(load_pipeline_config(BRAIN_CONFIG, SMALL_BRAIN)))
+    assert run(records.iloc[:2], problems.iloc[:0], raw, tmp_path).skipped == 2
+    assert (tmp_path / "pipeline.json").read_text() == record
+
+
+def test_unwritable_out_is_an_output_error_naming_it(brain, tmp_path, monkeypatch):
+    raw, records, problems = brain
+    (tmp_path / "file").write_text("not a folder")
+    for out in (tmp_path / "file", tmp_path / "file" / "out"):
+        with pytest.raises(OutputError, match=rf"cannot write --out {out}: .*; choose a writable folder"):
+            run(records, problems, raw, out)
+
+    def read_only(self, *args, **kwargs):  # the tests run as root, whom chmod does not stop
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(OutputError, match=r"cannot write --out .*: Permission denied \(.*\.tmp-\d+-pipeline.json\)"):
+        run(records, problems, raw, tmp_path / "out")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_image_that_cannot_be_written_stops_the_run(brain, tmp_path, monkeypatch, workers):
+    raw, records, problems = brain
+    calls = []
+
+    def disk_full(array, affine, path):
+        calls.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ImageFileWriter, "_write_nifti", staticmethod(disk_full))
+    with pytest.raises(OutputError, match=r"cannot write .*images/sub-\w+/img-\w+\.nii\.gz: No space left"):
+        run(records, problems, raw, tmp_path, workers=workers)
+    manifest = read_manifest(tmp_path / "manifest.csv")  # what finished is recorded: nothing, the inputs are fine
+    assert len(manifest) == 0 and not (manifest["status"] == "failed").any()
+    if workers == 1:
+        assert len(calls) == 1  # the first good image stops the run, not every image of the cohort
 
 
 @pytest.mark.parametrize("workers", [1, 2])

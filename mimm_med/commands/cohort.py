@@ -15,16 +15,20 @@ MAX_CATEGORIES = 10  # labels with more distinct numeric values are binned into 
 
 
 def _pairs(text: str) -> dict[str, float]:
-    """Read ``"a=0.9,b=0.8"`` (or a single ``a=0.9``) into ``{"a": 0.9, "b": 0.8}``."""
+    """Read ``"a=0.9,b=0.8"`` (or a single ``a=0.9``) into ``{"a": 0.9, "b": 0.8}``; a name given twice is refused."""
     pairs = {}
     for item in text.split(","):
         name, _, value = item.partition("=")
+        name = name.strip()
         try:
-            pairs[name.strip()] = float(value)
+            number = float(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected NAME=NUMBER[,NAME=NUMBER...], got {text!r}") from None
-        if not name.strip():
+        if not name:
             raise argparse.ArgumentTypeError(f"expected NAME=NUMBER[,NAME=NUMBER...], got {text!r}")
+        if name in pairs:
+            raise argparse.ArgumentTypeError(f"{name!r} is given twice in {text!r}; give each name once")
+        pairs[name] = number
     return pairs
 
 
@@ -137,7 +141,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     describe.set_defaults(func=describe_command)
 
 
-def _fail(command: str, error: Exception) -> int:
+def _fail(command: str, error: Exception | str) -> int:
     print(f"mimm-med cohort {command}: {error}", file=sys.stderr)
     return 2
 
@@ -165,13 +169,16 @@ def generate_command(args: argparse.Namespace) -> int:
 
 def merge_command(args: argparse.Namespace) -> int:
     """Run ``mimm-med cohort merge``."""
-    from mimm_med.data.manifest import STATUS, STATUS_OK, ManifestError, merge_manifests, write_manifest
+    from mimm_med.data.manifest import STATUS, STATUS_OK, ManifestError, cannot_write, merge_manifests, write_manifest
 
     try:
         merged = merge_manifests(args.manifests)
     except ManifestError as error:
         return _fail("merge", error)
-    write_manifest(merged, args.out)
+    try:
+        write_manifest(merged, args.out)
+    except OSError as error:
+        return _fail("merge", cannot_write(f"--out {args.out}", error))
     ok = int((merged[STATUS] == STATUS_OK).sum())
     print(f"cohort merge: {len(args.manifests)} manifests, {len(merged)} images ({ok} ok) → {args.out}")
     return 0
@@ -180,15 +187,27 @@ def merge_command(args: argparse.Namespace) -> int:
 def split_command(args: argparse.Namespace) -> int:
     """Run ``mimm-med cohort split``."""
     from mimm_med.data.confounding import confounded_splits, write_splits
-    from mimm_med.data.manifest import load_manifest, validate_splits
+    from mimm_med.data.manifest import cannot_write, load_manifest, validate_splits
 
+    if args.primary in args.spurious:
+        return _fail("split", f"--primary {args.primary!r} is also in --spurious; a label cannot confound itself")
     try:
         table = load_manifest(args.manifest)
         splits = confounded_splits(table, args.primary, args.spurious, fractions=args.fractions, seed=args.seed)
         validate_splits(splits)
     except ValueError as error:  # ManifestError, and the sampler's errors about labels and fractions
         return _fail("split", error)
-    cells = write_splits(splits, args.out, args.primary, list(args.spurious))
+    try:
+        cells = write_splits(splits, args.out, args.primary, list(args.spurious))
+    except OSError as error:
+        return _fail("split", cannot_write(f"--out {args.out}", error))
+    for name in (name for name, frame in splits.items() if frame.empty):
+        pool = name if name in ("train", "val") else "test"  # the test sets share one pool of subjects
+        print(
+            f"mimm-med cohort split: warning: split {name!r} is empty; use more subjects, a larger {pool} "
+            "fraction in --fractions, or --spurious correlations nearer 0.5",
+            file=sys.stderr,
+        )
     print(cells.to_string(index=False))
     sizes = ", ".join(f"{name} {len(frame)}" for name, frame in splits.items())
     print(f"cohort split: {sizes} images → {args.out}")

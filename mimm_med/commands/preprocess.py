@@ -29,7 +29,8 @@ examples:
 The key (--key-file, --key or ${KEY_ENV_VAR}) turns source ids into pseudonyms; keep it apart from the
 outputs. A re-run with the same --out keeps finished images and redoes missing or failed ones.
 Exit status: 0 all done, {EXIT_FAILURES} some images or metadata rows failed (see errors.csv),
-{EXIT_USAGE} bad arguments, {EXIT_INTERRUPTED} interrupted or a worker died (re-run to resume).
+{EXIT_USAGE} bad arguments or an --out that cannot be written, {EXIT_INTERRUPTED} interrupted or a worker died
+(re-run to resume).
 """
 
 

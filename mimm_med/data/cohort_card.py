@@ -238,8 +238,10 @@ class ContinuousLabel(Label):
             value = float(str(cell).strip())
         except ValueError:
             return None, f"{self.name}: {cell!r} in column {self.column!r} is not a number"
-        if not np.isfinite(value) or (self.range is not None and not self.range[0] <= value <= self.range[1]):
-            bounds = list(self.range or ())
+        if not np.isfinite(value):
+            return None, f"{self.name}: {cell!r} in column {self.column!r} is not a finite number"
+        if self.range is not None and not self.range[0] <= value <= self.range[1]:
+            bounds = list(self.range)
             return None, f"{self.name}: {value:g} in column {self.column!r} is outside the card's range {bounds}"
         return value, None
 
@@ -376,6 +378,23 @@ class Images:
         return value[len(self.strip_prefix) :], None
 
 
+def _read_table(path: Path, card: Path) -> pd.DataFrame:
+    """A metadata table as text cells (blanks as ``""``); rows pandas cannot split are skipped with a warning."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, on_bad_lines="warn")
+    except UnicodeDecodeError as error:
+        raise CardError(
+            f"{card}: metadata.tables: {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+            "save it as a UTF-8 CSV (in Excel: CSV UTF-8; or `iconv -f UTF-16 -t UTF-8`)"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise CardError(
+            f"{card}: metadata.tables: {path} is empty (no header row); check the file, e.g. a copy cut short"
+        ) from None
+    except pd.errors.ParserError as error:
+        raise CardError(f"{card}: metadata.tables: {path} cannot be read as CSV ({error}); check the file") from None
+
+
 @dataclass(frozen=True)
 class Metadata:
     """The metadata table(s), the subject id column and the row filter of a card.
@@ -427,11 +446,11 @@ class Metadata:
                 )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", pd.errors.ParserWarning)
-                frame = pd.read_csv(path, dtype=str, keep_default_na=False, on_bad_lines="warn")
+                frame = _read_table(path, card)
             for warning in caught:
                 for line, problem in _SKIPPED_LINE.findall(str(warning.message)):
                     unreadable.append(f"unreadable row in {name}, line {line}: {problem}")
-            absent = [c for c in columns if c not in frame.columns]
+            absent = [c for c in dict.fromkeys(columns) if c not in frame.columns]  # two labels may share a column
             if absent:
                 raise CardError(
                     f"{card}: table {path} lacks column(s) {absent} that the card uses; it has {list(frame.columns)}"

@@ -13,7 +13,9 @@ absolute paths; :func:`write_manifest` makes them relative again.
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import re
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
@@ -25,6 +27,9 @@ from mimm_med.data.writers import atomic_output
 SUBJECT, IMAGE, COHORT, STATUS = "subject_id", "image", "cohort", "status"
 RESERVED_COLUMNS: tuple[str, ...] = (SUBJECT, IMAGE, COHORT, STATUS)
 STATUS_OK, STATUS_FAILED = "ok", "failed"
+PIPELINE_RECORD = "pipeline.json"  # beside the manifests of a `mimm-med preprocess` output folder
+KEY_FINGERPRINT = "pseudonym_key_fingerprint"  # its entry naming the pseudonymisation key
+MAX_CATEGORIES = 10  # label columns with at most this many values are checked for coding clashes on merge
 _SHOWN = 5  # how many offending rows an error message lists
 
 
@@ -186,17 +191,91 @@ def load_manifest(
     return table
 
 
+def cannot_write(target: str | Path, error: OSError) -> str:
+    """One line for an output that cannot be written: what, why and the fix."""
+    reason = error.strerror or str(error)
+    if error.filename is not None:
+        reason = f"{reason} ({error.filename})"
+    return f"cannot write {target}: {reason}; choose a writable folder with free space"
+
+
+def recorded_key_fingerprint(manifest: str | Path) -> tuple[Path, str | None]:
+    """The ``pipeline.json`` beside ``manifest`` and the key fingerprint it records (``None``: not known)."""
+    record = Path(manifest).parent / PIPELINE_RECORD
+    if not record.is_file():
+        return record, None
+    return record, json.loads(record.read_text()).get(KEY_FINGERPRINT)
+
+
+def _check_keys(paths: Sequence[str | Path], tables: Sequence[pd.DataFrame]) -> None:
+    known = [(path, *recorded_key_fingerprint(path), set(table[COHORT])) for path, table in zip(paths, tables)]
+    for (a, record_a, key_a, cohorts_a), (b, record_b, key_b, cohorts_b) in itertools.combinations(known, 2):
+        shared = sorted(cohorts_a & cohorts_b)
+        if key_a and key_b and key_a != key_b and shared:
+            raise ManifestError(
+                f"{a} and {b} both hold cohort {shared[0]!r} but were pseudonymised with different keys (the key "
+                f"fingerprints in {record_a} and {record_b} differ), so a subject would appear under two subject ids; "
+                "re-run `mimm-med preprocess` for one of them with the other's --key-file into a new --out"
+            )
+
+
+def _fold(value: str) -> str:
+    return re.sub(r"[\W_]", "", value.casefold())
+
+
+def _spelling_clash(values: Collection[str]) -> tuple[str, str] | None:
+    """Two values that look like one spelt two ways: equal but for case and punctuation, or one abbreviated."""
+    for a, b in itertools.permutations(sorted(values), 2):
+        if _fold(a) == _fold(b) or (_fold(a).isalpha() and _fold(b).startswith(_fold(a))):
+            return a, b
+    return None
+
+
+def _check_codings(paths: Sequence[str | Path], tables: Sequence[pd.DataFrame]) -> None:
+    filled = [(path, table) for path, table in zip(paths, tables) if len(table)]  # an empty shard has no coding
+    for name in label_columns(tables[0]):
+        numeric = {pd.api.types.is_numeric_dtype(table[name]) for _, table in filled}
+        values = [(path, set(map(canonical_text, table[name]))) for path, table in filled]
+        union = set().union(*(v for _, v in values))
+        clash = _spelling_clash(union) if numeric == {False} and len(union) <= MAX_CATEGORIES else None
+        if len(numeric) == 2:
+            why = "numbers in some manifests, text in others"
+        elif clash:
+            why = f"{clash[0]!r} and {clash[1]!r} look like one value spelt two ways"
+        else:
+            continue
+        shown = "; ".join(f"{path} has [{_first(sorted(v))}]" for path, v in values)
+        raise ManifestError(
+            f"label {name!r} looks coded differently ({why}): {shown}; map it to the same values in every "
+            f"cohort card (labels.{name}.values) and re-run `mimm-med preprocess`"
+        )
+
+
 def merge_manifests(paths: Sequence[str | Path]) -> pd.DataFrame:
     """Concatenate manifests (absolute ``image`` paths), e.g. UK Biobank and NAKO, or the shards of one run.
+
+    Each manifest is validated (:func:`validate_manifest`, its ``ok`` images must exist). Manifests
+    that share a cohort must have been pseudonymised with the same key, where their folders'
+    ``pipeline.json`` record it: else one subject has two ids. Cohorts of their own may use
+    keys of their own (the cohort is hashed into every pseudonym, so they cannot collide).
+
+    A label coded differently in two cohorts (``F``/``M`` and ``female``/``male``) is refused. Value
+    sets may legitimately differ (a one-sex cohort, sites of their own), so only what looks like a
+    coding clash is: a label that is numbers in one manifest and text in another, or a text label with
+    at most ``MAX_CATEGORIES`` values holding two that differ only in case and punctuation or of which
+    one is a prefix of the other (an abbreviation).
 
     Raises
     ------
     ManifestError
-        If their label columns differ or an image appears twice.
+        If a manifest is invalid, their label columns or codings differ, keys differ, or an image
+        appears twice.
     """
     if not paths:
         raise ManifestError("give at least one manifest to merge")
     tables = [read_manifest(p) for p in paths]
+    for path, table in zip(paths, tables):
+        validate_manifest(table, path)
     reference = set(label_columns(tables[0]))
     for path, table in zip(paths[1:], tables[1:]):
         if set(label_columns(table)) != reference:
@@ -204,6 +283,8 @@ def merge_manifests(paths: Sequence[str | Path]) -> pd.DataFrame:
                 f"label columns differ: {path} has {sorted(label_columns(table))}, {paths[0]} has "
                 f"{sorted(reference)}; preprocess both with cards that map to the same label names"
             )
+    _check_keys(paths, tables)
+    _check_codings(paths, tables)
     merged = pd.concat(tables, ignore_index=True)
     duplicated = merged[IMAGE][merged[IMAGE].duplicated()]
     if len(duplicated):

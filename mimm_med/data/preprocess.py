@@ -5,15 +5,17 @@ Outputs, all under ``out_dir``::
     images/<subject_id>/<image_id>.<ext>   one processed image per raw image
     manifest.csv                           every image: subject_id, image, labels, cohort, status
     errors.csv                             every failure: subject_id, file (pseudonymised), reason
-    pipeline.json                          the pipeline config with its overrides, for provenance
+    pipeline.json                          the pipeline config with its overrides, for provenance, and
+                                           the fingerprint of the pseudonymisation key (never the key)
 
 With ``--shard i/n`` the tables are ``manifest-shard-i-of-n.csv`` / ``errors-shard-i-of-n.csv``.
 A re-run with the same ``out_dir`` keeps images that exist and that a manifest there (whole or
-shard part) lists as ``ok``, and redoes the rest.
+shard part) lists as ``ok``, and redoes the rest; it must use the same settings and key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,10 +35,13 @@ from tqdm.auto import tqdm
 from mimm_med.data.manifest import (
     COHORT,
     IMAGE,
+    KEY_FINGERPRINT,
+    PIPELINE_RECORD,
     STATUS,
     STATUS_FAILED,
     STATUS_OK,
     SUBJECT,
+    cannot_write,
     read_manifest,
     write_manifest,
 )
@@ -50,7 +55,20 @@ _REASON_CHARS = 500
 
 
 class PreprocessError(RuntimeError):
-    """The run cannot start: bad settings, or an output folder made with other settings."""
+    """The run cannot start: bad settings, or an output folder made with other settings or another key."""
+
+
+class OutputError(PreprocessError):
+    """An output cannot be written (read-only folder, full disk): the run stops, as every image would fail."""
+
+
+@contextlib.contextmanager
+def writing(target: str | Path) -> Iterator[None]:
+    """Raise an ``OSError`` of the block as an :class:`OutputError` that names ``target``."""
+    try:
+        yield
+    except OSError as error:
+        raise OutputError(cannot_write(target, error)) from error
 
 
 # --------------------------------------------------------------------------------------- config
@@ -125,7 +143,8 @@ class PreprocessPipeline:
         if source.is_file() and source.stat().st_size == 0:
             raise ValueError("empty file (0 bytes)")
         data = self.transform({self.image_key: str(source)})
-        return self.writer(data[self.image_key], stem)
+        with writing(f"{stem}{self.writer.suffix}"):
+            return self.writer(data[self.image_key], stem)
 
 
 # ---------------------------------------------------------------------------------------- tasks
@@ -196,6 +215,8 @@ def describe_error(error: BaseException) -> str:
 def _process(pipeline: PreprocessPipeline, task: Task) -> tuple[str, str]:
     try:
         pipeline(task.source, task.stem)
+    except OutputError:
+        raise  # the output folder is at fault, not this image: every other image would fail the same way
     except Exception as error:  # one bad file must never stop the others
         return STATUS_FAILED, task.mask(describe_error(error))
     return STATUS_OK, ""
@@ -223,7 +244,7 @@ def run_tasks(tasks: Iterable[Task], config: Mapping, workers: int = 1) -> Itera
     """Yield ``(task, (status, reason))`` as tasks finish, in this process or in ``workers`` processes.
 
     On ``KeyboardInterrupt`` pending tasks are cancelled, running ones finish and are yielded, then
-    the interrupt propagates.
+    the interrupt propagates. On :class:`OutputError` pending tasks are cancelled and it propagates.
     """
     pipeline = PreprocessPipeline(config)  # a config that cannot be built fails here, once, not in every worker
     if workers <= 1:
@@ -251,6 +272,10 @@ def run_tasks(tasks: Iterable[Task], config: Mapping, workers: int = 1) -> Itera
             for future in wait(pending).done:
                 if not future.cancelled():
                     yield pending[future], future.result()
+            raise
+        except OutputError:
+            for future in pending:
+                future.cancel()
             raise
 
 
@@ -282,19 +307,34 @@ class PreprocessSummary:
         )
 
 
-def check_output_settings(config: Mapping, out_dir: Path) -> None:
-    """Record ``config`` in ``out_dir/pipeline.json``; refuse an ``out_dir`` made with other settings.
+def check_output_settings(config: Mapping, out_dir: Path, key_fingerprint: str) -> None:
+    """Record ``config`` and the key's fingerprint in ``out_dir/pipeline.json``; refuse an ``out_dir`` made otherwise.
 
-    Resuming into a folder preprocessed at another size or spacing would mix both in one manifest.
+    Resuming into a folder preprocessed at another size or spacing would mix both in one manifest;
+    with another key, it would redo every subject under a second id. A ``pipeline.json`` from before
+    fingerprints were recorded is taken to match the key and gets the fingerprint.
+
+    Raises
+    ------
+    PreprocessError
+        If ``out_dir`` was made with another key or other settings.
     """
-    path = out_dir / "pipeline.json"
-    if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(config)):
-        raise PreprocessError(
-            f"{out_dir} was preprocessed with other pipeline settings (see {path}); "
-            "use a new --out, or delete that folder to start over"
-        )
+    path = out_dir / PIPELINE_RECORD
+    record = json.loads(json.dumps({**config, KEY_FINGERPRINT: key_fingerprint}))
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if recorded.setdefault(KEY_FINGERPRINT, key_fingerprint) != key_fingerprint:
+            raise PreprocessError(
+                f"{out_dir} was preprocessed with another pseudonymisation key (its fingerprint in {path} is not "
+                "that of the key given); pass the key that folder was made with, or use a new --out"
+            )
+        if recorded != record:
+            raise PreprocessError(
+                f"{out_dir} was preprocessed with other pipeline settings (see {path}); "
+                "use a new --out, or delete that folder to start over"
+            )
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(config, indent=2))
+        tmp.write_text(json.dumps(record, indent=2))
 
 
 def _plan(
@@ -341,9 +381,10 @@ def finished_images(out_dir: Path) -> set[str]:
 
 def _write_tables(rows: Iterable[dict], errors: list[dict], columns: list[str], manifest: Path, report: Path) -> None:
     table = pd.DataFrame([row for row in rows if STATUS in row], columns=columns)
-    write_manifest(table.sort_values([SUBJECT, IMAGE]), manifest)
-    with atomic_output(report) as tmp:
-        pd.DataFrame(errors, columns=ERROR_COLUMNS).sort_values([SUBJECT, "file"]).to_csv(tmp, index=False)
+    with writing(f"--out {manifest.parent}"):
+        write_manifest(table.sort_values([SUBJECT, IMAGE]), manifest)
+        with atomic_output(report) as tmp:
+            pd.DataFrame(errors, columns=ERROR_COLUMNS).sort_values([SUBJECT, "file"]).to_csv(tmp, index=False)
 
 
 def preprocess_records(
@@ -380,6 +421,11 @@ def preprocess_records(
 
     Raises
     ------
+    PreprocessError
+        If ``out_dir`` was made with other settings or another key.
+    OutputError
+        If an output cannot be written (after the tables of what finished, where they can be): a
+        bad input image only fails its own row, an unwritable ``out_dir`` stops the run.
     KeyboardInterrupt
         After the tables of what finished have been written: a re-run resumes.
 
@@ -392,8 +438,9 @@ def preprocess_records(
     """
     start = time.perf_counter()
     raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    check_output_settings(config, out_dir)
+    with writing(f"--out {out_dir}"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_output_settings(config, out_dir, pseudonymiser.key_fingerprint)
     tables = out_dir / f"manifest{shard.suffix()}.csv", out_dir / f"errors{shard.suffix()}.csv"
     columns = [SUBJECT, IMAGE, *(c for c in records.columns if c not in (SOURCE_ID, IMAGE, COHORT)), COHORT, STATUS]
     rows, tasks = _plan(records, raw_dir, out_dir, output_suffix(config), pseudonymiser, shard)

@@ -112,6 +112,14 @@ class Pseudonymiser:
         """Pseudonymous image id of one raw file (or DICOM series folder) of a subject."""
         return "img-" + self._digest("image", cohort, canonical_text(source_id), relative_path)
 
+    @property
+    def key_fingerprint(self) -> str:
+        """Identifies the key without revealing it, so that outputs made with different keys can be told apart.
+
+        An HMAC of a fixed text under the key: as safe to store beside the outputs as the pseudonyms are.
+        """
+        return "key-" + self._digest("key fingerprint")
+
 
 def mask_identifier(text: str, identifier: str, replacement: str) -> str:
     """Replace ``identifier`` in ``text`` where it stands as a whole token (not inside a longer number)."""
