@@ -28,6 +28,7 @@ from mimm_med.tracking import (
     load_registered_network,
     promote,
     resolve_tracking_uri,
+    run_tracked,
 )
 from mimm_med.tracking.uri import using_tracking_uri
 
@@ -277,3 +278,49 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert default_artifact_location(tracking_uri="sqlite:///elsewhere/runs.db") == (
         tmp_path / "elsewhere" / "artifacts"
     ).as_uri()
+
+
+def _tracked_attempt(uri: str, mi_weight: float, fresh: bool, fail: bool) -> Engine:
+    """One attempt at the run named "attempt", logging ``mi_weight`` as the bundles log their settings."""
+    trainer = Engine(lambda engine, batch: (_ for _ in ()).throw(FloatingPointError("diverged")) if fail else None)
+    handler = MLFlowHandler(
+        tracking_uri=uri, experiment_name="attempts", run_name="attempt", experiment_param={"mi_weight": mi_weight},
+        iteration_log=False, epoch_log=False, close_on_complete=True,
+    )  # fmt: skip
+    handler.attach(trainer)
+    trainer.state.max_epochs, trainer.state.epoch_length, trainer.state.dataloader = 1, 1, [0]  # as a MONAI trainer holds its data
+    run = lambda: run_tracked(trainer, handler, fresh=fresh)  # noqa: E731
+    if fail:
+        with pytest.raises(FloatingPointError):
+            run()
+    else:
+        run()
+    return trainer
+
+
+def test_a_crashed_run_is_marked_failed_and_a_fresh_start_gets_a_run_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _tracked_attempt(uri, mi_weight=float("nan"), fresh=True, fail=True)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("attempts").experiment_id
+    (crashed,) = client.search_runs([experiment])
+    assert (crashed.info.run_name, crashed.info.status) == ("attempt", "FAILED")
+    # MONAI's handler would continue the failed run and refuse the new mi_weight ("Changing param values is not allowed")
+    _tracked_attempt(uri, mi_weight=1.0, fresh=True, fail=False)
+    runs = {run.info.run_id: run for run in client.search_runs([experiment])}
+    assert len(runs) == 2
+    fresh_run = next(run for run in runs.values() if run.info.run_id != crashed.info.run_id)
+    assert (fresh_run.info.run_name, fresh_run.info.status, fresh_run.data.params["mi_weight"]) == ("attempt", "FINISHED", "1.0")
+    assert runs[crashed.info.run_id].info.run_name.startswith("attempt-failed-")
+    assert runs[crashed.info.run_id].data.params["mi_weight"] == "nan"
+
+
+def test_a_resumed_run_continues_its_unfinished_mlflow_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _tracked_attempt(uri, mi_weight=1.0, fresh=True, fail=True)
+    _tracked_attempt(uri, mi_weight=1.0, fresh=False, fail=False)  # a checkpoint was resumed
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("attempts").experiment_id])
+    assert (run.info.run_name, run.info.status) == ("attempt", "FINISHED")

@@ -6,13 +6,16 @@ lacks: epoch means of the MIMM-X training terms (:class:`EpochAverages`), traini
 (:func:`resolve_tracking_uri`) and registry helpers. See ``mimm_med/tracking/README.md``.
 """
 
+from .config_artifacts import ConfigArtifacts
 from .epoch_averages import EpochAverages
 from .model_registration import ModelRegistration, default_pip_requirements
 from .registry import list_versions, load_registered_network, promote, registry_client
 from .training_plots import TrainingPlots
+from .training_run import run_tracked
 from .uri import default_artifact_location, resolve_tracking_uri
 
 __all__ = [
+    "ConfigArtifacts",
     "EpochAverages",
     "ModelRegistration",
     "TrainingPlots",
@@ -23,4 +26,5 @@ __all__ = [
     "promote",
     "registry_client",
     "resolve_tracking_uri",
+    "run_tracked",
 ]

@@ -12,7 +12,7 @@ from ._rank import is_rank_zero
 if TYPE_CHECKING:
     from monai.handlers import MLFlowHandler
 
-__all__ = ["HandlerRun"]
+__all__ = ["CompletionLogger", "HandlerRun"]
 
 
 class HandlerRun:
@@ -63,3 +63,31 @@ class HandlerRun:
     def tracking_uri(self) -> str:
         """The tracking URI the handler logs to (``MLFLOW_TRACKING_URI`` resolved)."""
         return self.handler.client.tracking_uri
+
+
+class CompletionLogger:
+    """Base of the handlers that log into the run of an ``MLFlowHandler`` once their engine completes.
+
+    Subclasses implement :meth:`log`, which runs on rank 0 only.
+
+    Parameters
+    ----------
+    mlflow_handler
+        The ``monai.handlers.MLFlowHandler`` attached to the same engine (``None`` off rank 0).
+    """
+
+    def __init__(self, mlflow_handler: MLFlowHandler | None) -> None:
+        self.run = HandlerRun(mlflow_handler)
+
+    def attach(self, engine: Engine) -> None:
+        """Log when ``engine`` completes, after the handlers attached before this one."""
+        self.run.attach(engine)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if is_rank_zero():
+            self.log()
+
+    def log(self) -> None:
+        """Log into :attr:`run`."""
+        raise NotImplementedError

@@ -11,12 +11,10 @@ from typing import TYPE_CHECKING
 
 import mlflow
 import torch
-from ignite.engine import Engine, Events
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import infer_signature
 
-from ._rank import is_rank_zero
-from .handler_run import HandlerRun
+from .handler_run import CompletionLogger
 from .uri import using_tracking_uri
 
 if TYPE_CHECKING:
@@ -36,7 +34,7 @@ def default_pip_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "monai", "mimm-med")]
 
 
-class ModelRegistration:
+class ModelRegistration(CompletionLogger):
     """At ``COMPLETED``, log the best network to the MLflow run, register it and mark it ``candidate``.
 
     The weights come from ``best_checkpoint`` (a file of MONAI's ``CheckpointSaver``, e.g. with
@@ -89,7 +87,7 @@ class ModelRegistration:
         artifact_path: str = "model",
         serialization_format: str = "pt2",
     ) -> None:
-        self.run = HandlerRun(mlflow_handler)
+        super().__init__(mlflow_handler)
         self.network = network
         self.model_name = model_name
         self.input_shape = tuple(int(size) for size in input_shape)
@@ -99,14 +97,8 @@ class ModelRegistration:
         self.serialization_format = serialization_format
         self.registered_version: ModelVersion | None = None
 
-    def attach(self, engine: Engine) -> None:
-        """Log and register when ``engine`` completes; attach it after the ``CheckpointSaver``."""
-        self.run.attach(engine)
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        if not is_rank_zero():
-            return
+    def log(self) -> None:
+        """Log and register the best weights; attach this handler after the ``CheckpointSaver``."""
         network, source = self.trained_network()
         self.registered_version = self.register(network, source)
 

@@ -10,13 +10,11 @@ import pandas as pd
 import logging
 
 import torch
-from ignite.engine import Engine, Events
 
 from mimm_med.evaluation import collect_outputs, plot_training_curves, plot_tsne
 
-from ._rank import is_rank_zero
 from .epoch_averages import EpochAverages
-from .handler_run import HandlerRun
+from .handler_run import CompletionLogger
 
 if TYPE_CHECKING:
     from monai.handlers import MLFlowHandler
@@ -26,7 +24,7 @@ __all__ = ["TrainingPlots"]
 logger = logging.getLogger(__name__)
 
 
-class TrainingPlots:
+class TrainingPlots(CompletionLogger):
     """At ``COMPLETED``, draw the training curves and a t-SNE of ``f_y`` and log them to MLflow.
 
     Writes to ``output_dir``, on rank 0 only:
@@ -79,7 +77,7 @@ class TrainingPlots:
         max_points: int = 2000,
         seed: int = 0,
     ) -> None:
-        self.run = HandlerRun(mlflow_handler)
+        super().__init__(mlflow_handler)
         self.epoch_averages = epoch_averages
         self.network = network
         self.output_dir = Path(output_dir)
@@ -89,14 +87,8 @@ class TrainingPlots:
         self.max_points = max_points
         self.seed = seed
 
-    def attach(self, engine: Engine) -> None:
-        """Plot and log when ``engine`` completes."""
-        self.run.attach(engine)
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        if not is_rank_zero():
-            return
+    def log(self) -> None:
+        """Plot and log the figures."""
         run_id = self.run.run_id  # fails before the costly t-SNE when there is no run to log to
         for figure in self.draw():
             self.run.client.log_artifact(run_id, str(figure), self.artifact_path)

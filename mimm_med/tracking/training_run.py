@@ -1,0 +1,57 @@
+"""A bundle's training run and its MLflow run: a fresh start gets a run of its own, a crash marks it."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from ignite.engine import Engine
+from mlflow.entities import RunStatus
+
+if TYPE_CHECKING:
+    from monai.handlers import MLFlowHandler
+
+__all__ = ["run_tracked"]
+
+
+def run_tracked(trainer: Engine, handler: MLFlowHandler | None, fresh: bool) -> None:
+    """Run ``trainer``, whose ``handler`` logs to MLflow; mark the MLflow run FAILED (KILLED on Ctrl-C) if it raises.
+
+    MONAI's ``MLFlowHandler`` continues an unfinished run of its name, which is what a run resumed
+    from its checkpoint wants. A ``fresh`` run (no checkpoint to resume) must not: an unfinished run
+    of the same name was left by an attempt that crashed before its first checkpoint, or whose
+    folder was deleted, and MLflow refuses to change its parameters. Such runs are marked FAILED and
+    renamed ``<name>-failed-<start time>``, so that they stay visible and the fresh run takes the name.
+
+    Parameters
+    ----------
+    trainer
+        The engine to run.
+    handler
+        The ``MLFlowHandler`` attached to ``trainer``, or ``None`` where tracking is off (ranks other than 0).
+    fresh
+        Whether the run starts from scratch rather than from a checkpoint
+        (:attr:`mimm_med.engines.ResumeFromLatest.checkpoint` is ``None``).
+    """
+    if handler is not None and fresh:
+        _retire_unfinished_runs(handler)
+    try:
+        trainer.run()
+    except BaseException as error:
+        if handler is not None and handler.cur_run is not None:
+            status = RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
+            handler.client.set_terminated(handler.cur_run.info.run_id, RunStatus.to_string(status))
+        raise
+
+
+def _retire_unfinished_runs(handler: MLFlowHandler) -> None:
+    experiment = handler.client.get_experiment_by_name(handler.experiment_name)
+    if experiment is None or handler.run_name is None:
+        return
+    finished = RunStatus.to_string(RunStatus.FINISHED)
+    for run in handler.client.search_runs([experiment.experiment_id]):
+        if run.info.run_name == handler.run_name and run.info.status != finished:
+            started = time.strftime("%Y%m%d-%H%M%S", time.localtime(run.info.start_time / 1000))
+            handler.client.update_run(
+                run.info.run_id, status=RunStatus.to_string(RunStatus.FAILED), name=f"{handler.run_name}-failed-{started}"
+            )
