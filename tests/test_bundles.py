@@ -138,8 +138,11 @@ def test_bundle_trains_evaluates_infers_and_exports(bundle: Bundle, request, at_
     assert "train/loss" in training.data.metrics and "val_bacc" in training.data.metrics
     candidate = client.get_model_version_by_alias(bundle.name, "candidate")
     assert candidate.run_id == training.info.run_id
-    artifacts = {a.path for a in client.list_artifacts(training.info.run_id)}
-    assert "train.json" in artifacts  # the bundle's own config, logged by MONAI's MLFlowHandler
+    configs = {a.path for a in client.list_artifacts(training.info.run_id, f"configs/bundles/{bundle.name}/configs")}
+    shared = {a.path for a in client.list_artifacts(training.info.run_id, "configs/bundles/common/configs")}
+    # both train.json files, which MONAI's MLFlowHandler logged at one path, so that one replaced the other
+    assert f"configs/bundles/{bundle.name}/configs/train.json" in configs
+    assert "configs/bundles/common/configs/train.json" in shared
 
     # Few critic steps: the test checks that the estimates reach MLflow, not their values.
     run("evaluating", config_file=bundle.config_files("evaluate"), residual_mi={"folds": 3, "patience": 3}, **settings)

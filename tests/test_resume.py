@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from bundle_runs import REPO, bundle_runs, checkpoint_dir, checkpoint_files, metric_steps, run_env, training_command
 
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
 
-from mimm_med.engines import ResumeFromLatest, latest_checkpoint
+from mimm_med.engines import ResumeFromLatest, RunFinished, RunFolderConflict, latest_checkpoint
 
 EPOCHS = 3
 N_CRITIC = 3  # the brain bundle's
@@ -48,6 +50,12 @@ def test_killed_training_resumes_from_its_checkpoint_into_the_same_mlflow_run(br
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     root = tmp_path / "bundle"
     command = training_command(["train.json"], brain_splits, root, EPOCHS)
+    # the same run, not killed, side by side: the resumed run must end with its weights
+    reference_log = (tmp_path / "reference.log").open("w")
+    reference = subprocess.Popen(
+        training_command(["train.json"], brain_splits, tmp_path / "reference", EPOCHS), cwd=REPO,
+        env=run_env(f"sqlite:///{tmp_path / 'reference.db'}"), stdout=reference_log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
     kill_in_second_epoch(command, run_env(uri), root, tmp_path / "killed.log")
 
     (saved,) = checkpoint_files(root)
@@ -83,6 +91,15 @@ def test_killed_training_resumes_from_its_checkpoint_into_the_same_mlflow_run(br
     history = final["history"]["history"]
     assert [entry["epoch"] for entry in history] == epochs
     assert history[0] == before["history"]["history"][0]
+
+    try:
+        assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text(encoding="utf-8", errors="replace")[-6000:]
+    finally:
+        reference.kill()
+        reference_log.close()
+    uninterrupted = load(latest_checkpoint(checkpoint_dir(tmp_path / "reference"), "checkpoint_*.pt"))
+    different = [name for name in final["network"] if not torch.equal(final["network"][name], uninterrupted["network"][name])]
+    assert not different, f"the resumed run ends with other weights than the uninterrupted one: {different}"
 
 
 def test_fixed_seed_training_repeats_exactly_on_cpu(brain_splits, tmp_path):
@@ -147,3 +164,46 @@ def test_resume_keeps_the_best_model_of_the_epochs_before_the_kill(tmp_path):
         _validated_run(folder, [0.7], resume=resume)  # the resumed run's first validation is worse
         # without the restored ranking, the worse model of the resumed epoch would replace the best
         assert load(folder / "model.pt")["network"]["bias"].item() == kept_epoch
+
+
+def _counting_run(folder: Path, epochs: int, settings: dict) -> tuple[Engine, ResumeFromLatest]:
+    """A trainer of ``epochs`` epochs that checkpoints into ``folder`` as the bundles do, with ``settings`` recorded."""
+    trainer = Engine(lambda engine, batch: None)
+    started = []
+    trainer.add_event_handler(Events.STARTED, lambda engine: started.append(True))  # as MLflow's handler, attached earlier
+    trainer.state.max_epochs, trainer.state.device = epochs, "cpu"  # as MONAI's workflows set them
+    resume = ResumeFromLatest(folder, {"trainer": trainer}, settings=settings)
+    resume.attach(trainer)
+    CheckpointSaver(str(folder), {"trainer": trainer}, save_interval=1, epoch_level=True, n_saved=2, file_prefix="checkpoint").attach(trainer)
+    trainer.started = started
+    return trainer, resume
+
+
+def test_a_checkpoint_is_resumed_only_with_its_own_settings_and_only_while_unfinished(tmp_path):
+    trainer, resume = _counting_run(tmp_path, 3, {"mi_weight": 1.0, "spatial_size": (32, 32)})
+    assert resume.checkpoint is None
+    trainer.run([0, 1], max_epochs=1)  # a run of 3 epochs, stopped after the first
+    assert json.loads((tmp_path / "settings.json").read_text()) == {"mi_weight": 1.0, "spatial_size": [32, 32]}
+
+    trainer, resume = _counting_run(tmp_path, 3, {"mi_weight": 1.0, "spatial_size": [32, 32]})  # a tuple reads back as a list
+    assert resume.checkpoint is not None
+    trainer.run([0, 1], max_epochs=3)
+    assert trainer.state.iteration == 6  # resumed after epoch 1, so two epochs of two iterations ran here
+    with pytest.raises(RunFolderConflict, match=r"holds checkpoints of a run with other settings \(mi_weight: 1.0 there, 0.5 now\).*--run_name"):
+        _counting_run(tmp_path, 3, {"mi_weight": 0.5, "spatial_size": [32, 32]})
+    with pytest.raises(RunFinished, match=r"has finished: checkpoint_trainer_epoch=3.pt holds epoch 3 of 3.*Evaluate it") as error:
+        _counting_run(tmp_path, 3, {"mi_weight": 1.0, "spatial_size": [32, 32]})
+    assert str(tmp_path) in str(error.value)
+
+
+def test_the_folder_is_checked_before_any_started_handler_runs(tmp_path):
+    trainer, _ = _counting_run(tmp_path, 1, {"lr": 1e-3})
+    trainer.run([0], max_epochs=1)
+    assert trainer.started == [True]
+    trainer = Engine(lambda engine, batch: None)
+    started = []
+    trainer.add_event_handler(Events.STARTED, lambda engine: started.append(True))
+    trainer.state.max_epochs = 1
+    with pytest.raises(RunFolderConflict):
+        ResumeFromLatest(tmp_path, {"trainer": trainer}, settings={"lr": 1e-2}).attach(trainer)
+    assert started == []  # MLflow's STARTED handler would have reopened the run

@@ -70,9 +70,12 @@ def train_and_evaluate(
     ``invariant_head`` refits the primary head for each validation (the bundle's ``invariant_head``).
 
     ``cohort`` names the demo cohort's settings in the run name: the bundle resumes a run from its
-    checkpoints, so a demo on another cohort must not share a run name with an earlier one.
+    checkpoints and refuses those of other settings, so a demo on another cohort must not share a run
+    name with an earlier one. A run that an earlier demo finished is evaluated again, not retrained.
     """
     from monai.bundle import run
+
+    from mimm_med.engines import RunFinished
 
     overrides = {
         "method": method,
@@ -81,7 +84,7 @@ def train_and_evaluate(
         "epochs": epochs,
         "seed": seed,
         "invariant_head": invariant_head,
-        "run_name": f"demo-{method}{'-invariant-head' if invariant_head else ''}-seed{seed}-{cohort}",
+        "run_name": f"demo-{method}{'-invariant-head' if invariant_head else ''}-seed{seed}-{cohort}-e{epochs}",
         "backbone": "small_cnn",
         # The demo's figures were measured with three blocks; SmallCNN's default has four, for 28×28 digits
         # (on the stand-in brain a fourth block changed MIMM-X's inverted accuracy by under a point, one seed).
@@ -89,7 +92,12 @@ def train_and_evaluate(
     }
     label = run_label(method, invariant_head)
     _step(f"training {label} ({epochs} epochs) with {BUNDLE / 'configs/train.json'}")
-    run("training", config_file=str(BUNDLE / "configs/train.json"), **overrides)
+    try:
+        run("training", config_file=str(BUNDLE / "configs/train.json"), **overrides)
+    except RuntimeError as error:  # monai.bundle wraps what a config expression raises
+        if not isinstance(error.__cause__, RunFinished):
+            raise
+        _step(f"{label} was trained by an earlier demo: {error.__cause__}")
     _step(f"evaluating {label} on the iid / balanced / inverted test sets")
     # A balanced test set of a few dozen subjects gives residual-MI critics nothing to learn from, and
     # their fits would double the demo's time.

@@ -12,7 +12,8 @@ from .head_refit import InvariantHeadRefit
 from .inferer import OutputKeyInferer
 from .methods import METHODS, PENALTY_METHODS, MethodSpec, parse_method
 from .objective import MIMMXObjective
-from .resume import ResumeFromLatest, latest_checkpoint
+from .random_states import RandomStates
+from .resume import ResumeFromLatest, RunFinished, RunFolderConflict, latest_checkpoint, trained_checkpoint
 from .trainer import MIMMXTrainer, TrainingDiverged
 
 __all__ = [
@@ -28,9 +29,13 @@ __all__ = [
     "MethodSpec",
     "OutputKeyInferer",
     "RecomputeBatchNorm",
+    "RandomStates",
     "ResumeFromLatest",
+    "RunFinished",
+    "RunFolderConflict",
     "MutualInformationTerms",
     "TrainingDiverged",
     "latest_checkpoint",
+    "trained_checkpoint",
     "parse_method",
 ]

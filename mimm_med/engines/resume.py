@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,7 +14,19 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from mimm_med.tracking._rank import is_rank_zero
+
 logger = logging.getLogger(__name__)
+
+SETTINGS_FILE = "settings.json"
+
+
+class RunFolderConflict(ValueError):
+    """A run folder holds checkpoints that this run must not resume; the message names the folder and the fix."""
+
+
+class RunFinished(RunFolderConflict):
+    """The run folder's checkpoints have finished all the epochs of this run."""
 
 
 def latest_checkpoint(directory: str | Path, pattern: str = "*.pt") -> Path | None:
@@ -29,6 +43,21 @@ def latest_checkpoint(directory: str | Path, pattern: str = "*.pt") -> Path | No
             return path
         logger.warning("skipping %s: not a complete checkpoint (the run was probably stopped while saving it)", path)
     return None
+
+
+def trained_checkpoint(path: str | Path, registered_model: str | None = None) -> Path:
+    """``path`` if it is a checkpoint file; else a ``FileNotFoundError`` that says how to make one.
+
+    ``registered_model`` names the model in the MLflow registry to load instead, where the caller can.
+    """
+    path = Path(path)
+    if not path.is_file():
+        instead = f", or load a registered model with --model_uri models:/{registered_model}@champion" if registered_model else ""
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: train first (python -m monai.bundle run training ..., with the same "
+            f"--run_name and --bundle_root, or the same method and seed){instead}"
+        )
+    return path
 
 
 def _is_complete_archive(path: Path) -> bool:
@@ -64,6 +93,12 @@ class ResumeFromLatest:
         The run's best-model ``CheckpointSaver`` (``key_metric_save_state=True``), or None.
     best_model_file
         Its ``key_metric_filename`` in ``directory``.
+    settings
+        The run's settings (e.g. the parameters it logs to MLflow), recorded in ``directory`` when
+        the run starts fresh. A checkpoint is resumed only under the settings it was trained with,
+        and never once its run has finished all its epochs: :meth:`attach` raises
+        :class:`RunFolderConflict` (:class:`RunFinished`) instead, before any ``STARTED`` handler runs (a rerun with another
+        ``mi_weight`` would otherwise continue, and register, the old weights).
     """
 
     def __init__(
@@ -73,19 +108,68 @@ class ResumeFromLatest:
         pattern: str = "checkpoint_*.pt",
         best_model_saver: CheckpointSaver | None = None,
         best_model_file: str = "model.pt",
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.load_dict = dict(load_dict)
         self.pattern = pattern
         self.best_model_saver = best_model_saver
         self.best_model_file = best_model_file
+        # JSON-normal form, so that a tuple setting equals the list read back from the record
+        self.settings = None if settings is None else json.loads(json.dumps(dict(settings), default=str))
+        self.checkpoint: Path | None = None
 
     def attach(self, engine: Engine) -> None:
-        """Load on ``STARTED``; list this handler first so later ``STARTED`` handlers see the restored state."""
+        """Check the folder now, and load on ``STARTED``; list this handler first so later ``STARTED`` handlers see the restored state.
+
+        ``checkpoint`` is then the checkpoint to resume from, or ``None`` for a fresh run.
+        """
+        self.checkpoint = latest_checkpoint(self.directory, self.pattern)
+        if self.checkpoint is None:
+            self._record_settings()
+        else:
+            self._check_resumable(engine, self.checkpoint)
         engine.add_event_handler(Events.STARTED, self)
 
+    def _record_settings(self) -> None:
+        if self.settings is None or not is_rank_zero():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        record = self.directory / SETTINGS_FILE
+        temporary = record.with_name(f".tmp-{os.getpid()}-{SETTINGS_FILE}")
+        temporary.write_text(json.dumps(self.settings, indent=2, sort_keys=True))
+        os.replace(temporary, record)
+
+    def _check_resumable(self, engine: Engine, path: Path) -> None:
+        fixes = (
+            f"give this run a folder of its own (--run_name <name> or --bundle_root <folder>), or delete "
+            f"{self.directory} to train it again from the start"
+        )
+        record = self.directory / SETTINGS_FILE
+        if self.settings is not None and record.is_file():
+            saved = json.loads(record.read_text())
+            changed = sorted(key for key in {*saved, *self.settings} if saved.get(key) != self.settings.get(key))
+            if changed:
+                shown = "; ".join(f"{key}: {saved.get(key)!r} there, {self.settings.get(key)!r} now" for key in changed)
+                raise RunFolderConflict(
+                    f"{self.directory} holds checkpoints of a run with other settings ({shown}). Resume it with "
+                    f"its own settings, or {fixes}"
+                )
+        trainer_key = next((key for key, item in self.load_dict.items() if item is engine), None)
+        if trainer_key is None:
+            return
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        state = saved if len(self.load_dict) == 1 and trainer_key not in saved else saved[trainer_key]  # ignite saves one item bare
+        saved_epoch = state["epoch"] if "epoch" in state else state["iteration"] // state["epoch_length"]  # ignite saves one of them
+        if saved_epoch >= engine.state.max_epochs:
+            raise RunFinished(
+                f"the run in {self.directory} has finished: {path.name} holds epoch {saved_epoch} of "
+                f"{engine.state.max_epochs}, and its best model is {self.directory / self.best_model_file}. "
+                f"Evaluate it with the bundle's 'evaluating' workflow, or {fixes}"
+            )
+
     def __call__(self, engine: Engine) -> None:
-        path = latest_checkpoint(self.directory, self.pattern)
+        path = self.checkpoint if self.checkpoint is not None else latest_checkpoint(self.directory, self.pattern)
         if path is None:
             return
         CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=str(engine.state.device))(engine)

@@ -11,6 +11,7 @@ import mlflow
 import torch
 from monai.data import DataLoader, Dataset
 
+from mimm_med.engines.resume import trained_checkpoint
 from mimm_med.evaluation.outputs import collect_outputs
 from mimm_med.evaluation.plots import plot_group_accuracy, plot_tsne
 from mimm_med.evaluation.protocol import evaluate_test_sets, flatten_metrics, results_table
@@ -118,9 +119,7 @@ def evaluate_checkpoint(
     dict
         ``results`` (nested), ``metrics`` (flat) and ``paths`` of the report files.
     """
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint}: train first (python -m monai.bundle run training ...)")
+    checkpoint = trained_checkpoint(checkpoint)
     state = torch.load(checkpoint, map_location=device, weights_only=True)
     network.load_state_dict(state.get("network", state))
     network.to(device)
