@@ -151,6 +151,10 @@ def test_bundle_trains_evaluates_infers_and_exports(bundle: Bundle, request, at_
     assert 0.0 <= metrics["inverted/y_bacc"] <= 1.0
     (evaluation,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{run_name}-evaluate'")
     assert evaluation.info.status == "FINISHED" and "inverted/y_bacc" in evaluation.data.metrics
+    # the training run's settings, to filter and compare evaluations by
+    assert {key: evaluation.data.params[key] for key in ("method", "seed", "mi_weight")} == {
+        key: training.data.params[key] for key in ("method", "seed", "mi_weight")
+    }
     factors = [name.removeprefix("leakage/") for name in evaluation.data.metrics if name.startswith("leakage/")]
     assert factors
     for key in ("residual_mi", "residual_mi_given_y", "residual_mi_label"):

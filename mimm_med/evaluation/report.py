@@ -107,12 +107,15 @@ def evaluate_checkpoint(
     artifact_location: str | None = None,
     seed: int = 0,
     residual_mi: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load ``checkpoint`` (a CheckpointSaver file with a ``network`` entry) and evaluate on the test splits.
 
     This is what every bundle's ``evaluate.json`` runs. With ``tracking_uri`` and ``experiment_name``
-    the metrics and report files are logged as an MLflow run ``run_name``. ``residual_mi``, if given,
-    holds the options of the residual-MI critics (:func:`evaluate_network`; ``{}`` for MINE's defaults).
+    the metrics and report files are logged as an MLflow run ``run_name``, with ``params`` (the
+    training run's settings, so that evaluations can be filtered and compared by them) beside the
+    checkpoint. ``residual_mi``, if given, holds the options of the residual-MI critics
+    (:func:`evaluate_network`; ``{}`` for MINE's defaults).
 
     Returns
     -------
@@ -131,6 +134,6 @@ def evaluate_checkpoint(
     paths = write_report(results, outputs, primary, spurious, output_dir)
     metrics = flatten_metrics(results)
     if tracking_uri and experiment_name:
-        log_report(metrics, paths, tracking_uri, experiment_name, run_name or "evaluate", {"checkpoint": str(checkpoint)}, artifact_location)
+        log_report(metrics, paths, tracking_uri, experiment_name, run_name or "evaluate", {**(params or {}), "checkpoint": str(checkpoint)}, artifact_location)
     print(results_table(results))
     return {"results": results, "metrics": metrics, "paths": paths}
