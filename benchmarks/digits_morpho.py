@@ -128,6 +128,7 @@ def run_method(method: str, args: argparse.Namespace, confounders: list[str]) ->
             conditional=args.conditional,
             balanced=args.balanced,
             reference=args.reference,
+            part_size=args.part_size,
             invariant_head=args.invariant_head,
             seed=seed,
             device=args.device,
@@ -150,6 +151,7 @@ def run_method(method: str, args: argparse.Namespace, confounders: list[str]) ->
         "correlation": args.correlation,
         "seeds": args.seeds,
         "augment": args.augment,
+        "part_size": args.part_size,
         **mean_over_seeds(per_seed),
         "per_seed": per_seed,
     }
@@ -212,6 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--balanced", action=argparse.BooleanOptionalAction, default=False, help="MI under cell-balanced weights"
     )
+    parser.add_argument("--part-size", type=int, default=16, help="width of each feature part (f_y and every f_zk)")
     parser.add_argument("--reference", default="features", choices=("features", "labels"), help="what stands for z_k in I(f_y; z_k)")
     parser.add_argument(
         "--readout", action="store_true", help="also score linear read-outs refitted on the frozen features (readout_ceilings)"
