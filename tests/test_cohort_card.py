@@ -136,8 +136,65 @@ def test_planted_bad_rows_become_problems_and_the_rest_survive(raw, tmp_path):
     assert reasons["9999999"] == "image file missing: 9999999_20252_2_0/T1/T1.nii.gz"
     assert reasons[rows[2][0]] == "sex: value '9' in column '31-0.0' is not one of the card's values ['0', '1']"
     assert reasons[rows[3][0]] == "age: column '21003-2.0' is blank; age_group: column '21003-2.0' is blank"
-    assert reasons[""].startswith("unreadable row in ../ukb_phenotypes.csv, line 8: expected 5 fields, saw 7")
-    assert set(problems.columns) == {"source_id", "image", "reason", "cohort"}
+    assert reasons[""] == "unreadable row: expected 5 fields, saw 7"
+    table = "../ukb_phenotypes.csv"
+    assert problems.set_index("source_id")["row"].to_dict() == {
+        "9999999": f"{table}, line 5", rows[2][0]: f"{table}, line 6", rows[3][0]: f"{table}, line 7",
+        "": f"{table}, line 8",
+    }
+    assert set(problems.columns) == {"source_id", "image", "row", "reason", "cohort"}
+
+
+def test_rows_are_placed_by_their_line_past_blank_lines_and_quoted_line_breaks(raw, tmp_path):
+    lines = (raw["ukb"] / "ukb_phenotypes.csv").read_text().splitlines()
+    eids = [line.split(",")[0] for line in lines[1:4]]
+    table = tmp_path / "table.csv"
+    table.write_text(
+        f"{lines[0]}\n"  # line 1: eid, sex, age, centre, date
+        f"{lines[1]}\n"
+        "\n"
+        f'{eids[1]},1,61,11027,"2017-10-16\nnote"\n'  # lines 4-5: one row
+        f"{eids[2]},9,61,11027\n"  # line 6: a field short, a sex outside the coding
+        ",1,61,11027,2017-10-16\n"  # line 7: no id
+    )
+
+    def edit(spec):
+        spec["metadata"]["tables"] = str(table)
+
+    records, problems = _card(tmp_path, "ukb", edit).index(raw["ukb"])
+    assert sorted(records["source_id"]) == sorted(eids[:2])
+    rows = problems.set_index("row")
+    assert sorted(rows.index) == [f"{table}, line 6", f"{table}, line 7"]
+    assert rows.loc[f"{table}, line 6", "reason"].startswith("sex: value '9' in column '31-0.0'")
+    assert rows.loc[f"{table}, line 7", "source_id"] == ""
+    assert rows.loc[f"{table}, line 7", "reason"].startswith("no subject id in column 'eid'")
+
+
+def test_table_with_only_a_header_row_is_an_error_naming_it(raw, tmp_path):
+    header = (raw["ukb"] / "ukb_phenotypes.csv").read_text().splitlines()[0]
+    (tmp_path / "table.csv").write_text(header + "\n")
+
+    def edit(spec):
+        spec["metadata"]["tables"] = str(tmp_path / "table.csv")
+
+    with pytest.raises(CardError, match=rf"metadata\.tables: {tmp_path / 'table.csv'} has a header row but no data"):
+        _card(tmp_path, "ukb", edit).index(raw["ukb"])
+
+
+def test_images_without_a_table_row_are_found_with_their_id(raw, tmp_path):
+    cohort = tmp_path / "ukb"
+    shutil.copytree(raw["ukb"], cohort)
+    orphan = cohort / "5000099_20252_2_0" / "T1" / "T1.nii.gz"
+    orphan.parent.mkdir(parents=True)
+    shutil.copy(next(cohort.glob("*/T1/T1.nii.gz")), orphan)
+    (cohort / "5000098_20252_2_0" / "T1").mkdir(parents=True)  # no image file: not unlisted, just a folder
+    (cohort / "5000098_20252_2_0" / "T1" / "T1_brain.nii.gz").touch()  # another file: outside the pattern
+    scan = CohortCard.from_yaml(CARDS / "ukb.yaml").scan(cohort)
+    assert scan.unlisted.to_dict("records") == [
+        {"source_id": "5000099", "image": str(orphan.resolve()), "cohort": "ukb"}
+    ]
+    assert len(scan.records) == 5 and scan.problems.empty
+    assert CohortCard.from_yaml(CARDS / "chexpert.yaml").scan(raw["chexpert"]).unlisted.empty  # a path column
 
 
 def test_chexpert_row_with_unmappable_sex_and_a_missing_file(raw, tmp_path):

@@ -18,7 +18,7 @@ from mimm_med.cli import main, quiet_gpu_decoder_notices
 from mimm_med.data.manifest import load_manifest, read_manifest
 
 SUBCOMMANDS = [["preprocess"], ["cohort"], ["cohort", "generate"], ["cohort", "merge"], ["cohort", "split"],
-               ["cohort", "describe"]]
+               ["cohort", "describe"], ["cohort", "locate"]]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS, ids=" ".join)
@@ -261,8 +261,9 @@ def write_ukb_table(raw: Path, content: bytes) -> Path:
     [
         ("eid,31-0.0,21003-2.0,54-2.0\n1000001,0,64,11025\n".encode("utf-16"), "is not UTF-8 text .* as a UTF-8 CSV"),
         (b"", "is empty \\(no header row\\); check the file"),
+        (b"eid,31-0.0,21003-2.0,54-2.0\n", "has a header row but no data rows"),
     ],
-    ids=["utf-16", "empty"],
+    ids=["utf-16", "empty", "header only"],
 )
 def test_unreadable_metadata_table_names_the_table_and_the_fix(tmp_path, key_file, capsys, content, message):
     raw = write_ukb_table(tmp_path / "raw", content)
@@ -284,3 +285,47 @@ def test_card_errors_on_ages_name_the_problem_once(tmp_path):
     write_ukb_table(tmp_path / "raw", b"eid,31-0.0,54-2.0\n1000001,0,11025\n")
     with pytest.raises(CardError, match=r"lacks column\(s\) \['21003-2\.0'\] that"):
         card.index(raw)
+
+
+def locate(raw: Path, key_file: Path, *arguments: str) -> int:
+    return main(["cohort", "locate", "--cohort", str(CARDS / "ukb.yaml"), "--raw", str(raw), "--key-file",
+                 str(key_file), *arguments])
+
+
+def test_locate_maps_errors_and_unlisted_images_back_to_raw_files_for_the_key_holder(tmp_path, key_file, capsys):
+    raw = generate("ukb", 4, tmp_path / "raw", "--resolution-mm", "4")
+    broken = sorted(raw.glob("*/T1/T1.nii.gz"))[0]
+    broken.write_bytes(broken.read_bytes()[:1000])
+    orphan = raw / "5000099_20252_2_0" / "T1" / "T1.nii.gz"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(broken.read_bytes())
+    with (raw / "ukb_phenotypes.csv").open("a") as table:
+        table.write(",1,61,11027,2017-10-16\n")  # line 6: no id
+    capsys.readouterr()
+    assert preprocess("ukb.yaml", raw, tmp_path / "out", key_file, *TINY_BRAIN) == 1
+    captured = capsys.readouterr()
+    assert "5000099" not in captured.out + captured.err and broken.parent.parent.name[:7] not in captured.err
+    assert re.search(r"warning: 1 image files under --raw match .* no metadata row, .*: sub-[0-9a-f]{16}_20252_2_0/T1/"
+                     r"T1\.nii\.gz; ", captured.err)
+    errors = pd.read_csv(tmp_path / "out" / "errors.csv", dtype=str, keep_default_na=False)
+    assert errors["subject_id"].tolist() == ["", errors["subject_id"][1]] and errors["subject_id"][1]
+    assert errors["reason"][0].startswith("metadata: ukb_phenotypes.csv, line 6: no subject id in column 'eid'")
+
+    assert locate(raw, key_file, "--errors", str(tmp_path / "out" / "errors.csv")) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    eid = broken.parent.parent.name.split("_")[0]
+    assert lines[0][:3] == ["-", "-", "-"] and "line 6" in lines[0][3]
+    assert lines[1][:3] == [errors["subject_id"][1], eid, str(broken.resolve())]
+    assert locate(raw, key_file, errors["subject_id"][1]) == 0
+    assert capsys.readouterr().out == f"{errors['subject_id'][1]}\t{eid}\t{broken.resolve()}\n"
+    assert locate(raw, key_file, "--unlisted") == 0
+    assert capsys.readouterr().out.split("\t")[1:] == ["5000099", f"{orphan.resolve()}\n"]
+
+    other_key = tmp_path / "other.key"
+    other_key.write_text("fedcba9876543210fedcba9876543210\n")
+    assert locate(raw, other_key, errors["subject_id"][1]) == 2
+    assert "match no subject of" in capsys.readouterr().err
+    assert locate(raw, other_key, "--errors", str(tmp_path / "out" / "errors.csv")) == 2
+    assert "was made with another pseudonymisation key" in capsys.readouterr().err
+    assert locate(raw, key_file) == 2
+    assert "give one of: SUBJECT_ID" in capsys.readouterr().err

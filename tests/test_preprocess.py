@@ -336,3 +336,53 @@ def test_keys_are_required_and_pseudonyms_keyed(tmp_path):
     assert a.subject("ukb", "1000001") == a.subject("ukb", 1000001) == a.subject("ukb", 1000001.0)
     assert a.subject("ukb", "1000001") != b.subject("ukb", "1000001")
     assert a.subject("ukb", "1000001") != a.subject("nako", "1000001")
+
+
+def test_truncated_png_says_it_is_truncated(tmp_path):
+    good = write_png(tmp_path / "raw" / "good.png", radiograph())
+    truncated = tmp_path / "raw" / "view1_frontal.png"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    pipeline = PreprocessPipeline(load_pipeline_config(XRAY_CONFIG, SMALL_XRAY))
+    with pytest.raises(Exception) as error:  # under MONAI's "applying transform" wrapper
+        pipeline(truncated, tmp_path / "out")
+    assert describe_error(error.value).startswith("ValueError: truncated or not a valid PNG file")
+
+
+def test_metadata_rows_carry_their_place_and_rows_without_an_id_no_pseudonym(brain, tmp_path):
+    raw, records, _ = brain
+    problems = pd.DataFrame(
+        {
+            "source_id": ["1000010", "", ""],
+            "image": [str(raw / "1000010_20252_2_0" / "T1" / "T1.nii.gz"), "", ""],
+            # a line number equal to the row's id stays a line number
+            "row": ["ukb.csv, line 1000010", "ukb.csv, line 3", "ukb.csv, line 28"],
+            "reason": ["age: column '21003-2.0' is blank", "no subject id in column 'eid' ('')",
+                       "unreadable row: expected 5 fields, saw 7"],
+            "cohort": "ukb",
+        }
+    )
+    summary = run(records.iloc[:1], problems, raw, tmp_path / "whole")
+    errors = pd.read_csv(summary.errors, dtype=str, keep_default_na=False)
+    pseudonym = Pseudonymiser(KEY).subject("ukb", "1000010")
+    assert errors.loc[errors["subject_id"] == pseudonym, "reason"].tolist() == [
+        "metadata: ukb.csv, line 1000010: age: column '21003-2.0' is blank"
+    ]
+    assert errors.loc[errors["subject_id"] == "", "reason"].tolist() == [
+        "metadata: ukb.csv, line 3: no subject id in column 'eid' ('')",
+        "metadata: ukb.csv, line 28: unreadable row: expected 5 fields, saw 7",
+    ]
+    assert Pseudonymiser(KEY).subject("ukb", "") not in set(errors["subject_id"])
+    # Rows without an id are reported by one shard only, so merged error reports list them once.
+    shards = [run(records.iloc[:0], problems.iloc[1:], raw, tmp_path / f"shard{i}", shard=Shard(i, 2)) for i in (0, 1)]
+    assert [s.problems for s in shards] == [2, 0]
+
+
+def test_unlisted_images_are_in_the_summary_pseudonymised_not_failures(brain, tmp_path):
+    raw, records, problems = brain
+    unlisted = pd.DataFrame({"source_id": ["5000099"], "image": [str(raw / "5000099_20252_2_0/T1/T1.nii.gz")],
+                             "cohort": "ukb"})
+    summary = run(records.iloc[:1], problems.iloc[:0], raw, tmp_path, unlisted=unlisted)
+    pseudonym = Pseudonymiser(KEY).subject("ukb", "5000099")
+    assert summary.unlisted == (f"{pseudonym}_20252_2_0/T1/T1.nii.gz",)
+    assert summary.ok and "1 images without a metadata row, not processed" in str(summary)
+    assert "5000099" not in str(summary)

@@ -1,4 +1,5 @@
-"""``mimm-med cohort``: generate stand-in cohorts and Digits-Morpho; merge, split and describe manifests.
+"""``mimm-med cohort``: generate stand-in cohorts and Digits-Morpho; merge, split and describe manifests; locate the
+raw files behind pseudonyms.
 
 Heavy imports (pandas, MONAI, matplotlib, the generators) happen inside each sub-command so that
 ``mimm-med --help`` stays fast.
@@ -139,6 +140,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     describe.add_argument("--primary", help="primary label (default: the first label column)")
     describe.add_argument("--plot", type=Path, help="cross-tab figure (default: <manifest>-crosstab.png)")
     describe.set_defaults(func=describe_command)
+
+    locate = commands.add_parser(
+        "locate",
+        help="print the raw ids and files behind pseudonymous subject ids (the key holder only)",
+        description="Recompute the pseudonyms of a raw cohort with its key and print, to the terminal only, the "
+        "source id and raw files of the given subjects, of every row of an errors.csv, or the image files that no "
+        "metadata row names. The output re-identifies subjects: never store it beside the processed data.",
+        epilog="examples:\n"
+        "  mimm-med cohort locate --cohort cohorts/ukb.yaml --raw raw/ukb --key-file pseudonym.key "
+        "--errors processed/ukb/errors.csv\n"
+        "  mimm-med cohort locate --cohort cohorts/ukb.yaml --raw raw/ukb --key-file pseudonym.key "
+        "sub-d6721fe505c6f534",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    locate.add_argument("subjects", nargs="*", metavar="SUBJECT_ID", help="pseudonymous subject ids (sub-...)")
+    locate.add_argument("--cohort", type=Path, required=True, help="cohort card the outputs were made with")
+    locate.add_argument("--raw", type=Path, required=True, help="raw cohort folder the outputs were made from")
+    key = locate.add_mutually_exclusive_group()
+    key.add_argument("--key-file", type=Path, help="file holding the pseudonymisation key the outputs were made with")
+    key.add_argument("--key", help="pseudonymisation key (default: $MIMM_MED_PSEUDONYM_KEY)")
+    locate.add_argument("--errors", type=Path, help="locate every row of this errors.csv of `mimm-med preprocess`")
+    locate.add_argument("--unlisted", action="store_true", help="list the image files that no metadata row names")
+    locate.set_defaults(func=locate_command)
 
 
 def _fail(command: str, error: Exception | str) -> int:
@@ -285,4 +309,76 @@ def describe_command(args: argparse.Namespace) -> int:
         figure.savefig(tmp, format="png", dpi=100)
     plt.close(figure)
     print(f"cohort describe: cross-tabs of {primary} × {', '.join(others)} → {plot}")
+    return 0
+
+
+def _read_errors(path: Path, key_fingerprint: str):
+    """The rows of a preprocess ``errors.csv``, checked to be made with the key of ``key_fingerprint``."""
+    import pandas as pd
+
+    from mimm_med.data.manifest import recorded_key_fingerprint
+
+    try:
+        errors = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise ValueError(f"--errors {path} cannot be read ({error}); pass the errors.csv of a preprocess run") from None
+    missing = [c for c in ("subject_id", "file", "reason") if c not in errors.columns]
+    if missing:
+        raise ValueError(f"--errors {path} lacks column(s) {missing}; pass the errors.csv of a preprocess run")
+    record, recorded = recorded_key_fingerprint(path)
+    if recorded is not None and recorded != key_fingerprint:
+        raise ValueError(
+            f"{path} was made with another pseudonymisation key (see the fingerprint in {record}); "
+            "pass the key its preprocess run was given"
+        )
+    return errors
+
+
+def locate_command(args: argparse.Namespace) -> int:
+    """Run ``mimm-med cohort locate``: print what is identifying to stdout, never to a file."""
+    from mimm_med.data.cohort_card import CardError, CohortCard
+    from mimm_med.data.preprocess import subject_sources, unmask_file
+    from mimm_med.data.pseudonym import Pseudonymiser, PseudonymKeyError, resolve_key
+
+    if sum((bool(args.subjects), args.errors is not None, args.unlisted)) != 1:
+        return _fail("locate", "give one of: SUBJECT_ID ..., --errors errors.csv, or --unlisted")
+    try:
+        pseudonymiser = Pseudonymiser(resolve_key(args.key, args.key_file))
+        scan = CohortCard.from_yaml(args.cohort).scan(args.raw)
+        errors = _read_errors(args.errors, pseudonymiser.key_fingerprint) if args.errors else None
+    except (PseudonymKeyError, CardError, ValueError) as error:
+        return _fail("locate", error)
+    if not sys.stdout.isatty():
+        print("mimm-med cohort locate: this output names subjects by their source ids; "
+              "keep it apart from the processed data", file=sys.stderr)
+    raw_dir = args.raw.resolve()
+    sources = subject_sources((scan.records, scan.problems, scan.unlisted), pseudonymiser)
+    unknown = []
+    if args.unlisted:
+        for row in scan.unlisted.to_dict("records"):
+            subject = pseudonymiser.subject(row["cohort"], row["source_id"]) if row["source_id"] else "-"
+            print(f"{subject}\t{row['source_id'] or '-'}\t{row['image']}")
+    for subject in args.subjects:
+        if subject not in sources:
+            unknown.append(subject)
+            continue
+        source_id, images = sources[subject]
+        for image in images or ["-"]:
+            print(f"{subject}\t{source_id}\t{image}")
+    for row in [] if errors is None else errors.to_dict("records"):
+        subject, shown = row["subject_id"], row["file"]
+        if not subject:  # a metadata row without an id: its reason names the table and line
+            print(f"-\t-\t{raw_dir / shown if shown else '-'}\t{row['reason']}")
+        elif subject not in sources:
+            unknown.append(subject)
+        else:
+            source_id = sources[subject][0]
+            print(f"{subject}\t{source_id}\t{unmask_file(shown, subject, source_id, raw_dir) if shown else '-'}"
+                  f"\t{row['reason']}")
+    if unknown:
+        return _fail(
+            "locate",
+            f"{len(unknown)} subject id(s) match no subject of {args.cohort} in --raw {args.raw} under this key: "
+            f"{', '.join(dict.fromkeys(unknown))}; pass the key, card and raw folder the outputs were made with",
+        )
     return 0

@@ -17,6 +17,7 @@ from pathlib import Path
 from mimm_med.data.pseudonym import KEY_ENV_VAR, Pseudonymiser, PseudonymKeyError, resolve_key
 
 EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+UNLISTED_SHOWN = 3
 
 EPILOG = f"""\
 examples:
@@ -28,6 +29,7 @@ examples:
 
 The key (--key-file, --key or ${KEY_ENV_VAR}) turns source ids into pseudonyms; keep it apart from the
 outputs. A re-run with the same --out keeps finished images and redoes missing or failed ones.
+To find the raw files behind errors.csv (the key holder only): mimm-med cohort locate --errors OUT/errors.csv ...
 Exit status: 0 all done, {EXIT_FAILURES} some images or metadata rows failed (see errors.csv),
 {EXIT_USAGE} bad arguments or an --out that cannot be written, {EXIT_INTERRUPTED} interrupted or a worker died
 (re-run to resume).
@@ -111,11 +113,11 @@ def run(args: argparse.Namespace) -> int:
         if card.pipeline is None and args.pipeline is None:
             raise PreprocessError(f"{args.cohort}: cohort {card.name!r} is generated in memory, not preprocessed")
         config = load_pipeline_config(args.pipeline or card.pipeline, dict(args.overrides))
-        records, problems = card.index(args.raw)
+        scan = card.scan(args.raw)
         with _terminate_as_interrupt():
             summary = preprocess_records(
-                records,
-                problems,
+                scan.records,
+                scan.problems,
                 config,
                 args.raw,
                 args.out,
@@ -123,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
                 workers=args.workers,
                 shard=args.shard,
                 progress=not args.no_progress,
+                unlisted=scan.unlisted,
             )
     except (PseudonymKeyError, CardError, PreprocessError, ManifestError, FileNotFoundError) as error:
         print(f"mimm-med preprocess: {error}", file=sys.stderr)
@@ -142,5 +145,14 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    if summary.unlisted:
+        more = ", ..." if len(summary.unlisted) > UNLISTED_SHOWN else ""
+        shown = ", ".join(summary.unlisted[:UNLISTED_SHOWN]) + more
+        print(
+            f"mimm-med preprocess: warning: {len(summary.unlisted)} image files under --raw match the card's "
+            f"images.pattern but no metadata row, so they were not processed: {shown}; add their rows to the table, "
+            "or list them all with `mimm-med cohort locate --unlisted` and the same --cohort, --raw and key",
+            file=sys.stderr,
+        )
     print(summary)
     return 0 if summary.ok else EXIT_FAILURES

@@ -10,20 +10,20 @@ card keys.
 Examples
 --------
 >>> card = CohortCard.from_yaml("cohorts/ukb.yaml")
->>> records, problems = card.index("/data/ukb")
+>>> records, problems = card.index("/data/ukb")  # card.scan also finds images no row names
 >>> records.columns.tolist()
 ['source_id', 'image', 'sex', 'age', 'age_group', 'site', 'cohort']
 """
 
 from __future__ import annotations
 
+import csv
 import re
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -33,9 +33,9 @@ SOURCE_ID = "source_id"
 IMAGE = "image"
 COHORT = "cohort"
 REASON = "reason"
+ROW = "row"  # of problems: where the row is, "ukb_phenotypes.csv, line 12"
 MODALITIES: tuple[str, ...] = ("brain_t1", "chest_xray", "digits")
 _FIELD = re.compile(r"\{([^{}]+)\}")
-_SKIPPED_LINE = re.compile(r"Skipping line (\d+): (.*)")
 
 
 class CardError(ValueError):
@@ -378,21 +378,61 @@ class Images:
         return value[len(self.strip_prefix) :], None
 
 
-def _read_table(path: Path, card: Path) -> pd.DataFrame:
-    """A metadata table as text cells (blanks as ``""``); rows pandas cannot split are skipped with a warning."""
+def _is_blank(record: list[str]) -> bool:
+    return not record or (len(record) == 1 and not record[0].strip())
+
+
+def _read_table(
+    path: Path, name: str, columns: Sequence[str], card: Path
+) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The ``columns`` of a metadata table as text cells, indexed by each row's place (``"name, line 12"``);
+    and ``(place, problem)`` of every line that has more fields than the header.
+
+    Read with the csv module, not pandas: pandas says neither which line a row came from nor, past a
+    quoted line break, which line it skipped.
+    """
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, on_bad_lines="warn")
+        with path.open(newline="", encoding="utf-8-sig") as file:
+            reader = csv.reader(file)
+            header = next(reader, None)
+            if header is None or _is_blank(header):
+                raise CardError(
+                    f"{card}: metadata.tables: {path} is empty (no header row); check the file, e.g. a copy cut short"
+                )
+            absent = [c for c in columns if c not in header]
+            if absent:
+                raise CardError(
+                    f"{card}: table {path} lacks column(s) {absent} that the card uses; it has {header}"
+                )
+            take = [header.index(c) for c in columns]
+            rows, places, unreadable = [], [], []
+            for record in reader:
+                # line_num is the record's last line; a quoted field may hold line breaks.
+                first_line = reader.line_num - sum(field.count("\n") for field in record)
+                place = f"{name}, line {first_line}"
+                if _is_blank(record):
+                    continue
+                if len(record) > len(header):
+                    unreadable.append((place, f"unreadable row: expected {len(header)} fields, saw {len(record)}"))
+                    continue
+                record += [""] * (len(header) - len(record))  # a short row's missing fields are blank, as in pandas
+                rows.append([record[i] for i in take])
+                places.append(place)
     except UnicodeDecodeError as error:
         raise CardError(
             f"{card}: metadata.tables: {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
             "save it as a UTF-8 CSV (in Excel: CSV UTF-8; or `iconv -f UTF-16 -t UTF-8`)"
         ) from None
-    except pd.errors.EmptyDataError:
+    except csv.Error as error:
         raise CardError(
-            f"{card}: metadata.tables: {path} is empty (no header row); check the file, e.g. a copy cut short"
+            f"{card}: metadata.tables: {path} cannot be read as CSV (line {reader.line_num}: {error}); check the file"
         ) from None
-    except pd.errors.ParserError as error:
-        raise CardError(f"{card}: metadata.tables: {path} cannot be read as CSV ({error}); check the file") from None
+    if not rows and not unreadable:
+        raise CardError(
+            f"{card}: metadata.tables: {path} has a header row but no data rows; check the file, e.g. an export "
+            "cut short or the wrong table"
+        )
+    return pd.DataFrame(rows, columns=list(columns), index=places, dtype=str), unreadable
 
 
 @dataclass(frozen=True)
@@ -435,31 +475,28 @@ class Metadata:
         }
         return cls(tables, subject, regex, allowed)
 
-    def read(self, raw_dir: Path, columns: Sequence[str], card: Path) -> tuple[pd.DataFrame, list[str]]:
-        """Concatenate the tables (text cells, blanks as ``""``), filtered; and one reason per unreadable row."""
+    def read(self, raw_dir: Path, columns: Sequence[str], card: Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+        """Concatenate the tables, unfiltered (text cells, blanks as ``""``, indexed by each row's place,
+        ``"ukb_phenotypes.csv, line 12"``); and ``(place, problem)`` of every unreadable line."""
         frames, unreadable = [], []
+        columns = list(dict.fromkeys(columns))  # two labels may share a column
         for name in self.tables:
             path = raw_dir / name
             if not path.is_file():
                 raise CardError(
                     f"{card}: metadata.tables: {path} not found; is {raw_dir} the raw folder of this cohort?"
                 )
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", pd.errors.ParserWarning)
-                frame = _read_table(path, card)
-            for warning in caught:
-                for line, problem in _SKIPPED_LINE.findall(str(warning.message)):
-                    unreadable.append(f"unreadable row in {name}, line {line}: {problem}")
-            absent = [c for c in dict.fromkeys(columns) if c not in frame.columns]  # two labels may share a column
-            if absent:
-                raise CardError(
-                    f"{card}: table {path} lacks column(s) {absent} that the card uses; it has {list(frame.columns)}"
-                )
-            frames.append(frame[list(dict.fromkeys(columns))])
-        table = pd.concat(frames, ignore_index=True)
+            frame, lines = _read_table(path, name, columns, card)
+            frames.append(frame)
+            unreadable += lines
+        return pd.concat(frames), unreadable
+
+    def selected(self, table: pd.DataFrame) -> np.ndarray:
+        """Which rows of ``table`` the card's ``filter`` keeps."""
+        keep = np.ones(len(table), dtype=bool)
         for column, values in self.filter.items():
-            table = table[table[column].map(_canonical).isin(values)]
-        return table.reset_index(drop=True), unreadable
+            keep &= table[column].map(_canonical).isin(values).to_numpy()
+        return keep
 
     @property
     def columns(self) -> list[str]:
@@ -476,6 +513,14 @@ class Metadata:
             ids.append(text or None)
             reasons.append(None if text else f"no subject id in column {self.subject_column!r} ({cell!r})")
         return ids, reasons
+
+
+class CohortScan(NamedTuple):
+    """What :meth:`CohortCard.scan` finds in a raw folder: usable records, unusable rows, unlisted images."""
+
+    records: pd.DataFrame
+    problems: pd.DataFrame
+    unlisted: pd.DataFrame
 
 
 @dataclass(frozen=True)
@@ -565,22 +610,30 @@ class CohortCard:
         return {name: label.values for name, label in self.labels.items() if name != COHORT}
 
     def index(self, raw_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Index a raw cohort folder.
+        """Index a raw cohort folder: the ``records`` and ``problems`` of :meth:`scan`."""
+        scan = self.scan(raw_dir)
+        return scan.records, scan.problems
+
+    def scan(self, raw_dir: str | Path) -> CohortScan:
+        """Index a raw cohort folder, and find the image files that no metadata row names.
 
         Returns
         -------
-        records
-            One row per usable image: ``source_id`` (the cohort's own subject id), ``image``
+        CohortScan
+            ``records``: one row per usable image: ``source_id`` (the cohort's own subject id), ``image``
             (absolute path), one column per label, ``cohort``.
-        problems
-            One row per unusable metadata row: ``source_id``, ``image``, ``reason``, ``cohort``.
-            A row has every reason that applies, joined by ``"; "``.
+            ``problems``: one row per unusable metadata row: ``source_id`` (``""`` if the row has none),
+            ``image``, ``row`` (``"ukb_phenotypes.csv, line 12"``), ``reason``, ``cohort``. A row has every
+            reason that applies, joined by ``"; "``.
+            ``unlisted``: for a card with ``images.pattern``, the files under ``raw_dir`` that match it
+            but no table row names (rows the ``filter`` drops count as naming theirs): ``source_id``
+            (taken from the path, ``""`` if the pattern has no subject field), ``image``, ``cohort``.
 
         Raises
         ------
         CardError
-            If the cohort is generated (no raw folder), a table is missing or lacks a column the
-            card uses: then no row could be used.
+            If the cohort is generated (no raw folder), a table is missing, has no data rows, or lacks
+            a column the card uses: then no row could be used.
         """
         if self.generator is not None:
             raise CardError(
@@ -592,8 +645,14 @@ class CohortCard:
         table, unreadable = self.metadata.read(
             raw_dir, self.metadata.columns + self.images.columns + label_columns, self.path
         )
-        ids, id_reasons = self.metadata.subject_ids(table)
         paths, path_reasons = self.images.relative_paths(table)
+        unlisted = self._unlisted(raw_dir, {p for p in paths if p is not None})
+        keep = self.metadata.selected(table)
+        table = table[keep]
+        paths = [p for p, kept in zip(paths, keep) if kept]
+        path_reasons = [r for r, kept in zip(path_reasons, keep) if kept]
+        places, table = table.index.tolist(), table.reset_index(drop=True)
+        ids, id_reasons = self.metadata.subject_ids(table)
         images = [str(raw_dir / p) if p is not None else "" for p in paths]
         reasons = [[r] if r else [] for r in id_reasons]
         for row, (path, reason) in enumerate(zip(paths, path_reasons)):
@@ -606,7 +665,7 @@ class CohortCard:
             if image and image in seen:
                 reasons[row].append(f"image {image} is listed by an earlier row too")
             seen.add(image)
-        columns = {SOURCE_ID: [i or "" for i in ids], IMAGE: images}
+        columns = {SOURCE_ID: [i or "" for i in ids], IMAGE: images, ROW: places}
         for name, label in self.labels.items():
             values, label_reasons = label.apply(table[label.column] if label.column else pd.Series([""] * len(table)))
             columns[name] = values
@@ -614,14 +673,47 @@ class CohortCard:
                 if reason:
                     reasons[row].append(reason)
         columns.setdefault(COHORT, [self.name] * len(table))
-        frame = pd.DataFrame(columns, columns=[SOURCE_ID, IMAGE, *(n for n in self.labels if n != COHORT), COHORT])
+        frame = pd.DataFrame(
+            columns, columns=[SOURCE_ID, IMAGE, ROW, *(n for n in self.labels if n != COHORT), COHORT]
+        )
         bad = np.array([bool(r) for r in reasons], dtype=bool)
-        records = frame[~bad].reset_index(drop=True)
-        problems = frame.loc[bad, [SOURCE_ID, IMAGE, COHORT]].assign(**{REASON: ["; ".join(r) for r in reasons if r]})
+        records = frame[~bad].drop(columns=ROW).reset_index(drop=True)
+        problems = frame.loc[bad, [SOURCE_ID, IMAGE, ROW, COHORT]].assign(
+            **{REASON: ["; ".join(r) for r in reasons if r]}
+        )
         unreadable_rows = pd.DataFrame(
-            {SOURCE_ID: "", IMAGE: "", COHORT: self.name, REASON: unreadable}, index=range(len(unreadable))
+            {SOURCE_ID: "", IMAGE: "", ROW: [place for place, _ in unreadable], COHORT: self.name,
+             REASON: [problem for _, problem in unreadable]},
+            index=range(len(unreadable)),
         )
-        problems = pd.concat([problems, unreadable_rows], ignore_index=True)[[SOURCE_ID, IMAGE, REASON, COHORT]].astype(
-            str
+        problems = pd.concat([problems, unreadable_rows], ignore_index=True)[
+            [SOURCE_ID, IMAGE, ROW, REASON, COHORT]
+        ].astype(str)
+        records = records.astype({name: label.dtype for name, label in self.labels.items() if name != COHORT})
+        return CohortScan(records, problems, unlisted)
+
+    def _unlisted(self, raw_dir: Path, listed: set[str]) -> pd.DataFrame:
+        """Files matching ``images.pattern`` (one glob) that are not in ``listed``; see :meth:`scan`."""
+        found = []
+        if self.images.pattern is not None:
+            parts = _FIELD.split(self.images.pattern)  # literal, field, literal, ...
+            fields = parts[1::2]
+            matcher = re.compile(
+                "".join(re.escape(part) if i % 2 == 0 else "([^/]*)" for i, part in enumerate(parts))
+            )
+            glob = "".join(part if i % 2 == 0 else "*" for i, part in enumerate(parts))
+            for path in sorted(raw_dir.glob(glob)):
+                relative = path.relative_to(raw_dir).as_posix()
+                match = matcher.fullmatch(relative)
+                if relative in listed or match is None:
+                    continue
+                values = dict(zip(fields, match.groups()))
+                source_id = values.get(self.metadata.subject_column, "")
+                if source_id and self.metadata.subject_regex is not None:
+                    id_match = self.metadata.subject_regex.search(source_id)
+                    source_id = id_match.group(1) if id_match else ""
+                found.append((source_id, str(path)))
+        cohort = self.labels.get(COHORT)
+        return pd.DataFrame(found, columns=[SOURCE_ID, IMAGE], dtype=str).assign(
+            **{COHORT: str(cohort.value) if isinstance(cohort, ConstantLabel) else self.name}
         )
-        return records.astype({name: label.dtype for name, label in self.labels.items() if name != COHORT}), problems

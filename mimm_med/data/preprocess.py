@@ -4,7 +4,9 @@ Outputs, all under ``out_dir``::
 
     images/<subject_id>/<image_id>.<ext>   one processed image per raw image
     manifest.csv                           every image: subject_id, image, labels, cohort, status
-    errors.csv                             every failure: subject_id, file (pseudonymised), reason
+    errors.csv                             every failure: subject_id (blank for a metadata row without an
+                                           id), file (pseudonymised), reason (of a metadata row: led by its
+                                           table and line); ``mimm-med cohort locate`` maps it back
     pipeline.json                          the pipeline config with its overrides, for provenance, and
                                            the fingerprint of the pseudonymisation key (never the key)
 
@@ -45,6 +47,7 @@ from mimm_med.data.manifest import (
     read_manifest,
     write_manifest,
 )
+from mimm_med.data.cohort_card import ROW
 from mimm_med.data.pseudonym import Pseudonymiser, canonical_text, mask_identifier
 from mimm_med.data.writers import atomic_output
 
@@ -166,6 +169,8 @@ class Shard:
         return cls(int(match[1]), int(match[2]))
 
     def __contains__(self, subject_id: str) -> bool:
+        if not subject_id:  # a metadata row without an id is reported once, by the first shard
+            return self.index == 0
         return int(subject_id.removeprefix("sub-"), 16) % self.count == self.index
 
     def suffix(self) -> str:
@@ -293,6 +298,7 @@ class PreprocessSummary:
     seconds: float
     manifest: Path
     errors: Path
+    unlisted: tuple[str, ...] = ()  # image files without a metadata row, shown as errors.csv shows files
 
     @property
     def ok(self) -> bool:
@@ -304,6 +310,7 @@ class PreprocessSummary:
             f"preprocess: {self.done} done, {self.skipped} skipped, {self.failed} failed, "
             f"{self.problems} metadata problems in {self.seconds:.1f} s; manifest {self.manifest}"
             + ("" if self.ok else f"; reasons in {self.errors}")
+            + (f"; {len(self.unlisted)} images without a metadata row, not processed" if self.unlisted else "")
         )
 
 
@@ -355,16 +362,54 @@ def _plan(
     return rows, tasks
 
 
+def _subject(pseudonymiser: Pseudonymiser, cohort: str, source_id: str) -> str:
+    """The pseudonym of ``source_id``; ``""`` for no id, which must not pass for a subject of its own."""
+    return pseudonymiser.subject(cohort, source_id) if source_id else ""
+
+
 def _problem_reports(problems: pd.DataFrame, raw_dir: Path, pseudonymiser: Pseudonymiser, shard: Shard) -> list[dict]:
-    """Error report rows of this shard's unusable metadata rows."""
+    """Error report rows of this shard's unusable metadata rows, each reason led by the row's table and line."""
     reports = []
     for problem in problems.to_dict("records"):
         source_id, cohort = canonical_text(problem[SOURCE_ID]), str(problem[COHORT])
-        subject_id = pseudonymiser.subject(cohort, source_id)
+        subject_id = _subject(pseudonymiser, cohort, source_id)
         if subject_id in shard:
             shown, mask = Masking.of(str(problem[IMAGE]), raw_dir, source_id, subject_id)
-            reports.append({SUBJECT: subject_id, "file": shown, "reason": mask(f"metadata: {problem['reason']}")})
+            # The place is left out of the masking: a line number may equal the id.
+            place = f"{problem[ROW]}: " if problem.get(ROW) else ""
+            reason = f"metadata: {place}{mask(problem['reason'])}"
+            reports.append({SUBJECT: subject_id, "file": shown, "reason": reason})
     return reports
+
+
+def _unlisted_shown(unlisted: pd.DataFrame, raw_dir: Path, pseudonymiser: Pseudonymiser, shard: Shard) -> list[str]:
+    """This shard's images without a metadata row, as ``errors.csv`` shows files: relative, the id a pseudonym."""
+    shown = []
+    for image in unlisted.to_dict("records"):
+        source_id = canonical_text(image[SOURCE_ID])
+        subject_id = _subject(pseudonymiser, str(image[COHORT]), source_id)
+        if subject_id in shard:
+            shown.append(Masking.of(str(image[IMAGE]), raw_dir, source_id, subject_id)[0])
+    return shown
+
+
+def subject_sources(frames: Iterable[pd.DataFrame], pseudonymiser: Pseudonymiser) -> dict[str, tuple[str, list[str]]]:
+    """Pseudonym -> (source id, raw images) of every subject with an id in ``frames`` (``source_id``, ``image``,
+    ``cohort``: the records, problems and unlisted images of a card's scan), for whoever holds the key."""
+    sources: dict[str, tuple[str, list[str]]] = {}
+    for frame in frames:
+        for row in frame.to_dict("records"):
+            source_id = canonical_text(row[SOURCE_ID])
+            if source_id:
+                _, images = sources.setdefault(pseudonymiser.subject(str(row[COHORT]), source_id), (source_id, []))
+                if row[IMAGE]:
+                    images.append(str(row[IMAGE]))
+    return sources
+
+
+def unmask_file(shown: str, subject_id: str, source_id: str, raw_dir: Path) -> Path:
+    """The raw path of a ``file`` of ``errors.csv``: the inverse of :meth:`Masking.of`, given the source id."""
+    return raw_dir / mask_identifier(shown, subject_id, source_id)
 
 
 def finished_images(out_dir: Path) -> set[str]:
@@ -397,6 +442,7 @@ def preprocess_records(
     workers: int = 1,
     shard: Shard = Shard(),
     progress: bool = True,
+    unlisted: pd.DataFrame | None = None,
 ) -> PreprocessSummary:
     """Preprocess a cohort's records into ``out_dir``; see the module docstring for the outputs.
 
@@ -406,8 +452,8 @@ def preprocess_records(
         One row per raw image: ``source_id``, ``image`` (absolute path), one column per label, ``cohort``
         (a card's ``index`` result).
     problems
-        Metadata rows the card could not use: ``source_id``, ``image``, ``reason``, ``cohort``;
-        reported as failures.
+        Metadata rows the card could not use: ``source_id`` (``""``: none), ``image``, ``reason``, ``cohort``
+        and, where known, ``row`` (its table and line); reported as failures.
     config
         Pipeline config from :func:`load_pipeline_config`.
     raw_dir
@@ -418,6 +464,10 @@ def preprocess_records(
         Processes; 1 runs in this process.
     shard
         The subset of subjects to process.
+    unlisted
+        Image files that no metadata row names (``source_id``, ``image``, ``cohort``; a card's
+        :meth:`~mimm_med.data.cohort_card.CohortCard.scan`): not processed, not failures, but listed
+        in the summary.
 
     Raises
     ------
@@ -432,9 +482,10 @@ def preprocess_records(
     Examples
     --------
     >>> card = CohortCard.from_yaml("cohorts/ukb.yaml")
-    >>> records, problems = card.index("/data/ukb")
+    >>> scan = card.scan("/data/ukb")
     >>> config = load_pipeline_config(card.pipeline, {"spatial_size": [64, 64, 64]})
-    >>> preprocess_records(records, problems, config, "/data/ukb", "processed/ukb", Pseudonymiser(key), workers=8)
+    >>> preprocess_records(scan.records, scan.problems, config, "/data/ukb", "processed/ukb", Pseudonymiser(key),
+    ...                    workers=8, unlisted=scan.unlisted)
     """
     start = time.perf_counter()
     raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
@@ -478,4 +529,5 @@ def preprocess_records(
         seconds=time.perf_counter() - start,
         manifest=tables[0],
         errors=tables[1],
+        unlisted=tuple(_unlisted_shown(unlisted, raw_dir, pseudonymiser, shard)) if unlisted is not None else (),
     )

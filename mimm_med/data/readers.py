@@ -3,6 +3,7 @@ greyscale PIL images."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -225,10 +226,23 @@ class DicomXrayReader(ImageReader):
 
 
 def pil_to_greyscale(image: Image.Image) -> Image.Image:
-    """Convert colour PIL images to 8-bit luminance; keep greyscale images at their bit depth.
+    """Decode a PIL image, then convert colour to 8-bit luminance; keep greyscale images at their bit depth.
 
     Used as ``PILReader(converter=...)``: ``image.convert("L")`` would also squash 16-bit PNGs to 8 bit.
+
+    Raises
+    ------
+    ValueError
+        If the file is truncated or its data is corrupt: PIL reads lazily and would otherwise fail
+        later with a bare ``struct.error`` ("unpack_from requires a buffer ...").
     """
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, struct.error) as error:
+        raise ValueError(
+            f"truncated or not a valid {image.format or 'image'} file ({type(error).__name__}: {error}); "
+            "copy or export it again"
+        ) from None
     if image.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
         return image
     return image.convert("L")
