@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from mimm_med.data.writers import atomic_output
 from mimm_med.tracking._rank import is_rank_zero
 
 logger = logging.getLogger(__name__)
@@ -97,8 +97,9 @@ class ResumeFromLatest:
         The run's settings (e.g. the parameters it logs to MLflow), recorded in ``directory`` when
         the run starts fresh. A checkpoint is resumed only under the settings it was trained with,
         and never once its run has finished all its epochs: :meth:`attach` raises
-        :class:`RunFolderConflict` (:class:`RunFinished`) instead, before any ``STARTED`` handler runs (a rerun with another
-        ``mi_weight`` would otherwise continue, and register, the old weights).
+        :class:`RunFolderConflict` (:class:`RunFinished`) instead, before any ``STARTED`` handler
+        runs (a rerun with another ``mi_weight`` would otherwise continue, and register, the old
+        weights).
     """
 
     def __init__(
@@ -120,9 +121,9 @@ class ResumeFromLatest:
         self.checkpoint: Path | None = None
 
     def attach(self, engine: Engine) -> None:
-        """Check the folder now, and load on ``STARTED``; list this handler first so later ``STARTED`` handlers see the restored state.
+        """Check the folder now and load on ``STARTED``; attach it first, so later ``STARTED`` handlers see the restored state.
 
-        ``checkpoint`` is then the checkpoint to resume from, or ``None`` for a fresh run.
+        :attr:`checkpoint` is then the checkpoint to resume from, or ``None`` for a fresh run.
         """
         self.checkpoint = latest_checkpoint(self.directory, self.pattern)
         if self.checkpoint is None:
@@ -134,11 +135,8 @@ class ResumeFromLatest:
     def _record_settings(self) -> None:
         if self.settings is None or not is_rank_zero():
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        record = self.directory / SETTINGS_FILE
-        temporary = record.with_name(f".tmp-{os.getpid()}-{SETTINGS_FILE}")
-        temporary.write_text(json.dumps(self.settings, indent=2, sort_keys=True))
-        os.replace(temporary, record)
+        with atomic_output(self.directory / SETTINGS_FILE) as temporary:
+            temporary.write_text(json.dumps(self.settings, indent=2, sort_keys=True))
 
     def _check_resumable(self, engine: Engine, path: Path) -> None:
         fixes = (
@@ -169,7 +167,7 @@ class ResumeFromLatest:
             )
 
     def __call__(self, engine: Engine) -> None:
-        path = self.checkpoint if self.checkpoint is not None else latest_checkpoint(self.directory, self.pattern)
+        path = self.checkpoint
         if path is None:
             return
         CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=str(engine.state.device))(engine)
