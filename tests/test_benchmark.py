@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 
 import numpy as np
@@ -31,7 +32,7 @@ from mimm_med.benchmark import (
 from mimm_med.benchmark import matrix as matrix_module
 from mimm_med.benchmark.datasets import BrainStandinData, ChestXrayStandinData
 from mimm_med.cli import build_parser, main
-from mimm_med.commands.benchmark import command_line, resolve
+from mimm_med.commands.benchmark import cell_options, command_line, resolve
 from mimm_med.data.confounding import SPLIT_NAMES
 from mimm_med.engines import TrainingDiverged
 from mimm_med.networks import MIMMXNet
@@ -103,6 +104,37 @@ def test_resume_skips_finished_cells(tmp_path, fake_training):
     assert fake_training[12:] == [cells[4].method]
     with pytest.raises(StaleCellError, match="epochs"):
         run_matrix(cells, datasets, tmp_path, {"epochs": 2}, progress=False)
+    damaged = tmp_path / "cells" / f"{cells[0].key}.json"
+    damaged.write_text(damaged.read_text()[:100])
+    with pytest.raises(StaleCellError, match=rf"{damaged.name} is not a readable cell .*delete it"):
+        run_matrix(cells, datasets, tmp_path, {"epochs": 1}, progress=False)
+
+
+def test_cells_record_what_changes_their_figures():
+    parser = build_parser()
+    plain = cell_options(resolve(parser.parse_args(["benchmark"])))
+    assert "residual_mi" not in plain and "scale" not in plain  # cells stored before these options stay valid
+    assert cell_options(resolve(parser.parse_args(["benchmark", "--residual-mi"])))["residual_mi"] is True
+    assert cell_options(resolve(parser.parse_args(["benchmark", "--quick"])))["scale"] == "quick"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--correlations", "0.9,0.98,0.9"], r"--correlations: 0.9 given more than once"),
+        (["--correlations", "0.9000001"], r"at most 6 significant digits"),
+        (["--datasets", "digits,digits"], r"--datasets: digits given more than once"),
+        (["--datasets", ","], r"--datasets: expected comma-separated names"),
+        (["--seeds", "0"], r"--seeds: must be at least 1, got 0"),
+        (["--epochs", "-1"], r"--epochs: must be at least 1, got -1"),
+        (["--n-critic", "-1"], r"--n-critic: must be at least 0, got -1"),
+    ],
+)
+def test_a_matrix_that_would_be_empty_or_count_cells_twice_is_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["benchmark", *argv])
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 class AugmentedTinyData(TinyData):

@@ -492,3 +492,12 @@ def test_readout_fit_does_not_depend_on_the_scale_of_the_weights():
     np.testing.assert_allclose(summed_to_one, mean_one, rtol=1e-6)
     # Taken as they are, weights summing to one would shrink the coefficients towards zero.
     assert np.abs(mean_one).sum() > 0.5 * np.abs(unweighted).sum()
+
+
+def test_nan_scores_are_refused_not_scored_as_class_zero():
+    from mimm_med.evaluation.metrics import as_probabilities
+
+    logits = np.array([[0.1, 0.9], [np.nan, 0.0], [0.3, 0.2], [np.inf, 1.0]])
+    with pytest.raises(ValueError, match=r"2 of 4 rows of classification scores are NaN or infinite \(first rows \[1, 3\]\)"):
+        as_probabilities(logits)
+    assert as_probabilities(logits[[0, 2]]).shape == (2, 2)

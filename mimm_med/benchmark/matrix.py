@@ -29,8 +29,13 @@ DEFAULT_METHODS: tuple[str, ...] = ("erm", "rebalance", *PENALTY_METHODS, "oracl
 REBALANCED_METHODS: tuple[str, ...] = tuple(f"{name}+rebalance" for name in PENALTY_METHODS)
 
 
+#: Options recorded with a cell that are no ExperimentConfig fields: they change its figures (the
+#: residual-MI metrics, the stand-in cohorts' size) but not its training.
+RECORDED_ONLY: tuple[str, ...] = ("residual_mi", "scale")
+
+
 class StaleCellError(ValueError):
-    """A stored cell was run with other settings than the benchmark that finds it."""
+    """A stored cell cannot be reused: it was run with other settings than the benchmark that finds it, or is damaged."""
 
 
 def transform_name(transform: Callable | None) -> str | None:
@@ -88,7 +93,8 @@ def run_cell(
     data
         The cell's splits, from :meth:`BenchmarkDataset.data` (train and val at r = 0.5 for the oracle).
     options
-        :class:`~mimm_med.experiment.ExperimentConfig` fields shared by every cell (epochs, mi_weight, …).
+        :class:`~mimm_med.experiment.ExperimentConfig` fields shared by every cell (epochs, mi_weight, …),
+        and the :data:`RECORDED_ONLY` settings the cells are stored with.
     residual_mi
         Passed to :func:`~mimm_med.experiment.run_experiment` (``None``: no residual MI).
 
@@ -101,7 +107,8 @@ def run_cell(
         and ``diverged``: the :class:`~mimm_med.engines.TrainingDiverged` message, or ``None``. A diverged
         cell is a result too (no metrics, NaN seconds): rerunning it with the same seed diverges again.
     """
-    config = ExperimentConfig(**{**data.config_defaults, **options, "method": cell.method, "seed": cell.seed})
+    training = {key: value for key, value in options.items() if key not in RECORDED_ONLY}
+    config = ExperimentConfig(**{**data.config_defaults, **training, "method": cell.method, "seed": cell.seed})
     result = {
         "cell": asdict(cell),
         "options": dict(options),
@@ -164,7 +171,11 @@ def load_cell(path: Path, options: Mapping[str, Any], train_transform: str | Non
     StaleCellError
         If the stored options or augmentation differ: mixing settings in one table would be silently wrong.
     """
-    result = json.loads(path.read_text())
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        # the benchmark writes cells atomically, so only a damaged or hand-edited file gets here
+        raise StaleCellError(f"{path} is not a readable cell ({error}); delete it and that cell is run again") from None
     stored = (result["options"], result.get("train_transform"))
     if stored != (dict(options), train_transform):
         raise StaleCellError(

@@ -23,6 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DATASETS = ("digits", "brain", "cxr")
 DEFAULT_EXPERIMENT = "mimm-med-benchmark"
@@ -45,7 +46,29 @@ QUICK = Defaults(correlations=(0.9, 0.98), seeds=1, epochs=10, out="out/benchmar
 
 
 def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    _refuse_repeats(names, text)
+    return names
+
+
+def _refuse_repeats(values: list, text: str) -> None:
+    # a repeated entry would count its cells twice in the mean ± sd, as if there were more seeds
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        shown = ", ".join(f"{value:g}" if isinstance(value, float) else value for value in repeated)
+        raise argparse.ArgumentTypeError(f"{shown} given more than once in {text!r}")
+
+
+def _at_least(minimum: int):
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return integer
 
 
 def _listed(values: tuple[float, ...]) -> str:
@@ -59,6 +82,11 @@ def _correlations(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.7,0.9; got {text!r}") from None
     if not all(0.5 <= value < 1.0 for value in values):
         raise argparse.ArgumentTypeError(f"correlations lie in [0.5, 1) (the inverted set uses 1 - r), got {text!r}")
+    # cells are stored under r written with :g, so r must survive that spelling (0.9000001 would reuse r = 0.9's cells)
+    unspellable = [value for value in values if float(f"{value:g}") != value]
+    if unspellable:
+        raise argparse.ArgumentTypeError(f"give r with at most 6 significant digits, got {unspellable}")
+    _refuse_repeats(list(values), text)
     return values
 
 
@@ -87,14 +115,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     matrix.add_argument(
         "--seeds",
-        type=int,
+        type=_at_least(1),
         help=f"seeds 0..N-1 per cell (default: {FULL.seeds}; quick: {QUICK.seeds})",
     )
     matrix.add_argument(
         "--quick", action="store_true", help="tiny stand-ins, fewer correlations, seeds and epochs: minutes on a CPU"
     )
     training = parser.add_argument_group("training (ExperimentConfig)")
-    training.add_argument("--epochs", type=int, help=f"default: {FULL.epochs}; quick: {QUICK.epochs}")
+    training.add_argument("--epochs", type=_at_least(1), help=f"default: {FULL.epochs}; quick: {QUICK.epochs}")
     training.add_argument("--mi-weight", type=float, default=1.0, help="λ of the dependence term (default: 1.0)")
     training.add_argument(
         "--estimator",
@@ -117,7 +145,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     training.add_argument(
         "--no-augment", action="store_true", help="do not shift, scale and tilt the training digits (Digits-Morpho)"
     )
-    training.add_argument("--n-critic", type=int, default=3, help="critic steps per encoder step (default: 3)")
+    training.add_argument("--n-critic", type=_at_least(0), default=3, help="critic steps per encoder step (default: 3)")
     training.add_argument("--residual-mi", action="store_true", help="also fit a fresh critic per factor on f_y (slow)")
     training.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     training.add_argument(
@@ -187,6 +215,25 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(words + (["--docs", str(args.docs)] if args.docs else []))
 
 
+def cell_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a finished cell is stored with; a cell stored with others is not reused (:class:`StaleCellError`)."""
+    return {
+        "epochs": args.epochs,
+        "mi_weight": args.mi_weight,
+        "estimator": args.estimator,
+        "conditional": args.conditional,
+        "n_critic": args.n_critic,
+        "device": args.device,
+        # Only when set: cells finished before these options existed stay valid for a resumed run.
+        **({"invariant_head": True} if args.invariant_head else {}),
+        **({"reference": args.reference} if args.reference != "features" else {}),
+        **({"balanced": True} if args.balanced else {}),
+        **({"residual_mi": True} if args.residual_mi else {}),
+        # the quick stand-ins are smaller cohorts than the full ones under the same cell names
+        **({"scale": "quick"} if args.quick else {}),
+    }
+
+
 def run_benchmark(args: argparse.Namespace) -> int:
     """Run ``mimm-med benchmark``; return the exit status."""
     from mimm_med.benchmark import (
@@ -217,18 +264,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"mimm-med benchmark: {error}", file=sys.stderr)
         return 2
-    options = {
-        "epochs": args.epochs,
-        "mi_weight": args.mi_weight,
-        "estimator": args.estimator,
-        "conditional": args.conditional,
-        "n_critic": args.n_critic,
-        "device": args.device,
-        # Only when set: cells finished before these options existed stay valid for a resumed run.
-        **({"invariant_head": True} if args.invariant_head else {}),
-        **({"reference": args.reference} if args.reference != "features" else {}),
-        **({"balanced": True} if args.balanced else {}),
-    }
+    options = cell_options(args)
     cells = plan_cells(args.datasets, args.methods, args.correlations, range(args.seeds))
     command = command_line(args)
     start = time.perf_counter()

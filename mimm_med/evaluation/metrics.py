@@ -32,6 +32,12 @@ def as_probabilities(logits_or_probs: np.ndarray) -> np.ndarray:
             f"expected classification scores of shape (N, C) with C >= 2, got {scores.shape}; for a "
             "positive-class probability p use np.stack([1 - p, p], axis=1)."
         )
+    if not np.isfinite(scores).all():
+        rows = np.flatnonzero(~np.isfinite(scores).all(axis=1))
+        raise ValueError(
+            f"{len(rows)} of {len(scores)} rows of classification scores are NaN or infinite (first rows {rows[:5].tolist()}); "
+            "the network's outputs diverged: check the checkpoint and the images of those rows"
+        )
     is_distribution = np.all((scores >= 0) & (scores <= 1)) and np.allclose(scores.sum(axis=1), 1, atol=1e-4)
     return scores if is_distribution else softmax(scores, axis=1)
 
