@@ -85,6 +85,14 @@ def test_labels_outside_the_allowed_values(tmp_path):
         load_manifest(path, label_values={"age_group": [0, 1]})
 
 
+@pytest.mark.parametrize("content, message", [(b"", "cannot be read as CSV"), ("sub\u00e9".encode("utf-16"), "is not UTF-8 text")])
+def test_a_manifest_pandas_cannot_read_is_named(tmp_path, content, message):
+    path = tmp_path / "manifest.csv"
+    path.write_bytes(content)
+    with pytest.raises(ManifestError, match=rf"manifest .*manifest.csv {message}"):
+        load_manifest(path)
+
+
 def test_status_other_than_ok_or_failed_is_refused_not_dropped(tmp_path):
     path = make_manifest(tmp_path, status=["ok"] * 6 + ["done", None])
     with pytest.raises(ManifestError, match=r"status must be 'ok' or 'failed', but 2 rows \(subjects sub-0006, sub-0007\) hold \['done', 'nan'\]"):

@@ -171,6 +171,8 @@ def test_registry_cli_promotes_and_lists(trained, capsys):
     assert rows[str(first.version)] == ["candidate,champion", first.run_id]
     assert main(["registry", "list", "no_such_model", *uri]) == 2
     assert MODEL_NAME in capsys.readouterr().err
+    assert main(["registry", "promote", MODEL_NAME, "--version", str(first.version), "--alias", "latest", *uri]) == 2
+    assert "choose an alias of letters" in capsys.readouterr().err
 
 
 def test_registry_refuses_a_folder_without_a_store(tmp_path, capsys):

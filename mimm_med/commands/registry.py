@@ -42,12 +42,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def promote_command(args: argparse.Namespace) -> int:
     """Run ``mimm-med registry promote``."""
+    from mlflow.exceptions import MlflowException
+
     from mimm_med.tracking import promote
 
     try:
         version = promote(args.name, args.version, args.alias, args.tracking_uri)
     except (LookupError, FileNotFoundError) as error:
         return _fail("promote", error)
+    except MlflowException as error:  # e.g. a reserved alias ("latest", "v1") or one with a slash
+        return _fail("promote", f"{error.message}; choose an alias of letters, digits, '_' and '-', such as champion")
     print(f"models:/{args.name}@{args.alias} -> version {version.version} (run {version.run_id})")
     return 0
 
@@ -68,6 +72,6 @@ def list_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fail(command: str, error: Exception) -> int:
+def _fail(command: str, error: Exception | str) -> int:
     print(f"mimm-med registry {command}: {error}", file=sys.stderr)
     return 2

@@ -60,7 +60,14 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist; make it with `mimm-med preprocess` or `cohort merge`")
-    table = pd.read_csv(path, dtype={SUBJECT: str, IMAGE: str, COHORT: str, STATUS: str})
+    try:
+        table = pd.read_csv(path, dtype={SUBJECT: str, IMAGE: str, COHORT: str, STATUS: str})
+    except UnicodeDecodeError:
+        raise ManifestError(f"manifest {path} is not UTF-8 text; write manifests with `mimm-med preprocess` or `cohort merge`") from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as error:
+        raise ManifestError(
+            f"manifest {path} cannot be read as CSV ({error}); re-run `mimm-med preprocess` or `cohort merge`, which write it"
+        ) from None
     missing = [c for c in RESERVED_COLUMNS if c not in table.columns]
     if missing:
         raise ManifestError(
