@@ -462,6 +462,17 @@ def test_a_set_too_small_for_the_residual_mi_critics_leaves_the_other_metrics():
     assert 0.0 <= flatten_metrics(results)["balanced/y_acc"] <= 1.0
 
 
+def test_a_factor_that_does_not_vary_in_the_probed_set_leaves_the_other_metrics():
+    outputs = synthetic_outputs(0.5, seed=1, n=40)
+    one_sided = {**outputs, "z_label": np.zeros_like(outputs["z_label"])}
+
+    with pytest.warns(UserWarning, match="leakage of z on the balanced set not estimated: z holds a single class"):
+        results = evaluate_test_sets({"balanced": one_sided}, "y", ["z"], "balanced")
+
+    assert np.isnan(results["leakage"]["z"])
+    assert 0.0 <= flatten_metrics(results)["balanced/y_acc"] <= 1.0
+
+
 def test_residual_mi_with_the_label_reads_the_leak_and_not_what_f_z_shares_with_y():
     # Balanced set: f_z follows y (its head learnt y as a shortcut for z), f_y carries y and no z.
     rng = np.random.default_rng(0)

@@ -17,6 +17,10 @@ from mimm_med.evaluation.readout import standardized_logistic_regression
 __all__ = ["TooFewRowsError", "linear_probe_leakage", "residual_mutual_information"]
 
 
+class UndefinedLeakageError(ValueError):
+    """The factor does not vary enough in the probed set (one class, or a class of one sample) for :func:`linear_probe_leakage`."""
+
+
 class TooFewRowsError(ValueError):
     """Too few rows (in a class of ``given``) for the cross-fitted critics of :func:`residual_mutual_information`."""
 
@@ -53,12 +57,12 @@ def linear_probe_leakage(
     check_same_length({"features": features, "z": z})
     classes, counts = np.unique(z, return_counts=True)
     if classes.size < 2:
-        raise ValueError(
+        raise UndefinedLeakageError(
             f"z holds a single class ({classes.tolist()}); leakage is undefined, probe a test set where the "
             "factor varies."
         )
     if counts.min() < 2:
-        raise ValueError(
+        raise UndefinedLeakageError(
             f"z class {classes[counts.argmin()]} has {counts.min()} sample; the cross-validated probe needs at "
             "least 2 samples per class."
         )

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mimm_med.evaluation.leakage import TooFewRowsError, linear_probe_leakage, residual_mutual_information
+from mimm_med.evaluation.leakage import TooFewRowsError, UndefinedLeakageError, linear_probe_leakage, residual_mutual_information
 from mimm_med.evaluation.metrics import classification_report, switched_heads
 
 __all__ = ["evaluate_test_sets", "flatten_metrics", "results_table"]
@@ -92,9 +92,14 @@ def evaluate_test_sets(
     probed = outputs_by_set[leakage_set]
     primary_features = _output(probed, f"{primary}_features", leakage_set)
     for factor in spurious:
-        results["leakage"][factor] = linear_probe_leakage(
-            primary_features, _output(probed, f"{factor}_label", leakage_set), seed=seed
-        )
+        try:
+            results["leakage"][factor] = linear_probe_leakage(
+                primary_features, _output(probed, f"{factor}_label", leakage_set), seed=seed
+            )
+        except UndefinedLeakageError as error:
+            # a small or one-sided test set must not cost the metrics of a trained network
+            results["leakage"][factor] = float("nan")
+            warnings.warn(f"leakage of {factor} on the {leakage_set} set not estimated: {error}", stacklevel=2)
         if residual_mi is not None:
             factor_features = _output(probed, f"{factor}_features", leakage_set)
             pairs = {
