@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 COHORT_KINDS_HELP = "ukb, nako, chexpert or chexpert_plus"
-MAX_CATEGORIES = 10  # labels with more distinct numeric values are binned into quartiles for counts
 
 
 def _pairs(text: str) -> dict[str, float]:
@@ -260,6 +259,8 @@ def digits_command(args: argparse.Namespace) -> int:
 def _as_factor(values):
     """Quartile bins for a many-valued numeric label (age), the values themselves otherwise."""
     import pandas as pd
+
+    from mimm_med.data.manifest import MAX_CATEGORIES
 
     if pd.api.types.is_numeric_dtype(values) and values.nunique() > MAX_CATEGORIES:
         return pd.qcut(values, 4)

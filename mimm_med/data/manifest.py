@@ -29,7 +29,7 @@ RESERVED_COLUMNS: tuple[str, ...] = (SUBJECT, IMAGE, COHORT, STATUS)
 STATUS_OK, STATUS_FAILED = "ok", "failed"
 PIPELINE_RECORD = "pipeline.json"  # beside the manifests of a `mimm-med preprocess` output folder
 KEY_FINGERPRINT = "pseudonym_key_fingerprint"  # its entry naming the pseudonymisation key
-MAX_CATEGORIES = 10  # label columns with at most this many values are checked for coding clashes on merge
+MAX_CATEGORIES = 10  # a label with at most this many distinct values is categorical (merge checks its coding, describe counts each)
 _SHOWN = 5  # how many offending rows an error message lists
 
 
