@@ -128,6 +128,9 @@ def test_cells_record_what_changes_their_figures():
         (["--seeds", "0"], r"--seeds: must be at least 1, got 0"),
         (["--epochs", "-1"], r"--epochs: must be at least 1, got -1"),
         (["--n-critic", "-1"], r"--n-critic: must be at least 0, got -1"),
+        (["--threads", "0"], r"--threads: must be at least 1, got 0"),
+        (["--mi-weight", "nan"], r"--mi-weight: must be a finite number >= 0"),
+        (["--docs", "docs"], r"--docs: expected a Markdown file such as docs/results.md"),
     ],
 )
 def test_a_matrix_that_would_be_empty_or_count_cells_twice_is_refused(argv, message, capsys):
@@ -315,6 +318,30 @@ def test_quick_path_end_to_end(tmp_path, monkeypatch):
     assert main(argv) == 0
     assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == parent
     assert len(children()) == 6
+
+
+def test_an_unwritable_out_or_unreachable_server_stops_before_any_cell(tmp_path, fake_training, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    argv = ["benchmark", "--datasets", "digits", "--methods", "erm", "--correlations", "0.9", "--seeds", "1",
+            "--no-progress", "--tracking-uri", uri]  # fmt: skip
+    assert main([*argv, "--out", str(blocked / "out")]) == 2
+    assert f"cannot write {blocked / 'out'}" in capsys.readouterr().err
+    assert MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()]) == []
+
+    unwritable = tmp_path / "unwritable"
+    (unwritable / "mlflow_run.json").mkdir(parents=True)  # the run file cannot be written once the run exists
+    assert main([*argv, "--out", str(unwritable)]) == 2
+    assert f"cannot write {unwritable}" in capsys.readouterr().err
+    experiments = [e.experiment_id for e in MlflowClient(uri).search_experiments()]
+    assert MlflowClient(uri).search_runs(experiments) == []  # the parent run was deleted, not left RUNNING
+
+    closed_port = "http://127.0.0.1:9"
+    argv[-1] = closed_port
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert f"the MLflow tracking server {closed_port} does not answer" in capsys.readouterr().err
+    assert fake_training == []
 
 
 def test_command_line_reruns_the_training_options():

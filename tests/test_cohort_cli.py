@@ -98,6 +98,24 @@ def test_describe_prints_counts_and_plots_crosstabs(tmp_path, capsys):
     assert (tmp_path / "manifest-crosstab.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_describe_counts_missing_values_and_needs_no_labels(tmp_path, capsys):
+    manifest = confounded_manifest(tmp_path, subjects=40)
+    table = pd.read_csv(manifest)
+    table.loc[:2, "cohort"] = np.nan
+    table.to_csv(manifest, index=False)
+    assert main(["cohort", "describe", str(manifest), "--primary", "age_group"]) == 0
+    out = capsys.readouterr().out
+    assert "sex: female" in out and "missing 3" in out
+
+    table[["subject_id", "image", "cohort", "status"]].to_csv(manifest, index=False)
+    assert main(["cohort", "describe", str(manifest)]) == 0
+    assert "no label columns besides cohort" in capsys.readouterr().out
+
+    table.iloc[:0].to_csv(manifest, index=False)
+    assert main(["cohort", "describe", str(manifest)]) == 2
+    assert "lists no image with status ok" in capsys.readouterr().err
+
+
 CARDS = Path(__file__).parents[1] / "cohorts"
 TINY_BRAIN = ["--set", "spatial_size=[16,16,16]", "--set", "spacing=[8,8,8]"]
 TINY_XRAY = ["--set", "spatial_size=32"]

@@ -23,6 +23,7 @@ from mimm_med.tracking import (
     EpochAverages,
     ModelRegistration,
     TrainingPlots,
+    TrackingServerUnreachable,
     default_artifact_location,
     list_versions,
     load_registered_network,
@@ -175,10 +176,19 @@ def test_registry_cli_promotes_and_lists(trained, capsys):
     assert "choose an alias of letters" in capsys.readouterr().err
 
 
-def test_registry_refuses_a_folder_without_a_store(tmp_path, capsys):
+def test_registry_refuses_a_folder_without_a_store(tmp_path, capsys, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     assert main(["registry", "list", MODEL_NAME, "--tracking-uri", uri]) == 2
     assert "no MLflow store" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["registry", "list", MODEL_NAME]) == 2
+    assert not (tmp_path / "mlruns").exists()  # refusing leaves no empty store folder behind
+
+
+def test_registry_names_a_tracking_server_that_does_not_answer(capsys):
+    assert main(["registry", "list", MODEL_NAME, "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    assert "the MLflow tracking server http://127.0.0.1:9 does not answer" in capsys.readouterr().err
 
 
 def test_best_checkpoint_weights_are_registered_rather_than_the_last(tmp_path):
@@ -326,3 +336,14 @@ def test_a_resumed_run_continues_its_unfinished_mlflow_run(tmp_path, monkeypatch
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("attempts").experiment_id])
     assert (run.info.run_name, run.info.status) == ("attempt", "FINISHED")
+
+
+def test_training_does_not_start_when_the_tracking_server_does_not_answer(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    steps = []
+    trainer = Engine(lambda engine, batch: steps.append(batch))
+    handler = MLFlowHandler(tracking_uri="http://127.0.0.1:9", experiment_name="attempts", run_name="attempt")
+    handler.attach(trainer)
+    with pytest.raises(TrackingServerUnreachable, match="does not answer"):
+        run_tracked(trainer, handler, fresh=True)
+    assert steps == []

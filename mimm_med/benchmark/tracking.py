@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mimm_med.benchmark.matrix import Cell, cell_metrics
-from mimm_med.tracking import default_artifact_location, resolve_tracking_uri
+from mimm_med.tracking import default_artifact_location, require_reachable, resolve_tracking_uri
 
 RUN_FILE = "mlflow_run.json"
 
@@ -47,8 +47,11 @@ class BenchmarkTracker:
         self, out: str | Path, experiment: str, params: Mapping[str, Any], tracking_uri: str | None = None
     ) -> None:
         self.uri = resolve_tracking_uri(tracking_uri)
+        require_reachable(self.uri)
         self.client = MlflowClient(self.uri)
         self.run_file = Path(out) / RUN_FILE
+        # before any MLflow run exists: an --out that cannot be written must not leave one RUNNING
+        self.run_file.parent.mkdir(parents=True, exist_ok=True)
         self.run_id = self._resume() or self._create(experiment, params)
         self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
 
@@ -72,9 +75,12 @@ class BenchmarkTracker:
             location = default_artifact_location(tracking_uri=self.uri)
             experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         run_id = self.client.create_run(experiment_id, run_name=self.run_file.parent.name).info.run_id
-        self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
-        self.run_file.parent.mkdir(parents=True, exist_ok=True)
-        self.run_file.write_text(json.dumps({"tracking_uri": self.uri, "run_id": run_id}))
+        try:
+            self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
+            self.run_file.write_text(json.dumps({"tracking_uri": self.uri, "run_id": run_id}))
+        except BaseException:
+            self.client.delete_run(run_id)  # a run of a benchmark that never started would stay RUNNING
+            raise
         return run_id
 
     def log_cell(self, result: Mapping[str, Any]) -> dict[str, Any]:

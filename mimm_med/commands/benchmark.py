@@ -17,6 +17,7 @@ Examples
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import time
@@ -71,6 +72,21 @@ def _at_least(minimum: int):
     return integer
 
 
+def _weight(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _markdown_page(text: str) -> Path:
+    # checked before training, so that hours of cells are not followed by an IsADirectoryError
+    page = Path(text)
+    if page.suffix != ".md" or page.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a Markdown file such as docs/results.md, got {text!r}")
+    return page
+
+
 def _listed(values: tuple[float, ...]) -> str:
     return ",".join(f"{value:g}" for value in values)
 
@@ -123,7 +139,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     training = parser.add_argument_group("training (ExperimentConfig)")
     training.add_argument("--epochs", type=_at_least(1), help=f"default: {FULL.epochs}; quick: {QUICK.epochs}")
-    training.add_argument("--mi-weight", type=float, default=1.0, help="λ of the dependence term (default: 1.0)")
+    training.add_argument("--mi-weight", type=_weight, default=1.0, help="λ of the dependence term (default: 1.0)")
     training.add_argument(
         "--estimator",
         default="mine",
@@ -150,7 +166,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     training.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     training.add_argument(
         "--threads",
-        type=int,
+        type=_at_least(1),
         help="torch CPU threads (default: torch's; 1 is faster on a busy machine)",
     )
     outputs = parser.add_argument_group("outputs")
@@ -164,7 +180,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     outputs.add_argument(
         "--docs",
-        type=Path,
+        type=_markdown_page,
         help="also publish the page here, e.g. docs/results.md (plots: docs/results/)",
     )
     outputs.add_argument(
@@ -244,8 +260,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
         run_matrix,
         write_results,
     )
+    from mimm_med.benchmark.matrix import cell_path
+    from mimm_med.data.manifest import cannot_write
     from mimm_med.engines import METHODS
     from mimm_med.mi import ESTIMATORS
+    from mimm_med.tracking import TrackingServerUnreachable
 
     args = resolve(args)
     if args.threads:
@@ -268,11 +287,20 @@ def run_benchmark(args: argparse.Namespace) -> int:
     cells = plan_cells(args.datasets, args.methods, args.correlations, range(args.seeds))
     command = command_line(args)
     start = time.perf_counter()
-    print(f"{len(cells)} cells -> {args.out}\n{command}", flush=True)
+    stored = sum(cell_path(args.out, cell).exists() for cell in cells)
+    print(f"{len(cells)} cells ({stored} stored, {len(cells) - stored} to run) -> {args.out}\n{command}", flush=True)
     params = {**options, "datasets": args.datasets, "methods": args.methods, "correlations": args.correlations}
     params["seeds"] = args.seeds
     params["augment_digits"] = not args.no_augment
-    with BenchmarkTracker(args.out, args.experiment, params, args.tracking_uri) as tracker, warnings.catch_warnings():
+    try:
+        tracker = BenchmarkTracker(args.out, args.experiment, params, args.tracking_uri)
+    except TrackingServerUnreachable as error:
+        print(f"mimm-med benchmark: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"mimm-med benchmark: {cannot_write(args.out, error)}", file=sys.stderr)
+        return 2
+    with tracker, warnings.catch_warnings():
         # Per-epoch means of terms a method does not have (ERM's critic loss) are NaN by design.
         warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
         try:

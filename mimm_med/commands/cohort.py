@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 COHORT_KINDS_HELP = "ukb, nako, chexpert or chexpert_plus"
+#: How ``cohort describe`` shows a missing label value.
+MISSING = "missing"
 
 
 def _pairs(text: str) -> dict[str, float]:
@@ -257,13 +259,19 @@ def digits_command(args: argparse.Namespace) -> int:
 
 
 def _as_factor(values):
-    """Quartile bins for a many-valued numeric label (age), the values themselves otherwise."""
+    """Quartile bins for a many-valued numeric label (age), the values themselves otherwise; ``missing`` for NaN.
+
+    Missing values are a category of their own: pandas' counts and cross-tabs would drop them, and
+    images of no known cohort are what a description should show.
+    """
     import pandas as pd
 
     from mimm_med.data.manifest import MAX_CATEGORIES
 
     if pd.api.types.is_numeric_dtype(values) and values.nunique() > MAX_CATEGORIES:
         return pd.qcut(values, 4)
+    if values.isna().any():  # labels are refused with missing values, but ``cohort`` may have them
+        return values.astype(str).where(values.notna(), MISSING)
     return values
 
 
@@ -283,6 +291,8 @@ def describe_command(args: argparse.Namespace) -> int:
         table = load_manifest(args.manifest)
     except ManifestError as error:
         return _fail("describe", error)
+    if table.empty:
+        return _fail("describe", ValueError(f"{args.manifest} lists no image with status ok; see errors.csv beside it"))
     factors = [*label_columns(table), COHORT]
     primary = args.primary or factors[0]
     if primary not in factors:
@@ -293,6 +303,9 @@ def describe_command(args: argparse.Namespace) -> int:
         print(f"{name}: " + ", ".join(f"{value} {count}" for value, count in counts.items()))
 
     others = [name for name in factors if name != primary]
+    if not others:
+        print(f"cohort describe: {args.manifest} has no label columns besides {primary}; no cross-tab to draw")
+        return 0
     figure, axes = plt.subplots(1, len(others), figsize=(4 * len(others), 3.5), squeeze=False)
     for axis, name in zip(axes[0], others):
         crosstab = pd.crosstab(_as_factor(table[primary]), _as_factor(table[name]))

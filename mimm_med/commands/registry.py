@@ -44,11 +44,11 @@ def promote_command(args: argparse.Namespace) -> int:
     """Run ``mimm-med registry promote``."""
     from mlflow.exceptions import MlflowException
 
-    from mimm_med.tracking import promote
+    from mimm_med.tracking import TrackingServerUnreachable, promote
 
     try:
         version = promote(args.name, args.version, args.alias, args.tracking_uri)
-    except (LookupError, FileNotFoundError) as error:
+    except (LookupError, FileNotFoundError, TrackingServerUnreachable) as error:
         return _fail("promote", error)
     except MlflowException as error:  # e.g. a reserved alias ("latest", "v1") or one with a slash
         return _fail("promote", f"{error.message}; choose an alias of letters, digits, '_' and '-', such as champion")
@@ -58,11 +58,11 @@ def promote_command(args: argparse.Namespace) -> int:
 
 def list_command(args: argparse.Namespace) -> int:
     """Run ``mimm-med registry list``."""
-    from mimm_med.tracking import list_versions
+    from mimm_med.tracking import TrackingServerUnreachable, list_versions
 
     try:
         versions = list_versions(args.name, args.tracking_uri)
-    except (LookupError, FileNotFoundError) as error:
+    except (LookupError, FileNotFoundError, TrackingServerUnreachable) as error:
         return _fail("list", error)
     rows = [("version", "aliases", "run_id")]
     rows += [(str(v.version), ",".join(sorted(v.aliases)) or "-", v.run_id or "-") for v in versions]

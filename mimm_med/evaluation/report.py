@@ -15,6 +15,7 @@ from mimm_med.engines.resume import trained_checkpoint
 from mimm_med.evaluation.outputs import collect_outputs
 from mimm_med.evaluation.plots import plot_group_accuracy, plot_tsne
 from mimm_med.evaluation.protocol import evaluate_test_sets, flatten_metrics, results_table
+from mimm_med.tracking.uri import require_reachable
 
 TEST_SET_FILES: dict[str, str] = {"iid": "test-iid.csv", "balanced": "test-balanced.csv", "inverted": "test-inverted.csv"}
 
@@ -123,6 +124,8 @@ def evaluate_checkpoint(
         ``results`` (nested), ``metrics`` (flat) and ``paths`` of the report files.
     """
     checkpoint = trained_checkpoint(checkpoint)
+    if tracking_uri and experiment_name:
+        require_reachable(tracking_uri)  # before the evaluation, not after it
     state = torch.load(checkpoint, map_location=device, weights_only=True)
     network.load_state_dict(state.get("network", state))
     network.to(device)

@@ -12,12 +12,13 @@ from .model_registration import ModelRegistration, default_pip_requirements
 from .registry import list_versions, load_registered_network, promote, registry_client
 from .training_plots import TrainingPlots
 from .training_run import run_tracked
-from .uri import default_artifact_location, resolve_tracking_uri
+from .uri import TrackingServerUnreachable, default_artifact_location, require_reachable, resolve_tracking_uri
 
 __all__ = [
     "ConfigArtifacts",
     "EpochAverages",
     "ModelRegistration",
+    "TrackingServerUnreachable",
     "TrainingPlots",
     "default_artifact_location",
     "default_pip_requirements",
@@ -25,6 +26,7 @@ __all__ = [
     "load_registered_network",
     "promote",
     "registry_client",
+    "require_reachable",
     "resolve_tracking_uri",
     "run_tracked",
 ]

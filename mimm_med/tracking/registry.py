@@ -12,7 +12,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from sqlalchemy.engine import make_url
 
-from .uri import resolve_tracking_uri, using_tracking_uri
+from .uri import require_reachable, resolve_tracking_uri, using_tracking_uri
 
 __all__ = ["ExportedNetwork", "list_versions", "load_registered_network", "promote", "registry_client"]
 
@@ -24,8 +24,10 @@ def registry_client(tracking_uri: str | None = None) -> MlflowClient:
     """Client of the registry at :func:`resolve_tracking_uri` ``(tracking_uri)``.
 
     A local SQLite store must exist already: listing or promoting in an empty folder is a mistake.
+    A tracking server must answer (:func:`~mimm_med.tracking.uri.require_reachable`).
     """
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri, create=False)
+    require_reachable(uri)
     if uri.startswith("sqlite:"):
         database = make_url(uri).database
         if database and database != ":memory:" and not Path(database).is_file():

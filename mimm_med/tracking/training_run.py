@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from ignite.engine import Engine
 from mlflow.entities import RunStatus
 
+from .uri import require_reachable
+
 if TYPE_CHECKING:
     from monai.handlers import MLFlowHandler
 
@@ -16,6 +18,9 @@ __all__ = ["run_tracked"]
 
 def run_tracked(trainer: Engine, handler: MLFlowHandler | None, fresh: bool) -> None:
     """Run ``trainer``, whose ``handler`` logs to MLflow; mark the MLflow run FAILED (KILLED on Ctrl-C) if it raises.
+
+    A tracking server that does not answer stops the run before training
+    (:func:`~mimm_med.tracking.uri.require_reachable`), not minutes of retries later.
 
     MONAI's ``MLFlowHandler`` continues an unfinished run of its name, which is what a run resumed
     from its checkpoint wants. A ``fresh`` run (no checkpoint to resume) must not: an unfinished run
@@ -33,6 +38,8 @@ def run_tracked(trainer: Engine, handler: MLFlowHandler | None, fresh: bool) -> 
         Whether the run starts from scratch rather than from a checkpoint
         (:attr:`mimm_med.engines.ResumeFromLatest.checkpoint` is ``None``).
     """
+    if handler is not None:
+        require_reachable(handler.client.tracking_uri)
     if handler is not None and fresh:
         _retire_unfinished_runs(handler)
     try:

@@ -8,20 +8,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import requests
 from monai.utils import path_to_sqlite_uri
 from sqlalchemy.engine import make_url
 
-__all__ = ["default_artifact_location", "resolve_tracking_uri"]
+__all__ = ["TrackingServerUnreachable", "default_artifact_location", "require_reachable", "resolve_tracking_uri"]
 
 #: Folder of the embedded store under the project root: ``mlflow.db`` and ``artifacts/``.
 STORE_FOLDER = "mlruns"
 
 
-def resolve_tracking_uri(uri: str | None = None, root: str | Path = ".") -> str:
+def resolve_tracking_uri(uri: str | None = None, root: str | Path = ".", create: bool = True) -> str:
     """Return the MLflow tracking URI to use.
 
     An explicit ``uri`` wins over the ``MLFLOW_TRACKING_URI`` environment variable, which wins over
-    the embedded default ``sqlite:///<root>/mlruns/mlflow.db`` (absolute; its folder is created).
+    the embedded default ``sqlite:///<root>/mlruns/mlflow.db`` (absolute; its folder is created
+    unless ``create`` is false).
     MLflow ≥ 3 has no file store by default, hence a SQLite file rather than a folder of runs.
 
     Note that MONAI's ``MLFlowHandler`` lets ``MLFLOW_TRACKING_URI`` override its ``tracking_uri``
@@ -33,6 +35,8 @@ def resolve_tracking_uri(uri: str | None = None, root: str | Path = ".") -> str:
         A tracking URI given by the user (``http://…`` server, ``postgresql://…``, ``sqlite:///…``).
     root
         Project folder that holds the embedded store.
+    create
+        Whether to create the embedded store's folder; commands that only read a store pass ``False``.
 
     Examples
     --------
@@ -44,7 +48,8 @@ def resolve_tracking_uri(uri: str | None = None, root: str | Path = ".") -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     folder = Path(root).absolute() / STORE_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     return path_to_sqlite_uri(folder / "mlflow.db")
 
 
@@ -76,6 +81,37 @@ def default_artifact_location(root: str | Path = ".", tracking_uri: str | None =
     if not database or database == ":memory:":
         return None
     return (Path(database).absolute().parent / "artifacts").as_uri()
+
+
+class TrackingServerUnreachable(ConnectionError):
+    """The MLflow tracking server of an ``http(s)://`` URI does not answer."""
+
+
+def require_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Raise :class:`TrackingServerUnreachable` at once if the tracking server of ``uri`` does not answer.
+
+    MLflow's client retries a server that cannot be reached for minutes (seven retries with
+    exponential back-off) before it raises, and a benchmark or training would seem to hang. One
+    request without retries finds out first. Any answer, even a refusal (401), counts as reachable:
+    whether the credentials are right is MLflow's to say. Other stores (SQLite, PostgreSQL) are
+    not checked.
+
+    Parameters
+    ----------
+    uri
+        The tracking URI, as returned by :func:`resolve_tracking_uri`.
+    timeout
+        Seconds to wait for the answer.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+    except requests.RequestException as error:
+        raise TrackingServerUnreachable(
+            f"the MLflow tracking server {uri} does not answer ({type(error).__name__}); start it, or point "
+            "--tracking-uri / MLFLOW_TRACKING_URI at a running one (unset both for the embedded SQLite store)"
+        ) from error
 
 
 @contextmanager
