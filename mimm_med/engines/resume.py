@@ -156,7 +156,8 @@ class ResumeFromLatest:
         trainer_key = next((key for key, item in self.load_dict.items() if item is engine), None)
         if trainer_key is None:
             return
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: only the trainer's counters are read here; CheckpointLoader reads the weights on STARTED
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         state = saved if len(self.load_dict) == 1 and trainer_key not in saved else saved[trainer_key]  # ignite saves one item bare
         saved_epoch = state["epoch"] if "epoch" in state else state["iteration"] // state["epoch_length"]  # ignite saves one of them
         if saved_epoch >= engine.state.max_epochs:
