@@ -337,6 +337,8 @@ def test_distance_correlation_is_differentiable_and_checks_shapes():
     assert torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=r"\(64, 4\).*\(63, 2\)"):
         DistanceCorrelation()(a, torch.randn(63, 2))
+    with pytest.raises(ValueError, match=r"at least 4 samples, got a batch of 3.*drop_last=True"):
+        DistanceCorrelation()(a[:3], torch.randn(3, 2))
 
 
 def test_mmd_is_zero_for_one_distribution_and_positive_for_shifted_groups():
@@ -484,3 +486,42 @@ def test_minimizing_gaussian_mi_removes_a_planted_linear_leak_and_the_shortcut()
     leak, accuracy = train_on_planted_leak(3.0)
     assert erm_leak > 0.7 and leak < 0.6, (erm_leak, leak)
     assert accuracy > erm_accuracy + 0.03, (erm_accuracy, accuracy)
+
+
+@pytest.mark.parametrize("cls", CRITIC_ESTIMATORS)
+def test_critic_loss_sends_no_gradient_to_undetached_features(cls):
+    # Otherwise an encoder sharing the backward would be pushed to raise the MI it should remove.
+    encoder = torch.nn.Linear(4, 4)
+    a, b = correlated_gaussians(32, 4, 1.0, torch.Generator().manual_seed(0))
+    features = encoder(a)
+    small_estimator(cls, 4, 4).critic_loss(features, b).backward()
+    assert encoder.weight.grad is None
+
+
+def test_mine_critic_loss_before_any_training_step_is_finite_in_eval_mode():
+    estimator = small_estimator(MINE, 3, 2).eval()
+    a, b = torch.randn(16, 3), torch.randn(16, 2)
+    loss = estimator.critic_loss(a, b)
+    loss.backward()
+    assert loss.item() == pytest.approx(-estimator(a, b).item(), rel=1e-5)
+    assert all(torch.isfinite(p.grad).all() for p in estimator.parameters())
+    assert torch.isnan(estimator.running_log_mean_exp)  # eval mode still leaves the average alone
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: MINE(3.0, 2), "positive integers"),
+        (lambda: MINE(3, 2, hidden_dim=0), "widths must be >= 1"),  # was a constant critic, estimate 0
+        (lambda: MINE(3, 2, embed_dim=0), "widths must be >= 1"),
+        (lambda: CLUB(3, 2, max_log_var=-1.0), "max_log_var must be a positive finite"),
+        (lambda: GaussianMI(3, 2, ridge=math.nan), "ridge must be positive and finite"),  # was a NaN estimate
+        (lambda: MMDPenalty((math.nan,)), "bandwidths must be positive"),  # was a NaN penalty
+        (lambda: AdversarialHead(3, 1), "num_classes >= 2"),  # one logit: its cross-entropy is always 0
+        (lambda: correlated_gaussians(8, 0, 1.0), "dim must be at least 1"),
+        (lambda: correlated_gaussians(8, 2, math.nan), "must be >= 0 nats"),
+    ],
+)
+def test_options_that_would_give_a_meaningless_estimate_are_refused(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +71,49 @@ def test_default_small_cnn_features_see_most_of_a_digit():
     last_block[0, :, last_block.shape[2] // 2, last_block.shape[3] // 2].sum().backward()
     rows = torch.nonzero(image.grad[0, 0].abs().sum(dim=1)).flatten()
     assert rows.max() - rows.min() + 1 == 17
+
+
+@pytest.mark.parametrize(
+    "parts, num_classes, message",
+    [
+        ({"y": 2.5}, {"y": 2}, r"positive feature size \(an integer\), got 2.5"),  # was silently cut to 2
+        ({"y": "4"}, {"y": 2}, r"positive feature size \(an integer\), got '4'"),
+        ({"y": 4}, {"y": 2.7}, r"num_classes\['y'\] must be an integer"),
+        ({1: 4}, {1: 2}, "part names must be non-empty strings"),  # was ModuleDict's TypeError
+        ({"age.group": 4}, {"age.group": 2}, "without '.'"),  # was ModuleDict's KeyError
+    ],
+)
+def test_non_integer_sizes_and_unusable_names_are_refused(parts, num_classes, message):
+    with pytest.raises(ValueError, match=message):
+        MIMMXNet("small_cnn", parts, num_classes)
+
+
+def test_integral_sizes_of_any_number_type_are_accepted():
+    parts, num_classes = {"y": 4.0, "z": np.int64(2)}, {"y": np.int64(2), "z": 1}
+    net = MIMMXNet("small_cnn", parts, num_classes, backbone_kwargs={"channels": (4,)})
+    assert net.part_sizes == [4, 2] and net.num_classes == {"y": 2, "z": 1}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"spatial_dims": 4}, "spatial_dims must be 2 or 3"),  # was an IndexError inside MONAI
+        ({"in_channels": 0}, "in_channels must be at least 1"),
+        ({"head_hidden": -1}, "head_hidden must be ≥ 0"),
+    ],
+)
+def test_bad_named_backbone_settings_are_explained(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MIMMXNet("small_cnn", {"y": 4}, {"y": 2}, **kwargs)
+
+
+def test_inputs_and_backbones_of_the_wrong_shape_are_explained():
+    net = MIMMXNet("small_cnn", {"y": 4}, {"y": 2}, backbone_kwargs={"channels": (4,)})
+    # A batch without its channel axis used to reach conv2d as one image with B channels.
+    with pytest.raises(ValueError, match=r"\(B, C, \*spatial\) with 2 spatial dims, got shape \[2, 12, 12\]"):
+        net(torch.randn(2, 12, 12))
+    module = MIMMXNet(torch.nn.Flatten(), {"y": 4}, {"y": 2}, backbone_dim=10)
+    with pytest.raises(ValueError, match=r"backbone returned shape \[2, 16\], expected \(B, 10\)"):
+        module(torch.randn(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="backbone_dim must be the positive width"):
+        MIMMXNet(torch.nn.Flatten(), {"y": 4}, {"y": 2}, backbone_dim=0)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import textwrap
 
 import pytest
 import torch
 from torch import nn
 
+from mimm_med.networks import MIMMXNet
 from mimm_med.weighting import ConfounderAttention, GradNorm, adaptive_mi_scale
 
 NAMES = ["sex", "age", "scanner"]
@@ -359,3 +361,72 @@ def test_gradnorm_rejects_unusable_losses():
 def test_gradnorm_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GradNorm(**kwargs)
+
+
+# ---------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("build", [lambda: ConfounderAttention("sex"), lambda: GradNorm("age")])
+def test_a_single_name_given_as_a_string_is_refused(build):
+    # tuple("sex") used to give the three factors 's', 'e', 'x'
+    with pytest.raises(ValueError, match=r"got the string '\w+'; pass \['\w+'\]"):
+        build()
+
+
+def test_attention_weights_stay_finite_at_a_tiny_temperature_and_float_for_integer_estimates():
+    attention = ConfounderAttention(["sex", "age"], temperature=1e-300)
+    weights = attention(torch.tensor([1.0, 5.0]))  # 5 / 1e-300 overflowed the softmax into NaN
+    assert weights.tolist() == [0.0, 1.0]
+    weights = ConfounderAttention(["sex", "age"])(torch.tensor([1, 2]))
+    assert weights.is_floating_point() and weights.sum().item() == pytest.approx(1.0)  # was int: [0, 0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_adaptive_scale_is_not_finite_for_a_non_finite_mi_gradient(bad):
+    # As documented, so that GradScaler skips the step; NaN used to give 1 and inf 0.
+    alpha = adaptive_mi_scale([torch.ones(3)], [torch.full((3,), bad)])
+    assert not torch.isfinite(alpha)
+
+
+def test_gradnorm_losses_at_zero_give_a_finite_loss_and_negative_losses_are_refused():
+    shared, _, compute_losses = _two_task_problem()
+    parameters = list(shared.parameters())
+    gradnorm = GradNorm(["small", "large"])
+    gradnorm.gradnorm_loss(compute_losses(), parameters)  # records the initial losses
+    zero = {name: 0 * loss for name, loss in compute_losses().items()}
+    assert torch.isfinite(gradnorm.gradnorm_loss(zero, parameters))  # was 0 / 0 = NaN
+    losses = compute_losses()
+    with pytest.raises(ValueError, match="non-negative task losses"):
+        gradnorm.gradnorm_loss({"small": -losses["small"], "large": losses["large"]}, parameters)
+    with pytest.raises(ValueError, match="alpha must be >= 0 and finite"):
+        GradNorm(["y"], alpha=float("inf"))
+
+
+def _example(function) -> str:
+    return textwrap.dedent(function.__doc__.split("Example::")[1])
+
+
+def test_docstring_examples_run_on_a_mimmx_net():
+    # The "Example::" blocks are not doctests; they used to call a `last_shared_layer` MIMMXNet lacks.
+    parts = {"digit": 4, "thickness": 2, "rotation": 2}
+    net = MIMMXNet(nn.Flatten(), parts, dict.fromkeys(parts, 2), backbone_dim=16)
+    out = net(torch.randn(8, 1, 4, 4))
+    batch = {name: torch.randint(0, 2, (8,)) for name in net.part_names}
+    task_loss = sum(nn.functional.cross_entropy(out[f"{name}_output"], batch[name]) for name in net.part_names)
+    mi_loss = out["digit_features"].pow(2).mean()
+    namespace = {
+        "torch": torch,
+        "GradNorm": GradNorm,
+        "adaptive_mi_scale": adaptive_mi_scale,
+        "net": net,
+        "out": out,
+        "batch": batch,
+        "task_loss": task_loss,
+        "mi_loss": mi_loss,
+        "loss_fn": dict.fromkeys(parts, nn.functional.cross_entropy),
+        "model_optimizer": torch.optim.SGD(net.parameters(), lr=0.1),
+    }
+    exec(_example(adaptive_mi_scale), namespace)
+    net.zero_grad()
+    namespace["out"] = net(torch.randn(8, 1, 4, 4))
+    exec(_example(GradNorm), namespace)

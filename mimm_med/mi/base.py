@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from abc import ABC, abstractmethod
 from typing import Callable
@@ -138,7 +139,7 @@ class MutualInformationEstimator(nn.Module, ABC):
 
     ``est(a, b, strata=None, weights=None)`` returns the estimate as a scalar, differentiable w.r.t.
     ``a`` and ``b`` (an encoder minimizes it); ``est.critic_loss(a, b, strata=None, weights=None)``
-    returns the loss that trains the estimator's own parameters (pass detached features). With
+    returns the loss that trains the estimator's own parameters only (``a`` and ``b`` are detached). With
     ``strata`` the estimate is the conditional MI given the stratum; ``weights`` make it the MI under
     the weighted distribution of the batch (see :class:`ContrastPairs`).
 
@@ -151,8 +152,8 @@ class MutualInformationEstimator(nn.Module, ABC):
 
     def __init__(self, dim_a: int, dim_b: int) -> None:
         super().__init__()
-        if dim_a < 1 or dim_b < 1:
-            raise ValueError(f"feature sizes must be positive, got dim_a={dim_a}, dim_b={dim_b}")
+        if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in (dim_a, dim_b)):
+            raise ValueError(f"feature sizes must be positive integers, got dim_a={dim_a!r}, dim_b={dim_b!r}")
         self.dim_a = dim_a
         self.dim_b = dim_b
 
@@ -173,8 +174,9 @@ class MutualInformationEstimator(nn.Module, ABC):
     def critic_loss(
         self, a: Tensor, b: Tensor, strata: Tensor | None = None, weights: Tensor | None = None
     ) -> Tensor:
-        """Loss to minimize over the estimator's parameters; detach ``a`` and ``b`` before calling."""
-        return self._evaluate(self.estimator_loss, a, b, strata, weights)
+        """Loss to minimize over the estimator's parameters; no gradient reaches ``a`` or ``b``."""
+        # Detached here: a backward through undetached features would push the encoder to *raise* the MI.
+        return self._evaluate(self.estimator_loss, a.detach(), b.detach(), strata, weights)
 
     def _evaluate(
         self,

@@ -18,6 +18,9 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> nn.Seque
     """
     if num_layers < 0:
         raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+    # A zero width would silently make every score the same constant (an estimate of 0).
+    if in_dim < 1 or out_dim < 1 or (num_layers > 0 and hidden_dim < 1):
+        raise ValueError(f"layer widths must be >= 1, got in_dim={in_dim}, hidden_dim={hidden_dim}, out_dim={out_dim}")
     widths = [in_dim] + [hidden_dim] * num_layers
     layers: list[nn.Module] = []
     for width_in, width_out in zip(widths[:-1], widths[1:]):

@@ -60,7 +60,8 @@ class MINE(CriticEstimator):
     but the bias-corrected gradient of the MINE paper: the gradient of the log term,
     E[∇T·e^T] / E[e^T], takes its denominator from an exponential moving average over batches
     (the buffer ``running_log_mean_exp``, NaN until the first training step, saved in
-    ``state_dict``). The average only moves in training mode.
+    ``state_dict``). The average only moves in training mode; until it exists the batch's own
+    E[e^T] is used (the plain gradient).
 
     Parameters
     ----------
@@ -94,8 +95,12 @@ class MINE(CriticEstimator):
         log_mean_exp = pairs.log_mean_exp_negative(scores)
         if self.training:
             self._update_running_log_mean_exp(log_mean_exp.detach())
+        # Before the first training step (a fresh critic in eval mode) the batch is its own average.
+        running = torch.where(
+            torch.isnan(self.running_log_mean_exp), log_mean_exp.detach(), self.running_log_mean_exp
+        )
         # Same value as log_mean_exp, gradient ∇E[e^T] / EMA(E[e^T]) instead of ∇E[e^T] / E[e^T].
-        ratio = torch.exp(log_mean_exp - self.running_log_mean_exp)
+        ratio = torch.exp(log_mean_exp - running)
         corrected = log_mean_exp.detach() + ratio - ratio.detach()
         return corrected - pairs.mean_positive(scores)
 
@@ -175,6 +180,8 @@ class CLUB(PairScoreEstimator):
         self, dim_a: int, dim_b: int, hidden_dim: int = 256, num_layers: int = 2, max_log_var: float = 10.0
     ) -> None:
         super().__init__(dim_a, dim_b)
+        if not 0.0 < max_log_var < math.inf:
+            raise ValueError(f"max_log_var must be a positive finite bound on q's log-variance, got {max_log_var}")
         self.conditional = mlp(dim_a, hidden_dim, 2 * dim_b, num_layers)
         self.max_log_var = max_log_var
 
@@ -237,8 +244,8 @@ class GaussianMI(MutualInformationEstimator):
 
     def __init__(self, dim_a: int, dim_b: int, ridge: float = 1e-3) -> None:
         super().__init__(dim_a, dim_b)
-        if ridge <= 0:
-            raise ValueError(f"ridge must be positive, got {ridge}")
+        if not 0.0 < ridge < math.inf:
+            raise ValueError(f"ridge must be positive and finite, got {ridge}")
         self.ridge = ridge
 
     def estimate(self, a: Tensor, b: Tensor, strata: Tensor | None, weights: Tensor | None) -> Tensor:

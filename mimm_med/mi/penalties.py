@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -69,9 +70,13 @@ class DistanceCorrelation(nn.Module):
         b = b[:, None] if b.ndim == 1 else b
         _check_finite_2d("a", a)
         _check_finite_2d("b", b)
-        if a.shape[0] != b.shape[0] or a.shape[0] < 4:
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"a and b need the same number of rows, got a {tuple(a.shape)} and b {tuple(b.shape)}")
+        if a.shape[0] < 4:
+            # the U-centred estimate divides by n - 3
             raise ValueError(
-                f"a and b need the same number (>= 4) of rows, got a {tuple(a.shape)} and b {tuple(b.shape)}"
+                f"distance correlation needs at least 4 samples, got a batch of {a.shape[0]}: use a batch size of 4 "
+                "or more, and drop_last=True in the DataLoader so that the last batch is not shorter"
             )
         with torch.autocast(device_type=a.device.type, enabled=False):
             centred_a = _u_centred_distances(a.float())
@@ -108,7 +113,7 @@ class MMDPenalty(nn.Module):
 
     def __init__(self, bandwidths: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0)) -> None:
         super().__init__()
-        if not bandwidths or min(bandwidths) <= 0:
+        if not bandwidths or not all(0 < width < math.inf for width in bandwidths):
             raise ValueError(f"bandwidths must be positive multiples of the median distance, got {bandwidths}")
         self.bandwidths = tuple(float(width) for width in bandwidths)
 
@@ -210,6 +215,9 @@ class AdversarialHead(nn.Module):
         self, in_dim: int, num_classes: int, hidden: int = 128, num_layers: int = 1, coefficient: float = 1.0
     ) -> None:
         super().__init__()
+        if num_classes < 2:
+            # one logit makes the cross-entropy 0 whatever the features: the adversary would learn nothing
+            raise ValueError(f"AdversarialHead needs num_classes >= 2 (class logits), got {num_classes}")
         self.reversal = GradientReversal(coefficient)
         self.classifier = mlp(in_dim, hidden, num_classes, num_layers)
 

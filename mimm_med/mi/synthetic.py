@@ -35,8 +35,10 @@ def correlated_gaussians(
     >>> a.shape, b.shape
     (torch.Size([1000, 8]), torch.Size([1000, 8]))
     """
-    if mi_nats < 0:
-        raise ValueError(f"mutual information cannot be negative, got mi_nats={mi_nats}")
+    if not mi_nats >= 0:
+        raise ValueError(f"mutual information must be >= 0 nats, got mi_nats={mi_nats}")
+    if dim < 1:
+        raise ValueError(f"dim must be at least 1, got {dim}")
     rho = math.sqrt(1.0 - math.exp(-2.0 * mi_nats / dim))
     device = generator.device if generator is not None else None
     a = torch.randn(n, dim, generator=generator, device=device)

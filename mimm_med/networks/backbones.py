@@ -29,6 +29,10 @@ def feature_backbone(name: str, spatial_dims: int, in_channels: int, **kwargs: A
     -------
     module, out_features
     """
+    if spatial_dims not in (1, 2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3 (1 for signals), got {spatial_dims!r}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be at least 1, got {in_channels!r}")
     if name in RESNETS:
         resnet = RESNETS[name](spatial_dims=spatial_dims, n_input_channels=in_channels, feed_forward=False, **kwargs)
         return resnet, resnet.in_planes  # in_planes ends as the last block's output channels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any, Dict  # TorchScript reads typing.Dict in forward's signature
 
@@ -25,7 +26,8 @@ class MIMMXNet(nn.Module):
         A name from :data:`mimm_med.networks.backbones.BACKBONE_NAMES` or any module mapping an image
         to a ``(B, backbone_dim)`` feature vector.
     parts
-        Ordered ``{name: feature size}``; the first entry is the primary task.
+        Ordered ``{name: feature size}``; the first entry is the primary task. Names are non-empty
+        strings without ``.`` (they name submodules).
     num_classes
         ``{name: classes}`` for every part (1 = regression).
     spatial_dims, in_channels
@@ -64,16 +66,28 @@ class MIMMXNet(nn.Module):
                 f"parts {list(parts)} and num_classes {list(num_classes)} must name the same factors"
             )
         for name, size in parts.items():
-            if int(size) < 1:
-                raise ValueError(f"part {name!r} needs a positive feature size, got {size}")
-            if int(num_classes[name]) < 1:
-                raise ValueError(f"num_classes[{name!r}] must be ≥ 2 (classification) or 1 (regression)")
+            # names become ModuleDict keys and output keys "<name>_features" / "<name>_output"
+            if not isinstance(name, str) or not name or "." in name:
+                raise ValueError(f"part names must be non-empty strings without '.', got {name!r} in {list(parts)}")
+            if not _is_whole_number(size) or size < 1:
+                raise ValueError(f"part {name!r} needs a positive feature size (an integer), got {size!r}")
+            if not _is_whole_number(num_classes[name]) or num_classes[name] < 1:
+                raise ValueError(
+                    f"num_classes[{name!r}] must be an integer ≥ 2 (classification) or 1 (regression), "
+                    f"got {num_classes[name]!r}"
+                )
+        if int(head_hidden) < 0:
+            raise ValueError(f"head_hidden must be ≥ 0 (0 gives linear heads), got {head_hidden}")
         if isinstance(backbone, str):
             self.backbone, backbone_dim = feature_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
+            self.input_ndim = spatial_dims + 2
         elif backbone_dim is None:
             raise ValueError("backbone_dim is required when backbone is a module")
+        elif not _is_whole_number(backbone_dim) or backbone_dim < 1:
+            raise ValueError(f"backbone_dim must be the positive width of the backbone's output, got {backbone_dim!r}")
         else:
             self.backbone = backbone
+            self.input_ndim = 0  # a module backbone decides which inputs it takes
         self.part_names = list(parts)
         self.part_sizes = [int(parts[name]) for name in self.part_names]
         self.num_classes = {name: int(num_classes[name]) for name in self.part_names}
@@ -99,7 +113,20 @@ class MIMMXNet(nn.Module):
         return self.part_names[1:]
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        features = self.shared_layer(self.backbone(x))
+        if self.input_ndim > 0 and x.dim() != self.input_ndim:
+            # without this, a (B, H, W) batch reaches conv2d as one unbatched image with B channels
+            raise ValueError(
+                f"expected an image batch (B, C, *spatial) with {self.input_ndim - 2} spatial dims, "
+                f"got shape {list(x.shape)}"
+            )
+        backbone_features = self.backbone(x)
+        if backbone_features.dim() != 2 or backbone_features.shape[1] != self.shared_layer.in_features:
+            raise ValueError(
+                f"the backbone returned shape {list(backbone_features.shape)}, "
+                f"expected (B, {self.shared_layer.in_features}): set backbone_dim to its feature width, "
+                "flattening its output if needed"
+            )
+        features = self.shared_layer(backbone_features)
         outputs = {"features": features}
         start = 0
         index = 0
@@ -111,3 +138,8 @@ class MIMMXNet(nn.Module):
             start += self.part_sizes[index]
             index += 1
         return outputs
+
+
+def _is_whole_number(value: Any) -> bool:
+    """True for integers (NumPy's too) and integral floats such as 16.0; False for bools, strings and 2.5."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()

@@ -47,6 +47,9 @@ class ConfounderAttention(nn.Module):
 
     def __init__(self, names: Sequence[str], temperature: float = 1.0, momentum: float = 0.9) -> None:
         super().__init__()
+        if isinstance(names, str):
+            # tuple("sex") would make three factors 's', 'e', 'x'
+            raise ValueError(f"names must be a sequence of factor names, got the string {names!r}; pass [{names!r}]")
         names = tuple(names)
         if not names:
             raise ValueError("ConfounderAttention needs at least one factor name; got an empty list.")
@@ -74,12 +77,15 @@ class ConfounderAttention(nn.Module):
         Returns
         -------
         torch.Tensor
-            Weights ``(K,)`` summing to one, without gradient, in the dtype of ``estimates``.
+            Weights ``(K,)`` summing to one, without gradient, in the dtype of ``estimates`` (float32
+            for integer ones).
         """
         self._check(estimates)
         if self.training:
             self._update(estimates.detach().to(self.ema.dtype))
-        return self._weights().to(dtype=estimates.dtype, device=estimates.device)
+        # integer estimates would truncate the weights to 0
+        dtype = estimates.dtype if estimates.is_floating_point() else self.ema.dtype
+        return self._weights().to(dtype=dtype, device=estimates.device)
 
     def weights_by_name(self) -> dict[str, float]:
         """Current weights keyed by factor name, for logging; does not update the EMA."""
@@ -110,7 +116,10 @@ class ConfounderAttention(nn.Module):
     def _weights(self) -> torch.Tensor:
         if math.isinf(self.temperature):
             return torch.full_like(self.ema, 1.0 / len(self.names))
-        return torch.softmax(self.ema / self.temperature, dim=0)
+        # Shifted by the maximum, whose logit stays 0 even where a tiny temperature rounds to 0 in
+        # float32: the others go to -inf instead of the whole softmax turning NaN.
+        shifted = self.ema - self.ema.max()
+        return torch.softmax(torch.where(shifted == 0, shifted, shifted / self.temperature), dim=0)
 
     def extra_repr(self) -> str:
         return f"names={list(self.names)}, temperature={self.temperature}, momentum={self.momentum}"

@@ -47,7 +47,7 @@ def adaptive_mi_scale(
 
     Example::
 
-        shared = list(net.last_shared_layer.parameters())
+        shared = list(net.shared_layer.parameters())
         g_task = torch.autograd.grad(task_loss, shared, retain_graph=True, allow_unused=True)
         g_mi = torch.autograd.grad(mi_loss, shared, retain_graph=True, allow_unused=True)
         (task_loss + adaptive_mi_scale(g_task, g_mi) * mi_loss).backward()
@@ -55,7 +55,10 @@ def adaptive_mi_scale(
     task_norm = _global_norm(task_grads)
     mi_norm = _global_norm(mi_grads).to(task_norm.device)
     alpha = torch.minimum(task_norm, mi_norm) / mi_norm.clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.where(mi_norm > 0, alpha, torch.ones_like(alpha)).detach()
+    alpha = torch.where(mi_norm == 0, torch.ones_like(alpha), alpha)
+    # A NaN MI norm would otherwise read as "no MI gradient" (alpha 1) and an infinite one give alpha 0.
+    finite = torch.isfinite(task_norm) & torch.isfinite(mi_norm)
+    return torch.where(finite, alpha, torch.full_like(alpha, float("nan"))).detach()
 
 
 class GradNorm(nn.Module):
@@ -81,7 +84,7 @@ class GradNorm(nn.Module):
 
         gradnorm = GradNorm(["digit", "thickness", "rotation"])
         weight_optimizer = torch.optim.Adam(gradnorm.parameters(), lr=0.025)
-        shared = list(net.last_shared_layer.parameters())
+        shared = list(net.shared_layer.parameters())
 
         losses = {name: loss_fn[name](out[f"{name}_output"], batch[name]) for name in gradnorm.task_names}
         model_optimizer.zero_grad()
@@ -98,14 +101,19 @@ class GradNorm(nn.Module):
 
     def __init__(self, task_names: Sequence[str], alpha: float = 1.5) -> None:
         super().__init__()
+        if isinstance(task_names, str):
+            # tuple("age") would make three tasks 'a', 'g', 'e'
+            raise ValueError(
+                f"task_names must be a sequence of names, got the string {task_names!r}; pass [{task_names!r}]"
+            )
         task_names = tuple(task_names)
         if not task_names:
             raise ValueError("GradNorm needs at least one task name; got an empty list.")
         duplicates = sorted({name for name in task_names if task_names.count(name) > 1})
         if duplicates:
             raise ValueError(f"GradNorm task names must be unique; repeated: {duplicates}.")
-        if not alpha >= 0:
-            raise ValueError(f"GradNorm alpha must be >= 0; got {alpha}.")
+        if not 0 <= alpha < float("inf"):
+            raise ValueError(f"GradNorm alpha must be >= 0 and finite; got {alpha}.")
         self.task_names = task_names
         self.alpha = float(alpha)
         self.weights = nn.Parameter(torch.ones(len(task_names)))
@@ -125,12 +133,15 @@ class GradNorm(nn.Module):
         Parameters
         ----------
         losses
-            One scalar loss per task name, still attached to the model's graph (kept for the
-            model's own backward pass).
+            One scalar, non-negative loss per task name, still attached to the model's graph (kept
+            for the model's own backward pass).
         shared_parameters
             Parameters of the last shared layer, where the gradient norms are compared.
         """
         stacked = self._stack(losses)
+        if bool((stacked.detach() < 0).any()):
+            # a negative loss ratio has no real power r_i**alpha
+            raise ValueError(f"GradNorm needs non-negative task losses; got {self._by_name(stacked)}.")
         shared = [p for p in shared_parameters if p.requires_grad]
         if not shared:
             raise ValueError(
@@ -141,7 +152,8 @@ class GradNorm(nn.Module):
         unweighted = torch.stack([self._grad_norm(name, losses[name], shared) for name in self.task_names])
         norms = self.weights * unweighted.to(self.weights.device)
         loss_ratios = stacked.detach().float() / self._initial_losses(stacked)
-        inverse_rates = loss_ratios / loss_ratios.mean()
+        # All losses at exactly 0 (a perfectly fit batch) give the target 0 instead of 0 / 0 = NaN.
+        inverse_rates = loss_ratios / loss_ratios.mean().clamp_min(torch.finfo(torch.float32).tiny)
         target = (norms.mean() * inverse_rates**self.alpha).detach()
         return (norms - target).abs().sum()
 
@@ -167,6 +179,9 @@ class GradNorm(nn.Module):
         if not_scalar:
             raise ValueError(f"GradNorm needs scalar (reduced) task losses; got shapes {not_scalar}.")
         return torch.stack([losses[name].reshape(()) for name in self.task_names]).to(self.weights.device)
+
+    def _by_name(self, stacked: torch.Tensor) -> dict[str, float]:
+        return dict(zip(self.task_names, stacked.detach().tolist()))
 
     def _initial_losses(self, stacked: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
