@@ -186,13 +186,43 @@ def test_amp_on_cuda_trains_in_half_precision_with_float32_critics_and_resumes_t
     assert resumed.scaler.state_dict() == trainer.scaler.state_dict()
 
 
-def test_nan_input_stops_training_naming_iteration_and_term():
+def test_nan_images_are_named_as_bad_data_not_as_divergence():
     records = _records()
     records[3]["image"][:] = np.nan
     set_determinism(0)
     trainer = _build("erm", records=records)
-    with pytest.raises(TrainingDiverged, match=r"iteration \d+: loss of task 'y'"):
+    with pytest.raises(ValueError, match=r"images of the batch at iteration \d+ hold NaN"):
         trainer.run()
+
+
+@pytest.mark.parametrize("method", ["erm", "mimm", "mimmx"])
+def test_a_diverging_network_stops_training_naming_iteration_and_term(method):
+    set_determinism(0)
+    trainer = _build(method, epochs=3)
+    trainer.optimizer = torch.optim.SGD(trainer.network.parameters(), lr=1e30)
+    # before: MIMM's critics met the NaN features first and raised the estimator's shape check
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, iteration 2: network output 'features' holds NaN"):
+        trainer.run()
+
+
+@pytest.mark.parametrize("label, shown", [(2, r"\[2.0\]"), (-1, r"\[-1.0\]"), (0.5, r"\[0.5\]")])
+def test_a_label_that_is_not_a_class_index_is_named(label, shown):
+    records = _records()
+    records[5]["a"] = label
+    with pytest.raises(ValueError, match=rf"label 'a' of a 2-class head must be a class index 0..1, but this batch has {shown}"):
+        _build("mimmx", records=records).run()
+
+
+def test_spurious_factors_and_critic_steps_are_checked():
+    net = MIMMXNet("small_cnn", PARTS, {k: 2 for k in PARTS}, backbone_kwargs={"channels": (4, 8)})
+    with pytest.raises(ValueError, match=r"got the string 'ab'; pass \['ab'\]"):
+        MIMMXObjective.for_network("mimmx", net, spurious="ab")
+    with pytest.raises(ValueError, match=r"\['a'\] are given more than once"):
+        MIMMXObjective.for_network("mimmx", net, spurious=["a", "a"])
+    objective = MIMMXObjective.for_network("mimm", net)
+    critic_optimizer = torch.optim.Adam(objective.critic_parameters())
+    with pytest.raises(ValueError, match=r"n_critic must be a whole number"):
+        MIMMXTrainer("cpu", 1, [], net, torch.optim.SGD(net.parameters(), 0.1), objective, critic_optimizer, n_critic=1.5)
 
 
 def test_missing_labels_and_optimizers_are_explained():

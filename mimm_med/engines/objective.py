@@ -50,7 +50,11 @@ class MIMMXObjective(nn.Module):
 
     Examples
     --------
+    >>> from mimm_med.networks import MIMMXNet
+    >>> net = MIMMXNet("small_cnn", {"y": 8, "z": 8}, {"y": 2, "z": 2}, spatial_dims=2)
     >>> objective = MIMMXObjective.for_network("mimmx", net, mi_weight=1.0)
+    >>> objective.label_names
+    ['y', 'z']
     """
 
     def __init__(
@@ -74,7 +78,13 @@ class MIMMXObjective(nn.Module):
         self.spec: MethodSpec = parse_method(method)
         names = list(part_sizes)
         self.primary = names[0]
+        if isinstance(spurious, str):
+            # list("sex") would make three factors 's', 'e', 'x'
+            raise ValueError(f"spurious must be a sequence of factor names, got the string {spurious!r}; pass [{spurious!r}]")
         self.spurious = list(names[1:] if spurious is None else spurious)
+        repeated = sorted({z for z in self.spurious if self.spurious.count(z) > 1})
+        if repeated:
+            raise ValueError(f"spurious factors {repeated} are given more than once in {self.spurious}")
         unknown = [z for z in self.spurious if z not in names[1:]]
         if unknown:
             raise ValueError(f"spurious factors {unknown} are not network parts; parts are {names}")
@@ -135,6 +145,27 @@ class MIMMXObjective(nn.Module):
     def label_names(self) -> list[str]:
         """Labels a batch must carry for this objective."""
         return [self.primary, *self.spurious]
+
+    def check_labels(self, labels: Mapping[str, Tensor]) -> None:
+        """Raise a ``ValueError`` naming the factor if a label is not finite or not a class index of its head.
+
+        Cross-entropy would raise PyTorch's ``Target 2 is out of bounds`` without naming the factor,
+        and truncate 0.5 to class 0 or count -1 (CheXpert's "uncertain") as a group of its own silently.
+        """
+        for name in self.label_names:
+            values = torch.as_tensor(labels[name]).detach().double()
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError(f"label {name!r} is NaN or infinite in this batch; drop or fill those rows in the manifest")
+            classes = self.num_classes[name]
+            if classes < 2:
+                continue
+            bad = (values < 0) | (values >= classes) | (values != values.round())
+            if bool(bad.any()):
+                shown = sorted(set(values[bad].tolist()))[:5]
+                raise ValueError(
+                    f"label {name!r} of a {classes}-class head must be a class index 0..{classes - 1}, but this batch "
+                    f"has {shown}. Map the values to class indices (a cohort card's label coding does) or drop those rows"
+                )
 
     def task_losses(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Cross-entropy (classes) or mean squared error (regression) of every trained head, in float32."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -144,8 +143,8 @@ class MIMMXTrainer(Trainer):
             to_kwargs=to_kwargs,
             amp_kwargs=amp_kwargs,
         )
-        if n_critic < 0:
-            raise ValueError(f"n_critic must be ≥ 0, got {n_critic}")
+        if isinstance(n_critic, bool) or not float(n_critic).is_integer() or n_critic < 0:
+            raise ValueError(f"n_critic must be a whole number ≥ 0 (critic steps per encoder step), got {n_critic!r}")
         if objective.critic_parameters() and critic_optimizer is None:
             raise ValueError(
                 f"method {objective.spec.name!r} has critics: pass critic_optimizer over objective.critic_parameters()"
@@ -194,17 +193,27 @@ class MIMMXTrainer(Trainer):
         kwargs = {"device": self.state.device, "non_blocking": self.non_blocking, **self.to_kwargs}
         # float64 / integer images from numpy pipelines would clash with float32 weights
         image = torch.as_tensor(batchdata[self.image_key]).to(**kwargs).float()
+        if not bool(torch.isfinite(image).all()):
+            subjects = batchdata.get("subject_id")
+            raise ValueError(
+                f"the images of the batch at iteration {self.state.iteration} hold NaN or infinite values"
+                + (f" (subjects {list(subjects)})" if subjects is not None else "")
+                + "; re-run `mimm-med preprocess`, which refuses such images, or check the transforms"
+            )
         labels = {name: torch.as_tensor(batchdata[name]).to(**kwargs) for name in self.objective.label_names}
+        self.objective.check_labels(labels)
         return image, labels
 
     def _autocast(self) -> Any:
         return torch.autocast("cuda", **self.amp_kwargs) if self.amp else nullcontext()
 
     def _check_finite(self, engine: MIMMXTrainer, name: str, value: Tensor) -> None:
-        if not math.isfinite(float(value.detach())):
+        value = value.detach()
+        if not bool(torch.isfinite(value).all()):
+            shown = f"= {float(value)}" if value.numel() == 1 else "holds NaN or infinite values"
             raise TrainingDiverged(
                 f"training diverged at epoch {engine.state.epoch}, iteration {engine.state.iteration}: "
-                f"{name} = {float(value.detach())}. Lower the learning rate or mi_weight, or check the data for NaNs."
+                f"{name} {shown}. Lower the learning rate or mi_weight."
             )
 
     def _critic_phase(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> float:
@@ -228,6 +237,8 @@ class MIMMXTrainer(Trainer):
         objective.train()
         with self._autocast():
             outputs = self.network(image)
+        for key, value in outputs.items():  # before the critics see them
+            self._check_finite(engine, f"network output {key!r}", value)
         report: dict[str, float] = {"critic_loss": self._critic_phase(outputs, labels)}
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -250,6 +261,8 @@ class MIMMXTrainer(Trainer):
                 mi_grads = torch.autograd.grad(penalty, shared, retain_graph=True, allow_unused=True)
                 grads = _mean_over_ranks([*task_grads, *mi_grads])
                 scale = adaptive_mi_scale(grads[: len(shared)], grads[len(shared) :])
+                if self.scaler is None:
+                    self._check_finite(engine, "MI gradient scale α (a gradient at the shared layer overflowed)", scale)
             # λ multiplies after the clip (DESIGN §2), so the MI gradient at the shared layer is at most
             # λ times the task gradient: λ stays the knob of how much the penalty may outweigh the task.
             total = task_total + objective.mi_weight * scale * penalty
