@@ -213,6 +213,13 @@ def test_a_label_that_is_not_a_class_index_is_named(label, shown):
         _build("mimmx", records=records).run()
 
 
+def test_a_training_set_smaller_than_one_batch_is_refused():
+    trainer = _build("erm")
+    trainer.data_loader = DataLoader(Dataset(_records(n=3)), batch_size=16, drop_last=True)
+    with pytest.raises(ValueError, match=r"yields no batch \(3 training samples, batch_size 16, drop_last\)"):
+        trainer.run()
+
+
 def test_spurious_factors_and_critic_steps_are_checked():
     net = MIMMXNet("small_cnn", PARTS, {k: 2 for k in PARTS}, backbone_kwargs={"channels": (4, 8)})
     with pytest.raises(ValueError, match=r"got the string 'ab'; pass \['ab'\]"):

@@ -153,12 +153,16 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="end-to-end run on a generated stand-in brain cohort",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--workdir", default="data/brain", help="where the cohort, processed images and splits go")
     parser.add_argument("--subjects", type=int, default=160, help="stand-in subjects per cohort (UKB and NAKO)")
@@ -166,13 +170,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=int, default=32, help="preprocessed volume size (cube edge, voxels)")
     parser.add_argument("--correlation", type=float, default=0.9, help="r of sex and cohort with the age group")
     parser.add_argument("--methods", default="erm,mimmx", help="comma-separated methods to train")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs of every run")
     parser.add_argument(
         "--invariant-head",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also train each method with the primary head refitted on f_y without the factors' linear traces",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the cohort, the split, the key and training")
     parser.add_argument("--prepare-only", action="store_true", help="stop after writing the splits")
     parser.set_defaults(func=run_demo)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from contextlib import nullcontext
 from typing import Any
 
@@ -168,7 +168,18 @@ class MIMMXTrainer(Trainer):
         MONAI's ``Trainer.run`` replaces ``scaler`` with a new (deprecated ``torch.cuda.amp``) one at
         every call, after the checkpoint items were handed out: a resumed run would load the scaler
         state into an object no longer used, and save one that never stepped.
+
+        A data loader without a batch (fewer training samples than ``batch_size`` with
+        ``drop_last``) is refused: MONAI would log that it skips the run and return, leaving no model.
         """
+        if isinstance(self.data_loader, Sized) and len(self.data_loader) == 0:
+            dataset = getattr(self.data_loader, "dataset", None)
+            samples = f"{len(dataset)} training samples" if isinstance(dataset, Sized) else "the training samples"
+            raise ValueError(
+                f"the training data loader yields no batch ({samples}, batch_size "
+                f"{getattr(self.data_loader, 'batch_size', None)}, drop_last): lower the batch size "
+                "(the bundles' --batch_size) or train on more subjects"
+            )
         Workflow.run(self)
 
     def checkpoint_items(self) -> dict[str, Any]:

@@ -17,14 +17,17 @@ __all__ = ["as_probabilities", "classification_report", "switched_heads"]
 def as_probabilities(logits_or_probs: np.ndarray) -> np.ndarray:
     """Return class probabilities ``(N, C)`` from logits or probabilities.
 
-    Rows that already lie in [0, 1] and sum to 1 are taken as probabilities; anything else is
-    treated as logits and passed through a softmax.
+    Scores are taken as probabilities if every row lies in [0, 1] and sums to 1; otherwise all rows
+    are treated as logits and passed through a softmax (one array is never part probabilities).
 
     Examples
     --------
-    >>> as_probabilities(np.array([[0.0, 0.0], [0.2, 0.8]]))
+    >>> as_probabilities(np.array([[0.5, 0.5], [0.2, 0.8]]))
     array([[0.5, 0.5],
            [0.2, 0.8]])
+    >>> as_probabilities(np.array([[0.0, 0.0], [0.0, np.log(3.0)]]))
+    array([[0.5 , 0.5 ],
+           [0.25, 0.75]])
     """
     scores = np.asarray(logits_or_probs, dtype=np.float64)
     if scores.ndim != 2 or scores.shape[1] < 2:

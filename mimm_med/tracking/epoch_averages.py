@@ -35,7 +35,7 @@ class EpochAverages:
     >>> averages = EpochAverages()
     >>> averages.attach(trainer)
     >>> trainer.run()
-    >>> averages.history[-1]["dependence/y-a"], trainer.state.metrics["train/dependence/y-a"]
+    >>> averages.history[-1]["dependence/thickness"], trainer.state.metrics["train/dependence/thickness"]
     (0.031, 0.031)
     """
 
