@@ -166,34 +166,70 @@ def test_resume_keeps_the_best_model_of_the_epochs_before_the_kill(tmp_path):
         assert load(folder / "model.pt")["network"]["bias"].item() == kept_epoch
 
 
-def _counting_run(folder: Path, epochs: int, settings: dict) -> tuple[Engine, ResumeFromLatest]:
-    """A trainer of ``epochs`` epochs that checkpoints into ``folder`` as the bundles do, with ``settings`` recorded."""
+class Killed(Exception):
+    """Stands for the SIGKILL of a run."""
+
+
+def _counting_run(
+    folder: Path, epochs: int, settings: dict, killed_after: int | None = None, killed_on_completion: bool = False
+) -> tuple[Engine, ResumeFromLatest]:
+    """A trainer of ``epochs`` epochs that checkpoints into ``folder`` as the bundles do, with ``settings`` recorded.
+
+    It is killed after the checkpoint of epoch ``killed_after``, or in its first ``COMPLETED`` handler
+    (registering the model), where asked; ``trainer.started`` and ``trainer.completed`` count those events.
+    """
     trainer = Engine(lambda engine, batch: None)
-    started = []
-    trainer.add_event_handler(Events.STARTED, lambda engine: started.append(True))  # as MLflow's handler, attached earlier
+    trainer.started, trainer.completed = [], []
+    trainer.add_event_handler(Events.STARTED, lambda engine: trainer.started.append(True))  # as MLflow's handler, attached earlier
     trainer.state.max_epochs, trainer.state.device = epochs, "cpu"  # as MONAI's workflows set them
     resume = ResumeFromLatest(folder, {"trainer": trainer}, settings=settings)
     resume.attach(trainer)
     CheckpointSaver(str(folder), {"trainer": trainer}, save_interval=1, epoch_level=True, n_saved=2, file_prefix="checkpoint").attach(trainer)
-    trainer.started = started
+
+    def kill(engine: Engine) -> None:
+        raise Killed
+
+    if killed_after is not None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=killed_after), kill)
+
+    @trainer.on(Events.COMPLETED)
+    def register(engine: Engine) -> None:
+        trainer.completed.append(engine.state.epoch)
+        if killed_on_completion:
+            kill(engine)
+
     return trainer, resume
 
 
 def test_a_checkpoint_is_resumed_only_with_its_own_settings_and_only_while_unfinished(tmp_path):
-    trainer, resume = _counting_run(tmp_path, 3, {"mi_weight": 1.0, "spatial_size": (32, 32)})
+    trainer, resume = _counting_run(tmp_path, 3, {"mi_weight": 1.0, "spatial_size": (32, 32)}, killed_after=1)
     assert resume.checkpoint is None
-    trainer.run([0, 1], max_epochs=1)  # a run of 3 epochs, stopped after the first
+    with pytest.raises(Killed):
+        trainer.run([0, 1], max_epochs=3)
     assert json.loads((tmp_path / "settings.json").read_text()) == {"mi_weight": 1.0, "spatial_size": [32, 32]}
 
     trainer, resume = _counting_run(tmp_path, 3, {"mi_weight": 1.0, "spatial_size": [32, 32]})  # a tuple reads back as a list
     assert resume.checkpoint is not None
     trainer.run([0, 1], max_epochs=3)
     assert trainer.state.iteration == 6  # resumed after epoch 1, so two epochs of two iterations ran here
+    assert trainer.completed == [3]
     with pytest.raises(RunFolderConflict, match=r"holds checkpoints of a run with other settings \(mi_weight: 1.0 there, 0.5 now\).*--run_name"):
         _counting_run(tmp_path, 3, {"mi_weight": 0.5, "spatial_size": [32, 32]})
     with pytest.raises(RunFinished, match=r"has finished: checkpoint_trainer_epoch=3.pt holds epoch 3 of 3.*Evaluate it") as error:
         _counting_run(tmp_path, 3, {"mi_weight": 1.0, "spatial_size": [32, 32]})
     assert str(tmp_path) in str(error.value)
+
+
+def test_a_run_killed_after_its_last_checkpoint_finishes_without_training_again(tmp_path):
+    trainer, _ = _counting_run(tmp_path, 2, {"lr": 1e-3}, killed_on_completion=True)
+    with pytest.raises(Killed):
+        trainer.run([0, 1], max_epochs=2)  # every epoch saved, the model not yet registered
+    trainer, resume = _counting_run(tmp_path, 2, {"lr": 1e-3})
+    assert resume.checkpoint.name == "checkpoint_trainer_epoch=2.pt"
+    trainer.run([0, 1], max_epochs=2)
+    assert (trainer.state.epoch, trainer.state.iteration, trainer.completed) == (2, 4, [2])  # no epoch ran again
+    with pytest.raises(RunFinished):
+        _counting_run(tmp_path, 2, {"lr": 1e-3})
 
 
 def test_the_folder_is_checked_before_any_started_handler_runs(tmp_path):

@@ -19,6 +19,8 @@ from mimm_med.tracking._rank import is_rank_zero
 logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
+#: Written once every ``COMPLETED`` handler of a run has run (the model is registered, MLflow's run closed).
+FINISHED_FILE = "finished.json"
 
 
 class RunFolderConflict(ValueError):
@@ -96,10 +98,14 @@ class ResumeFromLatest:
     settings
         The run's settings (e.g. the parameters it logs to MLflow), recorded in ``directory`` when
         the run starts fresh. A checkpoint is resumed only under the settings it was trained with,
-        and never once its run has finished all its epochs: :meth:`attach` raises
-        :class:`RunFolderConflict` (:class:`RunFinished`) instead, before any ``STARTED`` handler
-        runs (a rerun with another ``mi_weight`` would otherwise continue, and register, the old
-        weights).
+        and never once its run has finished: :meth:`attach` raises :class:`RunFolderConflict`
+        (:class:`RunFinished`) instead, before any ``STARTED`` handler runs (a rerun with another
+        ``mi_weight`` would otherwise continue, and register, the old weights).
+
+    A run has finished when all its ``COMPLETED`` handlers have run: ``finished.json`` is written
+    then, by a handler this one appends on ``STARTED``, after all the others. A run stopped after
+    its last epoch's checkpoint but before that (killed while registering its model) is resumed:
+    with every epoch done, it runs only its ``COMPLETED`` handlers.
     """
 
     def __init__(
@@ -153,27 +159,31 @@ class ResumeFromLatest:
                     f"{self.directory} holds checkpoints of a run with other settings ({shown}). Resume it with "
                     f"its own settings, or {fixes}"
                 )
-        trainer_key = next((key for key, item in self.load_dict.items() if item is engine), None)
-        if trainer_key is None:
-            return
-        # memory-mapped: only the trainer's counters are read here; CheckpointLoader reads the weights on STARTED
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        state = saved if len(self.load_dict) == 1 and trainer_key not in saved else saved[trainer_key]  # ignite saves one item bare
-        saved_epoch = state["epoch"] if "epoch" in state else state["iteration"] // state["epoch_length"]  # ignite saves one of them
-        if saved_epoch >= engine.state.max_epochs:
+        finished = self.directory / FINISHED_FILE
+        if finished.is_file():
+            record = json.loads(finished.read_text())
             raise RunFinished(
-                f"the run in {self.directory} has finished: {path.name} holds epoch {saved_epoch} of "
-                f"{engine.state.max_epochs}, and its best model is {self.directory / self.best_model_file}. "
+                f"the run in {self.directory} has finished: {path.name} holds epoch {record['epoch']} of "
+                f"{record['max_epochs']}, and its best model is {self.directory / self.best_model_file}. "
                 f"Evaluate it with the bundle's 'evaluating' workflow, or {fixes}"
             )
 
     def __call__(self, engine: Engine) -> None:
+        # added now, when the bundle has attached every handler: it runs after all of them
+        engine.add_event_handler(Events.COMPLETED, self._record_finished)
         path = self.checkpoint
         if path is None:
             return
         CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=str(engine.state.device))(engine)
         logger.info("resumed from %s at epoch %d", path, engine.state.epoch)
         self._restore_best_model_ranking()
+
+    def _record_finished(self, engine: Engine) -> None:
+        if not is_rank_zero():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with atomic_output(self.directory / FINISHED_FILE) as temporary:
+            temporary.write_text(json.dumps({"epoch": engine.state.epoch, "max_epochs": engine.state.max_epochs}))
 
     def _restore_best_model_ranking(self) -> None:
         best = self.directory / self.best_model_file
