@@ -209,12 +209,12 @@ class Task:
 
 
 def describe_error(error: BaseException) -> str:
-    """A one-line reason for ``error``: the original exception under MONAI's "applying transform" wrappers."""
+    """A one-line reason for ``error``: the original exception under MONAI's "applying transform" wrappers, its lines joined."""
     while error.__cause__ is not None:
         error = error.__cause__
-    text = str(error).strip()
-    first_line = text.splitlines()[0] if text else ""
-    return f"{type(error).__name__}: {first_line}"[:_REASON_CHARS]
+    # one line, but all of it: libraries put the fix (the package to install) on later lines
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"{type(error).__name__}: {text}"[:_REASON_CHARS]
 
 
 def _process(pipeline: PreprocessPipeline, task: Task) -> tuple[str, str]:

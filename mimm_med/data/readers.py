@@ -13,9 +13,11 @@ from monai.config import DtypeLike, KeysCollection, PathLike
 from monai.data import ImageReader, MetaTensor
 from monai.transforms import LoadImage, MapTransform
 from monai.utils import ensure_tuple, optional_import
-from PIL import Image
+from PIL import Image, ImageOps
+from pydicom.errors import InvalidDicomError
 from pydicom.misc import is_dicom
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space, get_decoder
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 itk, _ = optional_import("itk", allow_namespace_pkg=True)
 
@@ -24,6 +26,8 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 #: strings of a few digits, while a missing slice doubles a gap.
 SLICE_SPACING_RTOL = 0.01
 _NAMES_SHOWN = 3
+#: Colour encodings of radiographs exported as secondary captures; pydicom decodes all of them as RGB.
+COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
 
 class LoadImageBySuffixd(MapTransform):
@@ -73,7 +77,28 @@ class LoadImageBySuffixd(MapTransform):
                 # ITKReader reads the series it is given by name, else the folder's first one.
                 check_dicom_series(d[key], getattr(reader, "series_name", ""))
             d[key] = self._loader(d[key], reader)
+            check_nifti_orientation(d[key])
         return d
+
+
+def check_nifti_orientation(image: MetaTensor) -> None:
+    """Refuse a NIfTI image whose header records no orientation (``qform_code`` and ``sform_code`` both 0).
+
+    The NIfTI standard leaves such an image's orientation unknown (the ANALYZE method); nibabel then
+    assumes a radiological (LAS) layout from the voxel sizes, which flips left and right of every
+    image stored otherwise. Images of other formats (no such codes in their metadata) pass.
+
+    Raises
+    ------
+    ValueError
+        If both codes are present and 0.
+    """
+    codes = [image.meta.get(code) for code in ("qform_code", "sform_code")]
+    if all(code is not None and int(code) == 0 for code in codes):
+        raise ValueError(
+            "NIfTI header has qform_code and sform_code 0: the image's orientation is unknown and left/right "
+            "could be swapped; convert it again from the DICOMs (e.g. with dcm2niix) or set its qform/sform"
+        )
 
 
 def _gdcm_series(folder: PathLike) -> dict[str, list[Path]]:
@@ -177,7 +202,8 @@ class DicomXrayReader(ImageReader):
     """Read a single-frame DICOM radiograph as display intensities, bright = dense.
 
     Applies what a viewer would: the modality LUT (or rescale slope / intercept), then the VOI LUT
-    or window, and inverts ``MONOCHROME1`` images so that bone is bright in every output. The
+    or window, and inverts ``MONOCHROME1`` images so that bone is bright in every output; colour
+    (RGB, YBR) images become their luminance, as PNG and JPG ones do. The
     array is indexed ``[column, row]`` like MONAI's ``PILReader`` (``reverse_indexing=True``), so
     DICOM and PNG inputs of the same radiograph end up identical.
 
@@ -194,25 +220,53 @@ class DicomXrayReader(ImageReader):
         return all(str(name).lower().endswith(DICOM_SUFFIXES) for name in ensure_tuple(filename))
 
     def read(self, data: Sequence[PathLike] | PathLike, **kwargs) -> pydicom.Dataset:
-        return pydicom.dcmread(_single_file(data), **kwargs)
+        """Read a DICOM file, also one without the 128-byte preamble and file meta (older archives)."""
+        path = _single_file(data)
+        try:
+            return pydicom.dcmread(path, **kwargs)
+        except InvalidDicomError:
+            img = pydicom.dcmread(path, **{**kwargs, "force": True})
+        if "Rows" not in img or "Columns" not in img:
+            raise ValueError(
+                "not a DICOM file: no DICOM preamble ('DICM') and no image attributes; export it again as DICOM"
+            )
+        # Without file meta there is no transfer syntax, which pydicom needs to decode the pixels: it
+        # is the encoding the data set was just parsed with.
+        img.ensure_file_meta()
+        if "TransferSyntaxUID" not in img.file_meta:
+            implicit, little = img.original_encoding
+            syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+            img.file_meta.TransferSyntaxUID = syntax
+        return img
 
     def get_data(self, img: pydicom.Dataset) -> tuple[np.ndarray, dict]:
         if "PixelData" not in img:
             raise ValueError("DICOM file has no pixel data (tag PixelData (7FE0,0010) missing)")
         photometric = str(img.get("PhotometricInterpretation", ""))
-        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        if photometric not in ("MONOCHROME1", "MONOCHROME2", *COLOUR_PHOTOMETRICS):
             raise ValueError(
-                f"expected a greyscale radiograph (MONOCHROME1/2), got PhotometricInterpretation {photometric!r}"
+                f"expected a greyscale (MONOCHROME1/2) or colour (RGB/YBR) radiograph, got PhotometricInterpretation "
+                f"{photometric!r}; export it again as MONOCHROME2"
             )
+        _check_decoder(img)
         stored = img.pixel_array
-        if stored.ndim != 2:
+        if photometric in COLOUR_PHOTOMETRICS:
+            if stored.ndim != 3:
+                raise ValueError(f"expected a single-frame colour radiograph, got pixel array of shape {stored.shape}")
+            # Luminance, as PNG and JPG colour images get it; colour images have no modality or VOI LUT.
+            display = convert_color_space(stored, "RGB", "YBR_FULL")[..., 0].astype(np.float32)
+        elif stored.ndim != 2:
             raise ValueError(f"expected a single-frame 2D radiograph, got pixel array of shape {stored.shape}")
-        display = apply_voi_lut(apply_modality_lut(stored, img), img).astype(np.float32)
+        else:
+            display = apply_voi_lut(apply_modality_lut(stored, img), img).astype(np.float32)
         if photometric == "MONOCHROME1":
             # Mirror within the image's own range; the intensity scaling that follows is
             # shift-invariant, so this equals inverting within the nominal bit range.
             display = display.max() + display.min() - display
         spacing = img.get("PixelSpacing", img.get("ImagerPixelSpacing", (1.0, 1.0)))
+        spacing = ensure_tuple(spacing)  # a malformed single value would not unpack
+        if len(spacing) != 2:
+            raise ValueError(f"PixelSpacing has {len(spacing)} values, expected 2 (row\\column); fix the header")
         row_spacing, column_spacing = (float(s) for s in spacing)
         affine = np.diag([column_spacing, row_spacing, 1.0, 1.0])
         meta = {
@@ -225,8 +279,30 @@ class DicomXrayReader(ImageReader):
         return np.ascontiguousarray(display.T), meta
 
 
+def _check_decoder(img: pydicom.Dataset) -> None:
+    """Raise a one-line error naming the packages to install if no installed plugin decodes ``img``'s pixels.
+
+    pydicom's own error spreads the missing plugins over several lines, and reports keep only the first.
+    """
+    syntax = img.file_meta.get("TransferSyntaxUID", "")
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise ValueError(
+            f"pixel data in transfer syntax {syntax!r}, which pydicom cannot decode; export it again uncompressed"
+        ) from None
+    if not decoder.is_available:
+        # pydicom names import names; the one pip package named otherwise is gdcm's.
+        plugins = "; ".join(decoder.missing_dependencies).replace("requires gdcm", "requires python-gdcm")
+        raise ValueError(
+            f"pixel data compressed as {syntax.name} ({syntax}), which no installed decoder reads; install a pydicom "
+            f"decoder plugin ({plugins}) or export it again uncompressed"
+        )
+
+
 def pil_to_greyscale(image: Image.Image) -> Image.Image:
-    """Decode a PIL image, then convert colour to 8-bit luminance; keep greyscale images at their bit depth.
+    """Decode a PIL image, turn it upright by its EXIF orientation, then convert colour to 8-bit luminance;
+    keep greyscale images at their bit depth.
 
     Used as ``PILReader(converter=...)``: ``image.convert("L")`` would also squash 16-bit PNGs to 8 bit.
 
@@ -243,6 +319,8 @@ def pil_to_greyscale(image: Image.Image) -> Image.Image:
             f"truncated or not a valid {image.format or 'image'} file ({type(error).__name__}: {error}); "
             "copy or export it again"
         ) from None
+    # Cameras and some exporters store pixels unrotated with an EXIF orientation that viewers apply.
+    image = ImageOps.exif_transpose(image)
     if image.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
         return image
     return image.convert("L")

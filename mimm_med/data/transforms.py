@@ -53,7 +53,9 @@ class ValidateImaged(MapTransform):
             image = convert_to_numpy(d[key])
             expected = f"a {self.channels}-channel {self.spatial_dims}D image"
             if image.ndim != self.spatial_dims + 1 or image.shape[0] != self.channels:
-                raise ValueError(f"expected {expected}, got channel-first shape {image.shape}")
+                # a 4-D NIfTI (a time series, or several echoes) arrives with its volumes as channels
+                several = " (several volumes or channels: extract the one to use, e.g. with fslroi)" if image.shape[0] > 1 else ""
+                raise ValueError(f"expected {expected}, got channel-first shape {image.shape}{several}")
             if image.size == 0:
                 raise ValueError(f"expected {expected}, got an empty array of shape {image.shape}")
             finite = np.isfinite(image)

@@ -1,0 +1,193 @@
+"""Inputs as hospitals and biobanks deliver them: each is read right, or refused for that image alone with the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from PIL import Image
+from preprocess_fixtures import (
+    BRAIN_CONFIG,
+    KEY,
+    PLANTED,
+    SMALL_BRAIN,
+    SMALL_XRAY,
+    XRAY_CONFIG,
+    head_volume,
+    radiograph,
+    write_dicom_xray,
+    write_nifti,
+    write_png,
+)
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_dataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import JPEGLosslessSV1
+
+from mimm_med.data.preprocess import PreprocessPipeline, describe_error, load_pipeline_config, preprocess_records
+from mimm_med.data.pseudonym import Pseudonymiser
+
+
+@pytest.fixture(scope="module")
+def xray():
+    return PreprocessPipeline(load_pipeline_config(XRAY_CONFIG, SMALL_XRAY))
+
+
+@pytest.fixture(scope="module")
+def brain():
+    return PreprocessPipeline(load_pipeline_config(BRAIN_CONFIG, SMALL_BRAIN))
+
+
+def processed(pipeline: PreprocessPipeline, source: Path, out: Path) -> np.ndarray:
+    path = pipeline(source, out / source.stem)
+    return nib.load(path).get_fdata() if path.name.endswith(".nii.gz") else np.asarray(Image.open(path), float)
+
+
+def failure(pipeline: PreprocessPipeline, source: Path, out: Path) -> str:
+    """The reason ``errors.csv`` would give for ``source``."""
+    with pytest.raises(Exception) as error:
+        pipeline(source, out / source.stem)
+    return describe_error(error.value)
+
+
+def edit_dicom(path: Path, **values) -> Path:
+    ds = pydicom.dcmread(path)
+    for name, value in values.items():
+        setattr(ds, name, value)
+    ds.save_as(path)
+    return path
+
+
+def colour_dicom(path: Path, grey: np.ndarray) -> Path:
+    """An 8-bit RGB secondary capture of ``grey``, with the planted identifiers."""
+    write_dicom_xray(path, grey)
+    return edit_dicom(
+        path, PhotometricInterpretation="RGB", SamplesPerPixel=3, PlanarConfiguration=0, BitsAllocated=8,
+        BitsStored=8, HighBit=7, PixelData=np.repeat(grey[..., None], 3, -1).astype(np.uint8).tobytes(),
+    )
+
+
+def lossless_jpeg_dicom(path: Path) -> Path:
+    """A radiograph in JPEG Lossless (SV1), the syntax many PACS export; the frame is a bare JPEG marker pair."""
+    write_dicom_xray(path, radiograph())
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path)
+    return path
+
+
+def without_preamble(path: Path) -> Path:
+    """Rewrite a DICOM file as its bare data set: no 128-byte preamble, no ``DICM``, no file meta."""
+    ds = pydicom.dcmread(path)
+    del ds.file_meta
+    with path.open("wb") as file:
+        out = DicomFileLike(file)
+        out.is_little_endian, out.is_implicit_VR = True, True
+        write_dataset(out, ds)
+    return path
+
+
+def test_nifti_without_orientation_codes_is_refused_not_flipped(brain, tmp_path):
+    # nibabel would assume LAS and swap left and right of this RAS volume.
+    image = nib.Nifti1Image(head_volume(1), np.diag([2.0, 2.0, 2.0, 1.0]))
+    image.set_qform(None, code=0)
+    image.set_sform(None, code=0)
+    nib.save(image, tmp_path / "T1.nii.gz")
+    reason = failure(brain, tmp_path / "T1.nii.gz", tmp_path)
+    assert "qform_code and sform_code 0" in reason and "dcm2niix" in reason
+
+
+def test_nifti_with_only_a_qform_reads_like_one_with_both(brain, tmp_path):
+    volume = head_volume(1)
+    volume[16:, 16:, 16:] *= 0.5  # so that a flip would show
+    reference = processed(brain, write_nifti(tmp_path / "both" / "T1.nii.gz", volume), tmp_path / "a")
+    image = nib.Nifti1Image(volume, np.diag([2.0, 2.0, 2.0, 1.0]))
+    image.set_qform(image.affine, code="scanner")
+    image.set_sform(None, code=0)
+    nib.save(image, tmp_path / "qform.nii.gz")
+    np.testing.assert_allclose(processed(brain, tmp_path / "qform.nii.gz", tmp_path / "b"), reference, atol=1e-6)
+
+
+def test_colour_dicom_reads_as_its_luminance(xray, tmp_path):
+    grey = (radiograph() // 16).astype(np.uint8)
+    reference = write_dicom_xray(tmp_path / "grey.dcm", grey)
+    edit_dicom(reference, BitsAllocated=8, BitsStored=8, HighBit=7, PixelData=grey.tobytes())
+    colour = colour_dicom(tmp_path / "colour.dcm", grey)
+    np.testing.assert_array_equal(processed(xray, colour, tmp_path), processed(xray, reference, tmp_path))
+
+
+def test_dicom_without_preamble_reads_and_other_files_are_no_dicom(xray, tmp_path):
+    pixels = radiograph()
+    reference = processed(xray, write_dicom_xray(tmp_path / "with.dcm", pixels), tmp_path)
+    bare = without_preamble(write_dicom_xray(tmp_path / "bare.dcm", pixels))
+    assert bare.read_bytes()[128:132] != b"DICM"
+    np.testing.assert_array_equal(processed(xray, bare, tmp_path), reference)
+    (tmp_path / "page.dcm").write_bytes(b"<html><body>session expired</body></html>\n")
+    assert failure(xray, tmp_path / "page.dcm", tmp_path).startswith("ValueError: not a DICOM file")
+
+
+def test_malformed_pixel_spacing_is_named(xray, tmp_path):
+    path = edit_dicom(write_dicom_xray(tmp_path / "view.dcm", radiograph()), PixelSpacing="0.2")
+    assert "PixelSpacing has 1 values, expected 2" in failure(xray, path, tmp_path)
+
+
+def test_exif_orientation_is_applied(xray, tmp_path):
+    pixels = radiograph()
+    upright = processed(xray, write_png(tmp_path / "upright.png", pixels, "L"), tmp_path)
+    # Stored turned a quarter to the left, with the EXIF tag that tells viewers to turn it back.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    Image.fromarray(np.rot90((pixels // 16).astype(np.uint8))).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    turned = processed(xray, tmp_path / "turned.jpg", tmp_path)
+    assert np.corrcoef(turned.ravel(), upright.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.skipif(get_decoder(JPEGLosslessSV1).is_available, reason="a JPEG Lossless decoder is installed")
+def test_undecodable_dicom_fails_alone_naming_syntax_and_packages(tmp_path):
+    raw = tmp_path / "raw"
+    view = lambda patient: raw / "train" / f"patient{patient}" / "study1" / "view1_frontal.dcm"  # noqa: E731
+    sources = [
+        ("patient00001", lossless_jpeg_dicom(view("00001"))),
+        ("patient00002", colour_dicom(view("00002"), (radiograph() // 16).astype(np.uint8))),
+        ("patient00003", without_preamble(write_dicom_xray(view("00003"), radiograph()))),
+    ]
+    records = pd.DataFrame(
+        {"source_id": [s for s, _ in sources], "image": [str(p) for _, p in sources], "sex": "female",
+         "cohort": "chexpert_plus"}
+    )
+    out = tmp_path / "out"
+    config = load_pipeline_config(XRAY_CONFIG, SMALL_XRAY)
+    summary = preprocess_records(
+        records, pd.DataFrame(columns=["source_id", "image", "reason", "cohort"]), config, raw, out,
+        Pseudonymiser(KEY), progress=False,
+    )
+    assert (summary.done, summary.failed) == (2, 1)
+    errors = pd.read_csv(out / "errors.csv")
+    assert errors["subject_id"].tolist() == [Pseudonymiser(KEY).subject("chexpert_plus", "patient00001")]
+    reason = errors["reason"].item()
+    assert "JPEG Lossless" in reason and "1.2.840.10008.1.2.4.70" in reason
+    assert "pylibjpeg-libjpeg" in reason and "python-gdcm" in reason
+    for path in out.rglob("*"):
+        if path.is_file():
+            for identifier in PLANTED:
+                assert identifier.encode() not in path.read_bytes(), (path, identifier)
+
+
+def test_a_four_dimensional_nifti_says_to_extract_one_volume(brain, tmp_path):
+    volume = np.stack([head_volume(1), head_volume(2)], axis=-1)  # e.g. two echoes in one file
+    reason = failure(brain, write_nifti(tmp_path / "T1.nii.gz", volume), tmp_path)
+    assert "channel-first shape (2," in reason and "extract the one to use" in reason
+
+
+def test_a_reason_keeps_the_later_lines_of_a_library_error():
+    error = RuntimeError("Unable to decompress the pixel data\n  plugin 'pylibjpeg': requires pylibjpeg-libjpeg\n")
+    assert describe_error(error) == (
+        "RuntimeError: Unable to decompress the pixel data plugin 'pylibjpeg': requires pylibjpeg-libjpeg"
+    )
