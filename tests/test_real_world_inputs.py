@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gdcm
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -27,7 +28,7 @@ from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_dataset
 from pydicom.pixels import get_decoder
-from pydicom.uid import JPEGLosslessSV1
+from pydicom.uid import HTJ2KLossless
 
 from mimm_med.data.preprocess import PreprocessPipeline, describe_error, load_pipeline_config, preprocess_records
 from mimm_med.data.pseudonym import Pseudonymiser
@@ -72,15 +73,32 @@ def colour_dicom(path: Path, grey: np.ndarray) -> Path:
     )
 
 
-def lossless_jpeg_dicom(path: Path) -> Path:
-    """A radiograph in JPEG Lossless (SV1), the syntax many PACS export; the frame is a bare JPEG marker pair."""
+def htj2k_dicom(path: Path) -> Path:
+    """A radiograph in HTJ2K, a syntax no installed plugin decodes; the frame is a bare codestream marker pair."""
     write_dicom_xray(path, radiograph())
     ds = pydicom.dcmread(path)
-    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
-    ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\xd9"])
     ds["PixelData"].VR = "OB"
     ds.save_as(path)
     return path
+
+
+def gdcm_compressed(source: Path, target: Path, syntax: int) -> Path:
+    """``source`` recompressed by GDCM into the transfer syntax ``syntax`` (a ``gdcm.TransferSyntax`` constant)."""
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(syntax))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    return target
 
 
 def without_preamble(path: Path) -> Path:
@@ -149,12 +167,22 @@ def test_exif_orientation_is_applied(xray, tmp_path):
     assert np.corrcoef(turned.ravel(), upright.ravel())[0, 1] > 0.99
 
 
-@pytest.mark.skipif(get_decoder(JPEGLosslessSV1).is_available, reason="a JPEG Lossless decoder is installed")
+@pytest.mark.parametrize(
+    "syntax", ["JPEGLosslessProcess14_1", "JPEGLSLossless"], ids=["jpeg-lossless", "jpeg-ls"]
+)
+def test_dicom_compressed_as_pacs_export_it_reads_like_the_uncompressed_file(xray, tmp_path, syntax):
+    plain = write_dicom_xray(tmp_path / "plain.dcm", radiograph())
+    compressed = gdcm_compressed(plain, tmp_path / "compressed.dcm", getattr(gdcm.TransferSyntax, syntax))
+    assert pydicom.dcmread(compressed).file_meta.TransferSyntaxUID.is_compressed
+    np.testing.assert_array_equal(processed(xray, compressed, tmp_path / "a"), processed(xray, plain, tmp_path / "b"))
+
+
+@pytest.mark.skipif(get_decoder(HTJ2KLossless).is_available, reason="an HTJ2K decoder is installed")
 def test_undecodable_dicom_fails_alone_naming_syntax_and_packages(tmp_path):
     raw = tmp_path / "raw"
     view = lambda patient: raw / "train" / f"patient{patient}" / "study1" / "view1_frontal.dcm"  # noqa: E731
     sources = [
-        ("patient00001", lossless_jpeg_dicom(view("00001"))),
+        ("patient00001", htj2k_dicom(view("00001"))),
         ("patient00002", colour_dicom(view("00002"), (radiograph() // 16).astype(np.uint8))),
         ("patient00003", without_preamble(write_dicom_xray(view("00003"), radiograph()))),
     ]
@@ -172,8 +200,8 @@ def test_undecodable_dicom_fails_alone_naming_syntax_and_packages(tmp_path):
     errors = pd.read_csv(out / "errors.csv")
     assert errors["subject_id"].tolist() == [Pseudonymiser(KEY).subject("chexpert_plus", "patient00001")]
     reason = errors["reason"].item()
-    assert "JPEG Lossless" in reason and "1.2.840.10008.1.2.4.70" in reason
-    assert "pylibjpeg-libjpeg" in reason and "python-gdcm" in reason
+    assert "High-Throughput JPEG 2000" in reason and "1.2.840.10008.1.2.4.201" in reason
+    assert "pylibjpeg-openjpeg" in reason
     for path in out.rglob("*"):
         if path.is_file():
             for identifier in PLANTED:
