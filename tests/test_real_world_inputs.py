@@ -219,3 +219,13 @@ def test_a_reason_keeps_the_later_lines_of_a_library_error():
     assert describe_error(error) == (
         "RuntimeError: Unable to decompress the pixel data plugin 'pylibjpeg': requires pylibjpeg-libjpeg"
     )
+
+
+def test_a_plain_nifti_named_gz_and_a_complex_nifti_are_named(brain, tmp_path):
+    plain = write_nifti(tmp_path / "plain.nii", head_volume(1))
+    misnamed = tmp_path / "misnamed.nii.gz"
+    misnamed.write_bytes(plain.read_bytes())
+    assert "is named .gz but is not gzip-compressed" in failure(brain, misnamed, tmp_path)
+    # before: the imaginary part was dropped with only a warning, and the image went through
+    complex_path = write_nifti(tmp_path / "complex.nii.gz", head_volume(1).astype(np.complex64))
+    assert "NIfTI holds complex voxels (complex64)" in failure(brain, complex_path, tmp_path)

@@ -13,6 +13,7 @@ from monai.config import DtypeLike, KeysCollection, PathLike
 from monai.data import ImageReader, MetaTensor
 from monai.transforms import LoadImage, MapTransform
 from monai.utils import ensure_tuple, optional_import
+from nibabel.filebasedimages import ImageFileError
 from PIL import Image, ImageOps
 from pydicom.errors import InvalidDicomError
 from pydicom.misc import is_dicom
@@ -26,6 +27,8 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 #: strings of a few digits, while a missing slice doubles a gap.
 SLICE_SPACING_RTOL = 0.01
 _NAMES_SHOWN = 3
+#: NIfTI ``datatype`` codes of complex voxels.
+NIFTI_COMPLEX_TYPES: dict[int, str] = {32: "complex64", 1792: "complex128", 2048: "complex256"}
 #: Colour encodings of radiographs exported as secondary captures; pydicom decodes all of them as RGB.
 COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
@@ -76,28 +79,43 @@ class LoadImageBySuffixd(MapTransform):
             if Path(d[key]).is_dir():
                 # ITKReader reads the series it is given by name, else the folder's first one.
                 check_dicom_series(d[key], getattr(reader, "series_name", ""))
-            d[key] = self._loader(d[key], reader)
-            check_nifti_orientation(d[key])
+            try:
+                d[key] = self._loader(d[key], reader)
+            except ImageFileError as error:
+                if "not a gzip file" not in str(error):
+                    raise
+                raise ValueError(
+                    f"{Path(d[key]).name} is named .gz but is not gzip-compressed: gzip it, or name it without .gz "
+                    "(and the cohort card's image pattern); if it is no NIfTI at all, copy it again"
+                ) from None
+            check_nifti_header(d[key])
         return d
 
 
-def check_nifti_orientation(image: MetaTensor) -> None:
-    """Refuse a NIfTI image whose header records no orientation (``qform_code`` and ``sform_code`` both 0).
+def check_nifti_header(image: MetaTensor) -> None:
+    """Refuse a NIfTI image whose header records no orientation, or complex voxels.
 
-    The NIfTI standard leaves such an image's orientation unknown (the ANALYZE method); nibabel then
-    assumes a radiological (LAS) layout from the voxel sizes, which flips left and right of every
-    image stored otherwise. Images of other formats (no such codes in their metadata) pass.
+    With ``qform_code`` and ``sform_code`` both 0 the NIfTI standard leaves the orientation unknown
+    (the ANALYZE method); nibabel then assumes a radiological (LAS) layout from the voxel sizes,
+    which flips left and right of every image stored otherwise. Complex voxels would be cast to
+    their real part with only a warning. Images of other formats (no such header fields) pass.
 
     Raises
     ------
     ValueError
-        If both codes are present and 0.
+        If both orientation codes are present and 0, or the data type is complex.
     """
     codes = [image.meta.get(code) for code in ("qform_code", "sform_code")]
     if all(code is not None and int(code) == 0 for code in codes):
         raise ValueError(
             "NIfTI header has qform_code and sform_code 0: the image's orientation is unknown and left/right "
             "could be swapped; convert it again from the DICOMs (e.g. with dcm2niix) or set its qform/sform"
+        )
+    datatype = image.meta.get("datatype")
+    if datatype is not None and int(datatype) in NIFTI_COMPLEX_TYPES:
+        raise ValueError(
+            f"NIfTI holds complex voxels ({NIFTI_COMPLEX_TYPES[int(datatype)]}), whose imaginary part would be "
+            "dropped: save the magnitude image (e.g. fslcomplex -realabs) and preprocess that"
         )
 
 
