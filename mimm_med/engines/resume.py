@@ -135,7 +135,7 @@ class ResumeFromLatest:
         if self.checkpoint is None:
             self._record_settings()
         else:
-            self._check_resumable(engine, self.checkpoint)
+            self._check_resumable(self.checkpoint)
         engine.add_event_handler(Events.STARTED, self)
 
     def _record_settings(self) -> None:
@@ -144,7 +144,7 @@ class ResumeFromLatest:
         with atomic_output(self.directory / SETTINGS_FILE) as temporary:
             temporary.write_text(json.dumps(self.settings, indent=2, sort_keys=True))
 
-    def _check_resumable(self, engine: Engine, path: Path) -> None:
+    def _check_resumable(self, path: Path) -> None:
         fixes = (
             f"give this run a folder of its own (--run_name <name> or --bundle_root <folder>), or delete "
             f"{self.directory} to train it again from the start"
@@ -161,10 +161,10 @@ class ResumeFromLatest:
                 )
         finished = self.directory / FINISHED_FILE
         if finished.is_file():
-            record = json.loads(finished.read_text())
+            counts = json.loads(finished.read_text())
             raise RunFinished(
-                f"the run in {self.directory} has finished: {path.name} holds epoch {record['epoch']} of "
-                f"{record['max_epochs']}, and its best model is {self.directory / self.best_model_file}. "
+                f"the run in {self.directory} has finished: {path.name} holds epoch {counts['epoch']} of "
+                f"{counts['max_epochs']}, and its best model is {self.directory / self.best_model_file}. "
                 f"Evaluate it with the bundle's 'evaluating' workflow, or {fixes}"
             )
 

@@ -248,8 +248,9 @@ class MIMMXTrainer(Trainer):
         objective.train()
         with self._autocast():
             outputs = self.network(image)
-        for key, value in outputs.items():  # before the critics see them
-            self._check_finite(engine, f"network output {key!r}", value)
+        # Every part is a slice of the shared features, and every head's output is checked through its
+        # loss below: the features are what the critics must not see non-finite.
+        self._check_finite(engine, "network output 'features'", outputs["features"])
         report: dict[str, float] = {"critic_loss": self._critic_phase(outputs, labels)}
 
         self.optimizer.zero_grad(set_to_none=True)
