@@ -78,6 +78,8 @@ def test_killed_training_resumes_from_its_checkpoint_into_the_same_mlflow_run(br
     for key in ("train/loss", "train/dependence/sex", "train/task_weight/age_group", "val_bacc"):
         assert metric_steps(uri, run.info.run_id, key) == epochs, key
 
+    # the saver's n_saved, the checkpoint of the killed run deleted once two newer ones exist
+    assert [path.name for path in checkpoint_files(root)] == [f"checkpoint_checkpoint_epoch={epoch}.pt" for epoch in (2, 3)]
     final = load(latest_checkpoint(checkpoint_dir(root), "checkpoint_*.pt"))
     iterations = before["trainer"]["epoch_length"]
     assert (before["trainer"]["iteration"], final["trainer"]["iteration"]) == (iterations, EPOCHS * iterations)
@@ -182,7 +184,7 @@ def _counting_run(
     trainer.started, trainer.completed = [], []
     trainer.add_event_handler(Events.STARTED, lambda engine: trainer.started.append(True))  # as MLflow's handler, attached earlier
     trainer.state.max_epochs, trainer.state.device = epochs, "cpu"  # as MONAI's workflows set them
-    resume = ResumeFromLatest(folder, {"trainer": trainer}, settings=settings)
+    resume = ResumeFromLatest(folder, {"trainer": trainer}, keep=2, settings=settings)
     resume.attach(trainer)
     CheckpointSaver(str(folder), {"trainer": trainer}, save_interval=1, epoch_level=True, n_saved=2, file_prefix="checkpoint").attach(trainer)
 
@@ -218,6 +220,20 @@ def test_a_checkpoint_is_resumed_only_with_its_own_settings_and_only_while_unfin
     with pytest.raises(RunFinished, match=r"has finished: checkpoint_trainer_epoch=3.pt holds epoch 3 of 3.*Evaluate it") as error:
         _counting_run(tmp_path, 3, {"mi_weight": 1.0, "spatial_size": [32, 32]})
     assert str(tmp_path) in str(error.value)
+
+
+def test_a_resumed_run_keeps_as_many_checkpoints_as_its_saver_and_a_fallback_until_then(tmp_path):
+    trainer, _ = _counting_run(tmp_path, 6, {"lr": 1e-3}, killed_after=2)
+    with pytest.raises(Killed):
+        trainer.run([0], max_epochs=6)
+    trainer, _ = _counting_run(tmp_path, 6, {"lr": 1e-3}, killed_after=3)
+    with pytest.raises(Killed):
+        trainer.run([0], max_epochs=6)
+    # one checkpoint of its own: the one it resumed from is still there to fall back on
+    assert sorted(path.name for path in tmp_path.glob("checkpoint_*.pt")) == [f"checkpoint_trainer_epoch={epoch}.pt" for epoch in (1, 2, 3)]
+    trainer, _ = _counting_run(tmp_path, 6, {"lr": 1e-3})
+    trainer.run([0], max_epochs=6)
+    assert sorted(path.name for path in tmp_path.glob("checkpoint_*.pt")) == [f"checkpoint_trainer_epoch={epoch}.pt" for epoch in (5, 6)]
 
 
 def test_a_run_killed_after_its_last_checkpoint_finishes_without_training_again(tmp_path):

@@ -62,6 +62,13 @@ def trained_checkpoint(path: str | Path, registered_model: str | None = None) ->
     return path
 
 
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 def _is_complete_archive(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path):  # reads the directory at the end of the file, which is written last
@@ -95,6 +102,10 @@ class ResumeFromLatest:
         The run's best-model ``CheckpointSaver`` (``key_metric_save_state=True``), or None.
     best_model_file
         Its ``key_metric_filename`` in ``directory``.
+    keep
+        The interval saver's ``n_saved``. Its rotation knows only the files it wrote itself, so the
+        checkpoints a resumed run found in ``directory`` are deleted here once the run has saved
+        ``keep`` of its own; until then they are a fallback. ``None`` keeps them.
     settings
         The run's settings (e.g. the parameters it logs to MLflow), recorded in ``directory`` when
         the run starts fresh. A checkpoint is resumed only under the settings it was trained with,
@@ -115,16 +126,21 @@ class ResumeFromLatest:
         pattern: str = "checkpoint_*.pt",
         best_model_saver: CheckpointSaver | None = None,
         best_model_file: str = "model.pt",
+        keep: int | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> None:
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"keep must be a whole number >= 1 (the checkpoint saver's n_saved) or None, got {keep!r}")
         self.directory = Path(directory)
         self.load_dict = dict(load_dict)
         self.pattern = pattern
         self.best_model_saver = best_model_saver
         self.best_model_file = best_model_file
+        self.keep = keep
         # JSON-normal form, so that a tuple setting equals the list read back from the record
         self.settings = None if settings is None else json.loads(json.dumps(dict(settings), default=str))
         self.checkpoint: Path | None = None
+        self._inherited: dict[Path, int] = {}
 
     def attach(self, engine: Engine) -> None:
         """Check the folder now and load on ``STARTED``; attach it first, so later ``STARTED`` handlers see the restored state.
@@ -136,6 +152,8 @@ class ResumeFromLatest:
             self._record_settings()
         else:
             self._check_resumable(self.checkpoint)
+            # with its modification time: a file the saver writes again under the same name is its own
+            self._inherited = {path: path.stat().st_mtime_ns for path in self.directory.glob(self.pattern)}
         engine.add_event_handler(Events.STARTED, self)
 
     def _record_settings(self) -> None:
@@ -171,12 +189,24 @@ class ResumeFromLatest:
     def __call__(self, engine: Engine) -> None:
         # added now, when the bundle has attached every handler: it runs after all of them
         engine.add_event_handler(Events.COMPLETED, self._record_finished)
+        if self.keep is not None and self._inherited and is_rank_zero():
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._drop_inherited)
         path = self.checkpoint
         if path is None:
             return
         CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=str(engine.state.device))(engine)
         logger.info("resumed from %s at epoch %d", path, engine.state.epoch)
         self._restore_best_model_ranking()
+
+    def _drop_inherited(self, engine: Engine) -> None:
+        own = [path for path in self.directory.glob(self.pattern) if self._inherited.get(path) != _mtime(path)]
+        if len(own) < self.keep:
+            return
+        for path, mtime in self._inherited.items():
+            if _mtime(path) == mtime:
+                path.unlink()
+                logger.info("deleted %s: checkpoint of the run before the resume, superseded by %d newer ones", path, len(own))
+        engine.remove_event_handler(self._drop_inherited, Events.EPOCH_COMPLETED)
 
     def _record_finished(self, engine: Engine) -> None:
         if not is_rank_zero():
