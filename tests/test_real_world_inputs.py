@@ -214,6 +214,20 @@ def test_a_four_dimensional_nifti_says_to_extract_one_volume(brain, tmp_path):
     assert "channel-first shape (2," in reason and "extract the one to use" in reason
 
 
+def test_a_volume_stored_with_singleton_time_and_echo_axes_reads_as_the_volume(brain, tmp_path):
+    # (X, Y, Z, 1, 1): dim[0] = 5, as some converters write a single volume
+    volume = head_volume(1)
+    reference = processed(brain, write_nifti(tmp_path / "3d" / "T1.nii.gz", volume), tmp_path / "a")
+    five = processed(brain, write_nifti(tmp_path / "5d" / "T1.nii.gz", volume[..., None, None]), tmp_path / "b")
+    np.testing.assert_array_equal(five, reference)
+
+
+def test_loading_sends_no_one_after_the_gpu_dicom_decoder_it_does_not_use(caplog, recwarn):
+    PreprocessPipeline(load_pipeline_config(XRAY_CONFIG, SMALL_XRAY))
+    messages = [record.getMessage() for record in caplog.records] + [str(warning.message) for warning in recwarn]
+    assert not [message for message in messages if "nvImageCodec" in message]
+
+
 def test_a_reason_keeps_the_later_lines_of_a_library_error():
     error = RuntimeError("Unable to decompress the pixel data\n  plugin 'pylibjpeg': requires pylibjpeg-libjpeg\n")
     assert describe_error(error) == (

@@ -3,7 +3,9 @@ greyscale PIL images."""
 
 from __future__ import annotations
 
+import logging
 import struct
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -62,7 +64,7 @@ class LoadImageBySuffixd(MapTransform):
     ) -> None:
         super().__init__(keys)
         self.readers = list(readers)
-        self._loader = LoadImage(image_only=True, dtype=dtype)
+        self._loader = _quiet_load_image(dtype)
 
     def reader_for(self, path: PathLike) -> ImageReader:
         """The reader that ``path`` is loaded with."""
@@ -90,6 +92,24 @@ class LoadImageBySuffixd(MapTransform):
                 ) from None
             check_nifti_header(d[key])
         return d
+
+
+def _quiet_load_image(dtype: DtypeLike) -> LoadImage:
+    """MONAI's ``LoadImage``, built without the warnings of the GPU DICOM reader it always registers.
+
+    ``LoadImage`` constructs every default reader, among them ``NvImgCodecPydicomReader``, which warns
+    twice on any machine without nvImageCodec. Images here are loaded only with the readers a pipeline
+    names, so the warning would send users after a decoder nothing uses.
+    """
+    plugin_logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = plugin_logger.level
+    plugin_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            return LoadImage(image_only=True, dtype=dtype)
+    finally:
+        plugin_logger.setLevel(level)
 
 
 def check_nifti_header(image: MetaTensor) -> None:
