@@ -156,6 +156,24 @@ def test_malformed_pixel_spacing_is_named(xray, tmp_path):
     assert "PixelSpacing has 1 values, expected 2" in failure(xray, path, tmp_path)
 
 
+def _scene(row_spacing: float, column_spacing: float, size_mm: float = 12.0) -> np.ndarray:
+    """A smooth 12-bit scene of ``size_mm`` square, sampled at the given pixel spacings (mm)."""
+    rows = np.arange(round(size_mm / row_spacing)) * row_spacing + row_spacing / 2
+    columns = np.arange(round(size_mm / column_spacing)) * column_spacing + column_spacing / 2
+    y, x = np.meshgrid(rows, columns, indexing="ij")
+    scene = np.exp(-((y - 4.0) ** 2 + (x - 7.0) ** 2) / 4.0) + x / 24.0
+    return np.round(scene / scene.max() * 4095).astype(np.uint16)
+
+
+def test_non_square_pixels_keep_the_anatomy_s_aspect(xray, tmp_path):
+    square = write_dicom_xray(tmp_path / "square.dcm", _scene(0.2, 0.2))
+    oblong = edit_dicom(write_dicom_xray(tmp_path / "oblong.dcm", _scene(0.3, 0.2)), PixelSpacing=[0.3, 0.2])
+    reference, result = processed(xray, square, tmp_path / "a"), processed(xray, oblong, tmp_path / "b")
+    # before: resized by its 60 columns, the 40 rows came out 21 of 32, squashed, above black padding
+    assert (result > 0).mean(axis=1).min() > 0.9
+    np.testing.assert_allclose(result / 65535, reference / 65535, atol=0.03)
+
+
 def test_exif_orientation_is_applied(xray, tmp_path):
     pixels = radiograph()
     upright = processed(xray, write_png(tmp_path / "upright.png", pixels, "L"), tmp_path)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor, get_track_meta, set_track_meta
-from monai.transforms import Compose, MapTransform
+from monai.transforms import Compose, MapTransform, Spacing
 from monai.utils import convert_to_dst_type, convert_to_numpy
 from skimage.exposure import equalize_adapthist
 from skimage.filters import threshold_otsu
@@ -116,6 +116,40 @@ class RequireViewd(MapTransform):
             view = d[key].meta.get("view_position", "") if isinstance(d[key], MetaTensor) else ""
             if view and view not in self.views:
                 raise ValueError(f"view position {view!r} is not one of {list(self.views)}; only these views are used")
+        return d
+
+
+class SquarePixelsd(MapTransform):
+    """Resample images whose pixels are not square to square pixels of their finest spacing.
+
+    Resizing to a fixed grid keeps the aspect of the pixel array, which is the anatomy's only when
+    the pixels are square: a radiograph digitized at 0.1 × 0.15 mm would come out squashed by a
+    third. The spacing is read from the image's affine (``DicomXrayReader`` records ``PixelSpacing``
+    there); images without one (PNG, JPG) have square pixels and pass unchanged.
+
+    Parameters
+    ----------
+    keys
+        Keys of channel-first ``MetaTensor`` images.
+    rtol
+        Relative difference of the spacings below which pixels count as square (decimal strings in
+        headers differ in their last digits).
+    mode
+        Interpolation of MONAI's ``Spacing``.
+    """
+
+    def __init__(self, keys: KeysCollection, rtol: float = 1e-3, mode: str = "bilinear") -> None:
+        super().__init__(keys)
+        self.rtol = rtol
+        self.mode = mode
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            spacing = np.asarray(d[key].pixdim, dtype=float)
+            finest = float(spacing.min())
+            if np.ptp(spacing) > self.rtol * finest:
+                d[key] = Spacing(pixdim=[finest] * len(spacing), mode=self.mode)(d[key])
         return d
 
 
