@@ -276,3 +276,30 @@ def test_label_reference_pairs_f_y_with_the_factor_labels_not_the_factor_feature
     assert grad.abs().sum() > 0
     with pytest.raises(ValueError, match="reference must be"):
         MIMMXObjective.for_network("mimmx", net, reference="logits")
+
+
+def _noise_records(n: int = 96) -> list[dict]:
+    """Images of pure noise and independent labels: whatever the critic reads, the features hold no factor."""
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(n, 1, 12, 12)).astype(np.float32)
+    return [{"image": images[i], **{k: int(rng.integers(0, 2)) for k in PARTS}} for i in range(n)]
+
+
+def test_an_mi_estimate_that_stays_negative_is_named_with_the_settings_to_change(caplog):
+    set_determinism(0)
+    trainer = _build("mimm", epochs=3, records=_noise_records())  # critic lr 1e-2 at batch 16: too high
+    with caplog.at_level("WARNING", logger="mimm_med.engines.trainer"):
+        trainer.run()
+    warnings_ = [record.getMessage() for record in caplog.records if "never negative" in record.getMessage()]
+    assert len(warnings_) == 2, warnings_  # one per term, not one per epoch
+    assert "dependence/a averaged -" in warnings_[0] and "critic_lr, now 0.01" in warnings_[0]
+
+
+def test_an_mi_estimate_near_zero_raises_no_warning(caplog):
+    set_determinism(0)
+    trainer = _build("mimm", epochs=3, records=_noise_records())
+    for group in trainer.critic_optimizer.param_groups:
+        group["lr"] = 1e-3
+    with caplog.at_level("WARNING", logger="mimm_med.engines.trainer"):
+        trainer.run()
+    assert not [record for record in caplog.records if "never negative" in record.getMessage()]

@@ -14,7 +14,7 @@ from .methods import METHODS, PENALTY_METHODS, MethodSpec, parse_method
 from .objective import MIMMXObjective
 from .random_states import RandomStates
 from .resume import ResumeFromLatest, RunFinished, RunFolderConflict, latest_checkpoint, trained_checkpoint
-from .trainer import MIMMXTrainer, TrainingDiverged
+from .trainer import MIMMXTrainer, NegativeMIWarning, TrainingDiverged
 
 __all__ = [
     "METHODS",
@@ -34,6 +34,7 @@ __all__ = [
     "RunFinished",
     "RunFolderConflict",
     "MutualInformationTerms",
+    "NegativeMIWarning",
     "TrainingDiverged",
     "latest_checkpoint",
     "trained_checkpoint",

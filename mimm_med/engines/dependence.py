@@ -121,6 +121,7 @@ class MutualInformationTerms(DependenceTerms):
         if factor_pairs:
             pairs += [(a, b) for i, a in enumerate(self.factors) for b in self.factors[i + 1 :]]
         self.pairs = pairs
+        self.estimator_name = estimator
         self.conditional = conditional
         self.balanced = balanced
         self.reference = reference

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.engines import Trainer, Workflow
 from monai.engines.utils import default_metric_cmp_fn
 from torch import Tensor
@@ -17,7 +19,10 @@ from torch.optim import Optimizer
 from mimm_med.networks import MIMMXNet
 from mimm_med.weighting import adaptive_mi_scale
 
+from .dependence import MutualInformationTerms
 from .objective import MIMMXObjective
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -38,6 +43,55 @@ def _mean_over_ranks(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
     dist.all_reduce(flat)  # a sum: gloo has no average
     chunks = iter((flat / dist.get_world_size()).split([grad.numel() for grad in present]))
     return [None if grad is None else next(chunks).view_as(grad) for grad in grads]
+
+
+class NegativeMIWarning:
+    """Warn, once per term, when an MI term's mean over an epoch is below ``-tolerance`` nats.
+
+    A mutual information is never negative, so such a mean means the critic does not follow the
+    features: it fits each batch and misjudges the next (critic learning rate too high for the
+    batch size), and the encoder then lowers a number that no longer measures dependence. The
+    training loss follows it down without bound, and the run goes on without an error.
+
+    Parameters
+    ----------
+    estimator
+        Name of the estimator, for the message.
+    tolerance
+        Nats below zero an epoch mean may reach from batch noise alone.
+    """
+
+    def __init__(self, estimator: str, tolerance: float = 0.5) -> None:
+        self.estimator = estimator
+        self.tolerance = tolerance
+        self.values: dict[str, list[float]] = {}
+        self.warned: set[str] = set()
+
+    def attach(self, engine: MIMMXTrainer) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.values.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._check)
+
+    def _collect(self, engine: MIMMXTrainer) -> None:
+        for key, value in engine.state.output.items():
+            if key.startswith("dependence/"):
+                self.values.setdefault(key, []).append(value)
+
+    def _check(self, engine: MIMMXTrainer) -> None:
+        for key, values in self.values.items():
+            mean = float(np.mean(values))
+            if mean >= -self.tolerance or key in self.warned:
+                continue
+            self.warned.add(key)
+            lr = engine.critic_optimizer.param_groups[0]["lr"] if engine.critic_optimizer is not None else None
+            batch_size = getattr(engine.data_loader, "batch_size", None)
+            logger.warning(
+                "epoch %d: the %s estimate %s averaged %.2f nats over the epoch, but a mutual information is never "
+                "negative: the critic does not follow the features, and the penalty no longer measures dependence. "
+                "Lower the critic learning rate (critic_lr, now %s), raise the batch size (now %s) or n_critic "
+                "(now %d), or use the critic-free estimator 'gaussian'",
+                engine.state.epoch, self.estimator, key, mean, lr, batch_size, engine.n_critic,
+            )  # fmt: skip
 
 
 class MIMMXTrainer(Trainer):
@@ -64,7 +118,8 @@ class MIMMXTrainer(Trainer):
 
     ``engine.state.output`` is a flat dict of floats: ``loss``, ``loss/<task>``, ``dependence/<term>``,
     ``weight/<term>`` (attention), ``task_weight/<task>`` (GradNorm), ``mi_scale`` and ``critic_loss``.
-    It is not decollated.
+    It is not decollated. An MI term whose epoch mean is negative is warned about
+    (:class:`NegativeMIWarning`).
 
     Parameters
     ----------
@@ -161,6 +216,8 @@ class MIMMXTrainer(Trainer):
         self.n_critic = int(n_critic)
         self.image_key = image_key
         self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
+        if isinstance(objective.terms, MutualInformationTerms):
+            NegativeMIWarning(objective.terms.estimator_name).attach(self)
 
     def run(self) -> None:  # type: ignore[override]
         """Train, keeping this trainer's ``GradScaler``.
