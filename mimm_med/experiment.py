@@ -7,9 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from monai.utils import set_determinism
 
@@ -17,6 +15,7 @@ from mimm_med.data.confounding import rebalancing_sampler
 from mimm_med.engines import InvariantHeadRefit, MIMMXObjective, MIMMXTrainer, RecomputeBatchNorm, parse_method
 from mimm_med.evaluation.report import evaluate_network
 from mimm_med.networks import MIMMXNet
+from mimm_med.tracking import EpochAverages
 
 TEST_SETS: dict[str, str] = {"iid": "test-iid", "balanced": "test-balanced", "inverted": "test-inverted"}
 
@@ -144,20 +143,8 @@ def run_experiment(
         ``results`` (:func:`mimm_med.evaluation.evaluate_test_sets`) and ``network``.
     """
     trainer = build_run(sets["train"], primary, spurious, num_classes, config, spatial_dims, in_channels, transform)
-    history: list[dict[str, float]] = []
-    sums: dict[str, list[float]] = {}
-
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _accumulate(engine: MIMMXTrainer) -> None:
-        for key, value in engine.state.output.items():
-            sums.setdefault(key, []).append(value)
-
-    @trainer.on(Events.EPOCH_COMPLETED)
-    def _epoch_means(engine: MIMMXTrainer) -> None:
-        means = {k: float(np.nanmean(v)) for k, v in sums.items() if not np.isnan(v).all()}
-        history.append({"epoch": engine.state.epoch, **means})
-        sums.clear()
-
+    averages = EpochAverages()
+    averages.attach(trainer)
     start = time.perf_counter()
     trainer.run()
     names = [primary, *spurious]
@@ -172,4 +159,4 @@ def run_experiment(
     seconds = time.perf_counter() - start
     loaders = {short: _loader(sets[split], config, names, False, eval_transform) for short, split in TEST_SETS.items()}
     results, _ = evaluate_network(trainer.network, loaders, primary, spurious, config.device, residual_mi=residual_mi, seed=config.seed)
-    return {"config": asdict(config), "seconds": seconds, "history": history, "results": results, "network": trainer.network}
+    return {"config": asdict(config), "seconds": seconds, "history": averages.history, "results": results, "network": trainer.network}
