@@ -41,3 +41,12 @@ def brain_splits(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Pa
         f"the brain fixture's split has {sizes} images, too few to train a bundle: change BRAIN_SEED or BRAIN_SUBJECTS"
     )
     return splits
+
+
+@pytest.fixture
+def single_torch_thread():
+    """One intra-op thread: small critics on two cores shared by two test workers only contend for more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -44,14 +44,7 @@ Z = np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 0])
 W = np.array([0, 0, 0, 1, 1, 1, 0, 1, 1, 1])
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    # The critics train on small batches; with two tests in parallel on two cores, extra intra-op threads
-    # only contend and make the run many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def binary_probabilities() -> np.ndarray:

@@ -24,6 +24,13 @@ def as_class_labels(values: np.ndarray, name: str) -> np.ndarray:
         return array.astype(np.int64)
     if array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
         return array.astype(np.int64)
+    if array.dtype.kind == "f" and np.isnan(array).any():
+        # A missing label is not a continuous factor: say which rows lack it rather than suggest binning.
+        rows = np.flatnonzero(np.isnan(array))
+        raise ValueError(
+            f"{name} is missing (NaN) for {rows.size} of {array.size} samples (first rows {rows[:5].tolist()}); "
+            "drop those samples, or give the missing value a class of its own, before scoring."
+        )
     raise ValueError(
         f"{name} holds non-integer values (dtype {array.dtype}, e.g. {array[:3].tolist()}); "
         "give integer class labels, and bin a continuous factor such as age first (e.g. np.digitize)."
@@ -31,12 +38,19 @@ def as_class_labels(values: np.ndarray, name: str) -> np.ndarray:
 
 
 def as_feature_matrix(values: np.ndarray, name: str) -> np.ndarray:
-    """Return ``values`` as a float ``(N, D)`` matrix; a 1-D array becomes one column."""
+    """Return ``values`` as a finite float ``(N, D)`` matrix; a 1-D array becomes one column."""
     array = np.asarray(values, dtype=np.float64)
     if array.ndim == 1:
         array = array[:, None]
     if array.ndim != 2:
         raise ValueError(f"{name} must be a feature matrix (N, D), got shape {array.shape}.")
+    if not np.isfinite(array).all():
+        # sklearn would only say "Input X contains NaN", an SVD would not converge, a critic would learn NaN.
+        rows = np.flatnonzero(~np.isfinite(array).all(axis=1))
+        raise ValueError(
+            f"{rows.size} of {len(array)} rows of {name} are NaN or infinite (first rows {rows[:5].tolist()}); "
+            "the network's features diverged: check the checkpoint and the images of those rows."
+        )
     return array
 
 

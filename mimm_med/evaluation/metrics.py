@@ -68,7 +68,7 @@ def classification_report(
         probability; multi-class: one-vs-rest macro over the classes present),
         ``worst_group_accuracy`` and ``worst_group`` (``"factor/yY_zZ"``, the lowest cell over all
         factors), ``factors`` (per factor: ``group_accuracy`` and ``group_size`` keyed ``"yY_zZ"``,
-        ``worst_group``, ``worst_group_accuracy``, ``tpr_gap``) and ``notes`` (why a value is NaN).
+        ``worst_group``, ``worst_group_accuracy``, ``tpr_gap``) and ``notes`` (why a value is NaN, which groups are empty).
 
         The TPR gap is max − min over z of the positive class's true-positive rate (binary y); for
         multi-class y, the mean over classes of that gap. The accuracy of cell (y = c, z = v) is
@@ -174,6 +174,14 @@ def _factor_report(
                 cell_accuracy[y_value, z_value] = float(accuracy_score(labels[in_cell], predicted[in_cell]))
                 group_size[f"y{y_value}_z{z_value}"] = int(in_cell.sum())
     group_accuracy = {f"y{y_value}_z{z_value}": acc for (y_value, z_value), acc in cell_accuracy.items()}
+    empty = [f"y{y_value}_z{z_value}" for y_value in np.unique(labels) for z_value in np.unique(z)
+             if (y_value, z_value) not in cell_accuracy]  # fmt: skip
+    if empty:
+        # An empty cell has no accuracy; without a note its absence reads as a good worst group.
+        notes.append(
+            f"{name} groups {empty} have no samples; the worst group and TPR gap of {name!r} are over the "
+            f"{len(group_accuracy)} groups that do."
+        )
     worst_group = min(group_accuracy, key=group_accuracy.__getitem__)
     return {
         "group_accuracy": group_accuracy,

@@ -6,10 +6,12 @@ backend and leave pyplot's global state untouched, so they are safe in headless 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
@@ -62,7 +64,10 @@ def plot_tsne(
     rows = np.sort(rng.choice(n_rows, size=max_points, replace=False)) if n_rows > max_points else np.arange(n_rows)
     # sklearn requires perplexity < n_samples; a third of the rows keeps tiny sets well-posed.
     perplexity = min(30.0, (rows.size - 1) / 3)
-    embedding = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+    # Features that collapsed to one point (a network predicting one class) give PCA a zero first
+    # component, which sklearn divides by and the Barnes-Hut step then crashes the process on.
+    init = "pca" if np.ptp(features[rows], axis=0).max() > 0 else "random"
+    embedding = TSNE(n_components=2, perplexity=perplexity, init=init, random_state=seed).fit_transform(
         features[rows]
     )
     figure = Figure(figsize=(4.5 * len(labels), 4.2), layout="constrained")
@@ -152,19 +157,37 @@ def plot_group_accuracy(reports: Mapping[str, Mapping[str, Any]], path: str | Pa
 
 
 def _scatter_coloured(figure: Figure, axes: Axes, points: np.ndarray, values: np.ndarray) -> None:
-    classes = np.unique(values)
-    is_discrete = values.dtype.kind in "biu" or (values.dtype.kind == "f" and np.all(values == np.round(values)))
-    if is_discrete and classes.size <= MAX_LEGEND_CLASSES:
+    is_numeric = values.dtype.kind in "biuf"
+    # Rows without a label (NaN) are drawn apart in grey: a colour map would leave them out unseen,
+    # and they would make an integer factor look continuous.
+    missing = np.isnan(values) if values.dtype.kind == "f" else np.zeros(len(values), dtype=bool)
+    present = values[~missing]
+    classes = np.unique(present)
+    is_discrete = not is_numeric or values.dtype.kind in "biu" or np.all(present == np.round(present))
+    if not is_numeric or (is_discrete and classes.size <= MAX_LEGEND_CLASSES):
         for value in classes:
-            chosen = values == value
-            axes.scatter(points[chosen, 0], points[chosen, 1], s=6, label=f"{value:g}")
-        axes.legend(fontsize="small", markerscale=2)
+            chosen = ~missing & (values == value)
+            axes.scatter(points[chosen, 0], points[chosen, 1], s=6, label=f"{value:g}" if is_numeric else str(value))
     else:
-        figure.colorbar(axes.scatter(points[:, 0], points[:, 1], s=6, c=values, cmap="viridis"), ax=axes)
+        figure.colorbar(
+            axes.scatter(points[~missing, 0], points[~missing, 1], s=6, c=present, cmap="viridis"), ax=axes
+        )
+    if missing.any():
+        axes.scatter(points[missing, 0], points[missing, 1], s=6, c="lightgrey", label=f"missing ({missing.sum()})")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize="small", markerscale=2)
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
+    # Written beside the target and renamed over it, so an interrupted save (a killed job, a full disk)
+    # leaves the previous figure rather than a truncated PNG.
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        # The format comes from the target's name, not the partial file's.
+        figure.savefig(partial, dpi=120, format=path.suffix[1:] or matplotlib.rcParams["savefig.format"])
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path

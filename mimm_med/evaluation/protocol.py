@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from mimm_med.evaluation._arrays import as_feature_matrix
 from mimm_med.evaluation.leakage import TooFewRowsError, UndefinedLeakageError, linear_probe_leakage, residual_mutual_information
 from mimm_med.evaluation.metrics import classification_report, switched_heads
 
@@ -22,7 +23,7 @@ def evaluate_test_sets(
     outputs_by_set: Mapping[str, Mapping[str, np.ndarray]],
     primary: str,
     spurious: Sequence[str],
-    leakage_set: str = "iid",
+    leakage_set: str | None = None,
     residual_mi: Mapping[str, Any] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -37,7 +38,9 @@ def evaluate_test_sets(
     spurious
         Names of the spurious factors z_k, each a classification label (bin continuous ones first).
     leakage_set
-        Set whose ``f_y`` the linear probe (and the residual MI) reads.
+        Set whose ``f_y`` the linear probe (and the residual MI) reads; ``None``: ``"balanced"`` if
+        given, else ``"iid"``. Read it on the balanced set: where z agrees with y (iid), a probe reads
+        z through y from features that hold no z at all.
     residual_mi
         If given, also estimate I(f_y; f_zk), I(f_y; f_zk | y) and I(f_y; z_k) (the factor's label,
         one-hot) on ``leakage_set`` with fresh critics, passing
@@ -65,6 +68,8 @@ def evaluate_test_sets(
     >>> flatten_metrics(results)["inverted/y_bacc"]
     0.74
     """
+    if leakage_set is None:
+        leakage_set = "balanced" if "balanced" in outputs_by_set else "iid"
     if leakage_set not in outputs_by_set:
         raise KeyError(f"leakage_set {leakage_set!r} is not among the test sets {list(outputs_by_set)}.")
     results: dict[str, Any] = {
@@ -78,19 +83,33 @@ def evaluate_test_sets(
     }
     for set_name, outputs in outputs_by_set.items():
         primary_output = _output(outputs, f"{primary}_output", set_name)
+        if np.ndim(primary_output) != 2 or np.shape(primary_output)[1] < 2:
+            raise ValueError(
+                f"test set {set_name!r}: {primary}_output has shape {np.shape(primary_output)}, not (N, C) with "
+                f"C >= 2; the protocol scores a classification head, and {primary!r} has a regression head "
+                "(num_classes 1): bin the target into classes and train a classification head."
+            )
         y = _output(outputs, f"{primary}_label", set_name)
         groups = {factor: _output(outputs, f"{factor}_label", set_name) for factor in spurious}
-        report = classification_report(y, primary_output, groups)
+        try:
+            report = classification_report(y, primary_output, groups)
+        except ValueError as error:
+            # Which of the sets is wrong is what a user needs to find the bad labels or outputs.
+            raise ValueError(f"test set {set_name!r}: {error}") from error
         report["switched_heads"], report["switched_heads_reverse"] = {}, {}
         for factor in spurious:
             factor_output = outputs.get(f"{factor}_output")
-            # Scoring one head against another factor's labels only means something over the same classes.
-            if factor_output is not None and np.shape(factor_output)[1] == np.shape(primary_output)[1]:
+            # Scoring one head against another factor's labels only means something over the same classes;
+            # a regression head's output, (N,) or (N, 1), has none.
+            if factor_output is not None and np.shape(factor_output)[1:] == np.shape(primary_output)[1:]:
                 report["switched_heads"][factor] = switched_heads(primary_output, groups[factor])
                 report["switched_heads_reverse"][factor] = switched_heads(factor_output, y)
         results["sets"][set_name] = report
     probed = outputs_by_set[leakage_set]
-    primary_features = _output(probed, f"{primary}_features", leakage_set)
+    # Checked here so that diverged (NaN) features are reported with the set they come from.
+    primary_features = as_feature_matrix(
+        _output(probed, f"{primary}_features", leakage_set), f"{primary}_features of the {leakage_set} set"
+    )
     for factor in spurious:
         try:
             results["leakage"][factor] = linear_probe_leakage(
