@@ -279,3 +279,75 @@ def test_missing_table_or_column_stops_with_the_file_and_columns(raw, tmp_path):
 def test_digits_card_says_the_set_is_generated():
     with pytest.raises(CardError, match=r"generated in memory by mimm_med\.data\.digits_morpho"):
         CohortCard.from_yaml(CARDS / "digits.yaml").index("anywhere")
+
+
+def _ukb_copy(raw: dict[str, Path], tmp_path: Path, rows) -> tuple[Path, list[list[str]]]:
+    """The ukb stand-in in ``tmp_path`` with its table's rows edited by ``rows(header, rows) -> lines``."""
+    cohort = tmp_path / "ukb"
+    shutil.copytree(raw["ukb"], cohort)
+    lines = (raw["ukb"] / "ukb_phenotypes.csv").read_text().splitlines()
+    table = [line.split(",") for line in lines]
+    (cohort / "ukb_phenotypes.csv").write_text("\n".join(",".join(row) for row in rows(table)) + "\n")
+    return cohort, table
+
+
+def test_subject_ids_read_as_floats_find_their_images_and_leading_zeros_stay(raw, tmp_path):
+    # a table once loaded by pandas with a blank eid is saved with eids as 1000001.0
+    cohort, table = _ukb_copy(raw, tmp_path, lambda t: [t[0], *([f"{r[0]}.0", *r[1:]] for r in t[1:]),
+                                                        ["0012345", *t[1][1:]]])
+    records, problems = CohortCard.from_yaml(CARDS / "ukb.yaml").index(cohort)
+    assert sorted(records["source_id"]) == sorted(row[0] for row in table[1:])
+    assert problems["source_id"].tolist() == ["0012345"]  # not 12345: the id is text, not a number
+    assert problems["reason"].tolist() == ["image file missing: 0012345_20252_2_0/T1/T1.nii.gz"]
+
+
+def test_rows_naming_one_image_with_conflicting_labels_are_all_problems(raw, tmp_path):
+    def rows(t):
+        other_sex = [t[1][0], "1" if t[1][1] == "0" else "0", *t[1][2:]]
+        return [t[0], *t[1:], other_sex, t[2]]  # line 7: row 1 with the other sex; line 8: row 2 once more
+
+    cohort, table = _ukb_copy(raw, tmp_path, rows)
+    records, problems = CohortCard.from_yaml(CARDS / "ukb.yaml").index(cohort)
+    eid = table[1][0]
+    assert eid not in set(records["source_id"])  # neither sex can be trusted
+    assert sorted(records["source_id"]) == sorted(row[0] for row in table[2:])  # the exact repeat loses only itself
+    reasons = problems.set_index("row")["reason"]
+    assert list(reasons.index) == [f"ukb_phenotypes.csv, line {n}" for n in (2, 7, 8)]
+    assert "listed again by ukb_phenotypes.csv, line 7 with another sex" in reasons["ukb_phenotypes.csv, line 2"]
+    assert reasons["ukb_phenotypes.csv, line 7"].endswith("is listed by an earlier row too, with another sex")
+    assert reasons["ukb_phenotypes.csv, line 8"].endswith("is listed by an earlier row too")
+
+
+@pytest.mark.parametrize(
+    "rewrite, message",
+    [
+        (lambda text: text.replace("31-0.0", " 31-0.0", 1), r"'31-0\.0' \(labels\.sex\.column\).*'31-0\.0' is spelt ' 31-0\.0'"),
+        (lambda text: text.replace("21003-2.0", "age", 1), r"'21003-2\.0' \(labels\.age\.column, labels\.age_group\.column\)"),
+        (lambda text: text.replace(",", ";"), r"the header is one field: is the table separated by ';'"),
+    ],
+    ids=["whitespace", "renamed", "semicolons"],
+)
+def test_missing_column_error_names_the_card_key_and_the_fix(raw, tmp_path, rewrite, message):
+    cohort = tmp_path / "ukb"
+    shutil.copytree(raw["ukb"], cohort)
+    table = cohort / "ukb_phenotypes.csv"
+    table.write_text(rewrite(table.read_text()))
+    with pytest.raises(CardError, match=message) as error:
+        CohortCard.from_yaml(CARDS / "ukb.yaml").index(cohort)
+    assert str(table) in str(error.value)
+    assert "name the table's column in the card's key, or export the column" in str(error.value)
+
+
+def test_a_filter_that_keeps_no_row_is_an_error_not_an_empty_cohort(raw, tmp_path):
+    def edit(spec):
+        spec["metadata"]["filter"] = {"Frontal/Lateral": "frontal"}  # the table writes Frontal
+
+    with pytest.raises(
+        CardError, match=r"metadata\.filter: keeps none of the \d+ rows .*'Frontal/Lateral' holds \['Frontal', 'Lateral'\]"
+    ):
+        _card(tmp_path, "chexpert", edit).index(raw["chexpert"])
+
+
+def test_a_card_path_that_is_a_folder_is_a_card_error(tmp_path):
+    with pytest.raises(CardError, match=r"is a folder; pass a cohort card file"):
+        CohortCard.from_yaml(tmp_path)

@@ -265,7 +265,7 @@ def test_split_refuses_repeated_or_primary_factors_and_warns_of_empty_splits(tmp
     assert main([*split, "--spurious", "sex=0.9", "--fractions", "0.7,0,0.3"]) == 0
     err = capsys.readouterr().err
     assert "split 'val' is empty; use more subjects, a larger val fraction in --fractions" in err
-    assert "'train'" not in err and "'test-iid'" not in err
+    assert "split 'train' is empty" not in err and "split 'test-iid' is empty" not in err
 
 
 def write_ukb_table(raw: Path, content: bytes) -> Path:
@@ -347,3 +347,40 @@ def test_locate_maps_errors_and_unlisted_images_back_to_raw_files_for_the_key_ho
     assert "was made with another pseudonymisation key" in capsys.readouterr().err
     assert locate(raw, key_file) == 2
     assert "give one of: SUBJECT_ID" in capsys.readouterr().err
+
+
+def test_split_warns_of_a_correlation_the_cohort_cannot_supply(tmp_path, capsys):
+    manifest = confounded_manifest(tmp_path / "processed", subjects=2000)
+    table = pd.read_csv(manifest)
+    table["sex"] = np.where(table["age_group"] == "old", "male", "female")  # no subject disagrees
+    table.to_csv(manifest, index=False)
+    out = tmp_path / "splits"
+    assert main(["cohort", "split", "--manifest", str(manifest), "--primary", "age_group", "--spurious", "sex=0.9",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: in split 'train' sex agrees with age_group in 100\.0% of \d+ images, not the "
+                     r"requested 90\.0%", err), err
+    assert "warning: split 'test-inverted' is empty" in err  # no image can disagree with the label
+    cells = pd.read_csv(out / "cells.csv")
+    assert ((cells.split == "train") & (cells.primary == "old") & (cells.value == "female") & (cells["count"] == 0)).any()
+
+
+def test_outputs_and_inputs_of_the_wrong_kind_exit_2_without_a_traceback(tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    manifest = confounded_manifest(tmp_path / "processed", subjects=40)
+    commands = {
+        "describe": ["cohort", "describe", str(manifest), "--plot", str(blocker / "crosstab.png")],
+        "generate": ["cohort", "generate", "ukb", "--n", "2", "--out", str(blocker / "raw"), "--no-progress"],
+        "digits": ["cohort", "digits", "--out", str(blocker / "digits")],
+        "locate": ["cohort", "locate", "--cohort", str(tmp_path), "--raw", str(tmp_path), "--key",
+                   "0123456789abcdef0123", "sub-0"],
+    }
+    for name, command in commands.items():
+        assert main(command) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"mimm-med cohort {name}: ") and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as exit_:
+        main(["cohort", "split", "--manifest", str(manifest), "--primary", "age_group", "--spurious", "sex=0.9",
+              "--out", str(tmp_path / "s"), "--seed", "-1"])
+    assert exit_.value.code == 2 and "argument --seed: expected a whole number >= 0, got '-1'" in capsys.readouterr().err

@@ -128,3 +128,63 @@ def test_digits_augmentation_moves_a_digit_but_leaves_both_factors():
     ink_change = np.abs(augmented.sum((1, 2)) / thin.sum((1, 2)) - 1)
     dilation_change = thick.sum((1, 2)) / thin.sum((1, 2)) - 1
     assert np.median(ink_change) < 0.25 * np.median(dilation_change)
+
+
+def _shortcut_cohort(minority: int, n: int = 2000) -> pd.DataFrame:
+    """Sex follows the age group in all but ``minority`` subjects per age group: r = 0.98 cannot be drawn."""
+    age_group = np.repeat(["old", "young"], n // 2)
+    sex = np.where(age_group == "old", "male", "female")
+    sex[:minority], sex[n // 2 : n // 2 + minority] = "female", "male"
+    return pd.DataFrame({"subject_id": [f"s{i}" for i in range(n)], "age_group": age_group, "sex": sex})
+
+
+def test_a_correlation_the_cohort_cannot_supply_is_reported_not_silent():
+    from mimm_med.data.confounding import missed_correlations
+
+    splits = confounded_splits(_shortcut_cohort(minority=0), "age_group", {"sex": 0.98}, seed=0)
+    cells = cell_counts(splits, "age_group", ["sex"])
+    train = cells[cells.split == "train"].set_index(["primary", "value"])
+    assert train.loc[("old", "female"), "count"] == 0 and train.loc[("young", "male"), "count"] == 0  # listed, as 0
+    assert (train["requested"] == 0.98).all() and (train["agreement"] == 1.0).all()
+    missed = missed_correlations(cells).set_index("split")
+    assert {"train", "val", "test-iid"} <= set(missed.index)
+    assert missed.loc["train", "requested"] == 0.98 and missed.loc["train", "agreement"] == 1.0
+    # a cohort that can supply it is not reported
+    fine = confounded_splits(_shortcut_cohort(minority=200), "age_group", {"sex": 0.98}, seed=0)
+    assert missed_correlations(cell_counts(fine, "age_group", ["sex"])).empty
+
+
+def test_reported_cell_counts_are_the_actual_counts_of_every_split():
+    table = _cohort(300, images_per_subject=3)
+    splits = confounded_splits(table, "age_group", {"sex": 0.9, "cohort": 0.7}, fractions=(0.9, 0.0, 0.1), seed=5)
+    assert splits["val"].empty
+    cells = cell_counts(splits, "age_group", ["sex", "cohort"])
+    assert len(cells) == 5 * 2 * 4  # every split, factor and cell, empty ones too
+    for (split, factor), rows in cells.groupby(["split", "factor"]):
+        frame = splits[split]
+        for row in rows.itertuples():
+            assert row.count == ((frame.age_group == row.primary) & (frame[factor] == row.value)).sum()
+        assert rows["count"].sum() == len(frame)
+
+
+def test_failed_images_and_rows_without_a_subject_never_enter_a_split():
+    table = _cohort(1000, images_per_subject=2)
+    table["status"] = np.where(np.arange(len(table)) % 3 == 0, "failed", "ok")
+    table["image"] = [f"img{i}" for i in range(len(table))]
+    splits = confounded_splits(table, "age_group", {"sex": 0.8}, seed=0)
+    failed = set(table.image[table.status == "failed"])
+    assert all(not failed & set(frame.image) for frame in splits.values())
+    assert sum(len(frame) for frame in splits.values()) > 0
+    table.loc[5, "subject_id"] = None
+    with pytest.raises(ValueError, match="1 rows have no subject_id"):
+        confounded_splits(table, "age_group", {"sex": 0.8})
+
+
+def test_many_valued_or_missing_factor_labels_are_refused_readably():
+    table = _cohort(100)
+    table["age"] = np.arange(len(table), dtype=float)
+    with pytest.raises(ValueError, match=r"found \[0\.0, 1\.0, 10\.0, 11\.0, 12\.0, … \(100 in all\)\]"):
+        confounded_splits(table, "age_group", {"age": 0.9})
+    table.loc[:2, "sex"] = np.nan
+    with pytest.raises(ValueError, match="'sex' has 3 missing values"):
+        confounded_splits(table, "age_group", {"sex": 0.9})

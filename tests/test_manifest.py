@@ -194,3 +194,23 @@ def test_merge_refuses_one_cohort_pseudonymised_with_two_keys(tmp_path):
     nako = make_manifest(tmp_path / "nako", cohort="nako")
     record_key(nako.parent, "key-cccc")  # the cohort is hashed into every pseudonym: keys of its own are safe
     assert len(merge_manifests([first, nako])) == 16
+
+
+def test_a_blank_image_cell_is_an_error_naming_the_line(tmp_path):
+    path = make_manifest(tmp_path, n=4)
+    table = pd.read_csv(path)
+    table.loc[2, "image"] = None
+    table.to_csv(path, index=False)
+    with pytest.raises(ManifestError, match=rf"manifest {path}: image is blank in 1 rows \(line 4\)"):
+        load_manifest(path)
+
+
+def test_validation_names_the_csv_lines_of_the_rows_at_fault(tmp_path):
+    # lines: 1 header, 2.. rows; the failed row 0 (line 2) is dropped first and must not shift the numbering
+    path = make_manifest(tmp_path, n=6, status=["failed", "ok", "ok", "ok", "ok", "ok"], age=[50.0, 51, None, 53, None, 55])
+    with pytest.raises(ManifestError, match=r"label 'age' is missing in 2 rows \(subjects sub-0002, sub-0004; lines 4, 6\)"):
+        load_manifest(path)
+    path = make_manifest(tmp_path, n=4, sex=["female", "male", "M", "female"])
+    with pytest.raises(ManifestError, match=r"outside \['female', 'male'\] in 1 rows \(line 4\)"):
+        load_manifest(path, label_values={"sex": ["female", "male"]})
+    assert load_manifest(make_manifest(tmp_path, n=4, status=["failed", "ok", "ok", "ok"])).index.tolist() == [0, 1, 2]

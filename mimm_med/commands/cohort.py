@@ -44,6 +44,16 @@ def _fractions(text: str) -> tuple[float, float, float]:
     return fractions
 
 
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return seed
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``cohort`` and its sub-commands."""
     parser = subparsers.add_parser(
@@ -61,7 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("kind", help=COHORT_KINDS_HELP)
     generate.add_argument("--n", type=int, required=True, help="number of subjects")
     generate.add_argument("--out", type=Path, required=True, help="output folder")
-    generate.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    generate.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     generate.add_argument(
         "--effect",
         dest="effects",
@@ -102,7 +112,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="training correlations, e.g. sex=0.9,cohort=0.9",
     )
     split.add_argument("--out", type=Path, required=True, help="folder for the split manifests and cells.csv")
-    split.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    split.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     split.add_argument(
         "--fractions", type=_fractions, default=(0.6, 0.1, 0.3), metavar="TRAIN,VAL,TEST", help="default: 0.6,0.1,0.3"
     )
@@ -126,7 +136,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME,...",
         help="factors correlated with the label; the others stay thin and upright (default: thickness,rotation)",
     )
-    digits.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    digits.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     digits.add_argument(
         "--oracle", action="store_true", help="balanced train and val sets (r = 0.5), the oracle's data; test sets at R"
     )
@@ -173,6 +183,7 @@ def _fail(command: str, error: Exception | str) -> int:
 
 def generate_command(args: argparse.Namespace) -> int:
     """Run ``mimm-med cohort generate``."""
+    from mimm_med.data.manifest import cannot_write
     from mimm_med.data.standins import generate_cohort
 
     effects = {name: size for pairs in args.effects for name, size in pairs.items()}
@@ -188,6 +199,8 @@ def generate_command(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         return _fail("generate", error)
+    except OSError as error:
+        return _fail("generate", cannot_write(f"--out {args.out}", error))
     print(f"cohort generate: {args.n} {args.kind} subjects in {out}")
     return 0
 
@@ -211,7 +224,7 @@ def merge_command(args: argparse.Namespace) -> int:
 
 def split_command(args: argparse.Namespace) -> int:
     """Run ``mimm-med cohort split``."""
-    from mimm_med.data.confounding import confounded_splits, write_splits
+    from mimm_med.data.confounding import confounded_splits, missed_correlations, write_splits
     from mimm_med.data.manifest import cannot_write, load_manifest, validate_splits
 
     if args.primary in args.spurious:
@@ -233,6 +246,15 @@ def split_command(args: argparse.Namespace) -> int:
             "fraction in --fractions, or --spurious correlations nearer 0.5",
             file=sys.stderr,
         )
+    for miss in missed_correlations(cells).itertuples():
+        pool = miss.split if miss.split in ("train", "val") else "test"
+        print(
+            f"mimm-med cohort split: warning: in split {miss.split!r} {miss.factor} agrees with {args.primary} in "
+            f"{miss.agreement:.1%} of {miss.images} images, not the requested {miss.requested:.1%}: its {pool} pool "
+            "has too few images in the rarest cells (count 0 or near it in the table below); use more subjects, a "
+            f"larger {pool} fraction in --fractions, or --spurious correlations nearer 0.5",
+            file=sys.stderr,
+        )
     print(cells.to_string(index=False))
     sizes = ", ".join(f"{name} {len(frame)}" for name, frame in splits.items())
     print(f"cohort split: {sizes} images → {args.out}")
@@ -244,6 +266,7 @@ def digits_command(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from mimm_med.data.digits_morpho import write_digits_splits
+    from mimm_med.data.manifest import cannot_write
 
     try:
         out = write_digits_splits(
@@ -251,6 +274,8 @@ def digits_command(args: argparse.Namespace) -> int:
         )
     except ValueError as error:  # unknown confounders, a correlation outside [0, 1]
         return _fail("digits", error)
+    except OSError as error:
+        return _fail("digits", cannot_write(f"--out {args.out}", error))
     cells = pd.read_csv(out / "cells.csv")
     print(cells.to_string(index=False))
     sizes = cells[cells["factor"] == args.confounders[0]].groupby("split", sort=False)["count"].sum()
@@ -284,7 +309,7 @@ def describe_command(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
 
-    from mimm_med.data.manifest import COHORT, ManifestError, label_columns, load_manifest
+    from mimm_med.data.manifest import COHORT, ManifestError, cannot_write, label_columns, load_manifest
     from mimm_med.data.writers import atomic_output
 
     try:
@@ -319,9 +344,13 @@ def describe_command(args: argparse.Namespace) -> int:
         axis.set_yticklabels(crosstab.index)
     figure.tight_layout()
     plot = args.plot or args.manifest.with_name(f"{args.manifest.stem}-crosstab.png")
-    with atomic_output(plot) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    try:
+        with atomic_output(plot) as tmp:
+            figure.savefig(tmp, format="png", dpi=100)
+    except OSError as error:
+        return _fail("describe", cannot_write(f"--plot {plot}", error))
+    finally:
+        plt.close(figure)
     print(f"cohort describe: cross-tabs of {primary} × {', '.join(others)} → {plot}")
     return 0
 

@@ -54,6 +54,19 @@ def _canonical(value: Any) -> str:
     return str(int(number)) if number.is_integer() else repr(number)
 
 
+_INTEGRAL_FLOAT = re.compile(r"(\d+)\.0+")
+
+
+def _id_text(cell: Any) -> str:
+    """A subject id or path field as text: ``1000001.0`` (a table once read as floats) gives ``1000001``.
+
+    Not :func:`_canonical`: that would also drop the leading zeros of ids such as ``012345``.
+    """
+    text = str(cell).strip()
+    match = _INTEGRAL_FLOAT.fullmatch(text)
+    return match.group(1) if match else text
+
+
 class _Where:
     """Names a place in a card for error messages: ``cohorts/ukb.yaml: labels.sex.values``."""
 
@@ -354,7 +367,7 @@ class Images:
 
     def relative_paths(self, table: pd.DataFrame) -> tuple[list[str | None], list[str | None]]:
         """Per row: (path relative to the raw folder or ``None``, reason it has none or ``None``)."""
-        cells = {column: [str(c).strip() for c in table[column]] for column in self.columns}
+        cells = {column: [_id_text(c) for c in table[column]] for column in self.columns}
         paths, reasons = [], []
         for row in range(len(table)):
             path, reason = (
@@ -382,11 +395,35 @@ def _is_blank(record: list[str]) -> bool:
     return not record or (len(record) == 1 and not record[0].strip())
 
 
+def _absent_columns(
+    path: Path, absent: Sequence[str], header: Sequence[str], card: Path, uses: Mapping[str, Sequence[str]]
+) -> CardError:
+    """The error for a table without columns the card uses: which card keys use them, and the likely fix."""
+    named = ", ".join(f"{column!r} ({', '.join(uses.get(column, ()))})" if uses.get(column) else repr(column)
+                      for column in absent)
+    hints = []
+    if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
+        hints.append("the header is one field: is the table separated by ';' or tabs? save it comma-separated")
+    folded = {_fold_name(h): h for h in header}
+    near = {column: folded[_fold_name(column)] for column in absent if _fold_name(column) in folded}
+    hints += [f"{column!r} is spelt {found!r} in the table" for column, found in near.items()]
+    hints.append("name the table's column in the card's key, or export the column into the table")
+    return CardError(
+        f"{card}: table {path} lacks column(s) {list(absent)} that the card uses: {named}; it has {list(header)}; "
+        + "; ".join(hints)
+    )
+
+
+def _fold_name(name: str) -> str:
+    return " ".join(name.split()).casefold()
+
+
 def _read_table(
-    path: Path, name: str, columns: Sequence[str], card: Path
+    path: Path, name: str, columns: Sequence[str], card: Path, uses: Mapping[str, Sequence[str]] | None = None
 ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """The ``columns`` of a metadata table as text cells, indexed by each row's place (``"name, line 12"``);
-    and ``(place, problem)`` of every line that has more fields than the header.
+    and ``(place, problem)`` of every line that has more fields than the header. ``uses`` (column -> the
+    card keys that name it) makes the error for a missing column say where the card names it.
 
     Read with the csv module, not pandas: pandas says neither which line a row came from nor, past a
     quoted line break, which line it skipped.
@@ -401,9 +438,7 @@ def _read_table(
                 )
             absent = [c for c in columns if c not in header]
             if absent:
-                raise CardError(
-                    f"{card}: table {path} lacks column(s) {absent} that the card uses; it has {header}"
-                )
+                raise _absent_columns(path, absent, header, card, uses or {})
             take = [header.index(c) for c in columns]
             rows, places, unreadable = [], [], []
             for record in reader:
@@ -475,9 +510,12 @@ class Metadata:
         }
         return cls(tables, subject, regex, allowed)
 
-    def read(self, raw_dir: Path, columns: Sequence[str], card: Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    def read(
+        self, raw_dir: Path, columns: Sequence[str], card: Path, uses: Mapping[str, Sequence[str]] | None = None
+    ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
         """Concatenate the tables, unfiltered (text cells, blanks as ``""``, indexed by each row's place,
-        ``"ukb_phenotypes.csv, line 12"``); and ``(place, problem)`` of every unreadable line."""
+        ``"ukb_phenotypes.csv, line 12"``); and ``(place, problem)`` of every unreadable line. ``uses``:
+        column -> the card keys that name it, for the error about a missing column."""
         frames, unreadable = [], []
         columns = list(dict.fromkeys(columns))  # two labels may share a column
         for name in self.tables:
@@ -486,7 +524,7 @@ class Metadata:
                 raise CardError(
                     f"{card}: metadata.tables: {path} not found; is {raw_dir} the raw folder of this cohort?"
                 )
-            frame, lines = _read_table(path, name, columns, card)
+            frame, lines = _read_table(path, name, columns, card, uses)
             frames.append(frame)
             unreadable += lines
         return pd.concat(frames), unreadable
@@ -506,10 +544,10 @@ class Metadata:
         """Per row: (the cohort's subject id or ``None``, reason it has none or ``None``)."""
         ids, reasons = [], []
         for cell in table[self.subject_column]:
-            text = str(cell).strip()
+            text = _id_text(cell)
             if self.subject_regex is not None:
                 match = self.subject_regex.search(text)
-                text = match.group(1) if match else ""
+                text = _id_text(match.group(1)) if match else ""
             ids.append(text or None)
             reasons.append(None if text else f"no subject id in column {self.subject_column!r} ({cell!r})")
         return ids, reasons
@@ -564,6 +602,10 @@ class CohortCard:
             spec = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             raise CardError(f"{path}: cohort card not found; the cards shipped with mimm-med are in cohorts/") from None
+        except IsADirectoryError:
+            raise CardError(f"{path}: is a folder; pass a cohort card file such as cohorts/ukb.yaml") from None
+        except UnicodeDecodeError:
+            raise CardError(f"{path}: not UTF-8 text; a cohort card is a YAML file such as cohorts/ukb.yaml") from None
         except yaml.YAMLError as error:
             raise CardError(f"{path}: not valid YAML: {error}") from None
         where = _Where(path)
@@ -624,7 +666,8 @@ class CohortCard:
             (absolute path), one column per label, ``cohort``.
             ``problems``: one row per unusable metadata row: ``source_id`` (``""`` if the row has none),
             ``image``, ``row`` (``"ukb_phenotypes.csv, line 12"``), ``reason``, ``cohort``. A row has every
-            reason that applies, joined by ``"; "``.
+            reason that applies, joined by ``"; "``. Rows naming one image with different labels are all
+            problems; an exact repeat only loses the repeat.
             ``unlisted``: for a card with ``images.pattern``, the files under ``raw_dir`` that match it
             but no table row names (rows the ``filter`` drops count as naming theirs): ``source_id``
             (taken from the path, ``""`` if the pattern has no subject field), ``image``, ``cohort``.
@@ -633,7 +676,7 @@ class CohortCard:
         ------
         CardError
             If the cohort is generated (no raw folder), a table is missing, has no data rows, or lacks
-            a column the card uses: then no row could be used.
+            a column the card uses, or ``metadata.filter`` keeps no row: then no row could be used.
         """
         if self.generator is not None:
             raise CardError(
@@ -641,13 +684,20 @@ class CohortCard:
                 f"it is generated in memory by {self.generator}"
             )
         raw_dir = Path(raw_dir).resolve()
-        label_columns = [label.column for label in self.labels.values() if label.column is not None]
-        table, unreadable = self.metadata.read(
-            raw_dir, self.metadata.columns + self.images.columns + label_columns, self.path
-        )
+        uses: dict[str, list[str]] = {self.metadata.subject_column: ["metadata.subject"]}
+        for column in self.metadata.filter:
+            uses.setdefault(column, []).append(f"metadata.filter.{column}")
+        for column in self.images.columns:
+            uses.setdefault(column, []).append("images.pattern" if self.images.pattern else "images.column")
+        for name, label in self.labels.items():
+            if label.column is not None:
+                uses.setdefault(label.column, []).append(f"labels.{name}.column")
+        table, unreadable = self.metadata.read(raw_dir, list(uses), self.path, uses)
         paths, path_reasons = self.images.relative_paths(table)
         unlisted = self._unlisted(raw_dir, {p for p in paths if p is not None})
         keep = self.metadata.selected(table)
+        if len(table) and not keep.any():
+            raise self._filter_error(table)
         table = table[keep]
         paths = [p for p, kept in zip(paths, keep) if kept]
         path_reasons = [r for r, kept in zip(path_reasons, keep) if kept]
@@ -660,14 +710,13 @@ class CohortCard:
                 reasons[row].append(reason)
             elif not Path(images[row]).exists():
                 reasons[row].append(f"image file missing: {path}")
-        seen: set[str] = set()
-        for row, image in enumerate(images):
-            if image and image in seen:
-                reasons[row].append(f"image {image} is listed by an earlier row too")
-            seen.add(image)
+        labelled = {
+            name: label.apply(table[label.column] if label.column else pd.Series([""] * len(table)))
+            for name, label in self.labels.items()
+        }
+        self._check_repeats(images, ids, places, {name: values for name, (values, _) in labelled.items()}, reasons)
         columns = {SOURCE_ID: [i or "" for i in ids], IMAGE: images, ROW: places}
-        for name, label in self.labels.items():
-            values, label_reasons = label.apply(table[label.column] if label.column else pd.Series([""] * len(table)))
+        for name, (values, label_reasons) in labelled.items():
             columns[name] = values
             for row, reason in enumerate(label_reasons):
                 if reason:
@@ -691,6 +740,53 @@ class CohortCard:
         ].astype(str)
         records = records.astype({name: label.dtype for name, label in self.labels.items() if name != COHORT})
         return CohortScan(records, problems, unlisted)
+
+    @staticmethod
+    def _check_repeats(
+        images: Sequence[str], ids: Sequence[str | None], places: Sequence[str], labels: Mapping[str, list],
+        reasons: list[list[str]],
+    ) -> None:
+        """Add the reasons of rows that name an image an earlier row names too.
+
+        A repeat with the same subject and labels only loses the repeat. Rows that name one image with
+        different labels (a subject entered twice, sex 0 in one row and 1 in the other) all become
+        problems: which of them is right cannot be told, and keeping the first would label it at random.
+        """
+        rows_of: dict[str, list[int]] = {}
+        for row, image in enumerate(images):
+            if image:
+                rows_of.setdefault(image, []).append(row)
+        for image, rows in rows_of.items():
+            if len(rows) < 2:
+                continue
+            first = rows[0]
+            differing = ["subject id"] if any(ids[row] != ids[first] for row in rows) else []
+            differing += [name for name, values in labels.items() if any(values[row] != values[first] for row in rows)]
+            if not differing:
+                for row in rows[1:]:
+                    reasons[row].append(f"image {image} is listed by an earlier row too")
+                continue
+            what = ", ".join(differing)
+            reasons[first].append(
+                f"image {image} is listed again by {'; '.join(places[row] for row in rows[1:])} with another {what}; "
+                "correct the table: which row is right cannot be told"
+            )
+            for row in rows[1:]:
+                reasons[row].append(f"image {image} is listed by an earlier row too, with another {what}")
+
+    def _filter_error(self, table: pd.DataFrame) -> CardError:
+        """The error for a ``metadata.filter`` that keeps no row: an empty cohort is a card mistake, not data."""
+        held = []
+        identifying = {self.metadata.subject_column, *self.images.columns}
+        for column, values in self.metadata.filter.items():
+            if column not in identifying:  # ids and paths must not reach a message
+                seen = table[column].map(_canonical).value_counts().index[:5].tolist()
+                held.append(f"{column!r} holds {seen} (its most common values), the filter keeps {list(values)}")
+        return CardError(
+            f"{self.path}: metadata.filter: keeps none of the {len(table)} rows of {list(self.metadata.tables)}; "
+            + "; ".join(held) + ("; " if held else "")
+            + "write the filter's values as the table spells them (case counts)"
+        )
 
     def _unlisted(self, raw_dir: Path, listed: set[str]) -> pd.DataFrame:
         """Files matching ``images.pattern`` (one glob) that are not in ``listed``; see :meth:`scan`."""

@@ -22,9 +22,11 @@ import pandas as pd
 import torch
 from torch.utils.data import WeightedRandomSampler
 
-from .manifest import write_manifest
+from .manifest import STATUS, STATUS_OK, write_manifest
 from .writers import atomic_output
 
+#: How far a split's agreement may miss the requested correlation before ``cohort split`` warns of it.
+CORRELATION_TOLERANCE = 0.02
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test-iid", "test-balanced", "test-inverted")
 TEST_CORRELATIONS: dict[str, str] = {"test-iid": "r", "test-balanced": "0.5", "test-inverted": "1 - r"}
 
@@ -49,9 +51,11 @@ def binary_codes(values: pd.Series) -> tuple[np.ndarray, tuple]:
         )
     levels = tuple(sorted(values.unique(), key=str))
     if len(levels) != 2:
+        shown = ", ".join(str(level) for level in levels[:5])
+        shown += f", … ({len(levels)} in all)" if len(levels) > 5 else ""
         raise ValueError(
             f"column {values.name!r} must have exactly two values to define agreement with the primary label, "
-            f"found {list(levels)}; bin it first (e.g. the card's age_group instead of age)"
+            f"found [{shown}]; bin it first (e.g. the card's age_group instead of age)"
         )
     return (values.to_numpy() == levels[1]).astype(np.int64), levels
 
@@ -117,10 +121,17 @@ def select_confounded(
     ``P(y)`` is kept as in ``table``; each cell ``(y, z_1..z_K)`` is filled to ``n * p(cell)`` rows,
     with ``n`` as large as the scarcest cell allows after rounding. ``pairings`` (factor → :func:`agreement_pairing`)
     defaults to the pairing of ``table`` itself.
+
+    Fallback: a cell the table has (almost) no rows for is rounded down, to none if need be, rather
+    than emptying the set; the agreement then misses the requested ``r`` (at ``r = 0.98`` a pool without
+    disagreeing rows gives 1.0). The selection records the requested correlations in
+    ``attrs["requested"]``; :func:`cell_counts` reports both, :func:`missed_correlations` the misses.
     """
     _check_correlations(spurious)
     if len(table) == 0:
-        return table.copy()
+        empty = table.copy()
+        empty.attrs["requested"] = dict(spurious)
+        return empty
     pairings = {name: (pairings or {}).get(name) or agreement_pairing(table, primary, name) for name in spurious}
     codes = [agreement_codes(table, primary, name, pairings[name]) for name in spurious]
     y = codes[0][0]
@@ -137,6 +148,7 @@ def select_confounded(
     index = np.sort(np.concatenate(chosen))
     selected = table.iloc[index].reset_index(drop=True)
     selected.attrs["agreement"] = {name: dict(pairing) for name, pairing in pairings.items()}
+    selected.attrs["requested"] = dict(spurious)
     return selected
 
 
@@ -178,6 +190,8 @@ def confounded_splits(
     ----------
     table
         One row per image, with ``subject_column``, the binary ``primary`` label and each spurious column.
+        Rows whose ``status`` (if the table has one) is not ``ok`` are left out: their images failed
+        preprocessing, and loading a split drops them, which would make its reported counts wrong.
     primary
         Primary label column.
     spurious
@@ -189,6 +203,11 @@ def confounded_splits(
     seed
         Seed of the subject partition and the row selection.
 
+    Notes
+    -----
+    A pool that cannot supply a requested correlation gives a set at another one (the fallback of
+    :func:`select_confounded`); :func:`missed_correlations` of the :func:`cell_counts` lists them.
+
     Examples
     --------
     >>> splits = confounded_splits(manifest, "age_group", {"sex": 0.9, "cohort": 0.9})
@@ -199,6 +218,13 @@ def confounded_splits(
         raise ValueError(f"manifest lacks columns {missing}; it has {list(table.columns)}")
     if len(fractions) != 3:
         raise ValueError(f"fractions are (train, val, test), got {tuple(fractions)}")
+    if STATUS in table.columns:
+        table = table[table[STATUS] == STATUS_OK].reset_index(drop=True)
+    if table[subject_column].isna().any():
+        raise ValueError(
+            f"{int(table[subject_column].isna().sum())} rows have no {subject_column}; without it they cannot be "
+            "kept to one split: drop them or give them their subject's id"
+        )
     rng = np.random.default_rng(seed)
     train_pool, val_pool, test_pool = subject_pools(table[subject_column].tolist(), fractions, rng)
     inverted = {name: 1.0 - r for name, r in spurious.items()}
@@ -221,24 +247,52 @@ def confounded_splits(
 def cell_counts(splits: Mapping[str, pd.DataFrame], primary: str, spurious: Sequence[str]) -> pd.DataFrame:
     """Rows per ``(split, factor, primary value, factor value)`` cell, with each split's agreement rate.
 
-    Agreement uses the pairing recorded by :func:`confounded_splits` (``frame.attrs["agreement"]``),
-    else the pairing of all splits together.
+    Every cell of every split is listed, empty ones with count 0 (an empty minority cell is what makes
+    a split's agreement miss its target). Agreement uses the pairing recorded by :func:`confounded_splits`
+    (``frame.attrs["agreement"]``), else the pairing of all splits together; ``requested`` is the
+    correlation the split was drawn at (``frame.attrs["requested"]``, NaN where not recorded).
     """
     everything = pd.concat(list(splits.values()), ignore_index=True)
     rows = []
     for name in spurious:
         recorded = [f.attrs.get("agreement", {}).get(name) for f in splits.values()]
         pairing = next((p for p in recorded if p), None) or agreement_pairing(everything, primary, name)
+        y_levels = sorted({*everything[primary].dropna(), *pairing}, key=str)
+        z_levels = sorted({*everything[name].dropna(), *pairing.values()}, key=str)
         for split, frame in splits.items():
             counts = frame.groupby([primary, name], observed=True).size()
             agree = frame[name].to_numpy() == frame[primary].map(pairing).to_numpy()
             agreement = float(agree.mean()) if len(frame) else float("nan")
-            for (y_value, z_value), count in counts.items():
+            requested = float(frame.attrs.get("requested", {}).get(name, float("nan")))
+            for y_value, z_value in itertools.product(y_levels, z_levels):
                 rows.append(
                     {"split": split, "factor": name, "primary": y_value, "value": z_value,
-                     "count": int(count), "agreement": agreement}
+                     "count": int(counts.get((y_value, z_value), 0)), "agreement": agreement, "requested": requested}
                 )
-    return pd.DataFrame(rows, columns=["split", "factor", "primary", "value", "count", "agreement"])
+    return pd.DataFrame(rows, columns=["split", "factor", "primary", "value", "count", "agreement", "requested"])
+
+
+def missed_correlations(cells: pd.DataFrame, tolerance: float = CORRELATION_TOLERANCE) -> pd.DataFrame:
+    """The ``(split, factor)`` rows of :func:`cell_counts` whose agreement misses the requested correlation.
+
+    Missed: off by more than ``tolerance`` and by more than one image of the split (rounding alone
+    moves a small set by one), or no image disagrees (agrees) though ``0 < r < 1`` asks for some.
+    Empty splits and splits without a recorded request are not listed.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``split, factor, requested, agreement, images``.
+    """
+    per_split = cells.groupby(["split", "factor"], sort=False).agg(
+        requested=("requested", "first"), agreement=("agreement", "first"), images=("count", "sum")
+    ).reset_index()
+    known = per_split.dropna(subset=["requested", "agreement"])
+    off = (known["agreement"] - known["requested"]).abs()
+    one_image = 1.0 / known["images"].clip(lower=1)
+    extreme = known["agreement"].isin((0.0, 1.0)) & (known["requested"] > 0.0) & (known["requested"] < 1.0)
+    missed = ((off > tolerance + 1e-9) & (off > one_image + 1e-9)) | extreme
+    return known[missed].reset_index(drop=True)
 
 
 def write_splits(

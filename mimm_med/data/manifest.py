@@ -49,13 +49,20 @@ def _first(values: Collection, total: int | None = None) -> str:
     return f"{shown}, … ({total} in all)" if total > _SHOWN else shown
 
 
+def _lines(index: pd.Index) -> str:
+    """CSV lines of manifest rows: the header is line 1, so row ``i`` of :func:`read_manifest` is line ``i + 2``."""
+    return ("line " if len(index) == 1 else "lines ") + _first([i + 2 for i in index])
+
+
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read a manifest CSV, check its columns and return it with absolute ``image`` paths.
 
     Raises
     ------
     ManifestError
-        If the file is missing or lacks a required column.
+        If the file is missing, lacks a required column, or has a row without an image path.
+
+    The rows keep the index ``0, 1, ...`` of the file's order, by which errors name their CSV lines.
     """
     path = Path(path)
     if not path.is_file():
@@ -79,7 +86,13 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         raise ManifestError(
             f"manifest {path}: status must be {STATUS_OK!r} or {STATUS_FAILED!r}, but {len(unknown_status)} rows "
             f"(subjects {_first(unknown_status)}) hold {sorted(set(map(str, table[STATUS][unknown_status.index])))}; "
-            "re-run preprocess, which writes it, or fix those rows"
+            f"({_lines(unknown_status.index)}); re-run preprocess, which writes it, or fix those rows"
+        )
+    blank = table.index[table[IMAGE].isna()]
+    if len(blank):
+        raise ManifestError(
+            f"manifest {path}: image is blank in {len(blank)} rows ({_lines(blank)}); re-run `mimm-med preprocess` "
+            "or `cohort merge`, which write every row's image, or drop those rows"
         )
     folder = os.path.abspath(path.parent)
     table[IMAGE] = [os.path.normpath(os.path.join(folder, p)) for p in table[IMAGE]]
@@ -117,6 +130,8 @@ def validate_manifest(
     check_files
         Check that every ``ok`` image exists.
 
+    Rows are named by their CSV line, taken from ``table``'s index as :func:`read_manifest` numbers it.
+
     Raises
     ------
     ManifestError
@@ -125,12 +140,15 @@ def validate_manifest(
     duplicated = table[IMAGE][table[IMAGE].duplicated()]
     if len(duplicated):
         raise ManifestError(
-            f"manifest {path} lists {len(duplicated)} images more than once ({_first(duplicated)}); "
+            f"manifest {path} lists {len(duplicated)} images more than once ({_first(duplicated)}; again at "
+            f"{_lines(duplicated.index)}); "
             "re-run preprocess or `cohort merge`, which write each image once"
         )
     if table[SUBJECT].isna().any():
-        count = int(table[SUBJECT].isna().sum())
-        raise ManifestError(f"manifest {path} has {count} rows without subject_id; re-run preprocess")
+        blank = table.index[table[SUBJECT].isna()]
+        raise ManifestError(
+            f"manifest {path} has {len(blank)} rows without subject_id ({_lines(blank)}); re-run preprocess"
+        )
     label_values = dict(label_values or {})
     absent = [name for name in label_values if name not in table.columns]
     if absent:
@@ -144,7 +162,8 @@ def validate_manifest(
         missing = table[SUBJECT][table[name].isna()]
         if len(missing):
             raise ManifestError(
-                f"manifest {path}: label {name!r} is missing in {len(missing)} rows (subjects {_first(missing)}); "
+                f"manifest {path}: label {name!r} is missing in {len(missing)} rows (subjects {_first(missing)}; "
+                f"{_lines(missing.index)}); "
                 "fix the metadata table or the card's value mapping, or drop those rows"
             )
         allowed = label_values.get(name)
@@ -154,7 +173,8 @@ def validate_manifest(
             if len(outside):
                 raise ManifestError(
                     f"manifest {path}: label {name!r} has values {sorted(set(map(str, outside)))} outside "
-                    f"{sorted(spelled)} in {len(outside)} rows; fix the card's value mapping and re-run preprocess"
+                    f"{sorted(spelled)} in {len(outside)} rows ({_lines(outside.index)}); fix the card's value mapping "
+                    "and re-run preprocess"
                 )
     if check_files:
         ok = table[table[STATUS] == STATUS_OK]
@@ -191,11 +211,11 @@ def load_manifest(
     """
     table = read_manifest(path)
     if not include_failed:
-        table = table[table[STATUS] == STATUS_OK].reset_index(drop=True)
+        table = table[table[STATUS] == STATUS_OK]
     allowed = dict(card.label_values) if card is not None else {}
     allowed.update(label_values or {})
-    validate_manifest(table, path, allowed)
-    return table
+    validate_manifest(table, path, allowed)  # before renumbering: its errors name the rows' lines
+    return table.reset_index(drop=True)
 
 
 def cannot_write(target: str | Path, error: OSError) -> str:
