@@ -211,22 +211,30 @@ def test_summaries_by_hand():
     assert "oracle" not in drop.index  # one correlation only
 
 
-def test_manifest_splits_and_oracle(tmp_path):
-    class Listed(ManifestData):
-        name, primary, spurious, spatial_dims = "listed", "y", ("z",), 2
-        label_levels = {"y": [0, 1], "z": [0, 1]}
+class Listed(ManifestData):
+    """A manifest data set whose records are given, not read."""
 
-        def write_manifest(self):
-            raise AssertionError("records are given")
+    name, primary, spurious, spatial_dims = "listed", "y", ("z",), 2
+    label_levels = {"y": [0, 1], "z": [0, 1]}
 
+    def write_manifest(self):
+        raise AssertionError("records are given")
+
+
+def listed(tmp_path, agreement: float, n: int = 800) -> Listed:
     rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 800)
-    z = np.where(rng.random(800) < 0.6, y, 1 - y)  # agreement is counted in the cohort's own direction
+    y = rng.integers(0, 2, n)
+    z = np.where(rng.random(n) < agreement, y, 1 - y)
     data = Listed(tmp_path)
     data.__dict__["records"] = [
         {"image": np.full((1, 2, 2), i, dtype=np.float32), "subject_id": f"s{i // 2}", "y": int(y[i]), "z": int(z[i])}
-        for i in range(800)
+        for i in range(n)
     ]
+    return data
+
+
+def test_manifest_splits_and_oracle(tmp_path):
+    data = listed(tmp_path, 0.6)  # agreement is counted in the cohort's own direction
     for oracle in (False, True):
         sets = data.splits(0.9, seed=3, oracle=oracle)
         train, inverted = sets["train"], sets["test-inverted"]
@@ -242,6 +250,18 @@ def test_manifest_splits_and_oracle(tmp_path):
             assert [r["subject_id"] for r in inverted] == confounded_inverted
         else:
             confounded_sizes, confounded_inverted = sizes, [r["subject_id"] for r in inverted]
+
+
+def test_a_correlation_the_stand_in_cannot_supply_is_warned_of(tmp_path, caplog):
+    data = listed(tmp_path, 0.995, n=400)  # about two images disagree, too few for the iid test set at r = 0.9
+    with caplog.at_level("WARNING", logger="mimm_med.benchmark.datasets"):
+        data.splits(0.9, seed=0)
+    assert "listed, r = 0.9, seed 0: in split 'test-iid' z agrees with y in 100.0% of" in caplog.text
+    assert "not the requested 90.0%" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mimm_med.benchmark.datasets"):
+        listed(tmp_path, 0.6).splits(0.9, seed=0)
+    assert not caplog.text
 
 
 def stand_in_network(dataset: type[ManifestData], backbone_kwargs: dict) -> MIMMXNet:

@@ -15,6 +15,7 @@ test sets as every other method at r.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -28,10 +29,12 @@ import pandas as pd
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, ScaleIntensityRanged
 
 from mimm_med.cli import run_subcommand
-from mimm_med.data.confounding import confounded_splits
+from mimm_med.data.confounding import cell_counts, confounded_splits, missed_correlations
 from mimm_med.data.datalist import manifest_datalist
 from mimm_med.data.digits_morpho import FACTORS, PRIMARY, digits_augmentation, make_digits_morpho
 from mimm_med.data.pseudonym import write_synthetic_cohort_key
+
+logger = logging.getLogger(__name__)
 
 ORACLE_CORRELATION = 0.5
 #: SmallCNN of the stand-ins, without dropout: dropout between batch-norm layers changes the variance
@@ -196,6 +199,14 @@ class ManifestData(BenchmarkDataset):
             | {name: [r[name] for r in records] for name in (self.primary, *self.spurious)}
         )
         splits = confounded_splits(table, self.primary, dict.fromkeys(self.spurious, correlation), seed=seed)
+        # A cell recorded at r must have been trained and tested at r: say where the pool fell short.
+        for miss in missed_correlations(cell_counts(splits, self.primary, self.spurious)).itertuples():
+            logger.warning(
+                "%s, r = %s, seed %d: in split %r %s agrees with %s in %.1f%% of %d images, not the requested %.1f%%: "
+                "the stand-in cohort has too few images in the rarest cells; generate more subjects",
+                self.name, correlation, seed, miss.split, miss.factor, self.primary, 100 * miss.agreement,
+                miss.images, 100 * miss.requested,
+            )  # fmt: skip
         if oracle:
             # Same seed, so the same subject pools: only train and val are drawn again, at r = 0.5, and cut
             # to the sizes at r, so that the oracle differs by the correlation alone, not by more data.
