@@ -123,7 +123,7 @@ def _network(bundle: Bundle, checkpoint: Path | None = None) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
-def test_bundle_trains_evaluates_infers_and_exports(bundle: Bundle, request, at_repo_root: str, tmp_path: Path):
+def test_bundle_trains_evaluates_infers_and_exports(bundle: Bundle, request, at_repo_root: str, tmp_path: Path, capsys):
     splits = request.getfixturevalue(bundle.splits)
     root = tmp_path / bundle.name
     settings = {"dataset_dir": str(splits), "bundle_root": str(root), **bundle.overrides}
@@ -169,6 +169,22 @@ def test_bundle_trains_evaluates_infers_and_exports(bundle: Bundle, request, at_
     run("inferring", config_file=bundle.config_files("inference"), model_uri=registered, **settings)
     from_registry = _predictions(output_dir / "predictions.csv")
     pd.testing.assert_frame_equal(from_registry, from_checkpoint, atol=1e-5, rtol=1e-4)
+
+    # an image that cannot be read costs its own prediction, not the others'
+    manifest = read_manifest(splits / "test-iid.csv")
+    image = Path(manifest.loc[0, "image"])
+    broken = tmp_path / f"broken_{image.name}"
+    broken.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    manifest.loc[0, "image"] = str(broken)
+    write_manifest(manifest, tmp_path / "with_broken.csv")
+    (output_dir / "predictions.csv").unlink()
+    capsys.readouterr()
+    run("inferring", config_file=bundle.config_files("inference"), input_manifest=str(tmp_path / "with_broken.csv"), **settings)
+    predicted = _predictions(output_dir / "predictions.csv")
+    assert len(predicted) == len(manifest) - 1 and str(broken) not in predicted.index
+    pd.testing.assert_frame_equal(predicted, from_checkpoint.iloc[1:], atol=1e-5, rtol=1e-4)
+    log = capsys.readouterr().out  # the bundle's logging.conf logs to standard output
+    assert f"skipped {broken}" in log and f"1 of {len(manifest)} images could not be read" in log
 
     checkpoint = root / "models" / run_name / "model.pt"
     exported = tmp_path / "model.ts"

@@ -1,0 +1,93 @@
+"""Inference that reads past unreadable images: one bad file costs its own prediction, not the others'."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ignite.engine import Engine, Events
+from monai.data import Dataset, list_data_collate
+
+from mimm_med.data.preprocess import describe_error
+
+logger = logging.getLogger(__name__)
+
+
+class SkippingDataset(Dataset):
+    """A MONAI ``Dataset`` whose items that fail to load or transform come back as ``None``.
+
+    Each failure is logged as a warning naming the image and the reason (from the worker process
+    that met it, so the message survives ``num_workers > 0``). Batch with :func:`collate_readable`,
+    which leaves the ``None`` items out.
+
+    Parameters
+    ----------
+    data
+        Datalist, e.g. :func:`mimm_med.data.datalist.image_datalist`.
+    transform
+        Loading and preprocessing of one item.
+    name_key
+        Key of an item that names it in the warning.
+    """
+
+    def __init__(self, data: Sequence[dict], transform: Callable | None = None, name_key: str = "image_path") -> None:
+        super().__init__(data, transform)
+        self.name_key = name_key
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as error:  # any failure of a file is that file's alone
+            logger.warning("skipped %s: %s", self.data[index].get(self.name_key, f"item {index}"), describe_error(error))
+            return None
+
+
+def collate_readable(batch: Sequence[Any]) -> Any:
+    """MONAI's ``list_data_collate`` of the items of ``batch`` that are not ``None``.
+
+    Raises
+    ------
+    ValueError
+        If every item of the batch is ``None``: an empty batch cannot be predicted, and so many
+        unreadable images in a row point at the storage rather than at single files.
+    """
+    readable = [item for item in batch if item is not None]
+    if not readable:
+        raise ValueError(
+            f"none of the {len(batch)} images of a batch could be read (each is named in a warning above): check "
+            "that the manifest's images are where it says and complete, e.g. rerun `mimm-med preprocess`"
+        )
+    return list_data_collate(readable)
+
+
+class ReportSkipped:
+    """On ``COMPLETED``, warn how many of ``expected`` images the engine did not see (skipped ones).
+
+    Parameters
+    ----------
+    expected
+        Images in the datalist.
+    """
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.seen = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._count)
+        engine.add_event_handler(Events.COMPLETED, self._report)
+
+    def _reset(self, engine: Engine) -> None:
+        self.seen = 0
+
+    def _count(self, engine: Engine) -> None:
+        self.seen += len(engine.state.batch)  # decollated by MONAI's evaluator: one entry per image
+
+    def _report(self, engine: Engine) -> None:
+        if self.seen < self.expected:
+            logger.warning(
+                "%d of %d images could not be read and have no prediction (each is named in a warning above)",
+                self.expected - self.seen, self.expected,
+            )  # fmt: skip
