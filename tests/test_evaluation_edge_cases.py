@@ -3,6 +3,7 @@ diverged features, collapsed features, regression heads, interrupted writes."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -205,3 +206,19 @@ def test_an_interrupted_figure_save_keeps_the_previous_file(tmp_path, monkeypatc
 
     assert path.read_bytes() == b"previous figure"
     assert [child.name for child in tmp_path.iterdir()] == ["groups.png"]
+
+
+def test_results_json_writes_an_undefined_metric_as_null_not_as_invalid_nan(tmp_path):
+    from mimm_med.evaluation.report import write_report
+
+    sets = {name: primary_only_outputs(agreement, seed) for seed, (name, agreement) in enumerate(
+        [("iid", 0.9), ("balanced", 0.5), ("inverted", 0.1)])}  # fmt: skip
+    sets["inverted"]["y_label"] = np.zeros(400, dtype=int)  # one class: its AUROC is undefined
+    results = evaluate_test_sets(sets, "y", ["z"])
+    paths = write_report(results, sets, "y", ["z"], tmp_path)
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    metrics = json.loads(paths["json"].read_text(), parse_constant=refuse)["metrics"]
+    assert metrics["inverted/y_auroc"] is None and 0.0 <= metrics["balanced/y_auroc"] <= 1.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -104,7 +105,9 @@ def train_and_evaluate(
     evaluate_configs = [str(BUNDLE / "configs/train.json"), str(BUNDLE / "configs/evaluate.json")]
     run("evaluating", config_file=evaluate_configs, estimate_residual_mi=False, **overrides)
     output_dir = BUNDLE / "eval" / overrides["run_name"]
-    return {"metrics": json.loads((output_dir / "results.json").read_text())["metrics"], "output_dir": output_dir}
+    metrics = json.loads((output_dir / "results.json").read_text())["metrics"]
+    # results.json writes an undefined metric as null
+    return {"metrics": {key: math.nan if value is None else value for key, value in metrics.items()}, "output_dir": output_dir}
 
 
 def results_table(results: dict[str, dict]) -> str:

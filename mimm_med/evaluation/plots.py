@@ -6,18 +6,17 @@ backend and leave pyplot's global state untouched, so they are safe in headless 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from sklearn.manifold import TSNE
 
+from mimm_med.data.writers import atomic_output
 from mimm_med.evaluation._arrays import as_feature_matrix, check_same_length
 
 __all__ = ["plot_group_accuracy", "plot_training_curves", "plot_tsne"]
@@ -179,15 +178,8 @@ def _scatter_coloured(figure: Figure, axes: Axes, points: np.ndarray, values: np
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
-    # Written beside the target and renamed over it, so an interrupted save (a killed job, a full disk)
-    # leaves the previous figure rather than a truncated PNG.
+    # An interrupted save (a killed job, a full disk) leaves the previous figure, not a truncated PNG.
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
-    try:
-        # The format comes from the target's name, not the partial file's.
-        figure.savefig(partial, dpi=120, format=path.suffix[1:] or matplotlib.rcParams["savefig.format"])
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=120)
     return path

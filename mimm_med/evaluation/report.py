@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
 
+from mimm_med.data.writers import atomic_output
 from mimm_med.engines.resume import trained_checkpoint
 from mimm_med.evaluation.outputs import collect_outputs
 from mimm_med.evaluation.plots import plot_group_accuracy, plot_tsne
@@ -55,13 +58,33 @@ def write_report(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
-    paths["json"].write_text(json.dumps({**results, "metrics": flatten_metrics(results)}, indent=2, default=float))
-    paths["markdown"].write_text(results_table(results) + "\n")
+    document = _finite_or_null({**results, "metrics": flatten_metrics(results)})
+    with atomic_output(paths["json"]) as temporary:
+        temporary.write_text(json.dumps(document, indent=2, allow_nan=False))
+    with atomic_output(paths["markdown"]) as temporary:
+        temporary.write_text(results_table(results) + "\n")
     paths["group_accuracy"] = plot_group_accuracy(results["sets"], output_dir / "group_accuracy.png")
     balanced = outputs["balanced"]
     labels = {name: balanced[f"{name}_label"] for name in (primary, *spurious)}
     paths["tsne"] = plot_tsne(balanced[f"{primary}_features"], labels, output_dir / "tsne_primary_features.png")
     return paths
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with NumPy scalars as Python numbers and NaN / infinity as ``None``.
+
+    JSON has no NaN: Python writes a bare ``NaN`` that jq, JavaScript and most JSON readers reject,
+    while an undefined metric (AUROC of a one-class set) is common here.
+    """
+    if isinstance(value, Mapping):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_finite_or_null(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def log_report(
