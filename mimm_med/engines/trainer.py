@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from mimm_med.networks import MIMMXNet
+from mimm_med.tracking._rank import is_rank_zero
 from mimm_med.weighting import adaptive_mi_scale
 
 from .dependence import MutualInformationTerms
@@ -80,7 +81,7 @@ class NegativeMIWarning:
     def _check(self, engine: MIMMXTrainer) -> None:
         for key, values in self.values.items():
             mean = float(np.mean(values))
-            if mean >= -self.tolerance or key in self.warned:
+            if mean >= -self.tolerance or key in self.warned or not is_rank_zero():  # ranks see the same global batch
                 continue
             self.warned.add(key)
             lr = engine.critic_optimizer.param_groups[0]["lr"] if engine.critic_optimizer is not None else None
