@@ -34,7 +34,9 @@ def brain_splits(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Pa
     workdir = root / "brain_cohort"
     with FileLock(f"{workdir}.lock"):
         workdir.mkdir(exist_ok=True)
-        (workdir / "pseudonym.key").write_text(BRAIN_PSEUDONYM_KEY)  # prepare() makes a random one if absent
+        key = workdir / "pseudonym.key"
+        key.write_text(BRAIN_PSEUDONYM_KEY)  # prepare() makes a random one if absent
+        key.chmod(0o600)  # a key others can read is warned of
         splits = prepare(workdir, BRAIN_SUBJECTS, BRAIN_RESOLUTION_MM, BRAIN_SIZE, correlation=0.9, seed=BRAIN_SEED)
     sizes = {name: len(pd.read_csv(splits / f"{name}.csv")) for name in ("train", "val")}
     assert sizes["train"] >= 24 and sizes["val"] >= 4, (

@@ -126,6 +126,7 @@ def key_file(tmp_path, monkeypatch):
     monkeypatch.delenv("MIMM_MED_PSEUDONYM_KEY", raising=False)
     path = tmp_path / "pseudonym.key"
     path.write_text("0123456789abcdef0123456789abcdef\n")
+    path.chmod(0o600)  # as the README makes it: a key others can read is warned of
     return path
 
 

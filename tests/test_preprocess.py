@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import signal
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import nibabel as nib
@@ -39,6 +38,7 @@ from mimm_med.data.preprocess import (
     PreprocessError,
     PreprocessPipeline,
     Shard,
+    check_output_settings,
     describe_error,
     load_pipeline_config,
     parse_override,
@@ -192,24 +192,46 @@ def test_interrupted_run_resumes_to_the_same_manifest(brain, brain_reference, tm
     assert (tmp_path / "errors.csv").read_text() == reference.errors.read_text()
 
 
-def test_killed_worker_run_resumes_to_the_same_manifest(brain, brain_reference, tmp_path, monkeypatch):
+def test_a_worker_killed_once_costs_nothing(brain, brain_reference, tmp_path, monkeypatch):
     raw, records, problems = brain
     reference = brain_reference[1]
     marker = tmp_path / "killed-once"
     original = PreprocessPipeline.__call__
 
-    def dies_once(self, source, stem):
+    def dies_once(self, source, stem):  # the out-of-memory killer, say, while 8 images were in flight
         if Path(source).parent.parent.name.startswith("1000003") and not marker.exists():
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, source, stem)
 
     monkeypatch.setattr(PreprocessPipeline, "__call__", dies_once)
-    with pytest.raises(BrokenProcessPool):
-        run(records, problems, raw, tmp_path / "out", workers=2)
     summary = run(records, problems, raw, tmp_path / "out", workers=2)
-    assert summary.done + summary.skipped == reference.done
+    assert marker.exists() and (summary.done, summary.failed) == (reference.done, reference.failed)
     assert (tmp_path / "out" / "manifest.csv").read_text() == reference.manifest.read_text()
+    assert (tmp_path / "out" / "errors.csv").read_text() == reference.errors.read_text()
+
+
+def test_an_image_that_kills_its_worker_fails_alone(brain, brain_reference, tmp_path, monkeypatch):
+    raw, records, problems = brain
+    reference = brain_reference[1]
+    original = PreprocessPipeline.__call__
+
+    def segfaults(self, source, stem):  # a reader crashing on one file, every time
+        if Path(source).parent.parent.name.startswith("1000003"):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return original(self, source, stem)
+
+    monkeypatch.setattr(PreprocessPipeline, "__call__", segfaults)
+    for _ in range(2):  # and a re-run finishes too, rather than dying on that file again
+        summary = run(records, problems, raw, tmp_path / "out", workers=2)
+        assert (summary.done + summary.skipped, summary.failed) == (reference.done - 1, reference.failed + 1)
+    errors = pd.read_csv(summary.errors)
+    assert len(errors) == len(BRAIN_FAILURES) + 1
+    assert "worker process died" in reason_of(errors, "1000003", "ukb")
+    manifest = read_manifest(summary.manifest)
+    subject = Pseudonymiser(KEY).subject("ukb", "1000003")
+    assert manifest.loc[manifest["subject_id"] == subject, "status"].tolist() == ["failed"]
+    assert len(manifest) == len(records)
 
 
 def test_rerun_redoes_only_missing_and_failed_images(brain, brain_reference, tmp_path):
@@ -220,6 +242,16 @@ def test_rerun_redoes_only_missing_and_failed_images(brain, brain_reference, tmp
     second = run(records, problems, raw, tmp_path)
     assert (second.done, second.skipped, second.failed) == (1, first.done - 1, first.failed)
     assert second.manifest.read_text() == brain_reference[1].manifest.read_text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_repeated_record_is_processed_once(brain, brain_reference, tmp_path, workers):
+    raw, records, problems = brain
+    repeated = pd.concat([records, records.iloc[[0, 0, 1, 1]]], ignore_index=True)
+    summary = run(repeated, problems, raw, tmp_path, workers=workers)
+    reference = brain_reference[1]
+    assert (summary.done, summary.failed) == (reference.done, reference.failed)
+    assert summary.manifest.read_text() == reference.manifest.read_text()
 
 
 def test_shards_union_to_the_full_set(brain, brain_reference, tmp_path):
@@ -257,6 +289,31 @@ def test_output_folder_made_with_another_key_is_refused(brain, tmp_path):
     assert (tmp_path / "pipeline.json").read_text() == record
 
 
+@pytest.mark.parametrize("made", [False, True], ids=["new", "existing"])
+def test_shards_starting_at_once_share_one_pipeline_record(brain, tmp_path, monkeypatch, made):
+    config = load_pipeline_config(BRAIN_CONFIG, SMALL_BRAIN)
+    fingerprint = Pseudonymiser(KEY).key_fingerprint
+    if made:
+        check_output_settings(config, tmp_path, fingerprint)
+    record = (tmp_path / "pipeline.json").read_text() if made else None
+    original, others = Path.write_text, []
+
+    def another_shard_meanwhile(self, *args, **kwargs):
+        written = original(self, *args, **kwargs)
+        if self.name.endswith("pipeline.json") and not others:  # shard 1 checks while shard 0 writes
+            others.append(self)
+            check_output_settings(config, tmp_path, fingerprint)
+        return written
+
+    monkeypatch.setattr(Path, "write_text", another_shard_meanwhile)
+    check_output_settings(config, tmp_path, fingerprint)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["pipeline.json"]
+    assert json.loads((tmp_path / "pipeline.json").read_text()) == {**config, "pseudonym_key_fingerprint": fingerprint}
+    if made:
+        assert (tmp_path / "pipeline.json").read_text() == record
+
+
 def test_unwritable_out_is_an_output_error_naming_it(brain, tmp_path, monkeypatch):
     raw, records, problems = brain
     (tmp_path / "file").write_text("not a folder")
@@ -268,7 +325,7 @@ def test_unwritable_out_is_an_output_error_naming_it(brain, tmp_path, monkeypatc
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "write_text", read_only)
-    with pytest.raises(OutputError, match=r"cannot write --out .*: Permission denied \(.*\.tmp-\d+-pipeline.json\)"):
+    with pytest.raises(OutputError, match=r"cannot write --out .*: Permission denied \(.*\.new-\d+-\w+-pipeline\.json"):
         run(records, problems, raw, tmp_path / "out")
 
 

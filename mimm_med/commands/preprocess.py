@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from mimm_med.data.pseudonym import KEY_ENV_VAR, Pseudonymiser, PseudonymKeyError, resolve_key
+from mimm_med.data.pseudonym import KEY_ENV_VAR, Pseudonymiser, PseudonymKeyError, readable_by_others, resolve_key
 
 EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 UNLISTED_SHOWN = 3
@@ -30,9 +31,9 @@ examples:
 The key (--key-file, --key or ${KEY_ENV_VAR}) turns source ids into pseudonyms; keep it apart from the
 outputs. A re-run with the same --out keeps finished images and redoes missing or failed ones.
 To find the raw files behind errors.csv (the key holder only): mimm-med cohort locate --errors OUT/errors.csv ...
-Exit status: 0 all done, {EXIT_FAILURES} some images or metadata rows failed (see errors.csv),
-{EXIT_USAGE} bad arguments or an --out that cannot be written, {EXIT_INTERRUPTED} interrupted or a worker died
-(re-run to resume).
+Exit status: 0 all done, {EXIT_FAILURES} some images or metadata rows failed (see errors.csv; an image
+whose worker process died is one of them), {EXIT_USAGE} bad arguments or an --out that cannot be written,
+{EXIT_INTERRUPTED} interrupted (re-run to resume).
 """
 
 
@@ -43,6 +44,24 @@ def _shard(text: str):
         return Shard.parse(text)
     except PreprocessError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _workers(text: str) -> int:
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"expects a number of processes, 1 or more; got {text!r}")
+    return workers
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: a SLURM or container allocation, not the whole node."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def _override(text: str):
@@ -66,7 +85,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cohort", required=True, type=Path, help="cohort card, e.g. cohorts/ukb.yaml")
     parser.add_argument("--raw", required=True, type=Path, help="raw cohort folder, in the layout the card describes")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; reused to resume)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (default: 1, in this process)")
+    parser.add_argument(
+        "--workers", type=_workers, default=1, help="worker processes, one per CPU at most (default: 1, this process)"
+    )
     parser.add_argument(
         "--shard", type=_shard, default="0/1", metavar="I/N", help="process subset I (0-based) of N (default: 0/1)"
     )
@@ -109,6 +130,20 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         key = resolve_key(args.key, args.key_file)
+        if args.key_file is not None and readable_by_others(args.key_file):
+            print(
+                f"mimm-med preprocess: warning: key file {args.key_file} can be read by other users, who could "
+                f"re-identify subjects with it; make it yours alone: chmod 600 {args.key_file}",
+                file=sys.stderr,
+            )
+        workers = min(args.workers, available_cpus())
+        if workers < args.workers:
+            # More processes than CPUs only adds memory (one pipeline and image each), not speed.
+            print(
+                f"mimm-med preprocess: warning: --workers {args.workers}, but {workers} CPUs are available "
+                f"to this process; using {workers}",
+                file=sys.stderr,
+            )
         card = CohortCard.from_yaml(args.cohort)
         if card.pipeline is None and args.pipeline is None:
             raise PreprocessError(f"{args.cohort}: cohort {card.name!r} is generated in memory, not preprocessed")
@@ -122,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
                 args.raw,
                 args.out,
                 Pseudonymiser(key),
-                workers=args.workers,
+                workers=workers,
                 shard=args.shard,
                 progress=not args.no_progress,
                 unlisted=scan.unlisted,

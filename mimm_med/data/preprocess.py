@@ -18,13 +18,16 @@ shard part) lists as ``ok``, and redoes the rest; it must use the same settings 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
+import secrets
 import signal
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Generator, Iterable, Iterator, Mapping
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,10 @@ SOURCE_ID = "source_id"
 ERROR_COLUMNS = (SUBJECT, "file", "reason")
 CHECKPOINT_SECONDS = 30.0
 _REASON_CHARS = 500
+WORKER_DIED = (
+    "the worker process died while processing this image, also when retried alone (a crash in the image "
+    "reader, or out of memory): check the file, or give each worker more memory"
+)
 
 
 class PreprocessError(RuntimeError):
@@ -245,43 +252,75 @@ def _process_in_worker(task: Task) -> tuple[str, str]:
     return _process(_WORKER_PIPELINE, task)
 
 
+def _isolated(task: Task, config: Mapping) -> tuple[str, str]:
+    """Process ``task`` alone in a fresh worker process: if that one dies too, this image killed it."""
+    with ProcessPoolExecutor(1, initializer=_init_worker, initargs=(dict(config),)) as pool:
+        try:
+            return pool.submit(_process_in_worker, task).result()
+        except BrokenProcessPool:
+            return STATUS_FAILED, WORKER_DIED
+
+
+def _run_pool(
+    tasks: Iterator[Task], config: Mapping, workers: int
+) -> Generator[tuple[Task, tuple[str, str]], None, list[Task]]:
+    """Yield results of ``tasks`` from one pool of ``workers`` processes; return those a dying worker took down.
+
+    A worker that dies (a crash in a reader, the out-of-memory killer) breaks the whole pool: every
+    task in flight fails with :class:`BrokenProcessPool`, though only one of them caused it.
+    """
+    pending: dict[Future, Task] = {}
+    lost: list[Task] = []
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(dict(config),)) as pool:
+        try:
+            while True:
+                # A short queue per worker keeps memory flat and an interrupt quick.
+                while not lost and len(pending) < 4 * workers and (task := next(tasks, None)) is not None:
+                    try:
+                        pending[pool.submit(_process_in_worker, task)] = task
+                    except BrokenProcessPool:
+                        lost.append(task)
+                if not pending:
+                    return lost
+                finished, _ = wait(pending, return_when=ALL_COMPLETED if lost else FIRST_COMPLETED)
+                for future in finished:
+                    task = pending.pop(future)
+                    if isinstance(future.exception(), BrokenProcessPool):
+                        lost.append(task)
+                    else:
+                        yield task, future.result()
+        except KeyboardInterrupt:
+            for future in pending:
+                future.cancel()
+            for future in wait(pending).done:
+                if not future.cancelled() and future.exception() is None:
+                    yield pending[future], future.result()
+            raise
+        finally:
+            # Also when the caller stops early (an OutputError, an interrupt between results): the
+            # pool's shutdown would otherwise run every queued image first.
+            for future in pending:
+                future.cancel()
+
+
 def run_tasks(tasks: Iterable[Task], config: Mapping, workers: int = 1) -> Iterator[tuple[Task, tuple[str, str]]]:
     """Yield ``(task, (status, reason))`` as tasks finish, in this process or in ``workers`` processes.
 
     On ``KeyboardInterrupt`` pending tasks are cancelled, running ones finish and are yielded, then
     the interrupt propagates. On :class:`OutputError` pending tasks are cancelled and it propagates.
+    A worker process that dies costs only the image it was processing: the tasks in flight are
+    retried one at a time, each in a fresh worker, and one whose worker dies again fails.
     """
     pipeline = PreprocessPipeline(config)  # a config that cannot be built fails here, once, not in every worker
     if workers <= 1:
         for task in tasks:
             yield task, _process(pipeline, task)
         return
-    pending: dict[Future, Task] = {}
     tasks = iter(tasks)
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(dict(config),)) as pool:
-        try:
-            while True:
-                # A short queue per worker keeps memory flat and an interrupt quick.
-                for task in tasks:
-                    pending[pool.submit(_process_in_worker, task)] = task
-                    if len(pending) >= 4 * workers:
-                        break
-                if not pending:
-                    return
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    yield pending.pop(future), future.result()
-        except KeyboardInterrupt:
-            for future in pending:
-                future.cancel()
-            for future in wait(pending).done:
-                if not future.cancelled():
-                    yield pending[future], future.result()
-            raise
-        except OutputError:
-            for future in pending:
-                future.cancel()
-            raise
+    while lost := (yield from _run_pool(tasks, config, workers)):
+        # Any of them may have killed the worker; alone, only the one that did fails.
+        for task in lost:
+            yield task, _isolated(task, config)
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -328,26 +367,48 @@ def check_output_settings(config: Mapping, out_dir: Path, key_fingerprint: str) 
     """
     path = out_dir / PIPELINE_RECORD
     record = json.loads(json.dumps({**config, KEY_FINGERPRINT: key_fingerprint}))
-    if path.exists():
-        recorded = json.loads(path.read_text())
-        if recorded.setdefault(KEY_FINGERPRINT, key_fingerprint) != key_fingerprint:
-            raise PreprocessError(
-                f"{out_dir} was preprocessed with another pseudonymisation key (its fingerprint in {path} is not "
-                "that of the key given); pass the key that folder was made with, or use a new --out"
-            )
-        if recorded != record:
-            raise PreprocessError(
-                f"{out_dir} was preprocessed with other pipeline settings (see {path}); "
-                "use a new --out, or delete that folder to start over"
-            )
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2))
+    if not path.exists():
+        _create_once(path, json.dumps(record, indent=2))
+    recorded = json.loads(path.read_text())
+    legacy = KEY_FINGERPRINT not in recorded
+    if recorded.setdefault(KEY_FINGERPRINT, key_fingerprint) != key_fingerprint:
+        raise PreprocessError(
+            f"{out_dir} was preprocessed with another pseudonymisation key (its fingerprint in {path} is not "
+            "that of the key given); pass the key that folder was made with, or use a new --out"
+        )
+    if recorded != record:
+        raise PreprocessError(
+            f"{out_dir} was preprocessed with other pipeline settings (see {path}); "
+            "use a new --out, or delete that folder to start over"
+        )
+    # A record that matches is left alone: shards running at once into one --out would otherwise
+    # rewrite it together, each removing the other's temporary file as a stale one.
+    if legacy:
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2))
+
+
+def _create_once(path: Path, text: str) -> None:
+    """Write ``path`` atomically unless it exists: of shards starting at once, the first one's stays."""
+    tmp = path.with_name(f".new-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")  # its own: no one deletes it
+    try:
+        tmp.write_text(text)
+        try:
+            os.link(tmp, path)  # fails if another shard has made it meanwhile, which the caller then compares
+        except FileExistsError:
+            pass
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            os.replace(tmp, path)  # a file system without hard links: last one wins
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _plan(
     records: pd.DataFrame, raw_dir: Path, out_dir: Path, suffix: str, pseudonymiser: Pseudonymiser, shard: Shard
 ) -> tuple[dict[Path, dict], list[Task]]:
-    """Manifest rows (without status) and tasks of this shard's records, keyed by output stem."""
+    """Manifest rows (without status) and tasks of this shard's records, keyed by output stem (a repeat: once)."""
     labels = [c for c in records.columns if c not in (SOURCE_ID, IMAGE, COHORT)]
     rows, tasks = {}, []
     for record in records.to_dict("records"):
@@ -357,6 +418,8 @@ def _plan(
             continue
         shown, mask = Masking.of(source, raw_dir, source_id, subject_id)
         stem = out_dir / "images" / subject_id / pseudonymiser.image(cohort, source_id, shown)
+        if stem in rows:  # a repeated record: processing it twice would race two workers for one file
+            continue
         rows[stem] = {SUBJECT: subject_id, IMAGE: f"{stem}{suffix}", **{k: record[k] for k in labels}, COHORT: cohort}
         tasks.append(Task(Path(source), stem, shown, mask))
     return rows, tasks

@@ -8,6 +8,7 @@ every shard and every machine.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -38,15 +39,23 @@ def resolve_key(
     Raises
     ------
     PseudonymKeyError
-        If none is given or the key is shorter than ``MIN_KEY_LENGTH`` characters.
+        If none is given, the key file cannot be read, is empty or is not text, or the key is shorter
+        than ``MIN_KEY_LENGTH`` characters.
     """
     environ = os.environ if environ is None else environ
     if key_file is not None:
         path = Path(key_file)
         if not path.is_file():
             raise PseudonymKeyError(f"key file {path} does not exist; {_HOW_TO_SET}")
-        key = path.read_text().strip()
         source = f"key file {path}"
+        try:
+            key = path.read_bytes().decode("utf-8-sig").strip()  # a BOM from a Windows editor is no part of it
+        except OSError as error:  # e.g. not readable by this user
+            raise PseudonymKeyError(f"{source} cannot be read ({error.strerror or error}); {_HOW_TO_SET}") from None
+        except UnicodeDecodeError:  # e.g. `head -c 32 /dev/urandom`; its bytes are never shown
+            raise PseudonymKeyError(f"{source} does not hold text; {_HOW_TO_SET}") from None
+        if not key:
+            raise PseudonymKeyError(f"{source} is empty; {_HOW_TO_SET}")
     elif key is not None:
         source = "--key"
     else:
@@ -71,7 +80,14 @@ def write_synthetic_cohort_key(key_file: str | Path, label: str) -> Path:
     key_file = Path(key_file)
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.write_text(hashlib.sha256(label.encode()).hexdigest())
+    with contextlib.suppress(PermissionError):  # a shared cache's file of another user stays as it is
+        key_file.chmod(0o600)  # as a real key should be, so that no run warns of it
     return key_file
+
+
+def readable_by_others(key_file: str | Path) -> bool:
+    """Whether users other than the owner may read ``key_file`` (anyone who can may re-identify subjects)."""
+    return bool(Path(key_file).stat().st_mode & 0o044)
 
 
 def canonical_text(value: object) -> str:
