@@ -48,22 +48,31 @@ def promote_command(args: argparse.Namespace) -> int:
 
     try:
         version = promote(args.name, args.version, args.alias, args.tracking_uri)
-    except (LookupError, FileNotFoundError, TrackingServerUnreachable) as error:
+    except (LookupError, FileNotFoundError, TrackingServerUnreachable, ValueError) as error:
         return _fail("promote", error)
-    except MlflowException as error:  # e.g. a reserved alias ("latest", "v1") or one with a slash
-        return _fail("promote", f"{error.message}; choose an alias of letters, digits, '_' and '-', such as champion")
+    except MlflowException as error:
+        # Name and version are checked before the alias is set, so an invalid parameter is the alias
+        # (a reserved one such as "latest" or "v1", or one with a slash); other errors (a store that
+        # cannot be opened, a refused permission) are not about the alias.
+        if error.error_code == "INVALID_PARAMETER_VALUE":
+            return _fail("promote", f"{error.message}; choose an alias of letters, digits, '_' and '-', such as champion")
+        return _fail("promote", error.message)
     print(f"models:/{args.name}@{args.alias} -> version {version.version} (run {version.run_id})")
     return 0
 
 
 def list_command(args: argparse.Namespace) -> int:
     """Run ``mimm-med registry list``."""
+    from mlflow.exceptions import MlflowException
+
     from mimm_med.tracking import TrackingServerUnreachable, list_versions
 
     try:
         versions = list_versions(args.name, args.tracking_uri)
-    except (LookupError, FileNotFoundError, TrackingServerUnreachable) as error:
+    except (LookupError, FileNotFoundError, TrackingServerUnreachable, ValueError) as error:
         return _fail("list", error)
+    except MlflowException as error:  # e.g. a store of an older schema, or a URI with no registry
+        return _fail("list", error.message)
     rows = [("version", "aliases", "run_id")]
     rows += [(str(v.version), ",".join(sorted(v.aliases)) or "-", v.run_id or "-") for v in versions]
     widths = [max(len(row[column]) for row in rows) for column in range(2)]
@@ -73,5 +82,6 @@ def list_command(args: argparse.Namespace) -> int:
 
 
 def _fail(command: str, error: Exception | str) -> int:
-    print(f"mimm-med registry {command}: {error}", file=sys.stderr)
+    # one line: MLflow's messages (an out-of-date schema, say) span several
+    print(f"mimm-med registry {command}: {' '.join(str(error).split())}", file=sys.stderr)
     return 2

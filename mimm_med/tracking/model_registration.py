@@ -115,8 +115,19 @@ class ModelRegistration(CompletionLogger):
         return network, str(self.best_checkpoint)
 
     def register(self, network: torch.nn.Module, source: str) -> ModelVersion:
-        """Log ``network`` to the run, register it under :attr:`model_name` and set :attr:`alias`."""
+        """Log ``network`` to the run, register it under :attr:`model_name` and set :attr:`alias`.
+
+        A run that already has a version of :attr:`model_name` keeps it and only gets :attr:`alias`:
+        a run killed after registering but before it was marked finished is resumed and completes
+        again, which would otherwise register the same weights as a second version.
+        """
         client, run_id = self.run.client, self.run.run_id
+        registered = client.search_model_versions(f"name = '{self.model_name}' and run_id = '{run_id}'")
+        if registered:
+            model_version = str(min(int(version.version) for version in registered))
+            client.set_registered_model_alias(self.model_name, self.alias, model_version)
+            logger.info("run %s already registered %s version %s; set @%s", run_id, self.model_name, model_version, self.alias)
+            return client.get_model_version(self.model_name, model_version)
         example = torch.zeros(EXAMPLE_BATCH, *self.input_shape)
         with torch.no_grad():
             outputs = {key: value.numpy() for key, value in network(example).items()}

@@ -141,7 +141,9 @@ class ExportedNetwork(torch.nn.Module):
 def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":  # a refused permission or a broken store is not "no such model"
+            raise
         names = sorted(model.name for model in client.search_registered_models())
         raise LookupError(
             f"no registered model {name!r} at {client.tracking_uri}; registered models: {names or 'none'}."

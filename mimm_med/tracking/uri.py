@@ -9,6 +9,8 @@ from pathlib import Path
 
 import mlflow
 import requests
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+from mlflow.utils.uri import get_uri_scheme
 from monai.utils import path_to_sqlite_uri
 from sqlalchemy.engine import make_url
 
@@ -24,7 +26,9 @@ def resolve_tracking_uri(uri: str | None = None, root: str | Path = ".", create:
     An explicit ``uri`` wins over the ``MLFLOW_TRACKING_URI`` environment variable, which wins over
     the embedded default ``sqlite:///<root>/mlruns/mlflow.db`` (absolute; its folder is created
     unless ``create`` is false).
-    MLflow ≥ 3 has no file store by default, hence a SQLite file rather than a folder of runs.
+    MLflow ≥ 3 has no file store by default, hence a SQLite file rather than a folder of runs; a
+    ``file:`` URI or a bare path (which MLflow reads as a file store) is refused with a
+    ``ValueError`` that names the fix, unless ``MLFLOW_ALLOW_FILE_STORE`` is true.
 
     Note that MONAI's ``MLFlowHandler`` lets ``MLFLOW_TRACKING_URI`` override its ``tracking_uri``
     argument, so in a bundle pass ``resolve_tracking_uri()`` (no ``uri``) to get the same answer.
@@ -44,13 +48,30 @@ def resolve_tracking_uri(uri: str | None = None, root: str | Path = ".", create:
     'sqlite:////data/project/mlruns/mlflow.db'
     """
     if uri:
-        return uri
+        return _refuse_file_store(uri, "the tracking URI")
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return _refuse_file_store(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
     folder = Path(root).absolute() / STORE_FOLDER
     if create:
         folder.mkdir(parents=True, exist_ok=True)
     return path_to_sqlite_uri(folder / "mlflow.db")
+
+
+def _refuse_file_store(uri: str, source: str) -> str:
+    """``uri``, unless it names MLflow's file store, which MLflow ≥ 3 refuses deep inside its client.
+
+    MLflow's own error comes only when a client is first made, i.e. after a whole evaluation or
+    from the middle of a registry command; a bare path such as ``mlruns/mlflow.db`` is read as a
+    file store too, which is rarely what was meant.
+    """
+    # MLflow picks the store by this scheme ("" for a bare path); "databricks" is special-cased there
+    if uri in {"databricks", "databricks-uc", "uc"} or get_uri_scheme(uri) not in {"", "file"} or MLFLOW_ALLOW_FILE_STORE.get():
+        return uri
+    raise ValueError(
+        f"{source} {uri!r} names an MLflow file store (a folder of runs), which MLflow 3 no longer opens; use a "
+        "SQLite file such as sqlite:///$PWD/mlruns/mlflow.db (`mlflow migrate-filestore` moves an existing folder "
+        "into one), a database or a server URI, or unset it for the embedded store"
+    )
 
 
 def default_artifact_location(root: str | Path = ".", tracking_uri: str | None = None) -> str | None:

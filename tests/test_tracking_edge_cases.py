@@ -1,0 +1,106 @@
+"""MLflow tracking and registry edge cases: reruns, file-store URIs, stores the registry cannot read."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from mimm_med.cli import main
+from mimm_med.networks import MIMMXNet
+from mimm_med.tracking import ModelRegistration, list_versions, resolve_tracking_uri
+
+PARTS = {"y": 8, "a": 4}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+
+
+def _store(folder: str | Path) -> tuple[str, MlflowClient, str]:
+    """A SQLite store with one experiment (artifacts beside it); its URI, client and experiment id."""
+    uri = f"sqlite:///{folder}/mlflow.db"
+    client = MlflowClient(uri)
+    return uri, client, client.create_experiment("edge", artifact_location=(Path(folder) / "artifacts").as_uri())
+
+
+def test_a_run_that_completes_again_keeps_its_registered_version_and_the_alias_moves(tmp_path):
+    uri, client, experiment = _store(tmp_path)
+    net = MIMMXNet("small_cnn", PARTS, {k: 2 for k in PARTS}, backbone_kwargs={"channels": (4, 8)})
+
+    def registration(run_id: str) -> ModelRegistration:
+        handler = SimpleNamespace(cur_run=client.get_run(run_id), client=client)
+        return ModelRegistration(handler, net, "edge_model", (1, 12, 12))
+
+    first = client.create_run(experiment, run_name="first").info.run_id
+    registration(first).log()
+    # resumed after a kill between registering and finishing: its COMPLETED handlers run again
+    again = registration(first)
+    again.log()
+    versions = client.search_model_versions("name = 'edge_model'")
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", first)]
+    assert str(again.registered_version.version) == "1" and again.registered_version.aliases == ["candidate"]
+
+    second = client.create_run(experiment, run_name="second").info.run_id
+    registration(second).log()
+    aliases = {str(version.version): version.aliases for version in list_versions("edge_model", uri)}
+    assert aliases == {"2": ["candidate"], "1": []}
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "file:./mlruns", "mlruns", "mlruns/mlflow.db"])
+def test_a_file_store_uri_is_refused_with_the_fix(uri, tmp_path, monkeypatch, capsys):
+    with pytest.raises(ValueError, match=r"file store.*sqlite:///"):
+        resolve_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(ValueError, match="^MLFLOW_TRACKING_URI .*file store"):
+        resolve_tracking_uri(root=tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert main(["registry", "list", "m", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mimm-med registry list: ") and "file store" in err and err.count("\n") == 1
+    # MLflow's own opt-out of its refusal is honoured, and other schemes pass unchanged
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert resolve_tracking_uri(uri) == uri
+
+
+def test_uris_of_other_stores_pass_unchanged():
+    for uri in ("databricks", "postgresql://u@db/mlflow", "sqlite:///runs.db", "https://mlflow.example.org"):
+        assert resolve_tracking_uri(uri) == uri
+
+
+def test_a_store_of_another_schema_gets_one_line_and_no_alias_advice(tmp_path, capsys):
+    # made under another spelling of its path: MLflow caches one store per URI, checked once
+    _store(f"{tmp_path}/.")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with sqlite3.connect(tmp_path / "mlflow.db") as database:
+        database.execute("UPDATE alembic_version SET version_num = 'a0a0a0a0a0a0'")
+    capsys.readouterr()
+    assert main(["registry", "list", "m", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mimm-med registry list: ") and "schema" in err and err.count("\n") == 1
+    assert main(["registry", "promote", "m", "--version", "1", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert "schema" in err and "choose an alias" not in err and err.count("\n") == 1
+
+
+def test_a_refused_registry_request_is_not_reported_as_a_missing_model(tmp_path, monkeypatch, capsys):
+    uri, _, _ = _store(tmp_path)
+
+    def refuse(self, name):
+        raise MlflowException("Permission denied for registered model", error_code="PERMISSION_DENIED")
+
+    monkeypatch.setattr(MlflowClient, "get_registered_model", refuse)
+    with pytest.raises(MlflowException, match="Permission denied"):
+        list_versions("m", uri)
+    assert main(["registry", "list", "m", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert "Permission denied" in err and "no registered model" not in err
+    assert main(["registry", "promote", "m", "--version", "1", "--tracking-uri", uri]) == 2
+    assert "choose an alias" not in capsys.readouterr().err
