@@ -361,6 +361,9 @@ def test_an_unwritable_out_or_unreachable_server_stops_before_any_cell(tmp_path,
     argv[-1] = closed_port
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert f"the MLflow tracking server {closed_port} does not answer" in capsys.readouterr().err
+    argv[-1] = f"file://{tmp_path / 'mlruns'}"  # MLflow's removed file store
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "names an MLflow file store" in capsys.readouterr().err
     assert fake_training == []
 
 

@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from matplotlib.figure import Figure
 
 from mimm_med.evaluation import (
@@ -222,3 +223,16 @@ def test_results_json_writes_an_undefined_metric_as_null_not_as_invalid_nan(tmp_
 
     metrics = json.loads(paths["json"].read_text(), parse_constant=refuse)["metrics"]
     assert metrics["inverted/y_auroc"] is None and 0.0 <= metrics["balanced/y_auroc"] <= 1.0
+
+
+def test_a_checkpoint_of_another_network_is_named_with_the_fix(tmp_path):
+    from mimm_med.evaluation.report import evaluate_checkpoint
+    from mimm_med.networks import MIMMXNet
+
+    def network(part: int) -> MIMMXNet:
+        return MIMMXNet("small_cnn", {"y": part, "z": part}, {"y": 2, "z": 2}, backbone_kwargs={"channels": (4, 8)})
+
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"network": network(8).state_dict()}, checkpoint)
+    with pytest.raises(ValueError, match=r"model.pt holds another network than the one to evaluate \(.*size mismatch"):
+        evaluate_checkpoint(network(4), checkpoint, tmp_path, lambda path: [], None, "y", ["z"], "cpu", tmp_path)

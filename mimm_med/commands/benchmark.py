@@ -294,7 +294,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     params["augment_digits"] = not args.no_augment
     try:
         tracker = BenchmarkTracker(args.out, args.experiment, params, args.tracking_uri)
-    except TrackingServerUnreachable as error:
+    except (TrackingServerUnreachable, ValueError) as error:  # ValueError: a tracking URI MLflow cannot open
         print(f"mimm-med benchmark: {error}", file=sys.stderr)
         return 2
     except OSError as error:

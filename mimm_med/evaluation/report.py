@@ -150,7 +150,14 @@ def evaluate_checkpoint(
     if tracking_uri and experiment_name:
         require_reachable(tracking_uri)  # before the evaluation, not after it
     state = torch.load(checkpoint, map_location=device, weights_only=True)
-    network.load_state_dict(state.get("network", state))
+    try:
+        network.load_state_dict(state.get("network", state))
+    except RuntimeError as error:  # torch lists every mismatched tensor, but neither the file nor the fix
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise ValueError(
+            f"{checkpoint} holds another network than the one to evaluate ({first} ...): evaluate it with the "
+            "settings it was trained with (the same backbone, part sizes, spatial size and factors), or train again"
+        ) from error
     network.to(device)
     loaders = {
         name: DataLoader(Dataset(datalist_fn(Path(dataset_dir) / filename), transform=transform), batch_size=batch_size)
