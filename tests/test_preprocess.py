@@ -380,6 +380,17 @@ def test_atomic_output_leaves_nothing_when_interrupted(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_output_reaches_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    target, events = tmp_path / "manifest.csv", []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", str(src))), real_replace(src, dst)))
+    with atomic_output(target) as tmp:
+        tmp.write_text("subject_id,image\n")
+    assert events == [("fsync", str(tmp)), ("replace", str(tmp))]
+    assert target.read_text() == "subject_id,image\n"
+
+
 def test_keys_are_required_and_pseudonyms_keyed(tmp_path):
     with pytest.raises(PseudonymKeyError, match="--key-file"):
         resolve_key(environ={})

@@ -26,9 +26,19 @@ def _temporary_sibling(path: Path, owner: int | str) -> Path:
     return path.with_name(f".tmp-{owner}-{path.name}")
 
 
+def _flush_to_disk(path: Path) -> None:
+    # Renamed before its data reach the disk, a file can be listed complete yet read back empty after a
+    # node crash; resumed runs would keep it.
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write to; move it onto ``path`` if the block succeeds, else delete it.
+    """Yield a temporary path to write to; flush it to disk and move it onto ``path`` if the block succeeds, else delete it.
 
     Temporary files that a killed process left for the same ``path`` are removed first.
 
@@ -44,6 +54,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     tmp = _temporary_sibling(path, os.getpid())
     try:
         yield tmp
+        _flush_to_disk(tmp)
         os.replace(tmp, path)
     finally:
         # Also on KeyboardInterrupt: an interrupted write leaves nothing behind.
