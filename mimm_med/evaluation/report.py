@@ -82,8 +82,8 @@ def _finite_or_null(value: Any) -> Any:
         return [_finite_or_null(item) for item in value]
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
+    if isinstance(value, np.generic):  # NumPy integers and booleans, which json cannot write
+        return value.item()
     return value
 
 
