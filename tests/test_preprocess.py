@@ -402,6 +402,8 @@ def test_keys_are_required_and_pseudonyms_keyed(tmp_path):
     assert resolve_key(environ={"MIMM_MED_PSEUDONYM_KEY": "from-the-environment"}) == b"from-the-environment"
     a, b = Pseudonymiser(KEY), Pseudonymiser(KEY + b"!")
     assert a.subject("ukb", "1000001") == a.subject("ukb", 1000001) == a.subject("ukb", 1000001.0)
+    assert a.subject("ukb", " 1000001.0") == a.subject("ukb", "1000001")  # text of a table once saved as floats
+    assert a.subject("nako", "012345") != a.subject("nako", "12345")  # leading zeros are part of an id
     assert a.subject("ukb", "1000001") != b.subject("ukb", "1000001")
     assert a.subject("ukb", "1000001") != a.subject("nako", "1000001")
 

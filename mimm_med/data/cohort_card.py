@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from mimm_med.data.pseudonym import canonical_text
+
 SOURCE_ID = "source_id"
 IMAGE = "image"
 COHORT = "cohort"
@@ -52,19 +54,6 @@ def _canonical(value: Any) -> str:
     if not np.isfinite(number):
         return text
     return str(int(number)) if number.is_integer() else repr(number)
-
-
-_INTEGRAL_FLOAT = re.compile(r"(\d+)\.0+")
-
-
-def _id_text(cell: Any) -> str:
-    """A subject id or path field as text: ``1000001.0`` (a table once read as floats) gives ``1000001``.
-
-    Not :func:`_canonical`: that would also drop the leading zeros of ids such as ``012345``.
-    """
-    text = str(cell).strip()
-    match = _INTEGRAL_FLOAT.fullmatch(text)
-    return match.group(1) if match else text
 
 
 class _Where:
@@ -367,7 +356,7 @@ class Images:
 
     def relative_paths(self, table: pd.DataFrame) -> tuple[list[str | None], list[str | None]]:
         """Per row: (path relative to the raw folder or ``None``, reason it has none or ``None``)."""
-        cells = {column: [_id_text(c) for c in table[column]] for column in self.columns}
+        cells = {column: [canonical_text(c) for c in table[column]] for column in self.columns}
         paths, reasons = [], []
         for row in range(len(table)):
             path, reason = (
@@ -544,10 +533,10 @@ class Metadata:
         """Per row: (the cohort's subject id or ``None``, reason it has none or ``None``)."""
         ids, reasons = [], []
         for cell in table[self.subject_column]:
-            text = _id_text(cell)
+            text = canonical_text(cell)
             if self.subject_regex is not None:
                 match = self.subject_regex.search(text)
-                text = _id_text(match.group(1)) if match else ""
+                text = canonical_text(match.group(1)) if match else ""
             ids.append(text or None)
             reasons.append(None if text else f"no subject id in column {self.subject_column!r} ({cell!r})")
         return ids, reasons

@@ -90,11 +90,20 @@ def readable_by_others(key_file: str | Path) -> bool:
     return bool(Path(key_file).stat().st_mode & 0o044)
 
 
+_INTEGRAL_FLOAT = re.compile(r"(\d+)\.0+")
+
+
 def canonical_text(value: object) -> str:
-    """Spell a table value the same whether it was read as ``1000001``, ``1000001.0`` or ``"1000001"``."""
+    """Spell a table value the same whether it was read as ``1000001``, ``1000001.0``, ``"1000001"`` or ``"1000001.0"``.
+
+    Text of an integral float (a table once saved through a float column) loses its ``.0``; leading
+    zeros (``012345``) stay, as ids need them.
+    """
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return str(value).strip()
+    text = str(value).strip()
+    match = _INTEGRAL_FLOAT.fullmatch(text)
+    return match.group(1) if match else text
 
 
 class Pseudonymiser:
