@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
-import warnings
 from collections.abc import Sequence
+
+from mimm_med.data.notices import quiet_gpu_decoder_notices
 
 # Each module defines ``add_parser(subparsers)`` which registers its sub-command and sets ``func``.
 COMMAND_MODULES: tuple[str, ...] = ("cohort", "preprocess", "registry", "demo", "benchmark")
@@ -23,16 +23,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(f"mimm_med.commands.{name}").add_parser(subparsers)
     return parser
-
-
-def quiet_gpu_decoder_notices() -> None:
-    """Silence MONAI's notices that the GPU DICOM decoder (nvImageCodec) is missing.
-
-    Every ``LoadImage`` registers all of MONAI's readers, whatever reader it is given, so each run
-    on a machine without nvImageCodec prints them although pydicom's own decoders do the work.
-    """
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,9 +3,7 @@ greyscale PIL images."""
 
 from __future__ import annotations
 
-import logging
 import struct
-import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +19,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.misc import is_dicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space, get_decoder
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from mimm_med.data.notices import quiet_gpu_decoder_notices
 
 itk, _ = optional_import("itk", allow_namespace_pkg=True)
 
@@ -64,7 +64,8 @@ class LoadImageBySuffixd(MapTransform):
     ) -> None:
         super().__init__(keys)
         self.readers = list(readers)
-        self._loader = _quiet_load_image(dtype)
+        quiet_gpu_decoder_notices()  # LoadImage registers that decoder whatever readers it is given
+        self._loader = LoadImage(image_only=True, dtype=dtype)
 
     def reader_for(self, path: PathLike) -> ImageReader:
         """The reader that ``path`` is loaded with."""
@@ -92,24 +93,6 @@ class LoadImageBySuffixd(MapTransform):
                 ) from None
             check_nifti_header(d[key])
         return d
-
-
-def _quiet_load_image(dtype: DtypeLike) -> LoadImage:
-    """MONAI's ``LoadImage``, built without the warnings of the GPU DICOM reader it always registers.
-
-    ``LoadImage`` constructs every default reader, among them ``NvImgCodecPydicomReader``, which warns
-    twice on any machine without nvImageCodec. Images here are loaded only with the readers a pipeline
-    names, so the warning would send users after a decoder nothing uses.
-    """
-    plugin_logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
-    level = plugin_logger.level
-    plugin_logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-            return LoadImage(image_only=True, dtype=dtype)
-    finally:
-        plugin_logger.setLevel(level)
 
 
 def check_nifti_header(image: MetaTensor) -> None:
