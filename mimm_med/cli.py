@@ -5,12 +5,27 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mimm_med.data.notices import quiet_gpu_decoder_notices
 
 # Each module defines ``add_parser(subparsers)`` which registers its sub-command and sets ``func``.
 COMMAND_MODULES: tuple[str, ...] = ("cohort", "preprocess", "registry", "demo", "benchmark")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for whole numbers of at least ``minimum``, e.g. ``--workers`` or ``--seed``."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return whole_number
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -384,4 +384,4 @@ def test_outputs_and_inputs_of_the_wrong_kind_exit_2_without_a_traceback(tmp_pat
     with pytest.raises(SystemExit) as exit_:
         main(["cohort", "split", "--manifest", str(manifest), "--primary", "age_group", "--spurious", "sex=0.9",
               "--out", str(tmp_path / "s"), "--seed", "-1"])
-    assert exit_.value.code == 2 and "argument --seed: expected a whole number >= 0, got '-1'" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --seed: must be at least 0, got -1" in capsys.readouterr().err

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mimm_med.cli import at_least
+
 DATASETS = ("digits", "brain", "cxr")
 DEFAULT_EXPERIMENT = "mimm-med-benchmark"
 
@@ -60,16 +62,6 @@ def _refuse_repeats(values: list, text: str) -> None:
     if repeated:
         shown = ", ".join(f"{value:g}" if isinstance(value, float) else value for value in repeated)
         raise argparse.ArgumentTypeError(f"{shown} given more than once in {text!r}")
-
-
-def _at_least(minimum: int):
-    def integer(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return integer
 
 
 def _weight(text: str) -> float:
@@ -131,14 +123,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     matrix.add_argument(
         "--seeds",
-        type=_at_least(1),
+        type=at_least(1),
         help=f"seeds 0..N-1 per cell (default: {FULL.seeds}; quick: {QUICK.seeds})",
     )
     matrix.add_argument(
         "--quick", action="store_true", help="tiny stand-ins, fewer correlations, seeds and epochs: minutes on a CPU"
     )
     training = parser.add_argument_group("training (ExperimentConfig)")
-    training.add_argument("--epochs", type=_at_least(1), help=f"default: {FULL.epochs}; quick: {QUICK.epochs}")
+    training.add_argument("--epochs", type=at_least(1), help=f"default: {FULL.epochs}; quick: {QUICK.epochs}")
     training.add_argument("--mi-weight", type=_weight, default=1.0, help="λ of the dependence term (default: 1.0)")
     training.add_argument(
         "--estimator",
@@ -161,12 +153,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     training.add_argument(
         "--no-augment", action="store_true", help="do not shift, scale and tilt the training digits (Digits-Morpho)"
     )
-    training.add_argument("--n-critic", type=_at_least(0), default=3, help="critic steps per encoder step (default: 3)")
+    training.add_argument("--n-critic", type=at_least(0), default=3, help="critic steps per encoder step (default: 3)")
     training.add_argument("--residual-mi", action="store_true", help="also fit a fresh critic per factor on f_y (slow)")
     training.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     training.add_argument(
         "--threads",
-        type=_at_least(1),
+        type=at_least(1),
         help="torch CPU threads (default: torch's; 1 is faster on a busy machine)",
     )
     outputs = parser.add_argument_group("outputs")

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from mimm_med.cli import at_least
+
 COHORT_KINDS_HELP = "ukb, nako, chexpert or chexpert_plus"
 #: How ``cohort describe`` shows a missing label value.
 MISSING = "missing"
@@ -44,16 +46,6 @@ def _fractions(text: str) -> tuple[float, float, float]:
     return fractions
 
 
-def _seed(text: str) -> int:
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = -1
-    if seed < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return seed
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``cohort`` and its sub-commands."""
     parser = subparsers.add_parser(
@@ -71,7 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("kind", help=COHORT_KINDS_HELP)
     generate.add_argument("--n", type=int, required=True, help="number of subjects")
     generate.add_argument("--out", type=Path, required=True, help="output folder")
-    generate.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
+    generate.add_argument("--seed", type=at_least(0), default=0, help="random seed (default: 0)")
     generate.add_argument(
         "--effect",
         dest="effects",
@@ -112,7 +104,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="training correlations, e.g. sex=0.9,cohort=0.9",
     )
     split.add_argument("--out", type=Path, required=True, help="folder for the split manifests and cells.csv")
-    split.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
+    split.add_argument("--seed", type=at_least(0), default=0, help="random seed (default: 0)")
     split.add_argument(
         "--fractions", type=_fractions, default=(0.6, 0.1, 0.3), metavar="TRAIN,VAL,TEST", help="default: 0.6,0.1,0.3"
     )
@@ -136,7 +128,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME,...",
         help="factors correlated with the label; the others stay thin and upright (default: thickness,rotation)",
     )
-    digits.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
+    digits.add_argument("--seed", type=at_least(0), default=0, help="random seed (default: 0)")
     digits.add_argument(
         "--oracle", action="store_true", help="balanced train and val sets (r = 0.5), the oracle's data; test sets at R"
     )

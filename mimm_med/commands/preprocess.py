@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from mimm_med.cli import at_least
 from mimm_med.data.pseudonym import KEY_ENV_VAR, Pseudonymiser, PseudonymKeyError, readable_by_others, resolve_key
 
 EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -44,16 +45,6 @@ def _shard(text: str):
         return Shard.parse(text)
     except PreprocessError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _workers(text: str) -> int:
-    try:
-        workers = int(text)
-    except ValueError:
-        workers = 0
-    if workers < 1:
-        raise argparse.ArgumentTypeError(f"expects a number of processes, 1 or more; got {text!r}")
-    return workers
 
 
 def available_cpus() -> int:
@@ -86,7 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--raw", required=True, type=Path, help="raw cohort folder, in the layout the card describes")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; reused to resume)")
     parser.add_argument(
-        "--workers", type=_workers, default=1, help="worker processes, one per CPU at most (default: 1, this process)"
+        "--workers", type=at_least(1), default=1, help="worker processes, one per CPU at most (default: 1, this process)"
     )
     parser.add_argument(
         "--shard", type=_shard, default="0/1", metavar="I/N", help="process subset I (0-based) of N (default: 0/1)"
