@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import itk
-import numpy as np
 import pandas as pd
 import pydicom
 import pytest

@@ -11,8 +11,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mimm_med.cli import main
+from mimm_med.evaluation.report import SUPERSEDED_TAG, log_report
 from mimm_med.networks import MIMMXNet
 from mimm_med.tracking import ModelRegistration, list_versions, resolve_tracking_uri
+from mimm_med.tracking.run_names import runs_named
 
 PARTS = {"y": 8, "a": 4}
 
@@ -104,3 +106,42 @@ def test_a_refused_registry_request_is_not_reported_as_a_missing_model(tmp_path,
     assert "Permission denied" in err and "no registered model" not in err
     assert main(["registry", "promote", "m", "--version", "1", "--tracking-uri", uri]) == 2
     assert "choose an alias" not in capsys.readouterr().err
+
+
+def _report_file(folder: Path) -> dict[str, Path]:
+    path = folder / "results.md"
+    path.write_text("| metric | value |\n")
+    return {"markdown": path}
+
+
+def test_a_second_evaluation_takes_the_name_and_the_first_is_kept_as_superseded(tmp_path):
+    uri, client, experiment = _store(tmp_path)
+    first = log_report({"inverted/y_bacc": 0.6}, _report_file(tmp_path), uri, "edge", "run-evaluate")
+    second = log_report({"inverted/y_bacc": 0.8}, _report_file(tmp_path), uri, "edge", "run-evaluate")
+
+    (named,) = runs_named(client, experiment, "run-evaluate")
+    assert named.info.run_id == second and named.data.metrics["inverted/y_bacc"] == 0.8
+    kept = client.get_run(first)
+    assert kept.info.run_name.startswith("run-evaluate-superseded-") and kept.info.status == "FINISHED"
+    assert kept.data.tags[SUPERSEDED_TAG] == second and kept.data.metrics["inverted/y_bacc"] == 0.6
+
+
+def test_an_evaluation_that_fails_to_log_is_marked_failed_and_leaves_the_name_to_the_last_good_one(tmp_path):
+    uri, client, experiment = _store(tmp_path)
+    good = log_report({"inverted/y_bacc": 0.6}, _report_file(tmp_path), uri, "edge", "run-evaluate")
+    with pytest.raises(Exception):
+        log_report({"inverted/y_bacc": 0.8}, {"markdown": tmp_path / "deleted.md"}, uri, "edge", "run-evaluate")
+
+    (named,) = runs_named(client, experiment, "run-evaluate")
+    assert named.info.run_id == good and SUPERSEDED_TAG not in named.data.tags
+    (failed,) = [r for r in client.search_runs([experiment]) if r.info.run_id != good]
+    assert failed.info.status == "FAILED" and failed.info.run_name.startswith("run-evaluate-failed-")
+
+
+@pytest.mark.parametrize("name", ["it's", 'say "x"', "both ' and \"", "a_b%"])
+def test_runs_are_found_by_names_that_a_filter_string_cannot_quote(tmp_path, name):
+    uri, client, experiment = _store(tmp_path)
+    wanted = {client.create_run(experiment, run_name=name).info.run_id for _ in range(2)}
+    for other in (name + "-evaluate", name[:-1], "axb"):
+        client.create_run(experiment, run_name=other)
+    assert {run.info.run_id for run in runs_named(client, experiment, name)} == wanted

@@ -11,6 +11,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
+from mlflow.entities import RunStatus
 from monai.data import DataLoader, Dataset
 
 from mimm_med.data.writers import atomic_output
@@ -18,7 +19,11 @@ from mimm_med.engines.resume import trained_checkpoint
 from mimm_med.evaluation.outputs import collect_outputs
 from mimm_med.evaluation.plots import plot_group_accuracy, plot_tsne
 from mimm_med.evaluation.protocol import evaluate_test_sets, flatten_metrics, results_table
+from mimm_med.tracking.run_names import runs_named, set_aside
 from mimm_med.tracking.uri import require_reachable
+
+#: Tag of an evaluation run that a later evaluation of the same name replaced: the later run's id.
+SUPERSEDED_TAG = "mimm_med.superseded_by"
 
 TEST_SET_FILES: dict[str, str] = {"iid": "test-iid.csv", "balanced": "test-balanced.csv", "inverted": "test-inverted.csv"}
 
@@ -96,20 +101,35 @@ def log_report(
     params: Mapping[str, Any] | None = None,
     artifact_location: str | None = None,
 ) -> str:
-    """Log metrics and report files as an MLflow run; return its run id."""
+    """Log metrics and report files as an MLflow run ``run_name``; return its run id.
+
+    The newest evaluation keeps the name: once this run is logged, earlier runs of ``run_name`` are
+    renamed ``<run_name>-superseded-<start time>`` and tagged ``mimm_med.superseded_by``. A run whose
+    logging fails is marked FAILED (KILLED on Ctrl-C) and renamed ``<run_name>-failed-<start time>``,
+    and the earlier runs keep the name.
+    """
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     experiment_id = (
         experiment.experiment_id if experiment else client.create_experiment(experiment_name, artifact_location=artifact_location)
     )
+    earlier = runs_named(client, experiment_id, run_name)
     run = client.create_run(experiment_id, run_name=run_name)
     run_id = run.info.run_id
-    for name, value in (params or {}).items():
-        client.log_param(run_id, name, value)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
-    for path in paths.values():
-        client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    try:
+        for name, value in (params or {}).items():
+            client.log_param(run_id, name, value)
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+        for path in paths.values():
+            client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    except BaseException as error:
+        status = RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
+        set_aside(client, run, "failed", RunStatus.to_string(status))
+        raise
     client.set_terminated(run_id)
+    for old in earlier:
+        set_aside(client, old, "superseded")
+        client.set_tag(old.info.run_id, SUPERSEDED_TAG, run_id)
     return run_id
 
 

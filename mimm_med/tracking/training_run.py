@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 from ignite.engine import Engine
 from mlflow.entities import RunStatus
 
+from .run_names import runs_named, set_aside
 from .uri import require_reachable
 
 if TYPE_CHECKING:
@@ -56,9 +56,6 @@ def _retire_unfinished_runs(handler: MLFlowHandler) -> None:
     if experiment is None or handler.run_name is None:
         return
     finished = RunStatus.to_string(RunStatus.FINISHED)
-    for run in handler.client.search_runs([experiment.experiment_id]):
-        if run.info.run_name == handler.run_name and run.info.status != finished:
-            started = time.strftime("%Y%m%d-%H%M%S", time.localtime(run.info.start_time / 1000))
-            handler.client.update_run(
-                run.info.run_id, status=RunStatus.to_string(RunStatus.FAILED), name=f"{handler.run_name}-failed-{started}"
-            )
+    for run in runs_named(handler.client, experiment.experiment_id, handler.run_name):
+        if run.info.status != finished:
+            set_aside(handler.client, run, "failed", RunStatus.to_string(RunStatus.FAILED))

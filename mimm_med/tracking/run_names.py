@@ -1,0 +1,37 @@
+"""Runs of one name in an MLflow experiment: find them, and set one aside under a longer name."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+__all__ = ["runs_named", "set_aside"]
+
+
+def runs_named(client: MlflowClient, experiment_id: str, name: str) -> list[Run]:
+    """Every run of ``experiment_id`` named ``name``, over all result pages.
+
+    MLflow's filter strings cannot hold a name with both quote characters, so the store is searched
+    for the name's text before its first quote and the names are compared here.
+    """
+    prefix = re.split(r"['\"]", name)[0]
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], f"attributes.run_name LIKE '{prefix}%'", page_token=token)
+        runs.extend(run for run in page if run.info.run_name == name)
+        token = page.token
+        if not token:
+            return runs
+
+
+def set_aside(client: MlflowClient, run: Run, label: str, status: str | None = None) -> None:
+    """Rename ``run`` to ``<name>-<label>-<start time>``, so that its name is free and it stays visible.
+
+    ``status`` (an MLflow ``RunStatus`` name), if given, also ends the run with that status.
+    """
+    started = time.strftime("%Y%m%d-%H%M%S", time.localtime(run.info.start_time / 1000))
+    client.update_run(run.info.run_id, status=status, name=f"{run.info.run_name}-{label}-{started}")
