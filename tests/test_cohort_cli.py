@@ -66,6 +66,19 @@ def test_split_hits_the_correlations_by_subject(tmp_path, capsys):
         assert agreement[split, "cohort"] == pytest.approx(cohort, abs=0.02)
 
 
+def test_a_fixed_seed_splits_a_manifest_the_same_whatever_its_row_order(tmp_path):
+    manifest = confounded_manifest(tmp_path / "processed", subjects=400)
+    shuffled = tmp_path / "processed" / "shuffled.csv"
+    pd.read_csv(manifest).sample(frac=1.0, random_state=1).to_csv(shuffled, index=False)
+    splits = {}
+    for path in (manifest, shuffled):
+        out = tmp_path / path.stem
+        assert main(["cohort", "split", "--manifest", str(path), "--primary", "age_group",
+                     "--spurious", "sex=0.9,cohort=0.8", "--out", str(out), "--seed", "3"]) == 0
+        splits[path.stem] = {name: set(read_manifest(out / f"{name}.csv")["image"]) for name in ("train", "test-inverted")}
+    assert splits["manifest"] == splits["shuffled"]
+
+
 def test_split_errors_name_the_problem(tmp_path, capsys):
     manifest = make_manifest(tmp_path)
     status = main(["cohort", "split", "--manifest", str(manifest), "--primary", "age",

@@ -217,12 +217,14 @@ def merge_command(args: argparse.Namespace) -> int:
 def split_command(args: argparse.Namespace) -> int:
     """Run ``mimm-med cohort split``."""
     from mimm_med.data.confounding import confounded_splits, missed_correlations, write_splits
-    from mimm_med.data.manifest import cannot_write, load_manifest, validate_splits
+    from mimm_med.data.manifest import IMAGE, SUBJECT, cannot_write, load_manifest, validate_splits
 
     if args.primary in args.spurious:
         return _fail("split", f"--primary {args.primary!r} is also in --spurious; a label cannot confound itself")
     try:
-        table = load_manifest(args.manifest)
+        # The sampler draws rows in table order: sorted, a fixed seed gives the same splits of a manifest
+        # whose rows were merged or written in another order.
+        table = load_manifest(args.manifest).sort_values([SUBJECT, IMAGE], key=lambda column: column.astype(str))
         splits = confounded_splits(table, args.primary, args.spurious, fractions=args.fractions, seed=args.seed)
         validate_splits(splits)
     except ValueError as error:  # ManifestError, and the sampler's errors about labels and fractions

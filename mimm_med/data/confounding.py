@@ -207,6 +207,9 @@ def confounded_splits(
     -----
     A pool that cannot supply a requested correlation gives a set at another one (the fallback of
     :func:`select_confounded`); :func:`missed_correlations` of the :func:`cell_counts` lists them.
+    The subject pools depend on the seed alone, the rows drawn from them also on the table's row
+    order: sort the table (``mimm-med cohort split`` sorts by subject and image) for splits that
+    do not change when the rows come in another order.
 
     Examples
     --------
