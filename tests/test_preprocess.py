@@ -183,7 +183,7 @@ def test_interrupted_run_resumes_to_the_same_manifest(brain, brain_reference, tm
 
     monkeypatch.setattr(PreprocessPipeline, "__call__", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run(records, problems, raw, tmp_path)
+        run(records, problems, raw, tmp_path, workers=0)  # in this process, so Ctrl-C comes at the third image
     monkeypatch.undo()
     assert not [p for p in all_files(tmp_path) if p.name.startswith(".tmp-")]
     assert len(read_manifest(tmp_path / "manifest.csv")) == 2
@@ -212,7 +212,8 @@ def test_a_worker_killed_once_costs_nothing(brain, brain_reference, tmp_path, mo
     assert (tmp_path / "out" / "errors.csv").read_text() == reference.errors.read_text()
 
 
-def test_an_image_that_kills_its_worker_fails_alone(brain, brain_reference, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])  # one worker, the default, also keeps the run out of harm's way
+def test_an_image_that_kills_its_worker_fails_alone(brain, brain_reference, tmp_path, monkeypatch, workers):
     raw, records, problems = brain
     reference = brain_reference[1]
     original = PreprocessPipeline.__call__
@@ -225,7 +226,7 @@ def test_an_image_that_kills_its_worker_fails_alone(brain, brain_reference, tmp_
 
     monkeypatch.setattr(PreprocessPipeline, "__call__", segfaults)
     for _ in range(2):  # and a re-run finishes too, rather than dying on that file again
-        summary = run(records, problems, raw, tmp_path / "out", workers=2)
+        summary = run(records, problems, raw, tmp_path / "out", workers=workers)
         assert (summary.done + summary.skipped, summary.failed) == (reference.done - 1, reference.failed + 1)
     errors = pd.read_csv(summary.errors)
     assert len(errors) == len(BRAIN_FAILURES) + 1
@@ -246,7 +247,7 @@ def test_rerun_redoes_only_missing_and_failed_images(brain, brain_reference, tmp
     assert second.manifest.read_text() == brain_reference[1].manifest.read_text()
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [0, 1, 2])  # 0: in this process
 def test_a_repeated_record_is_processed_once(brain, brain_reference, tmp_path, workers):
     raw, records, problems = brain
     repeated = pd.concat([records, records.iloc[[0, 0, 1, 1]]], ignore_index=True)
@@ -331,7 +332,7 @@ def test_unwritable_out_is_an_output_error_naming_it(brain, tmp_path, monkeypatc
         run(records, problems, raw, tmp_path / "out")
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [0, 1, 2])
 def test_an_image_that_cannot_be_written_stops_the_run(brain, tmp_path, monkeypatch, workers):
     raw, records, problems = brain
     calls = []
@@ -345,7 +346,7 @@ def test_an_image_that_cannot_be_written_stops_the_run(brain, tmp_path, monkeypa
         run(records, problems, raw, tmp_path, workers=workers)
     manifest = read_manifest(tmp_path / "manifest.csv")  # what finished is recorded: nothing, the inputs are fine
     assert len(manifest) == 0 and not (manifest["status"] == "failed").any()
-    if workers == 1:
+    if workers == 0:  # workers write where this process cannot count
         assert len(calls) == 1  # the first good image stops the run, not every image of the cohort
 
 

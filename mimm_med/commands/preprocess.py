@@ -77,7 +77,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--raw", required=True, type=Path, help="raw cohort folder, in the layout the card describes")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; reused to resume)")
     parser.add_argument(
-        "--workers", type=at_least(1), default=1, help="worker processes, one per CPU at most (default: 1, this process)"
+        "--workers",
+        type=at_least(0),
+        default=1,
+        help="worker processes, one per CPU at most (default: 1); 0 runs in this process, for a debugger, "
+        "where an image that crashes its reader stops the run",
     )
     parser.add_argument(
         "--shard", type=_shard, default="0/1", metavar="I/N", help="process subset I (0-based) of N (default: 0/1)"
@@ -166,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         # The pool only knows that a worker is gone; a worker that raised printed its traceback above.
         print(
             f"mimm-med preprocess: a worker process died ({error}); finished images are in the manifest. "
-            f"Run the same command to resume: with fewer --workers if memory ran out, or with --workers 1, "
+            f"Run the same command to resume: with fewer --workers if memory ran out, or with --workers 0, "
             f"which runs in this process and names the image and error of any failure",
             file=sys.stderr,
         )

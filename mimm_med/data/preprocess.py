@@ -304,15 +304,16 @@ def _run_pool(
 
 
 def run_tasks(tasks: Iterable[Task], config: Mapping, workers: int = 1) -> Iterator[tuple[Task, tuple[str, str]]]:
-    """Yield ``(task, (status, reason))`` as tasks finish, in this process or in ``workers`` processes.
+    """Yield ``(task, (status, reason))`` as tasks finish, in ``workers`` processes (0: in this process).
 
     On ``KeyboardInterrupt`` pending tasks are cancelled, running ones finish and are yielded, then
     the interrupt propagates. On :class:`OutputError` pending tasks are cancelled and it propagates.
     A worker process that dies costs only the image it was processing: the tasks in flight are
-    retried one at a time, each in a fresh worker, and one whose worker dies again fails.
+    retried one at a time, each in a fresh worker, and one whose worker dies again fails. In this
+    process (``workers=0``, for a debugger) such an image stops the run.
     """
     pipeline = PreprocessPipeline(config)  # a config that cannot be built fails here, once, not in every worker
-    if workers <= 1:
+    if workers == 0:
         for task in tasks:
             yield task, _process(pipeline, task)
         return
@@ -524,7 +525,7 @@ def preprocess_records(
     pseudonymiser
         Maps source ids to the subject ids of every output.
     workers
-        Processes; 1 runs in this process.
+        Worker processes; 0 runs in this process, where an image that crashes its reader stops the run.
     shard
         The subset of subjects to process.
     unlisted
