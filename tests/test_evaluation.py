@@ -292,6 +292,19 @@ def test_residual_mutual_information_takes_an_estimator_factory_and_is_seeded():
     assert residual_mutual_information(*features, estimator=small_mine, steps=300, learning_rate=1e-3) == first
 
 
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))],
+)
+def test_residual_mutual_information_leaves_the_callers_random_draws_alone(device):
+    features = gaussian_features(1.0, seed=0, n=120)
+    torch.manual_seed(7)
+    expected = torch.rand(3, device=device)
+    torch.manual_seed(7)
+    residual_mutual_information(*features, estimator="mine", steps=20, device=device)
+    assert torch.equal(torch.rand(3, device=device), expected)
+
 def test_residual_mutual_information_given_y_drops_the_dependence_that_passes_through_y():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 2000)

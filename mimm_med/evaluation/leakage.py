@@ -208,7 +208,8 @@ class _FoldCritic:
         seed: int,
     ) -> float:
         """Train a fresh critic on the training rows, stopping on ``validation``; its estimate on ``held_out``."""
-        with torch.random.fork_rng(devices=[]):
+        # manual_seed also reseeds every CUDA generator: fork the device's too, so the caller's draws go on.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
             critic = build_estimator(self.a_rows.shape[1], self.b_rows.shape[1]).to(self.device)
             parameters = list(critic.parameters())
