@@ -4,8 +4,9 @@ The 1,797 8×8 digits of ``sklearn.datasets.load_digits`` are upsampled to 28×2
 4-pixel margin, as in MNIST). Every digit exists in four versions: thin or thick strokes
 (morphological erosion or dilation, as Morpho-MNIST does) and upright or rotated by 90°. The primary
 label is ``digit = 1`` for digits ≥ 5; the spurious factors are ``thickness`` (1 = thick) and
-``rotation`` (1 = rotated). Each subject (original digit) appears in exactly one split, with one
-version whose factors are drawn by :func:`~mimm_med.data.confounding.assign_confounders`.
+``rotation`` (1 = rotated). Each subject (original digit) belongs to exactly one of train, val and
+test (the three test sets all hold the test subjects), with one version per set whose factors are
+drawn by :func:`~mimm_med.data.confounding.assign_confounders`.
 :func:`write_digits_splits` writes the sets as PNG images and split manifests, the input of the
 ``mimm_digits`` bundle.
 """
@@ -13,6 +14,7 @@ version whose factors are drawn by :func:`~mimm_med.data.confounding.assign_conf
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +88,26 @@ def _records(
     ]
 
 
+def set_correlations(correlation: float, train_correlation: float | None = None) -> dict[str, float]:
+    """The correlation each set of :func:`make_digits_morpho` is drawn at, in set order.
+
+    Raises
+    ------
+    ValueError
+        For a correlation outside [0, 1] (NaN included).
+    """
+    r_train = correlation if train_correlation is None else train_correlation
+    if not (0.0 <= correlation <= 1.0 and 0.0 <= r_train <= 1.0):
+        raise ValueError(f"correlations must lie in [0, 1], got {correlation} (train: {r_train})")
+    return {
+        "train": r_train,
+        "val": r_train,
+        "test-iid": correlation,
+        "test-balanced": 0.5,
+        "test-inverted": 1.0 - correlation,
+    }
+
+
 def make_digits_morpho(
     correlation: float,
     confounders: Sequence[str] = FACTORS,
@@ -117,23 +139,20 @@ def make_digits_morpho(
     (1, 28, 28)
     """
     unknown = [c for c in confounders if c not in FACTORS]
-    if unknown or not confounders:
-        raise ValueError(f"confounders must be a non-empty subset of {list(FACTORS)}, got {list(confounders)}")
-    r_train = correlation if train_correlation is None else train_correlation
-    if not (0.0 <= correlation <= 1.0 and 0.0 <= r_train <= 1.0):
-        raise ValueError(f"correlations must lie in [0, 1], got {correlation} (train: {r_train})")
+    if isinstance(confounders, str) or unknown or not confounders or len(set(confounders)) < len(confounders):
+        raise ValueError(
+            f"confounders must be a non-empty list of distinct names from {list(FACTORS)}, got {confounders!r}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
+    correlations = set_correlations(correlation, train_correlation)
     images, digits = digit_versions()
     rng = np.random.default_rng(seed)
     train, val, test = (np.array(pool, dtype=np.int64) for pool in subject_pools(range(len(digits)), fractions, rng))
-    plan = {
-        "train": (train, r_train),
-        "val": (val, r_train),
-        "test-iid": (test, correlation),
-        "test-balanced": (test, 0.5),
-        "test-inverted": (test, 1.0 - correlation),
-    }
+    pools = {"train": train, "val": val, "test-iid": test, "test-balanced": test, "test-inverted": test}
     sets = {}
-    for name, (subjects, r) in plan.items():
+    for name, r in correlations.items():
+        subjects = pools[name]
         drawn = assign_confounders((digits[subjects] >= 5).astype(np.int64), [r] * len(confounders), rng)
         factors = np.zeros((len(subjects), len(FACTORS)), dtype=np.int64)
         for column, factor in enumerate(confounders):
@@ -203,6 +222,7 @@ def write_digits_splits(
     """
     out_dir = Path(out_dir)
     sets = make_digits_morpho(correlation, confounders, seed, train_correlation=train_correlation)
+    requested = set_correlations(correlation, train_correlation)
     images: dict[Path, np.ndarray] = {}
     splits = {}
     for name, records in sets.items():
@@ -218,6 +238,8 @@ def write_digits_splits(
         splits[name] = pd.DataFrame(rows)
         # a factor agrees with the label when their codes are equal, as assign_confounders draws them
         splits[name].attrs["agreement"] = {factor: {0: 0, 1: 1} for factor in confounders}
+        # cells.csv's `requested` column, which missed_correlations compares the agreement with
+        splits[name].attrs["requested"] = dict.fromkeys(confounders, requested[name])
     writer = ImageFileWriter("png", bit_depth=8)
     for path, image in images.items():
         writer(image.T[None], path.with_suffix(""))  # the writer takes MONAI's [column, row] indexing

@@ -12,10 +12,14 @@ Examples
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
 from collections.abc import Mapping
+from numbers import Integral, Real
 from pathlib import Path
 
-from .brain import BRAIN_EFFECTS, generate_brain_cohort
+from .brain import BRAIN_EFFECTS, BRAIN_RESOLUTION_MM, generate_brain_cohort
 from .chest_xray import CXR_EFFECTS, FIELD_MM, IMAGE_SIZE, generate_chest_xray_cohort
 
 __all__ = ["COHORT_KINDS", "EFFECTS", "generate_cohort", "resolve_effects"]
@@ -35,15 +39,21 @@ def resolve_effects(kind: str, effects: Mapping[str, float] | None) -> dict[str,
     Raises
     ------
     ValueError
-        For an unknown effect name (the message lists the valid ones) or a negative size.
+        For an unknown effect name (the message lists the valid ones) or a size that is not a finite
+        number >= 0.
     """
     effects = dict(effects or {})
     unknown = sorted(set(effects) - set(EFFECTS[kind]))
     if unknown:
         raise ValueError(f"unknown effect(s) {unknown} for cohort kind {kind!r}; valid effects: {list(EFFECTS[kind])}")
-    negative = {name: size for name, size in effects.items() if size < 0}
-    if negative:
-        raise ValueError(f"effect sizes must be >= 0 (0 = no effect, 1 = default), got {negative}")
+    # NaN passes a `< 0` test and then fills every image with NaN: refuse anything not a finite number >= 0.
+    invalid = {
+        name: size
+        for name, size in effects.items()
+        if isinstance(size, bool) or not isinstance(size, Real) or not math.isfinite(size) or size < 0
+    }
+    if invalid:
+        raise ValueError(f"effect sizes must be finite numbers >= 0 (0 = no effect, 1 = default), got {invalid}")
     return {name: float(effects.get(name, 1.0)) for name in EFFECTS[kind]}
 
 
@@ -66,34 +76,70 @@ def generate_cohort(
     n
         Number of subjects (chest X-ray patients have 1 to 3 studies each).
     out
-        Output folder, the cohort's raw folder; created if missing.
+        Output folder, the cohort's raw folder: created if missing, refused if not empty (the files
+        of an earlier cohort would mix with this one's without being in its table). The cohort is
+        written to ``.<name>.partial`` beside it and renamed to ``out`` when complete, so ``out``
+        never holds part of a cohort.
     seed
-        Random seed: the same seed writes the same files.
+        Random seed, an integer >= 0: the same seed writes the same files.
     effects
         Effect name -> size (0 = not visible in the images, 1 = default, larger = stronger);
         valid names per kind in :data:`EFFECTS`. Effects not given have size 1.
     resolution_mm
         Voxel / pixel size. Brain: ~1 mm by default (MNI-sized volumes); 3 or 4 makes small
-        volumes for tests. Chest X-ray: the phantom spans a fixed field, so this sets the image
-        size; by default 390 x 320 pixels, like CheXpert-small (~1.1 mm).
+        volumes for tests; :data:`~mimm_med.data.standins.brain.BRAIN_RESOLUTION_MM` is the range
+        allowed. Chest X-ray: the phantom spans a fixed field, so this sets the image size (at
+        least 16 pixels a side); by default 390 x 320 pixels, like CheXpert-small (~1.1 mm).
     progress
         Show a progress bar with rate and ETA.
 
     Raises
     ------
     ValueError
-        For an unknown ``kind`` or effect, ``n`` < 1 or a non-positive ``resolution_mm``.
+        For an unknown ``kind`` or effect, ``n`` or ``seed`` that is not a whole number (``n`` >= 1,
+        ``seed`` >= 0), a ``resolution_mm`` that is not a finite positive number (for the brain:
+        outside :data:`~mimm_med.data.standins.brain.BRAIN_RESOLUTION_MM`), or an ``out`` folder
+        that is not empty.
     """
     if kind not in EFFECTS:
         raise ValueError(f"unknown cohort kind {kind!r}; choose one of {list(COHORT_KINDS)}")
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    if resolution_mm is not None and resolution_mm <= 0:
-        raise ValueError(f"resolution_mm must be positive, got {resolution_mm}")
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
+        raise ValueError(f"n (the number of subjects) must be a whole number >= 1, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
+    if resolution_mm is not None:
+        _check_resolution(kind, resolution_mm)
     sizes = resolve_effects(kind, effects)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(
+            f"output folder {out} is not empty; a stand-in cohort is written into an empty or new folder, "
+            "so delete it or choose another one"
+        )
+    # Written beside `out` and renamed into place at the end, so that an existing `out` is a whole
+    # cohort: the demo and the benchmark reuse one if it exists.
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted run left
+    partial.mkdir(parents=True)
     if kind in ("ukb", "nako"):
-        return generate_brain_cohort(kind, n, out, seed, sizes, resolution_mm, progress)
-    size = IMAGE_SIZE if resolution_mm is None else tuple(max(16, round(f / resolution_mm)) for f in FIELD_MM)
-    return generate_chest_xray_cohort(kind, n, out, seed, sizes, size, progress)
+        generate_brain_cohort(kind, n, partial, seed, sizes, resolution_mm, progress)
+    else:
+        size = IMAGE_SIZE if resolution_mm is None else tuple(max(16, round(f / resolution_mm)) for f in FIELD_MM)
+        generate_chest_xray_cohort(kind, n, partial, seed, sizes, size, progress)
+    os.replace(partial, out)  # an empty `out` is replaced too
+    return out
+
+
+def _check_resolution(kind: str, resolution_mm: float) -> None:
+    """Refuse a ``resolution_mm`` that is not a finite positive number, or outside the brain's range."""
+    if isinstance(resolution_mm, bool) or not isinstance(resolution_mm, Real) or not math.isfinite(resolution_mm):
+        raise ValueError(f"resolution_mm must be a finite number of millimetres, got {resolution_mm!r}")
+    if resolution_mm <= 0:
+        raise ValueError(f"resolution_mm must be positive, got {resolution_mm}")
+    low, high = BRAIN_RESOLUTION_MM
+    if kind in ("ukb", "nako") and not low <= resolution_mm <= high:
+        raise ValueError(
+            f"resolution_mm for the brain stand-ins must lie in [{low:g}, {high:g}] mm, got {resolution_mm:g}: finer "
+            "voxels only interpolate the 1 mm template and need tens of GB, coarser ones lose the age effect "
+            "(no cortex left to thin)"
+        )

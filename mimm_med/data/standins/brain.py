@@ -36,6 +36,10 @@ from tqdm.auto import tqdm
 from ..writers import atomic_output
 
 BRAIN_EFFECTS: tuple[str, ...] = ("age", "sex", "scanner")
+# Voxel sizes a cohort may be generated at: 0.5 mm volumes already take 2 GB and 20 s each, and above
+# 10 mm the template's grey matter no longer survives the resampling, so the cortical-thinning half
+# of the age effect silently vanishes (from 12 mm) and then the ventricles can no longer be found.
+BRAIN_RESOLUTION_MM: tuple[float, float] = (0.5, 10.0)
 
 _TEMPLATE_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 _CSF_INTENSITY = 0.34  # median template T1 in the ventricles relative to white matter (measured)
@@ -99,7 +103,7 @@ class BrainLayout:
     ages
         Inclusive integer age range at the imaging visit.
     sites
-        Site code -> site name; subjects are spread evenly over sites.
+        Site code -> site name; each subject's site is drawn uniformly at random.
     protocol
         The cohort's acquisition protocol at scanner effect 1.
     orientation
