@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch.distributed as dist
 from ignite.engine import Engine, Events
+from torch import nn
 from torch.optim.swa_utils import update_bn
 
 
@@ -17,6 +19,8 @@ class RecomputeBatchNorm:
     Attach it before the ``ValidationHandler`` so that validation, the best-checkpoint choice and the
     registered model all use statistics of the final weights. The forward passes run in training
     mode without gradients (``torch.optim.swa_utils.update_bn``); only the running statistics change.
+    Under ``torch.distributed`` each rank passes over its own shard and the statistics are then
+    averaged over the ranks, so that every rank validates (and rank 0 saves) one network.
 
     Parameters
     ----------
@@ -41,7 +45,20 @@ class RecomputeBatchNorm:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
 
     def __call__(self, engine: Engine) -> None:
-        # Under DistributedDataParallel the wrapped module is updated; DDP broadcasts rank 0's buffers.
-        network = getattr(engine.network, "module", engine.network)
+        network = getattr(engine.network, "module", engine.network)  # the module inside DistributedDataParallel
         images = (batch[self.image_key] for batch in self.loader)
         update_bn(images, network, device=next(network.parameters()).device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            _average_over_ranks(network)
+
+
+def _average_over_ranks(network: nn.Module) -> None:
+    # DDP broadcasts rank 0's buffers only in forward passes with gradients, so validation (without)
+    # used each rank's own statistics: val metrics gathered over ranks mixed two networks (CPU, gloo;
+    # SyncBatchNorm makes them equal on GPUs). update_bn averages its batches' statistics, so the mean
+    # over ranks is that average over every rank's batches (shards of equal size).
+    for module in network.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            for statistic in (module.running_mean, module.running_var):
+                dist.all_reduce(statistic)
+                statistic /= dist.get_world_size()

@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from mimm_med.data.writers import atomic_output
-from mimm_med.tracking._rank import is_rank_zero
+from mimm_med.distributed import is_rank_zero, rank_zero_choice
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +145,12 @@ class ResumeFromLatest:
     def attach(self, engine: Engine) -> None:
         """Check the folder now and load on ``STARTED``; attach it first, so later ``STARTED`` handlers see the restored state.
 
-        :attr:`checkpoint` is then the checkpoint to resume from, or ``None`` for a fresh run.
+        :attr:`checkpoint` is then the checkpoint to resume from, or ``None`` for a fresh run. Under
+        ``torch.distributed`` rank 0 chooses it for every rank: a rank that listed the folder on its
+        own could see another newest file (a shared file system's cached listing on another node)
+        and train other epochs than the rest, until the collectives no longer match.
         """
-        self.checkpoint = latest_checkpoint(self.directory, self.pattern)
+        self.checkpoint = rank_zero_choice(latest_checkpoint(self.directory, self.pattern) if is_rank_zero() else None)
         if self.checkpoint is None:
             self._record_settings()
         else:

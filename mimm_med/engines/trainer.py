@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from mimm_med.networks import MIMMXNet
-from mimm_med.tracking._rank import is_rank_zero
+from mimm_med.distributed import is_rank_zero
 from mimm_med.weighting import adaptive_mi_scale
 
 from .dependence import MutualInformationTerms

@@ -8,7 +8,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from ._rank import is_rank_zero
+from mimm_med.distributed import is_rank_zero
 
 __all__ = ["EpochAverages"]
 

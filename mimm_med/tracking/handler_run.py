@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from ignite.engine import Engine, Events
 from mlflow import MlflowClient
 
-from ._rank import is_rank_zero
+from mimm_med.distributed import is_rank_zero
 
 if TYPE_CHECKING:
     from monai.handlers import MLFlowHandler
