@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 __all__ = ["adaptive_mi_scale", "GradNorm"]
@@ -70,7 +71,9 @@ class GradNorm(nn.Module):
     where ``G_i = |grad_W w_i * L_i|`` is task ``i``'s gradient norm at the shared parameters
     ``W``, ``r_i = (L_i / L_i(0)) / mean_j(L_j / L_j(0))`` its relative inverse training rate and
     the target ``mean(G) * r_i**alpha`` a constant. The initial losses ``L_i(0)`` are recorded on
-    the first ``gradnorm_loss`` call and kept in a buffer, so a resumed run keeps them.
+    the first ``gradnorm_loss`` call and kept in a buffer, so a resumed run keeps them; under
+    ``torch.distributed`` they are the mean over the ranks, the same on every rank (call
+    ``gradnorm_loss`` on all ranks).
 
     Parameters
     ----------
@@ -186,6 +189,12 @@ class GradNorm(nn.Module):
     def _initial_losses(self, stacked: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             initial = stacked.detach().to(self.initial_losses.dtype)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # The first losses of the global batch, as one process records them. Each rank's own made
+                # the ranks' states differ, and a run resumed from rank 0's checkpoint diverged from the
+                # uninterrupted one (rank 1 went on with rank 0's losses).
+                dist.all_reduce(initial)
+                initial /= dist.get_world_size()
             bad = [name for name, value in zip(self.task_names, initial.tolist()) if not 0 < value < float("inf")]
             if bad:
                 raise ValueError(
