@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 import ignite.distributed as idist
 import torch.distributed as dist
 
-__all__ = ["LAUNCHER_VARIABLES", "is_rank_zero", "rank_zero_choice", "start_process_group"]
+__all__ = ["LAUNCHER_VARIABLES", "is_rank_zero", "rank_zero_choice", "start_process_group", "world_size"]
 
 #: What torchrun sets in each process it starts, and ``init_process_group``'s env:// rendezvous reads.
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+def world_size() -> int:
+    """The number of ranks of ``torch.distributed``'s process group; 1 without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def is_rank_zero() -> bool:
     """Whether this process logs: always without ``torch.distributed``, else only rank 0."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return world_size() == 1 or dist.get_rank() == 0
 
 
 def start_process_group(backend: str, bundle_name: str) -> None:
@@ -46,7 +50,7 @@ def start_process_group(backend: str, bundle_name: str) -> None:
 
 def rank_zero_choice(path: Path | None) -> Path | None:
     """Rank 0's ``path`` on every rank of ``torch.distributed``; ``path`` itself without a process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return path
     choice = [None if path is None else str(path)]
     dist.broadcast_object_list(choice, src=0)

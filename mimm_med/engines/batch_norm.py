@@ -10,6 +10,8 @@ from ignite.engine import Engine, Events
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from mimm_med.distributed import world_size
+
 
 class RecomputeBatchNorm:
     """Ignite handler: recompute a network's batch-norm statistics over a loader every ``interval`` epochs.
@@ -48,7 +50,7 @@ class RecomputeBatchNorm:
         network = getattr(engine.network, "module", engine.network)  # the module inside DistributedDataParallel
         images = (batch[self.image_key] for batch in self.loader)
         update_bn(images, network, device=next(network.parameters()).device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world_size() > 1:
             _average_over_ranks(network)
 
 

@@ -16,8 +16,8 @@ from monai.engines.utils import default_metric_cmp_fn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from mimm_med.distributed import is_rank_zero, world_size
 from mimm_med.networks import MIMMXNet
-from mimm_med.distributed import is_rank_zero
 from mimm_med.weighting import adaptive_mi_scale
 
 from .dependence import MutualInformationTerms
@@ -35,7 +35,7 @@ def _mean_over_ranks(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
 
     ``None`` entries (parameters a loss does not reach) stay ``None``; every rank has the same ones.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return list(grads)
     present = [grad for grad in grads if grad is not None]
     if not present:

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mimm_med.distributed import world_size
+
 __all__ = ["ContrastPairs", "MutualInformationEstimator", "PairScoreEstimator", "gather_batch", "standardize"]
 
 
@@ -115,7 +117,7 @@ def gather_batch(*tensors: Tensor) -> tuple[Tensor, ...]:
     >>> a.shape
     torch.Size([4, 2])
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return tensors
     device = tensors[0].device
     local = tensors[0].shape[0]

@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mimm_med.distributed import world_size
+
 __all__ = ["adaptive_mi_scale", "GradNorm"]
 
 
@@ -189,7 +191,7 @@ class GradNorm(nn.Module):
     def _initial_losses(self, stacked: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             initial = stacked.detach().to(self.initial_losses.dtype)
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if world_size() > 1:
                 # The first losses of the global batch, as one process records them. Each rank's own made
                 # the ranks' states differ, and a run resumed from rank 0's checkpoint diverged from the
                 # uninterrupted one (rank 1 went on with rank 0's losses).
