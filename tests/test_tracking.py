@@ -250,6 +250,7 @@ def test_handlers_do_nothing_off_rank_zero(tmp_path, monkeypatch):
     net = MIMMXNet("small_cnn", PARTS, {k: 2 for k in PARTS}, backbone_kwargs={"channels": (4, 8)})
     monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
     # A multi-GPU bundle disables MONAI's MLFlowHandler off rank 0, so ours get None there.
     averages = EpochAverages()
