@@ -103,10 +103,9 @@ def generate_cohort(
     """
     if kind not in EFFECTS:
         raise ValueError(f"unknown cohort kind {kind!r}; choose one of {list(COHORT_KINDS)}")
-    if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
-        raise ValueError(f"n (the number of subjects) must be a whole number >= 1, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
+    for name, value, minimum in (("n (the number of subjects)", n, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+            raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
     if resolution_mm is not None:
         _check_resolution(kind, resolution_mm)
     sizes = resolve_effects(kind, effects)
