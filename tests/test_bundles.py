@@ -24,6 +24,8 @@ from mimm_med.cli import main
 from mimm_med.data.confounding import SPLIT_NAMES
 from mimm_med.data.datalist import PREPARE_HINT
 from mimm_med.data.manifest import read_manifest, write_manifest
+from mimm_med.tracking import network_summary
+from mimm_med.tracking.config_artifacts import NETWORK_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 MANDATORY_METADATA = (
@@ -143,6 +145,11 @@ def test_bundle_trains_evaluates_infers_and_exports(bundle: Bundle, request, at_
     # both train.json files, which MONAI's MLFlowHandler logged at one path, so that one replaced the other
     assert f"configs/bundles/{bundle.name}/configs/train.json" in configs
     assert "configs/bundles/common/configs/train.json" in shared
+    # the network as built (command-line overrides of it are in no config file) in full, which the param names
+    built = _network(bundle)
+    logged = Path(client.download_artifacts(training.info.run_id, f"configs/{NETWORK_FILE}", str(tmp_path)))
+    assert logged.read_text() == repr(built)
+    assert training.data.params["network_def"] == network_summary(built)
 
     # Few critic steps: the test checks that the estimates reach MLflow, not their values.
     run("evaluating", config_file=bundle.config_files("evaluate"), residual_mi={"folds": 3, "patience": 3}, **settings)

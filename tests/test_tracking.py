@@ -27,6 +27,7 @@ from mimm_med.tracking import (
     default_artifact_location,
     list_versions,
     load_registered_network,
+    network_summary,
     promote,
     resolve_tracking_uri,
     run_tracked,
@@ -128,6 +129,17 @@ def test_plots_and_config_are_artifacts_of_the_run(trained):
     assert "train.json" in {item.path for item in trained.client.list_artifacts(run_id)}
     stored = trained.root / "mlruns" / "artifacts" / run_id / "artifacts"
     assert (stored / "plots" / "training_curves.png").stat().st_size > 0
+
+
+def test_network_summary_fits_an_mlflow_param_where_the_definition_does_not():
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    network = MIMMXNet("resnet50", PARTS, {k: 2 for k in PARTS}, spatial_dims=3)
+    summary = network_summary(network)
+    assert len(repr(network)) > MAX_PARAM_VAL_LENGTH >= len(summary)
+    parameters = sum(p.numel() for p in network.parameters())
+    assert summary.startswith("MIMMXNet(backbone: ResNet, shared_layer: Linear, heads: ModuleDict)")
+    assert f"{parameters:,} parameters" in summary and "configs/network.txt" in summary
 
 
 def test_registered_candidate_predicts_like_the_trained_network(trained):

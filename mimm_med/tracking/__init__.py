@@ -6,7 +6,7 @@ lacks: epoch means of the MIMM-X training terms (:class:`EpochAverages`), traini
 (:func:`resolve_tracking_uri`) and registry helpers. See ``mimm_med/tracking/README.md``.
 """
 
-from .config_artifacts import ConfigArtifacts
+from .config_artifacts import ConfigArtifacts, network_summary
 from .epoch_averages import EpochAverages
 from .model_registration import ModelRegistration, default_pip_requirements
 from .registry import list_versions, load_registered_network, promote, registry_client
@@ -23,6 +23,7 @@ __all__ = [
     "default_artifact_location",
     "default_pip_requirements",
     "list_versions",
+    "network_summary",
     "load_registered_network",
     "promote",
     "registry_client",
