@@ -6,9 +6,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import ignite.distributed as idist
+import torch
 from ignite.engine import Engine, Events
 
-from mimm_med.distributed import is_rank_zero
+from mimm_med.distributed import world_size
 
 __all__ = ["EpochAverages"]
 
@@ -23,7 +25,9 @@ class EpochAverages:
     NaN values (e.g. ``critic_loss`` of a method without critics) are left out of the means.
 
     Put it in the checkpoint dict (``state_dict`` / ``load_state_dict``) so a resumed run keeps its
-    history, also when resumed in the middle of an epoch. On ranks other than 0 it does nothing.
+    history, also when resumed in the middle of an epoch. Under ``torch.distributed`` the means are
+    over every rank's iterations (each rank's loss is of its part of the global batch), the same on
+    every rank, so rank 0's checkpoint resumes them all; attach it on every rank.
 
     Parameters
     ----------
@@ -51,8 +55,6 @@ class EpochAverages:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if not is_rank_zero():
-            return
         output = engine.state.output
         if not isinstance(output, Mapping):
             raise TypeError(
@@ -63,11 +65,10 @@ class EpochAverages:
         if engine.state.epoch != self._epoch:
             self._epoch = engine.state.epoch
             self._sums, self._counts = {}, {}
-        for key, value in output.items():
-            value = _as_float(key, value)
-            if not math.isnan(value):
-                self._sums[key] = self._sums.get(key, 0.0) + value
-                self._counts[key] = self._counts.get(key, 0) + 1
+        for key, (total, count) in _summed_over_ranks({key: _as_float(key, value) for key, value in output.items()}).items():
+            if count > 0:
+                self._sums[key] = self._sums.get(key, 0.0) + total
+                self._counts[key] = self._counts.get(key, 0) + count
         means = {key: total / self._counts[key] for key, total in self._sums.items()}
         engine.state.metrics.update({self.prefix + key: mean for key, mean in means.items()})
         if self.history and self.history[-1]["epoch"] == self._epoch:
@@ -90,6 +91,15 @@ class EpochAverages:
         self._epoch = int(state_dict["epoch"])
         self._sums = dict(state_dict["sums"])
         self._counts = dict(state_dict["counts"])
+
+
+def _summed_over_ranks(values: Mapping[str, float]) -> dict[str, tuple[float, int]]:
+    """``{key: (sum, count)}`` of the non-NaN ``values`` over every rank (this process's alone without a process group)."""
+    sums = torch.tensor([[0.0, 0.0] if math.isnan(value) else [value, 1.0] for value in values.values()], dtype=torch.float64)
+    if world_size() > 1:
+        # every rank outputs the same keys (one method, one objective); ignite moves the tensor to NCCL's device
+        sums = idist.all_reduce(sums)
+    return {key: (float(total), int(count)) for key, (total, count) in zip(values, sums.tolist())}
 
 
 def _as_float(key: str, value: Any) -> float:
