@@ -13,6 +13,7 @@ from .inferer import OutputKeyInferer
 from .methods import METHODS, PENALTY_METHODS, MethodSpec, parse_method
 from .objective import MIMMXObjective
 from .random_states import RandomStates
+from .rank_seeds import RankAugmentationSeeds
 from .resume import ResumeFromLatest, RunFinished, RunFolderConflict, latest_checkpoint, trained_checkpoint
 from .trainer import MIMMXTrainer, NegativeMIWarning, TrainingDiverged
 
@@ -30,6 +31,7 @@ __all__ = [
     "OutputKeyInferer",
     "RecomputeBatchNorm",
     "RandomStates",
+    "RankAugmentationSeeds",
     "ResumeFromLatest",
     "RunFinished",
     "RunFolderConflict",

@@ -1,0 +1,52 @@
+"""Distinct augmentation on each rank of a distributed run, reproducible across resumes."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from monai.data.utils import set_rnd
+from monai.utils.misc import MAX_SEED
+from torch.utils.data import DataLoader
+
+from mimm_med.distributed import world_size
+
+__all__ = ["RankAugmentationSeeds"]
+
+
+class RankAugmentationSeeds:
+    """Ignite handler: at each epoch's start, seed the random transforms of a loader anew for each rank.
+
+    Every rank of a bundle run seeds its generators alike (``set_determinism(seed)``), which keeps the
+    network, the critics and the checkpoint the same on all ranks; but MONAI's DataLoader then seeds
+    the transforms (and the workers' base seed) alike on every rank too, so the ranks' images of a
+    step all drew one flip, one affine. This handler draws one seed from torch's global generator,
+    the same on every rank, and seeds rank ``r``'s transforms with ``seed + r``: the ranks augment
+    differently, and a resumed run, whose checkpoint restores the global generator, draws the same
+    seeds as the uninterrupted run. Without a process group it does nothing, so one-process runs
+    draw as before.
+
+    Parameters
+    ----------
+    loader
+        The training loader: its dataset's transforms are seeded in this process, its ``generator``
+        gives the base seed of its workers.
+
+    Examples
+    --------
+    >>> RankAugmentationSeeds(train_loader).attach(trainer)
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def attach(self, engine: Engine) -> None:
+        # ignite builds each epoch's data iterator (and with it the workers) after EPOCH_STARTED
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        if world_size() == 1:
+            return
+        seed = int(torch.randint(MAX_SEED - world_size(), ()).item()) + dist.get_rank()
+        set_rnd(self.loader.dataset, seed)
+        self.loader.generator = torch.Generator().manual_seed(seed)
