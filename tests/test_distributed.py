@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 from pathlib import Path
 
@@ -124,9 +125,13 @@ def test_bundle_trains_on_two_gloo_ranks_and_rank_zero_alone_tracks(brain_splits
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
 
-    # DistributedSampler: each rank gets half of the (padded) training set, in whole batches
-    iterations = math.ceil(len(pd.read_csv(brain_splits / "train.csv")) / WORLD_SIZE) // BATCH_SIZE
+    # train_shard: each rank loads and caches its half of the (padded) training set, trained in whole batches
+    shard = math.ceil(len(pd.read_csv(brain_splits / "train.csv")) / WORLD_SIZE)
+    iterations = shard // BATCH_SIZE
     assert iterations >= 2
+    # CacheDataset's progress bars: every rank caches its shard, none the whole training set (and each the validation set)
+    cached = sorted(int(n) for n in re.findall(r"Loading dataset: 100%\|\S+\| (\d+)/\1 ", log))
+    assert cached == sorted([shard] * WORLD_SIZE + [len(pd.read_csv(brain_splits / "val.csv"))] * WORLD_SIZE), cached
     assert log.count(f"Epoch: 1/{EPOCHS}, Iter: 1/{iterations} --") == 1  # rank 0's StatsHandler only
     (run,) = bundle_runs(uri)
     assert run.info.status == "FINISHED"

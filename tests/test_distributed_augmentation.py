@@ -1,4 +1,4 @@
-"""RankAugmentationSeeds under two gloo ranks: the ranks augment differently, and alike when rerun or resumed."""
+"""RankLoaderSeeds under two gloo ranks: the ranks augment differently, and alike when rerun or resumed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from monai.data import DataLoader, Dataset, DistributedSampler
 from monai.transforms import RandGaussianNoised
 from monai.utils import set_determinism
 
-from mimm_med.engines import RankAugmentationSeeds
+from mimm_med.engines import RankLoaderSeeds
 
 WORLD_SIZE, EPOCHS, IMAGES = 2, 2, 8
 
@@ -34,7 +34,7 @@ def _epoch_draws(num_workers: int, resume_after: int = 0) -> list[list[float]]:
         dataset = Dataset(records, RandGaussianNoised(keys="image", prob=1.0))
         loader = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, shuffle=False), num_workers=num_workers)
         engine = Engine(lambda e, batch: draws.setdefault(e.state.epoch, []).extend(batch["image"].mean(dim=(1, 2)).tolist()))
-        RankAugmentationSeeds(loader).attach(engine)
+        RankLoaderSeeds(loader).attach(engine)
         if rng_state is not None:
             torch.set_rng_state(rng_state)
         engine.load_state_dict({"epoch": epochs_done, "max_epochs": max_epochs, "epoch_length": len(loader)})

@@ -13,7 +13,7 @@ from .inferer import OutputKeyInferer
 from .methods import METHODS, PENALTY_METHODS, MethodSpec, parse_method
 from .objective import MIMMXObjective
 from .random_states import RandomStates
-from .rank_seeds import RankAugmentationSeeds
+from .rank_seeds import RankLoaderSeeds
 from .resume import ResumeFromLatest, RunFinished, RunFolderConflict, latest_checkpoint, trained_checkpoint
 from .trainer import MIMMXTrainer, NegativeMIWarning, TrainingDiverged
 
@@ -31,7 +31,7 @@ __all__ = [
     "OutputKeyInferer",
     "RecomputeBatchNorm",
     "RandomStates",
-    "RankAugmentationSeeds",
+    "RankLoaderSeeds",
     "ResumeFromLatest",
     "RunFinished",
     "RunFolderConflict",

@@ -1,4 +1,4 @@
-"""Distinct augmentation on each rank of a distributed run, reproducible across resumes."""
+"""Distinct random draws of the training loader on each rank of a distributed run, reproducible across resumes."""
 
 from __future__ import annotations
 
@@ -11,30 +11,31 @@ from torch.utils.data import DataLoader
 
 from mimm_med.distributed import world_size
 
-__all__ = ["RankAugmentationSeeds"]
+__all__ = ["RankLoaderSeeds"]
 
 
-class RankAugmentationSeeds:
-    """Ignite handler: at each epoch's start, seed the random transforms of a loader anew for each rank.
+class RankLoaderSeeds:
+    """Ignite handler: at each epoch's start, seed a loader's random draws anew for each rank.
 
     Every rank of a bundle run seeds its generators alike (``set_determinism(seed)``), which keeps the
     network, the critics and the checkpoint the same on all ranks; but MONAI's DataLoader then seeds
     the transforms (and the workers' base seed) alike on every rank too, so the ranks' images of a
     step all drew one flip, one affine. This handler draws one seed from torch's global generator,
-    the same on every rank, and seeds rank ``r``'s transforms with ``seed + r``: the ranks augment
-    differently, and a resumed run, whose checkpoint restores the global generator, draws the same
-    seeds as the uninterrupted run. Without a process group it does nothing, so one-process runs
-    draw as before.
+    the same on every rank, and seeds rank ``r``'s transforms, worker base seed and sampler generator
+    (the rebalancing sampler's) with ``seed + r``: the ranks draw differently, and a resumed run,
+    whose checkpoint restores the global generator, draws the same seeds as the uninterrupted run
+    (rank 0's checkpoint holds rank 0's loader states only). Without a process group it does
+    nothing, so one-process runs draw as before.
 
     Parameters
     ----------
     loader
         The training loader: its dataset's transforms are seeded in this process, its ``generator``
-        gives the base seed of its workers.
+        gives the base seed of its workers, its sampler's ``generator`` (if it has one) its draws.
 
     Examples
     --------
-    >>> RankAugmentationSeeds(train_loader).attach(trainer)
+    >>> RankLoaderSeeds(train_loader).attach(trainer)
     """
 
     def __init__(self, loader: DataLoader) -> None:
@@ -50,3 +51,6 @@ class RankAugmentationSeeds:
         seed = int(torch.randint(MAX_SEED - world_size(), ()).item()) + dist.get_rank()
         set_rnd(self.loader.dataset, seed)
         self.loader.generator = torch.Generator().manual_seed(seed)
+        sampler_generator = getattr(self.loader.sampler, "generator", None)
+        if isinstance(sampler_generator, torch.Generator):
+            sampler_generator.manual_seed(seed)
