@@ -1,11 +1,14 @@
 """Tiny raw cohorts for the preprocessing tests: NIfTI, DICOM series, DICOM radiographs, PNG and JPG.
 
-Every DICOM carries the planted identifiers in ``PLANTED``; raw paths carry the source ids, as
-UK Biobank and CheXpert paths do.
+Every DICOM carries the identifying attributes of a CheXpert Plus stand-in (``PLANTED_HEADER``,
+whose values to search outputs for are ``PLANTED``); raw paths carry the source ids, as UK Biobank
+and CheXpert paths do.
 """
 
 from __future__ import annotations
 
+import copy
+import gzip
 from pathlib import Path
 
 import nibabel as nib
@@ -16,13 +19,64 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from mimm_med.data.standins import chest_xray
+
 KEY = b"a-test-key-that-is-long-enough"
-PLANTED = ("Mustermann^Erika", "PID-4711-SECRET", "19640812")
 BRAIN_CONFIG = Path(__file__).parents[1] / "preprocessing" / "brain_t1.json"
 XRAY_CONFIG = Path(__file__).parents[1] / "preprocessing" / "chest_xray.json"
 SMALL_BRAIN = {"spatial_size": [16, 16, 16]}
 SMALL_XRAY = {"spatial_size": 32}
 _DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+
+
+def identifying_values(ds: Dataset) -> set[str]:
+    """Every identifying value in ``ds``'s header, as text that no output may contain.
+
+    The values of the PS3.15 Basic Profile attributes the stand-ins plant
+    (:data:`~mimm_med.data.standins.chest_xray.IDENTIFYING_ATTRIBUTES`) and of every private
+    element; person names also by their parts, which a writer might copy one by one.
+    """
+    values = set()
+    for element in ds.iterall():
+        # The private creator names the vendor, not the patient.
+        if element.keyword in chest_xray.IDENTIFYING_ATTRIBUTES or (
+            element.tag.is_private and not element.tag.is_private_creator
+        ):
+            values.add(str(element.value))
+            if element.VR == "PN":
+                values |= {part for part in str(element.value).split("^") if len(part) > 3}  # not "Dr"
+    return values - {""}
+
+
+def searchable_bytes(path: Path) -> bytes:
+    """``path``'s bytes, with what they hold compressed: a gzipped NIfTI's header, a PNG's text chunks."""
+    content = path.read_bytes()
+    if path.suffix == ".gz":
+        content += gzip.decompress(content)
+    elif path.suffix == ".png" and content:
+        with Image.open(path) as image:
+            content += repr(image.text).encode()  # tEXt, zTXt and iTXt chunks, decompressed
+    return content
+
+
+def _stand_in_header() -> Dataset:
+    """The identifying elements of a CheXpert Plus stand-in DICOM but its UIDs, which every file has its own of."""
+    rng = np.random.default_rng(0)
+    study = chest_xray.draw_studies(1, rng)[0]
+    identity = chest_xray.draw_identity(rng, study.age)
+    stand_in = chest_xray.radiograph_dataset(
+        np.zeros((2, 2)), study, "frontal", identity, chest_xray.draw_visit(rng, identity, study),
+        ("DX", "MONOCHROME2", 12, 1.0, 0.0), "fixture",
+    )  # fmt: skip
+    header = Dataset()
+    for element in stand_in:
+        if element.tag.is_private or (element.keyword in chest_xray.IDENTIFYING_ATTRIBUTES and element.VR != "UI"):
+            header.add(element)
+    return header
+
+
+PLANTED_HEADER = _stand_in_header()
+PLANTED = tuple(sorted(identifying_values(PLANTED_HEADER)))
 
 
 def head_volume(seed: int, size: int = 24) -> np.ndarray:
@@ -39,7 +93,7 @@ def write_nifti(path: Path, array: np.ndarray, spacing: float = 2.0) -> Path:
 
 
 def write_dicom_series(folder: Path, volume: np.ndarray) -> Path:
-    """One DICOM file per slice, with planted patient tags, readable by ITK as a series."""
+    """One DICOM file per slice, with the planted attributes but the private ones, readable by ITK as a series."""
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(volume.astype(np.int16))
     writer = sitk.ImageFileWriter()
@@ -47,7 +101,7 @@ def write_dicom_series(folder: Path, volume: np.ndarray) -> Path:
     series = generate_uid()
     for k in range(image.GetDepth()):
         tags = {
-            "0010|0010": PLANTED[0], "0010|0020": PLANTED[1], "0010|0030": PLANTED[2],
+            **{f"{e.tag.group:04x}|{e.tag.element:04x}": str(e.value) for e in PLANTED_HEADER if not e.tag.is_private},
             "0008|0060": "MR", "0020|000d": generate_uid(), "0020|000e": series, "0020|0013": str(k),
             "0020|0032": f"0\\0\\{2 * k}", "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": "2\\2", "0018|0050": "2",
         }
@@ -75,7 +129,7 @@ def write_dicom_xray(
     with_pixels: bool = True,
     window: tuple[float, float] | None = None,
 ) -> Path:
-    """A 12-bit DX radiograph with planted patient name, id and birth date."""
+    """A 12-bit DX radiograph with the planted identifying attributes (``PLANTED_HEADER``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = _DX_STORAGE
@@ -84,7 +138,7 @@ def write_dicom_xray(
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = _DX_STORAGE, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = PLANTED
+    ds.update(copy.deepcopy(PLANTED_HEADER))
     ds.Modality, ds.ViewPosition = "DX", view
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric

@@ -6,7 +6,6 @@ import re
 import shutil
 from pathlib import Path
 
-import itk
 import pandas as pd
 import pydicom
 import pytest
@@ -16,7 +15,7 @@ from preprocess_fixtures import BRAIN_CONFIG, KEY, head_volume, write_dicom_seri
 from mimm_med.data.manifest import read_manifest
 from mimm_med.data.preprocess import load_pipeline_config, preprocess_records
 from mimm_med.data.pseudonym import Pseudonymiser
-from mimm_med.data.readers import LoadImageBySuffixd, check_dicom_series
+from mimm_med.data.readers import LoadImageBySuffixd, _gdcm_series, check_dicom_series
 
 SLICES = 6
 
@@ -72,9 +71,12 @@ def test_second_series_in_the_folder_fails_unless_one_is_named(tmp_path):
     message = rf"DICOM series {re.escape(str(folder))}: the folder holds 2 series; move each"
     with pytest.raises(ValueError, match=message):
         check_dicom_series(folder)
-    names = itk.GDCMSeriesFileNames.New(UseSeriesDetails=True, Directory=str(folder))
-    first = next(uid for uid in names.GetSeriesUIDs() if not Path(names.GetFileNames(uid)[0]).name.startswith("other-"))
+    # Named as ITKReader names it: the series UID with the series date appended.
+    first = next(name for name, files in _gdcm_series(folder).items() if not files[0].name.startswith("other-"))
     check_dicom_series(folder, first)
+    with pytest.raises(ValueError, match=r"no series 'T1' among its 2; the names are series UIDs") as error:
+        check_dicom_series(folder, "T1")
+    assert first not in str(error.value)  # before: every series' UID and date, into errors.csv
     image = LoadImageBySuffixd("image", [ITKReader(series_name=first)])({"image": str(folder)})["image"]
     assert tuple(image.shape) == (8, 8, SLICES)
 

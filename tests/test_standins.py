@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 
+import gdcm
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -12,6 +13,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from PIL import Image
+from preprocess_fixtures import identifying_values
+from pydicom.datadict import keyword_for_tag
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from mimm_med.data.standins import COHORT_KINDS, EFFECTS, brain, chest_xray, generate_cohort
@@ -249,6 +252,7 @@ def test_dicoms_read_with_pydicom_and_simpleitk_and_monochrome1_is_inverted(coho
         assert stored.max() <= 2 ** int(ds.BitsStored) - 1
         itk = sitk.GetArrayFromImage(sitk.ReadImage(str(out / relative)))[0]
         assert itk.shape == stored.shape == (ds.Rows, ds.Columns)
+        assert ds.PixelSpacing == ds.ImagerPixelSpacing == [1.1, 1.1]  # square, whatever the number of rows
         # GDCM shows MONOCHROME1 the way a viewer does: inverted within the stored range.
         raw = (2 ** int(ds.BitsStored) - 1 - stored) if ds.PhotometricInterpretation == "MONOCHROME1" else stored
         assert np.allclose(itk, raw * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
@@ -262,18 +266,33 @@ def test_dicoms_read_with_pydicom_and_simpleitk_and_monochrome1_is_inverted(coho
     assert {b for _, _, b in seen} == {12, 16}
 
 
+def _basic_profile() -> set[str]:
+    """Keywords of GDCM's PS3.15 Basic Application Level Confidentiality Profile attributes."""
+    tags = gdcm.Anonymizer.GetBasicApplicationLevelConfidentialityProfileAttributes()
+    return {keyword_for_tag(tag.GetGroup() << 16 | tag.GetElement()) for tag in tags} - {""}
+
+
 def test_planted_identities_live_only_in_dicom_headers(cohorts):
     out = cohorts["chexpert_plus"]
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(out.rglob("*.dcm"))]
+    table = pd.read_csv(out / "df_chexpert_plus.csv")
+    headers = [pydicom.dcmread(out / path, stop_before_pixels=True) for path in table["path_to_dcm"]]
+    # Sex and age are in the profile too, but the table releases them: the labels.
+    searched = {*chest_xray.IDENTIFYING_ATTRIBUTES, "PatientSex", "PatientAge"}
     for ds in headers:
+        assert not [keyword for keyword in chest_xray.IDENTIFYING_ATTRIBUTES if not str(ds.get(keyword, ""))]
+        assert {element.keyword for element in ds} & _basic_profile() <= searched  # none that no test searches
+        label = ds.private_block(chest_xray.PRIVATE_GROUP, chest_xray.PRIVATE_CREATOR)[0x10].value
+        assert label == f"{ds.PatientName} {ds.PatientID} {ds.AccessionNumber}"  # as a plate's barcode label
         assert str(ds.PatientName).split("^")[0] in chest_xray.PLANTED_SURNAMES
         assert ds.PatientID.startswith("MRN") and ds.OtherPatientIDs.startswith("INS-")
         assert ds.InstitutionName in chest_xray.PLANTED_INSTITUTIONS and ds.AccessionNumber.startswith("ACC")
         assert len(ds.PatientBirthDate) == 8
         born = datetime.datetime.strptime(ds.PatientBirthDate, "%Y%m%d")
         assert int((datetime.datetime.strptime(ds.StudyDate, "%Y%m%d") - born).days / 365.25) == int(ds.PatientAge[:3])
+        assert ds.StudyTime < ds.AcquisitionTime < ds.ContentTime  # exposed after the study began, processed after
+    by_patient = {(patient, ds.PatientID, ds.PatientName) for patient, ds in zip(table["deid_patient_id"], headers)}
+    assert len(by_patient) == table["deid_patient_id"].nunique()  # one identity per patient, one patient per MRN
+    assert len({patient_id for _, patient_id, _ in by_patient}) == len(by_patient)
     text = (out / "df_chexpert_plus.csv").read_text() + "".join(str(p) for p in out.rglob("*"))
-    planted = {str(ds.PatientName).split("^")[0] for ds in headers} | {ds.PatientID for ds in headers}
-    planted |= {ds.OtherPatientIDs for ds in headers} | {ds.AccessionNumber for ds in headers}
-    planted |= {ds.InstitutionName for ds in headers} | {ds.PatientBirthDate for ds in headers}
+    planted = set().union(*map(identifying_values, headers))
     assert not [value for value in planted if value in text]

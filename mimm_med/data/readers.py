@@ -179,7 +179,11 @@ def check_dicom_series(folder: PathLike, series_name: str = "") -> None:
             "move each series into its own folder or name one with ITKReader(series_name=...)"
         )
     if series_name and series_name not in series:
-        raise ValueError(f"DICOM series {folder}: no series {series_name!r}, only {_listed(list(series))}")
+        # Not listed: the names are series UIDs with the series date, identifiers that errors.csv must not hold.
+        raise ValueError(
+            f"DICOM series {folder}: no series {series_name!r} among its {len(series)}; the names are series UIDs "
+            "with the series date appended, as ITK's GDCMSeriesFileNames lists them"
+        )
     files = series[series_name or next(iter(series))]
     if len(files) > 1:  # a single file is a 2D image or a multi-frame volume, placed by its own header
         _check_slice_spacing(folder, files)

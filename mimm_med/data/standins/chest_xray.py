@@ -67,7 +67,8 @@ IMAGE_SIZE: tuple[int, int] = (390, 320)  # rows, columns: CheXpert-small's typi
 FIELD_MM: tuple[float, float] = (429.0, 352.0)  # film size the phantom spans: ~1.1 mm pixels at IMAGE_SIZE
 
 # Identities planted in the DICOM headers, and nowhere else, so that de-identification can be
-# tested by searching outputs for them.
+# tested by searching outputs for them: patients', staff's and sites' names, and the patients'
+# addresses, ids, dates and free-text notes, as PACS exports carry them.
 PLANTED_SURNAMES: tuple[str, ...] = (
     "Quillfeather", "Vonnegrath", "Blennerhassett", "Featherstonhaugh", "Grimsditch", "Wolstenholme",
     "Thistlewood", "Drabblecombe", "Quarrington", "Hollowmere", "Marchbanks", "Zabrowski",
@@ -75,11 +76,37 @@ PLANTED_SURNAMES: tuple[str, ...] = (
 PLANTED_GIVEN_NAMES: tuple[str, ...] = (
     "Aurelio", "Brunhilde", "Cosimo", "Dagny", "Evander", "Florimel", "Gideon", "Hesper", "Ottilie", "Peregrine",
 )  # fmt: skip
-PLANTED_INSTITUTIONS: tuple[str, ...] = (
-    "Saint Quimby Memorial Hospital",
-    "Fernhollow Regional Medical Centre",
-    "Old Wexley General Infirmary",
-)
+PLANTED_INSTITUTIONS: dict[str, str] = {  # name -> address
+    "Saint Quimby Memorial Hospital": "1 Quimby Close, Lower Tarrow TR9 4QX",
+    "Fernhollow Regional Medical Centre": "220 Fernhollow Parkway, Esselby ES4 1RW",
+    "Old Wexley General Infirmary": "Infirmary Lane, Old Wexley WX2 8JD",
+}
+_STREETS: tuple[str, ...] = ("Brackenridge Row", "Candlewick Lane", "Orrery Gardens", "Tumblestone Road")
+_TOWNS: tuple[str, ...] = ("Nethercombe", "Pennyfold", "Wychelm Magna", "Sallowby")
+_RANKS: tuple[str, ...] = ("Squadron Leader", "Lieutenant Commander", "Warrant Officer Class 2", "Brigadier")
+_OCCUPATIONS: tuple[str, ...] = ("Lamplighter", "Falconer", "Cartographer", "Glassblower", "Wheelwright")
+_DEPARTMENTS: tuple[str, ...] = ("Thistle Ward Imaging", "Emergency Radiology East", "Portable Imaging Unit")
+#: Keywords of the PS3.15 Basic Application Level Confidentiality Profile attributes that every
+#: stand-in DICOM carries filled in (PatientSex and PatientAge too, but the table releases those).
+IDENTIFYING_ATTRIBUTES: tuple[str, ...] = (
+    # patient
+    "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate",
+    "PatientBirthTime", "PatientBirthName", "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers",
+    "MilitaryRank", "Occupation", "MedicalRecordLocator", "AdditionalPatientHistory", "PatientComments",
+    # study: when, where, by whom
+    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+    "ReferringPhysicianName", "RequestingPhysician", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy",
+    "PerformingPhysicianName", "OperatorsName", "InstitutionName", "InstitutionAddress",
+    "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber",
+    # series and image
+    "SeriesInstanceUID", "SOPInstanceUID", "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime",
+    "AcquisitionDateTime", "ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime",
+    "SeriesDescription", "ProtocolName", "ImageComments",
+)  # fmt: skip
+#: Private block of the stand-in DICOMs, as CR readers write one: the plate's barcode label holds
+#: the patient's name and id, which a reader that copies private elements would carry along.
+PRIVATE_CREATOR = "AGFA"
+PRIVATE_GROUP = 0x0019
 
 # Rates of (positive, uncertain, negative) mentions of the findings that are not drawn; the rest
 # is blank. Roughly CheXpert's training-set rates.
@@ -129,18 +156,27 @@ class ChestStudy:
 
 @dataclass(frozen=True)
 class PatientIdentity:
-    """Identifying DICOM attributes of one patient: the values de-identification must remove."""
+    """Identifying DICOM attributes of one patient: the values de-identification must remove.
 
-    name: str
-    patient_id: str
-    other_id: str
-    birth_date: datetime.date
+    ``header`` maps the patient's attributes (DICOM keywords) to their values; the rest places the
+    patient's studies in time and in a hospital.
+    """
+
     institution: str
     first_study: datetime.date
+    header: Mapping[str, str]
 
     def study_date(self, study: int) -> datetime.date:
         """Date of the patient's ``study``-th study: a year after the previous one, so ages match."""
         return self.first_study + datetime.timedelta(days=365 * (study - 1) + 7 * study)
+
+
+@dataclass(frozen=True)
+class Visit:
+    """Identifying DICOM attributes of one study (``header``: DICOM keyword -> value), which began at ``start``."""
+
+    start: datetime.datetime
+    header: Mapping[str, str]
 
 
 def _mention(rng: np.random.Generator, rates: tuple[float, float, float]) -> float:
@@ -474,17 +510,68 @@ def write_chexpert(
             pd.DataFrame(table, columns=list(CHEXPERT_COLUMNS)).to_csv(tmp, index=False)
 
 
+def _person(rng: np.random.Generator) -> str:
+    """A planted name in DICOM's ``Family^Given`` form."""
+    return f"{rng.choice(PLANTED_SURNAMES)}^{rng.choice(PLANTED_GIVEN_NAMES)}"
+
+
+_TIME = "%H%M%S.%f"  # DICOM TM with microseconds: long enough to be found, were it copied
+
+
 def draw_identity(rng: np.random.Generator, age: int) -> PatientIdentity:
     """A fake patient identity whose birth date makes the patient ``age`` at the first study."""
     first = datetime.date(2002, 10, 1) + datetime.timedelta(days=int(rng.integers(0, 5000)))
-    return PatientIdentity(
-        name=f"{rng.choice(PLANTED_SURNAMES)}^{rng.choice(PLANTED_GIVEN_NAMES)}",
-        patient_id=f"MRN{rng.integers(10**7, 10**8)}",
-        other_id=f"INS-{rng.integers(10**6, 10**7)}",
-        birth_date=first - datetime.timedelta(days=int(365.25 * age + rng.integers(0, 300))),
-        institution=str(rng.choice(PLANTED_INSTITUTIONS)),
-        first_study=first,
+    days_old = 365.25 * age + rng.uniform(0, 300)  # the fraction of a day sets the birth time
+    born = datetime.datetime.combine(first, datetime.time()) - datetime.timedelta(days=days_old)
+    surname, given = str(rng.choice(PLANTED_SURNAMES)), str(rng.choice(PLANTED_GIVEN_NAMES))
+    patient_id, other_id = f"MRN{rng.integers(10**7, 10**8)}", f"INS-{rng.integers(10**6, 10**7)}"
+    institution = str(rng.choice(list(PLANTED_INSTITUTIONS)))
+    header = {
+        "PatientName": f"{surname}^{given}",
+        "PatientID": patient_id,
+        "IssuerOfPatientID": f"{institution} MPI",
+        "OtherPatientIDs": other_id,
+        "OtherPatientNames": f"{surname}^{rng.choice(PLANTED_GIVEN_NAMES)}",  # as registered at an earlier visit
+        "PatientBirthDate": born.strftime("%Y%m%d"),
+        "PatientBirthTime": born.strftime(_TIME),
+        "PatientBirthName": f"{rng.choice(PLANTED_SURNAMES)}^{given}",
+        "PatientMotherBirthName": _person(rng),
+        "PatientAddress": f"{rng.integers(2, 200)} {rng.choice(_STREETS)}, {rng.choice(_TOWNS)}",
+        "PatientTelephoneNumbers": f"+44 1632 {rng.integers(960000, 961000)}",  # Ofcom's range for drama
+        "MilitaryRank": str(rng.choice(_RANKS)),
+        "Occupation": str(rng.choice(_OCCUPATIONS)),
+        "MedicalRecordLocator": f"Records vault {rng.integers(1, 40)}, box {patient_id[3:]}",
+        "AdditionalPatientHistory": f"Ex-smoker, {rng.integers(5, 60)} pack-years; older films under {other_id}",
+        "PatientComments": f"Prefers to be called {given}; next of kin {_person(rng).replace('^', ' ')}",
+    }
+    return PatientIdentity(institution=institution, first_study=first, header=header)
+
+
+def draw_visit(rng: np.random.Generator, identity: PatientIdentity, study: ChestStudy) -> Visit:
+    """When, where and by whom ``study`` was made, as its DICOMs record it."""
+    start = datetime.datetime.combine(identity.study_date(study.study), datetime.time(7)) + datetime.timedelta(
+        seconds=float(rng.uniform(0, 12 * 3600))
     )
+    site = "".join(word[0] for word in identity.institution.split())
+    header = {
+        "StudyDate": start.strftime("%Y%m%d"),
+        "StudyTime": start.strftime(_TIME),
+        "AccessionNumber": f"ACC{rng.integers(10**8, 10**9)}",
+        "StudyID": f"ST{rng.integers(10**6, 10**7)}",
+        "StudyDescription": f"XR CHEST {'2 VIEWS' if study.lateral else '1 VIEW'} ({site} {start.year})",
+        "ReferringPhysicianName": f"{_person(rng)}^^Dr",
+        "RequestingPhysician": f"{_person(rng)}^^Dr",
+        "PhysiciansOfRecord": f"{_person(rng)}^^Dr",
+        "NameOfPhysiciansReadingStudy": f"{_person(rng)}^^Dr",
+        "PerformingPhysicianName": f"{_person(rng)}^^Dr",
+        "OperatorsName": _person(rng),  # the radiographer
+        "InstitutionName": identity.institution,
+        "InstitutionAddress": PLANTED_INSTITUTIONS[identity.institution],
+        "InstitutionalDepartmentName": str(rng.choice(_DEPARTMENTS)),
+        "StationName": f"{site}XR{rng.integers(1, 20):02d}",
+        "DeviceSerialNumber": f"SN{rng.integers(10**6, 10**7)}",
+    }
+    return Visit(start=start, header=header)
 
 
 def radiograph_dataset(
@@ -492,15 +579,16 @@ def radiograph_dataset(
     study: ChestStudy,
     view: str,
     identity: PatientIdentity,
-    study_date: datetime.date,
-    accession: str,
+    visit: Visit,
     encoding: tuple[str, str, int, float, float],
     uid_seed: str,
 ) -> Dataset:
     """A CR/DX DICOM dataset of ``image`` (display values in [0, 1], bright = dense).
 
     ``encoding`` is (modality, photometric interpretation, bits stored, rescale slope, rescale
-    intercept). MONOCHROME1 stores inverted values (high = dark), as such detectors do.
+    intercept). MONOCHROME1 stores inverted values (high = dark), as such detectors do. The header
+    carries the patient's and the visit's identifying attributes, and this image's own dates, times,
+    notes and private block.
     """
     modality, photometric, bits, slope, intercept = encoding
     top = 2**bits - 1
@@ -520,25 +608,32 @@ def radiograph_dataset(
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[uid_seed, "series"])
     ds.Modality = modality
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.StudyDate = ds.ContentDate = study_date.strftime("%Y%m%d")
-    ds.StudyTime = ds.ContentTime = "101500"
-    ds.AccessionNumber = accession
-    ds.InstitutionName = identity.institution
-    ds.ReferringPhysicianName = f"{PLANTED_SURNAMES[0]}^{PLANTED_GIVEN_NAMES[0]}^^Dr"
-    ds.PatientName = identity.name
-    ds.PatientID = identity.patient_id
-    ds.OtherPatientIDs = identity.other_id
-    ds.PatientBirthDate = identity.birth_date.strftime("%Y%m%d")
+    for keyword, value in {**identity.header, **visit.header}.items():
+        setattr(ds, keyword, value)
     ds.PatientSex = {"Male": "M", "Female": "F"}.get(study.recorded_sex, "O")
     ds.PatientAge = f"{study.age:03d}Y"
-    ds.StudyID = str(study.study)
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1 if view == "frontal" else 2
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = study.ap_pa if view == "frontal" else "LL"
+    exposed = visit.start + datetime.timedelta(minutes=4 * ds.InstanceNumber)
+    processed = exposed + datetime.timedelta(seconds=37)  # the reader's image is made after the exposure
+    ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = ds.InstanceCreationDate = exposed.strftime("%Y%m%d")
+    ds.SeriesTime = ds.AcquisitionTime = exposed.strftime(_TIME)
+    ds.AcquisitionDateTime = exposed.strftime(f"%Y%m%d{_TIME}")
+    ds.ContentTime = ds.InstanceCreationTime = processed.strftime(_TIME)
+    ds.SeriesDescription = f"CHEST {ds.ViewPosition} {visit.header['StationName']}"
+    ds.ProtocolName = f"Thorax {ds.ViewPosition} ({identity.institution})"
+    family, given = identity.header["PatientName"].split("^")
+    ds.ImageComments = f"ID band checked: {given} {family}, {identity.header['PatientID']}"
+    # A vendor block, which de-identification must drop or clean: here the plate's barcode label.
+    label = f"{identity.header['PatientName']} {identity.header['PatientID']} {visit.header['AccessionNumber']}"
+    ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True).add_new(0x10, "LO", label)
     if modality == "DX":
         ds.PresentationIntentType = "FOR PRESENTATION"
-    spacing = [f"{FIELD_MM[0] / image.shape[0]:.4f}", f"{FIELD_MM[1] / image.shape[1]:.4f}"]
+    # Square, as a detector's pixels are: the rows that render_view varies make a taller or shorter
+    # film (as CheXpert's heights vary), not finer rows, which the preprocessing would resample.
+    spacing = [f"{FIELD_MM[1] / image.shape[1]:.4f}"] * 2
     ds.ImagerPixelSpacing = spacing
     ds.PixelSpacing = spacing
     ds.SamplesPerPixel = 1
@@ -571,8 +666,8 @@ def write_chexpert_plus(
 ) -> None:
     """Write ``studies`` as CheXpert Plus: ``{train,valid}/patient*/study*/view*.dcm`` and ``df_chexpert_plus.csv``.
 
-    Patient names, IDs, birth dates, institutions and accession numbers exist only in the DICOM
-    headers; the table has the dataset's own pseudonymous ``deid_patient_id``.
+    The identifying attributes (:data:`IDENTIFYING_ATTRIBUTES` and a private block) exist only in
+    the DICOM headers; the table has the dataset's own pseudonymous ``deid_patient_id``.
     """
     rows = []
     identities: dict[str, PatientIdentity] = {}
@@ -582,7 +677,7 @@ def write_chexpert_plus(
         if study.patient not in identities:
             identities[study.patient] = draw_identity(study_rng, study.age)
         identity = identities[study.patient]
-        accession = f"ACC{study_rng.integers(10**8, 10**9)}"
+        visit = draw_visit(study_rng, identity, study)
         for view, stem in _view_names(study):
             rng = np.random.default_rng([seed, zlib.crc32(b"chexpert_plus"), index])
             relative = f"{study.split}/{study.patient}/study{study.study}/{stem}"
@@ -592,8 +687,7 @@ def write_chexpert_plus(
                 study,
                 view,
                 identity,
-                identity.study_date(study.study),
-                accession,
+                visit,
                 _dicom_encoding(index),
                 f"{seed}/{relative}",
             )
