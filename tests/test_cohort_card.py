@@ -301,6 +301,18 @@ def test_subject_ids_read_as_floats_find_their_images_and_leading_zeros_stay(raw
     assert problems["reason"].tolist() == ["image file missing: 0012345_20252_2_0/T1/T1.nii.gz"]
 
 
+def test_a_missing_image_beside_an_uncompressed_twin_names_it_and_the_fix(raw, tmp_path):
+    cohort, table = _ukb_copy(raw, tmp_path, lambda t: t)
+    gzipped = cohort / f"{table[1][0]}_20252_2_0" / "T1" / "T1.nii.gz"
+    gzipped.rename(gzipped.with_name("T1.nii"))  # stands for an uncompressed file: only the name is read here
+    problems = CohortCard.from_yaml(CARDS / "ukb.yaml").index(cohort)[1]
+    assert problems["reason"].tolist() == [
+        f"image file missing: {table[1][0]}_20252_2_0/T1/T1.nii.gz (T1.nii is there; images.pattern names one file "
+        "per row: (un)compress the files that differ, or name each row's file in a table column given as "
+        "images.column)"
+    ]
+
+
 def test_rows_naming_one_image_with_conflicting_labels_are_all_problems(raw, tmp_path):
     def rows(t):
         other_sex = [t[1][0], "1" if t[1][1] == "0" else "0", *t[1][2:]]

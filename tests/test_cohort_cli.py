@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from monai.transforms import LoadImage
+from preprocess_fixtures import identifying_values, searchable_bytes
 from test_manifest import make_manifest
 
 from mimm_med.cli import main, quiet_gpu_decoder_notices
@@ -49,9 +50,11 @@ def test_split_hits_the_correlations_by_subject(tmp_path, capsys):
     status = main(["cohort", "split", "--manifest", str(manifest), "--primary", "age_group",
                    "--spurious", "sex=0.9,cohort=0.8", "--out", str(out), "--seed", "3"])
     assert status == 0
-    assert "cohort split:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     splits = {name: read_manifest(out / f"{name}.csv") for name in
               ("train", "val", "test-iid", "test-balanced", "test-inverted")}
+    total, used = len(pd.read_csv(manifest)), set().union(*(frame["image"] for frame in splits.values()))
+    assert f"; {total - len(used)} of the manifest's {total} images are in no split" in printed  # none silently
     train, val = set(splits["train"]["subject_id"]), set(splits["val"]["subject_id"])
     tests = set().union(*(set(splits[name]["subject_id"]) for name in ("test-iid", "test-balanced", "test-inverted")))
     assert not train & val and not (train | val) & tests
@@ -200,22 +203,23 @@ def test_shards_through_the_command_line_merge_to_the_full_run(tmp_path, key_fil
     assert full.reset_index(drop=True).equals(sharded.reset_index(drop=True))
 
 
-def test_no_dicom_identifier_or_source_id_reaches_any_output(tmp_path, key_file, capfd):
+@pytest.mark.parametrize("output_format, suffix", [("png", ".png"), ("nifti", ".nii.gz")])  # NIfTI: with a header
+def test_no_dicom_identifier_or_source_id_reaches_any_output(tmp_path, key_file, capfd, output_format, suffix):
     import pydicom
 
     raw = generate("chexpert_plus", 6, tmp_path / "raw")
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in raw.rglob("*.dcm")]
-    tags = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "AccessionNumber", "InstitutionName")
-    planted = {str(ds.get(tag, "")) for ds in headers for tag in tags}
+    planted = set().union(*map(identifying_values, headers))  # every PS3.15 attribute planted, private ones too
     source_ids = set(pd.read_csv(raw / "df_chexpert_plus.csv")["deid_patient_id"])
     forbidden = sorted((planted | source_ids | {str(raw)}) - {""})
     capfd.readouterr()  # what generate printed
-    assert preprocess("chexpert_plus.yaml", raw, tmp_path / "out", key_file, *TINY_XRAY, "--workers", "2") in (0, 1)
+    options = [*TINY_XRAY, "--set", f'output_format="{output_format}"', "--workers", "2"]
+    assert preprocess("chexpert_plus.yaml", raw, tmp_path / "out", key_file, *options) in (0, 1)
     captured = capfd.readouterr()
     outputs = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
-    assert len(outputs) > len(source_ids)
+    assert len(outputs) > len(source_ids) and any(p.name.endswith(suffix) for p in outputs)
     for path in outputs:
-        content, name = path.read_bytes(), str(path.relative_to(tmp_path / "out"))
+        content, name = searchable_bytes(path), str(path.relative_to(tmp_path / "out"))
         for text in forbidden:
             assert text.encode() not in content and text not in name, f"{text!r} leaked into {path}"
     for text in forbidden:
@@ -303,6 +307,22 @@ def test_unreadable_metadata_table_names_the_table_and_the_fix(tmp_path, key_fil
     err = capsys.readouterr().err
     assert re.search(rf"ukb.yaml: metadata.tables: {re.escape(str(raw / 'ukb_phenotypes.csv'))} {message}", err), err
     assert "Traceback" not in err
+
+
+def test_a_card_outside_cohorts_that_misses_its_pipeline_names_the_key_and_the_fix(tmp_path, key_file, capsys):
+    card = tmp_path / "my-cards" / "mine.yaml"  # its relative pipeline is read from tmp_path
+    card.parent.mkdir()
+    card.write_text((CARDS / "ukb.yaml").read_text())
+    raw = write_ukb_table(tmp_path / "raw", b"eid,31-0.0,21003-2.0,54-2.0\n1000001,0,64,11025\n")
+    assert main(["preprocess", "--cohort", str(card), "--raw", str(raw), "--out", str(tmp_path / "out"),
+                 "--key-file", str(key_file)]) == 2
+    err = capsys.readouterr().err
+    shipped = CARDS.parent / "preprocessing" / "brain_t1.json"
+    assert f"{card}: pipeline: {tmp_path / 'preprocessing' / 'brain_t1.json'} not found" in err
+    assert f"write an absolute path in the card (e.g. {shipped}), or pass --pipeline" in err
+    assert main(["preprocess", "--cohort", str(card), "--raw", str(raw), "--out", str(tmp_path / "out"),
+                 "--key-file", str(key_file), "--pipeline", str(tmp_path / "none.json")]) == 2
+    assert f"--pipeline {tmp_path / 'none.json'}: no such file" in capsys.readouterr().err
 
 
 def test_card_errors_on_ages_name_the_problem_once(tmp_path):

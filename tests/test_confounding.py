@@ -61,8 +61,11 @@ def test_splits_are_seed_deterministic():
 def test_non_binary_or_missing_columns_are_refused():
     table = _cohort(100)
     table["age"] = np.arange(len(table))
-    with pytest.raises(ValueError, match="exactly two values.*age_group"):
+    with pytest.raises(ValueError, match="exactly two values.*bin it with a label of the cohort card"):
         confounded_splits(table, "age", {"sex": 0.9})
+    table["site"] = np.array(["a", "b", "c", "d"])[np.arange(len(table)) % 4]
+    with pytest.raises(ValueError, match=r"found \[a, b, c, d\]; map its values onto two names in a label"):
+        confounded_splits(table, "age_group", {"site": 0.9})
     with pytest.raises(ValueError, match="lacks columns.*scanner"):
         confounded_splits(table, "age_group", {"scanner": 0.9})
     with pytest.raises(ValueError, match="must lie in"):

@@ -20,6 +20,7 @@ from mimm_med.evaluation import (
     linear_probe_leakage,
     plot_tsne,
     residual_mutual_information,
+    results_table,
 )
 from mimm_med.evaluation import plots
 from mimm_med.evaluation.leakage import TooFewRowsError
@@ -236,3 +237,37 @@ def test_a_checkpoint_of_another_network_is_named_with_the_fix(tmp_path):
     torch.save({"network": network(8).state_dict()}, checkpoint)
     with pytest.raises(ValueError, match=r"model.pt holds another network than the one to evaluate \(.*size mismatch"):
         evaluate_checkpoint(network(4), checkpoint, tmp_path, lambda path: [], None, "y", ["z"], "cpu", tmp_path)
+
+
+def test_an_evaluation_says_where_its_report_is(tmp_path, capsys):
+    from mimm_med.evaluation.report import evaluate_checkpoint
+    from mimm_med.networks import MIMMXNet
+
+    network = MIMMXNet("small_cnn", {"y": 4, "z": 4}, {"y": 2, "z": 2}, backbone_kwargs={"channels": (4, 8)})
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"network": network.state_dict()}, checkpoint)
+    rng = np.random.default_rng(0)
+    rows = [{"image": torch.tensor(rng.random((1, 16, 16)), dtype=torch.float32), "y": i % 2, "z": i // 2 % 2}
+            for i in range(16)]
+    out = tmp_path / "eval"
+    evaluate_checkpoint(network, checkpoint, tmp_path, lambda path: rows, None, "y", ["z"], "cpu", out)
+    assert f"evaluate: report {out / 'results.md'}" in capsys.readouterr().out
+
+
+def test_the_report_is_written_as_utf8_whatever_the_locale(tmp_path):
+    import locale
+
+    from mimm_med.evaluation.report import write_report
+
+    sets = {name: primary_only_outputs(agreement, seed) for seed, (name, agreement) in enumerate(
+        [("iid", 0.9), ("balanced", 0.5), ("inverted", 0.1)])}  # fmt: skip
+    results = evaluate_test_sets(sets, "y", ["z"])
+    # A process whose C library switched to the C locale (some native readers do) opened text files as ASCII,
+    # and the table's dashes ended an evaluation after its network had run.
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        paths = write_report(results, sets, "y", ["z"], tmp_path)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+    assert paths["markdown"].read_text(encoding="utf-8") == results_table(results) + "\n"

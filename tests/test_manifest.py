@@ -214,3 +214,20 @@ def test_validation_names_the_csv_lines_of_the_rows_at_fault(tmp_path):
     with pytest.raises(ManifestError, match=r"outside \['female', 'male'\] in 1 rows \(line 4\)"):
         load_manifest(path, label_values={"sex": ["female", "male"]})
     assert load_manifest(make_manifest(tmp_path, n=4, status=["failed", "ok", "ok", "ok"])).index.tolist() == [0, 1, 2]
+
+
+def test_a_bundle_whose_label_levels_do_not_fit_the_manifest_is_told_the_ones_that_do(tmp_path):
+    from mimm_med.data.datalist import manifest_datalist
+
+    manifest = make_manifest(tmp_path, n=4, cohort="mystudy", age_group=["young", "old", "old", "young"],
+                             site_group=["north", "north", "south", "south"])
+    stand_in = {"age_group": ["young", "old"], "sex": ["female", "male"], "cohort": ["nako", "ukb"]}
+    own = {"age_group": ["young", "old"], "sex": ["female", "male"], "site_group": ["north", "south"]}
+    with pytest.raises(ManifestError, match="label 'cohort' has values") as error:
+        manifest_datalist(manifest, stand_in, primary="age_group")
+    assert str(error.value).endswith(f'(the same in training, evaluation and inference): --label_levels "{own}"')
+    assert [row["site_group"] for row in manifest_datalist(manifest, own, primary="age_group")] == [0, 0, 1, 1]
+    (tmp_path / "images" / "sub-0000" / "img-0.png").unlink()
+    with pytest.raises(ManifestError, match="are missing") as error:  # not the labels: no hint about them
+        manifest_datalist(manifest, own, primary="age_group")
+    assert "--label_levels" not in str(error.value)

@@ -28,7 +28,9 @@ from mimm_med.tracking import (
     list_versions,
     load_registered_network,
     network_summary,
+    printable_uri,
     promote,
+    require_reachable,
     resolve_tracking_uri,
     run_tracked,
 )
@@ -357,3 +359,11 @@ def test_training_does_not_start_when_the_tracking_server_does_not_answer(monkey
     with pytest.raises(TrackingServerUnreachable, match="does not answer"):
         run_tracked(trainer, handler, fresh=True)
     assert steps == []
+
+
+def test_messages_show_no_tracking_store_password():
+    with pytest.raises(TrackingServerUnreachable) as raised:
+        require_reachable("http://mlflow:s3cret@127.0.0.1:9", timeout=1)
+    assert "s3cret" not in str(raised.value) and "http://mlflow:***@127.0.0.1:9" in str(raised.value)
+    assert printable_uri("postgresql://mlflow:p@ss@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
+    assert printable_uri("sqlite:////data/mlruns/mlflow.db") == "sqlite:////data/mlruns/mlflow.db"

@@ -186,7 +186,7 @@ class ManifestData(BenchmarkDataset):
             print(f"preparing the {self.name} stand-in in {self.cache} (log: {log})", file=sys.stderr, flush=True)
             self.cache.mkdir(parents=True)
         # The generators and preprocess print progress; keep the benchmark's own bar readable.
-        with log.open("a") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+        with log.open("a", encoding="utf-8") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
             manifest = self.write_manifest()
         datalist = manifest_datalist(manifest, self.label_levels)
         load = self.load_transform()

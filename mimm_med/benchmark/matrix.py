@@ -157,7 +157,7 @@ def cell_path(out: str | Path, cell: Cell) -> Path:
 def save_cell(path: Path, result: Mapping[str, Any]) -> None:
     """Write a cell result atomically (an interrupted write never looks finished)."""
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(result, indent=1))
+        tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
 
 
 def load_cell(path: Path, options: Mapping[str, Any], train_transform: str | None = None) -> dict[str, Any]:
@@ -172,7 +172,7 @@ def load_cell(path: Path, options: Mapping[str, Any], train_transform: str | Non
         If the stored options or augmentation differ: mixing settings in one table would be silently wrong.
     """
     try:
-        result = json.loads(path.read_text())
+        result = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         # the benchmark writes cells atomically, so only a damaged or hand-edited file gets here
         raise StaleCellError(f"{path} is not a readable cell ({error}); delete it and that cell is run again") from None

@@ -224,7 +224,7 @@ def write_results(
     frame.to_csv(paths["csv"], index=False)
     plots = {dataset: plot_vs_correlation(frame, dataset, out) for dataset in dict.fromkeys(frame["dataset"])}
     links = {dataset: [path.name for path in files] for dataset, files in plots.items()}
-    paths["markdown"].write_text(results_markdown(frame, links, command) + "\n")
+    paths["markdown"].write_text(results_markdown(frame, links, command) + "\n", encoding="utf-8")
     paths.update({path.stem: path for files in plots.values() for path in files})
     if docs is not None:
         docs = Path(docs)
@@ -234,6 +234,6 @@ def write_results(
             for path in files:
                 shutil.copyfile(path, plot_dir / path.name)
         links = {dataset: [f"{plot_dir.name}/{path.name}" for path in files] for dataset, files in plots.items()}
-        docs.write_text(results_markdown(frame, links, command) + "\n")
+        docs.write_text(results_markdown(frame, links, command) + "\n", encoding="utf-8")
         paths["docs"] = docs
     return paths

@@ -58,7 +58,7 @@ class BenchmarkTracker:
     def _resume(self) -> str | None:
         if not self.run_file.exists():
             return None
-        stored = json.loads(self.run_file.read_text())
+        stored = json.loads(self.run_file.read_text(encoding="utf-8"))
         if stored["tracking_uri"] != self.uri:
             return None
         try:
@@ -77,7 +77,7 @@ class BenchmarkTracker:
         run_id = self.client.create_run(experiment_id, run_name=self.run_file.parent.name).info.run_id
         try:
             self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
-            self.run_file.write_text(json.dumps({"tracking_uri": self.uri, "run_id": run_id}))
+            self.run_file.write_text(json.dumps({"tracking_uri": self.uri, "run_id": run_id}), encoding="utf-8")
         except BaseException:
             self.client.delete_run(run_id)  # a run of a benchmark that never started would stay RUNNING
             raise

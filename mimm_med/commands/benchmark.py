@@ -256,7 +256,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from mimm_med.data.manifest import cannot_write
     from mimm_med.engines import METHODS
     from mimm_med.mi import ESTIMATORS
-    from mimm_med.tracking import TrackingServerUnreachable
+    from mimm_med.tracking import TrackingServerUnreachable, printable_uri
 
     args = resolve(args)
     if args.threads:
@@ -310,7 +310,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             return 2
         paths = write_results(results, args.out, command, args.docs)
         tracker.log_artifacts(paths.values())
-    print(paths["markdown"].read_text())
+    print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"benchmark finished in {time.perf_counter() - start:.0f} s; results in {args.out}")
-    print(f"MLflow: {tracker.uri}, parent run {tracker.run_id}")
+    print(f"MLflow: {printable_uri(tracker.uri)}, parent run {tracker.run_id}")
     return 0

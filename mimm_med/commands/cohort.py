@@ -255,7 +255,10 @@ def split_command(args: argparse.Namespace) -> int:
         )
     print(cells.to_string(index=False))
     sizes = ", ".join(f"{name} {len(frame)}" for name, frame in splits.items())
-    print(f"cohort split: {sizes} images → {args.out}")
+    unused = len(table) - len(set().union(*(frame[IMAGE] for frame in splits.values())))
+    # The sampler keeps only as many images of a common cell as the rare cells allow: say how many it left.
+    left = f"; {unused} of the manifest's {len(table)} images are in no split, left out to reach the correlations"
+    print(f"cohort split: {sizes} images → {args.out}" + (left if unused else ""))
     return 0
 
 

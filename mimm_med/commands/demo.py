@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mimm_med.cli import run_subcommand
 from mimm_med.data.pseudonym import write_synthetic_cohort_key
-from mimm_med.tracking import list_versions, resolve_tracking_uri
+from mimm_med.tracking import list_versions, printable_uri, resolve_tracking_uri
 
 BUNDLE = Path("bundles/mimmx_brain")
 
@@ -105,7 +105,7 @@ def train_and_evaluate(
     evaluate_configs = [str(BUNDLE / "configs/train.json"), str(BUNDLE / "configs/evaluate.json")]
     run("evaluating", config_file=evaluate_configs, estimate_residual_mi=False, **overrides)
     output_dir = BUNDLE / "eval" / overrides["run_name"]
-    metrics = json.loads((output_dir / "results.json").read_text())["metrics"]
+    metrics = json.loads((output_dir / "results.json").read_text(encoding="utf-8"))["metrics"]
     # results.json writes an undefined metric as null
     return {"metrics": {key: math.nan if value is None else value for key, value in metrics.items()}, "output_dir": output_dir}
 
@@ -148,7 +148,8 @@ def run_demo(args: argparse.Namespace) -> int:
         for path in sorted(result["output_dir"].rglob("*.png")) + [result["output_dir"] / "results.md"]:
             print(f"  {method}: {path}")
     uri = resolve_tracking_uri()
-    print(f"\nMLflow: {uri}  (mlflow ui --backend-store-uri {uri})")
+    shown = printable_uri(uri)
+    print(f"\nMLflow: {shown}  (mlflow ui --backend-store-uri {shown})")
     for version in list_versions("mimmx_brain", uri)[:len(results)]:
         print(f"  registered mimmx_brain version {version.version} aliases {list(version.aliases)} run {version.run_id}")
     print("promote one with: mimm-med registry promote mimmx_brain --version V --alias champion")

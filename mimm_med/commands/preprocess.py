@@ -20,6 +20,8 @@ from mimm_med.data.pseudonym import KEY_ENV_VAR, Pseudonymiser, PseudonymKeyErro
 
 EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 UNLISTED_SHOWN = 3
+#: The pipelines shipped with mimm-med (present in a source checkout, as the README installs it).
+SHIPPED_PIPELINES = Path(__file__).resolve().parents[2] / "preprocessing"
 
 EPILOG = f"""\
 examples:
@@ -117,6 +119,24 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _missing_pipeline(card_path: Path, pipeline: Path, given: bool) -> str | None:
+    """Why the pipeline config ``pipeline`` cannot be read and what to pass instead; ``None`` if it is a file.
+
+    ``given``: it came from ``--pipeline``, not from the card at ``card_path``.
+    """
+    if pipeline.is_file():
+        return None
+    if given:
+        return f"--pipeline {pipeline}: no such file"
+    shipped = SHIPPED_PIPELINES / pipeline.name
+    example = f" (e.g. {shipped})" if shipped.is_file() else ""
+    # A card written outside cohorts/ does not sit one folder below the pipelines it names.
+    return (
+        f"{card_path}: pipeline: {pipeline} not found; a relative path is read from the folder above the card's "
+        f"folder ({card_path.resolve().parent.parent}): write an absolute path in the card{example}, or pass --pipeline"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``mimm-med preprocess``; return the exit status."""
     from mimm_med.data.cohort_card import CardError, CohortCard
@@ -142,7 +162,11 @@ def run(args: argparse.Namespace) -> int:
         card = CohortCard.from_yaml(args.cohort)
         if card.pipeline is None and args.pipeline is None:
             raise PreprocessError(f"{args.cohort}: cohort {card.name!r} is generated in memory, not preprocessed")
-        config = load_pipeline_config(args.pipeline or card.pipeline, dict(args.overrides))
+        pipeline = args.pipeline or card.pipeline
+        missing = _missing_pipeline(args.cohort, pipeline, given=args.pipeline is not None)
+        if missing:
+            raise PreprocessError(missing)
+        config = load_pipeline_config(pipeline, dict(args.overrides))
         scan = card.scan(args.raw)
         with _terminate_as_interrupt():
             summary = preprocess_records(

@@ -380,6 +380,20 @@ class Images:
         return value[len(self.strip_prefix) :], None
 
 
+def _missing_image(path: str, image: Path) -> str:
+    """The problem of a row whose image ``path`` (absolute: ``image``) is missing.
+
+    A folder of mixed ``.nii`` and ``.nii.gz`` files is common, and one pattern matches only one of them.
+    """
+    other = image.with_name(image.name[: -len(".gz")] if image.name.endswith(".gz") else f"{image.name}.gz")
+    if not other.exists():
+        return f"image file missing: {path}"
+    return (
+        f"image file missing: {path} ({other.name} is there; images.pattern names one file per row: (un)compress "
+        "the files that differ, or name each row's file in a table column given as images.column)"
+    )
+
+
 def _is_blank(record: list[str]) -> bool:
     return not record or (len(record) == 1 and not record[0].strip())
 
@@ -588,7 +602,7 @@ class CohortCard:
         """
         path = Path(path)
         try:
-            spec = yaml.safe_load(path.read_text())
+            spec = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise CardError(f"{path}: cohort card not found; the cards shipped with mimm-med are in cohorts/") from None
         except IsADirectoryError:
@@ -698,7 +712,7 @@ class CohortCard:
             if reason:
                 reasons[row].append(reason)
             elif not Path(images[row]).exists():
-                reasons[row].append(f"image file missing: {path}")
+                reasons[row].append(_missing_image(path, Path(images[row])))
         labelled = {
             name: label.apply(table[label.column] if label.column else pd.Series([""] * len(table)))
             for name, label in self.labels.items()

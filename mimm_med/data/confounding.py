@@ -53,9 +53,14 @@ def binary_codes(values: pd.Series) -> tuple[np.ndarray, tuple]:
     if len(levels) != 2:
         shown = ", ".join(str(level) for level in levels[:5])
         shown += f", … ({len(levels)} in all)" if len(levels) > 5 else ""
+        if pd.api.types.is_numeric_dtype(values):
+            fix = "bin it with a label of the cohort card (as age_group bins age: {edges: [60], names: [young, old]})"
+        else:
+            fix = "map its values onto two names in a label of the cohort card (values: {a: one, b: one, c: other})"
         raise ValueError(
             f"column {values.name!r} must have exactly two values to define agreement with the primary label, "
-            f"found [{shown}]; bin it first (e.g. the card's age_group instead of age)"
+            f"found [{shown}]; {fix}, then re-run preprocess into the same --out, which keeps the images and "
+            "relabels them"
         )
     return (values.to_numpy() == levels[1]).astype(np.int64), levels
 

@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mimm_med.data.manifest import IMAGE, SUBJECT, ManifestError, load_manifest
+from mimm_med.data.manifest import (
+    COHORT,
+    IMAGE,
+    STATUS,
+    STATUS_OK,
+    SUBJECT,
+    ManifestError,
+    label_columns,
+    load_manifest,
+    read_manifest,
+)
 from mimm_med.data.pseudonym import canonical_text
 
 PREPARE_HINT = (
@@ -40,7 +50,13 @@ def manifest_datalist(
     path = Path(manifest)
     if not path.is_file():
         raise ManifestError(f"no manifest at {path}: {PREPARE_HINT}")
-    table = load_manifest(path, label_values={name: list(levels) for name, levels in label_levels.items()})
+    try:
+        table = load_manifest(path, label_values={name: list(levels) for name, levels in label_levels.items()})
+    except ManifestError as error:
+        hint = _label_levels_hint(path, label_levels, primary)
+        if hint is None:
+            raise
+        raise ManifestError(f"{error}; {hint}") from None
     codes = {name: {canonical_text(v): i for i, v in enumerate(levels)} for name, levels in label_levels.items()}
     records = []
     for row in table.to_dict("records"):
@@ -50,6 +66,33 @@ def manifest_datalist(
             record["label"] = record[primary]
         records.append(record)
     return records
+
+
+def _label_levels_hint(path: Path, label_levels: Mapping[str, Sequence], primary: str | None) -> str | None:
+    """The ``--label_levels`` of a bundle that fit the manifest at ``path``; ``None`` if ``label_levels`` do.
+
+    A bundle's defaults name the labels of its stand-in cohort; one's own cohort has its own, and the
+    manifest error alone points at the card instead.
+    """
+    table = read_manifest(path)
+    table = table[table[STATUS] == STATUS_OK]
+    fitting = {}
+    for name in (*label_columns(table), COHORT):
+        values = {canonical_text(v) for v in table[name].dropna()}
+        known = [canonical_text(v) for v in label_levels.get(name, ())]
+        if values and values <= set(known):
+            fitting[name] = known
+        elif len(values) == 2:  # the factors `cohort split` can have confounded
+            fitting[name] = sorted(values)
+    if primary in fitting:
+        fitting = {primary: fitting.pop(primary), **fitting}
+    if all(fitting.get(name) == [canonical_text(v) for v in levels] for name, levels in label_levels.items()):
+        return None  # the bundle's labels fit: the error is about something else
+    override = f'--label_levels "{fitting}"' + ("" if primary in fitting or primary is None else " --primary <label>")
+    return (
+        f"or, if the manifest's labels are right, give the bundle the two-valued labels of your cohort (the same in "
+        f"training, evaluation and inference): {override}"
+    )
 
 
 def image_datalist(manifest: str | Path) -> list[dict]:

@@ -231,7 +231,7 @@ def recorded_key_fingerprint(manifest: str | Path) -> tuple[Path, str | None]:
     record = Path(manifest).parent / PIPELINE_RECORD
     if not record.is_file():
         return record, None
-    return record, json.loads(record.read_text()).get(KEY_FINGERPRINT)
+    return record, json.loads(record.read_text(encoding="utf-8")).get(KEY_FINGERPRINT)
 
 
 def _check_keys(paths: Sequence[str | Path], tables: Sequence[pd.DataFrame]) -> None:

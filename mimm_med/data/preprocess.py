@@ -372,7 +372,7 @@ def check_output_settings(config: Mapping, out_dir: Path, key_fingerprint: str) 
     record = json.loads(json.dumps({**config, KEY_FINGERPRINT: key_fingerprint}))
     if not path.exists():
         _create_once(path, json.dumps(record, indent=2))
-    recorded = json.loads(path.read_text())
+    recorded = json.loads(path.read_text(encoding="utf-8"))
     legacy = KEY_FINGERPRINT not in recorded
     if recorded.setdefault(KEY_FINGERPRINT, key_fingerprint) != key_fingerprint:
         raise PreprocessError(
@@ -388,14 +388,14 @@ def check_output_settings(config: Mapping, out_dir: Path, key_fingerprint: str) 
     # rewrite it together, each removing the other's temporary file as a stale one.
     if legacy:
         with atomic_output(path) as tmp:
-            tmp.write_text(json.dumps(record, indent=2))
+            tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
 def _create_once(path: Path, text: str) -> None:
     """Write ``path`` atomically unless it exists: of shards starting at once, the first one's stays."""
     tmp = path.with_name(f".new-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")  # its own: no one deletes it
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         try:
             os.link(tmp, path)  # fails if another shard has made it meanwhile, which the caller then compares
         except FileExistsError:

@@ -79,7 +79,7 @@ def write_synthetic_cohort_key(key_file: str | Path, label: str) -> Path:
     """
     key_file = Path(key_file)
     key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(hashlib.sha256(label.encode()).hexdigest())
+    key_file.write_text(hashlib.sha256(label.encode()).hexdigest(), encoding="utf-8")
     with contextlib.suppress(PermissionError):  # a shared cache's file of another user stays as it is
         key_file.chmod(0o600)  # as a real key should be, so that no run warns of it
     return key_file

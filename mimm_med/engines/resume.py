@@ -163,7 +163,7 @@ class ResumeFromLatest:
         if self.settings is None or not is_rank_zero():
             return
         with atomic_output(self.directory / SETTINGS_FILE) as temporary:
-            temporary.write_text(json.dumps(self.settings, indent=2, sort_keys=True))
+            temporary.write_text(json.dumps(self.settings, indent=2, sort_keys=True), encoding="utf-8")
 
     def _check_resumable(self, path: Path) -> None:
         fixes = (
@@ -172,7 +172,7 @@ class ResumeFromLatest:
         )
         record = self.directory / SETTINGS_FILE
         if self.settings is not None and record.is_file():
-            saved = json.loads(record.read_text())
+            saved = json.loads(record.read_text(encoding="utf-8"))
             changed = sorted(key for key in {*saved, *self.settings} if saved.get(key) != self.settings.get(key))
             if changed:
                 shown = "; ".join(f"{key}: {saved.get(key)!r} there, {self.settings.get(key)!r} now" for key in changed)
@@ -182,7 +182,7 @@ class ResumeFromLatest:
                 )
         finished = self.directory / FINISHED_FILE
         if finished.is_file():
-            counts = json.loads(finished.read_text())
+            counts = json.loads(finished.read_text(encoding="utf-8"))
             raise RunFinished(
                 f"the run in {self.directory} has finished: {path.name} holds epoch {counts['epoch']} of "
                 f"{counts['max_epochs']}, and its best model is {self.directory / self.best_model_file}. "
@@ -216,7 +216,7 @@ class ResumeFromLatest:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         with atomic_output(self.directory / FINISHED_FILE) as temporary:
-            temporary.write_text(json.dumps({"epoch": engine.state.epoch, "max_epochs": engine.state.max_epochs}))
+            temporary.write_text(json.dumps({"epoch": engine.state.epoch, "max_epochs": engine.state.max_epochs}), encoding="utf-8")
 
     def _restore_best_model_ranking(self) -> None:
         best = self.directory / self.best_model_file

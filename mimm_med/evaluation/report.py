@@ -20,7 +20,7 @@ from mimm_med.evaluation.outputs import collect_outputs
 from mimm_med.evaluation.plots import plot_group_accuracy, plot_tsne
 from mimm_med.evaluation.protocol import evaluate_test_sets, flatten_metrics, results_table
 from mimm_med.tracking.run_names import runs_named, set_aside
-from mimm_med.tracking.uri import require_reachable
+from mimm_med.tracking.uri import printable_uri, require_reachable
 
 #: Tag of an evaluation run that a later evaluation of the same name replaced: the later run's id.
 SUPERSEDED_TAG = "mimm_med.superseded_by"
@@ -65,9 +65,9 @@ def write_report(
     paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
     document = _finite_or_null({**results, "metrics": flatten_metrics(results)})
     with atomic_output(paths["json"]) as temporary:
-        temporary.write_text(json.dumps(document, indent=2, allow_nan=False))
+        temporary.write_text(json.dumps(document, indent=2, allow_nan=False), encoding="utf-8")
     with atomic_output(paths["markdown"]) as temporary:
-        temporary.write_text(results_table(results) + "\n")
+        temporary.write_text(results_table(results) + "\n", encoding="utf-8")
     paths["group_accuracy"] = plot_group_accuracy(results["sets"], output_dir / "group_accuracy.png")
     balanced = outputs["balanced"]
     labels = {name: balanced[f"{name}_label"] for name in (primary, *spurious)}
@@ -186,7 +186,11 @@ def evaluate_checkpoint(
     results, outputs = evaluate_network(network, loaders, primary, spurious, device, amp=amp, residual_mi=residual_mi, seed=seed)
     paths = write_report(results, outputs, primary, spurious, output_dir)
     metrics = flatten_metrics(results)
+    logged = ""
     if tracking_uri and experiment_name:
         log_report(metrics, paths, tracking_uri, experiment_name, run_name or "evaluate", {**(params or {}), "checkpoint": str(checkpoint)}, artifact_location)
+        logged = f"; MLflow run {run_name or 'evaluate'!r} of experiment {experiment_name!r} at {printable_uri(tracking_uri)}"
     print(results_table(results))
+    # The table alone does not say where the files went (``--bundle_root`` moves them).
+    print(f"evaluate: report {paths['markdown']}, with results.json and the plots in {Path(output_dir)}{logged}")
     return {"results": results, "metrics": metrics, "paths": paths}

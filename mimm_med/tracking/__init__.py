@@ -12,7 +12,13 @@ from .model_registration import ModelRegistration, default_pip_requirements
 from .registry import list_versions, load_registered_network, promote, registry_client
 from .training_plots import TrainingPlots
 from .training_run import run_tracked
-from .uri import TrackingServerUnreachable, default_artifact_location, require_reachable, resolve_tracking_uri
+from .uri import (
+    TrackingServerUnreachable,
+    default_artifact_location,
+    printable_uri,
+    require_reachable,
+    resolve_tracking_uri,
+)
 
 __all__ = [
     "ConfigArtifacts",
@@ -24,6 +30,7 @@ __all__ = [
     "default_pip_requirements",
     "list_versions",
     "network_summary",
+    "printable_uri",
     "load_registered_network",
     "promote",
     "registry_client",

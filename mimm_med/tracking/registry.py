@@ -12,7 +12,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from sqlalchemy.engine import make_url
 
-from .uri import require_reachable, resolve_tracking_uri, using_tracking_uri
+from .uri import printable_uri, require_reachable, resolve_tracking_uri, using_tracking_uri
 
 __all__ = ["ExportedNetwork", "list_versions", "load_registered_network", "promote", "registry_client"]
 
@@ -146,7 +146,7 @@ def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
             raise
         names = sorted(model.name for model in client.search_registered_models())
         raise LookupError(
-            f"no registered model {name!r} at {client.tracking_uri}; registered models: {names or 'none'}."
+            f"no registered model {name!r} at {printable_uri(client.tracking_uri)}; registered models: {names or 'none'}."
         ) from None
     found = client.search_model_versions(f"name = '{name}'")
     numbers = sorted((int(version.version) for version in found), reverse=True)

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from urllib.parse import urlsplit, urlunsplit
+
 import mlflow
 import requests
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
@@ -14,7 +16,13 @@ from mlflow.utils.uri import get_uri_scheme
 from monai.utils import path_to_sqlite_uri
 from sqlalchemy.engine import make_url
 
-__all__ = ["TrackingServerUnreachable", "default_artifact_location", "require_reachable", "resolve_tracking_uri"]
+__all__ = [
+    "TrackingServerUnreachable",
+    "default_artifact_location",
+    "printable_uri",
+    "require_reachable",
+    "resolve_tracking_uri",
+]
 
 #: Folder of the embedded store under the project root: ``mlflow.db`` and ``artifacts/``.
 STORE_FOLDER = "mlruns"
@@ -104,6 +112,21 @@ def default_artifact_location(root: str | Path = ".", tracking_uri: str | None =
     return (Path(database).absolute().parent / "artifacts").as_uri()
 
 
+def printable_uri(uri: str) -> str:
+    """``uri`` with the password of its ``user:password@`` part (a PostgreSQL store's, a server's) as ``***``, for messages.
+
+    Examples
+    --------
+    >>> printable_uri("postgresql://mlflow:secret@db.example.org:5432/mlflow")
+    'postgresql://mlflow:***@db.example.org:5432/mlflow'
+    """
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 class TrackingServerUnreachable(ConnectionError):
     """The MLflow tracking server of an ``http(s)://`` URI does not answer."""
 
@@ -130,7 +153,7 @@ def require_reachable(uri: str, timeout: float = 10.0) -> None:
         requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
     except requests.RequestException as error:
         raise TrackingServerUnreachable(
-            f"the MLflow tracking server {uri} does not answer ({type(error).__name__}); start it, or point "
+            f"the MLflow tracking server {printable_uri(uri)} does not answer ({type(error).__name__}); start it, or point "
             "--tracking-uri / MLFLOW_TRACKING_URI at a running one (unset both for the embedded SQLite store)"
         ) from error
 
