@@ -21,7 +21,7 @@ from bundle_runs import (
     run_env,
     training_command,
 )
-from gloo_ranks import spawn_gloo_ranks
+from gloo_ranks import leave_process_group, spawn_gloo_ranks
 from mlflow import MlflowClient
 from torch import nn
 
@@ -83,7 +83,7 @@ def run_rank(rank: int, init_file: str, out_dir: str) -> None:
         batch = {key: value[rank * half : (rank + 1) * half] for key, value in global_batch().items()}
         torch.save(train_one_iteration(batch, distributed=True), Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import torch.distributed as dist
-from gloo_ranks import spawn_gloo_ranks
+from gloo_ranks import leave_process_group, spawn_gloo_ranks
 from ignite.engine import Engine
 
 from mimm_med.tracking import EpochAverages
@@ -29,7 +29,7 @@ def run_rank(rank: int, init_file: str, out_dir: str) -> None:
         engine.run(list(OUTPUTS[rank]), max_epochs=1)
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps([engine.state.metrics, averages.state_dict()]))
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def test_every_rank_holds_the_means_over_all_ranks(tmp_path):

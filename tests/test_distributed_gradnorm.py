@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from gloo_ranks import spawn_gloo_ranks
+from gloo_ranks import leave_process_group, spawn_gloo_ranks
 from torch import nn
 
 from mimm_med.weighting import GradNorm
@@ -26,7 +26,7 @@ def run_rank(rank: int, init_file: str, out_dir: str) -> None:
         gradnorm.gradnorm_loss(losses, list(shared.parameters()))
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(gradnorm.initial_losses.tolist()))
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def test_every_rank_records_the_mean_first_losses(tmp_path):

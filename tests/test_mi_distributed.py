@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_ranks import spawn_gloo_ranks
+from gloo_ranks import leave_process_group, spawn_gloo_ranks
 
 from mimm_med.mi import CLUB, MINE, GaussianMI, InfoNCE, correlated_gaussians
 
@@ -51,20 +51,23 @@ def results(encoder, estimators, x, b, strata) -> dict[str, float | torch.Tensor
     return out
 
 
+def rank_split_results(rank: int, sizes: tuple[int, int]) -> dict[str, float | torch.Tensor]:
+    """:func:`results` of this rank's rows of the global batch, through a DDP-wrapped encoder (freed on return)."""
+    x, b, strata = global_batch()
+    encoder, estimators = build()
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+    return results(torch.nn.parallel.DistributedDataParallel(encoder), estimators, x[rows], b[rows], strata[rows])
+
+
 def run_rank(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
         torch.set_num_threads(1)
-        x, b, strata = global_batch()
         for split, sizes in SPLITS.items():
-            encoder, estimators = build()
-            ddp_encoder = torch.nn.parallel.DistributedDataParallel(encoder)
-            start = sum(sizes[:rank])
-            rows = slice(start, start + sizes[rank])
-            found = results(ddp_encoder, estimators, x[rows], b[rows], strata[rows])
-            torch.save(found, Path(out_dir) / f"{split}{rank}.pt")
+            torch.save(rank_split_results(rank, sizes), Path(out_dir) / f"{split}{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 @pytest.fixture(scope="module")
