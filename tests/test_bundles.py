@@ -24,6 +24,8 @@ from mimm_med.cli import main
 from mimm_med.data.confounding import SPLIT_NAMES
 from mimm_med.data.datalist import PREPARE_HINT
 from mimm_med.data.manifest import read_manifest, write_manifest
+from mimm_med.data.writers import prediction_folder
+from mimm_med.engines import SettingsMismatch
 from mimm_med.tracking import network_summary
 from mimm_med.tracking.config_artifacts import NETWORK_FILE
 
@@ -111,8 +113,17 @@ def at_repo_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[st
 
 
 def _predictions(path: Path) -> pd.DataFrame:
-    """``predictions.csv`` of ``ClassificationSaver``: image path, then one probability per class (no header)."""
-    return pd.read_csv(path, header=None, index_col=0)
+    """``predictions.csv`` of an inference, indexed by image: subject_id, ``p_<level>`` per level, prediction."""
+    return pd.read_csv(path, index_col="image", dtype={"subject_id": str})
+
+
+def _error_chain(error: BaseException | None) -> list[BaseException]:
+    """``error`` and the errors it was raised from or during (``monai.bundle`` wraps a config's errors)."""
+    chain = []
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
 
 
 def _network(bundle: Bundle, checkpoint: Path | None = None) -> torch.nn.Module:
@@ -167,31 +178,57 @@ def test_bundle_trains_evaluates_infers_and_exports(bundle: Bundle, request, at_
     for key in ("residual_mi", "residual_mi_given_y", "residual_mi_label"):
         assert {f"{key}/{factor}" for factor in factors} <= set(evaluation.data.metrics)
 
+    primary = defaults["primary"]
+    levels, probabilities = defaults["label_levels"][primary], [f"p_{level}" for level in defaults["label_levels"][primary]]
+    manifest = read_manifest(splits / "test-iid.csv")
+    capsys.readouterr()
     run("inferring", config_file=bundle.config_files("inference"), **settings)
-    from_checkpoint = _predictions(output_dir / "predictions.csv")
-    assert len(from_checkpoint) == len(read_manifest(splits / "test-iid.csv"))
-    np.testing.assert_allclose(from_checkpoint.sum(axis=1), 1.0, rtol=1e-5)
-    (output_dir / "predictions.csv").unlink()
+    # by default in a folder of the model's and the input's own
+    table = root / "predictions" / prediction_folder(run_name, splits / "test-iid.csv") / "predictions.csv"
+    from_checkpoint = _predictions(table)
+    assert list(from_checkpoint.columns) == ["subject_id", *probabilities, "prediction"]
+    assert from_checkpoint.index.tolist() == manifest["image"].tolist()
+    assert from_checkpoint["subject_id"].tolist() == manifest["subject_id"].tolist()
+    np.testing.assert_allclose(from_checkpoint[probabilities].sum(axis=1), 1.0, rtol=1e-5)
+    assert from_checkpoint["prediction"].tolist() == [levels[code] for code in from_checkpoint[probabilities].to_numpy().argmax(axis=1)]
+    assert f"infer: predictions of {len(manifest)} images in {table}\n" in capsys.readouterr().out
     registered = f"models:/{bundle.name}@candidate"
     run("inferring", config_file=bundle.config_files("inference"), model_uri=registered, **settings)
-    from_registry = _predictions(output_dir / "predictions.csv")
+    from_registry = _predictions(root / "predictions" / prediction_folder(registered, splits / "test-iid.csv") / "predictions.csv")
     pd.testing.assert_frame_equal(from_registry, from_checkpoint, atol=1e-5, rtol=1e-4)
 
+    # settings that change what the network's numbers mean are refused, with the override that the training had
+    swapped = {**defaults["label_levels"], primary: levels[::-1]}
+    with pytest.raises(Exception) as raised:
+        run("evaluating", config_file=bundle.config_files("evaluate"), **{**settings, "label_levels": swapped})
+    (refusal,) = [error for error in _error_chain(raised.value) if isinstance(error, SettingsMismatch)]
+    assert f"label_levels: {defaults['label_levels']!r} in training, {swapped!r} now" in str(refusal)
+    assert f'add --label_levels "{defaults["label_levels"]!r}"' in str(refusal)
+    trained_size = settings.get("spatial_size", defaults["spatial_size"])
+    with pytest.raises(Exception) as raised:
+        run("inferring", config_file=bundle.config_files("inference"), model_uri=registered,
+            **{**settings, "spatial_size": [size + 8 for size in trained_size]})  # fmt: skip
+    (refusal,) = [error for error in _error_chain(raised.value) if isinstance(error, SettingsMismatch)]
+    assert f"MLflow run {training.info.run_id}" in str(refusal) and f'add --spatial_size "{trained_size!r}"' in str(refusal)
+
     # an image that cannot be read costs its own prediction, not the others'
-    manifest = read_manifest(splits / "test-iid.csv")
     image = Path(manifest.loc[0, "image"])
     broken = tmp_path / f"broken_{image.name}"
     broken.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
     manifest.loc[0, "image"] = str(broken)
     write_manifest(manifest, tmp_path / "with_broken.csv")
-    (output_dir / "predictions.csv").unlink()
     capsys.readouterr()
     run("inferring", config_file=bundle.config_files("inference"), input_manifest=str(tmp_path / "with_broken.csv"), **settings)
-    predicted = _predictions(output_dir / "predictions.csv")
+    table = root / "predictions" / prediction_folder(run_name, tmp_path / "with_broken.csv") / "predictions.csv"
+    predicted = _predictions(table)
     assert len(predicted) == len(manifest) - 1 and str(broken) not in predicted.index
     pd.testing.assert_frame_equal(predicted, from_checkpoint.iloc[1:], atol=1e-5, rtol=1e-4)
     log = capsys.readouterr().out  # the bundle's logging.conf logs to standard output
-    assert f"skipped {broken}" in log and f"1 of {len(manifest)} images could not be read" in log
+    assert f"skipped {broken}" in log
+    assert (
+        f"infer: predictions of {len(manifest) - 1} images in {table}; 1 of {len(manifest)} images could not be read "
+        "and were skipped" in log
+    )
 
     checkpoint = root / "models" / run_name / "model.pt"
     exported = tmp_path / "model.ts"
@@ -242,10 +279,7 @@ def test_validation_labels_reach_the_prediction_device(bundle: Bundle):
 def test_missing_splits_name_the_command_that_makes_them(bundle: Bundle, at_repo_root: str, tmp_path: Path):
     with pytest.raises(Exception) as raised:
         run("training", config_file=bundle.config_files(), dataset_dir=str(tmp_path), bundle_root=str(tmp_path))
-    messages, error = [], raised.value
-    while error is not None:
-        messages.append(str(error))
-        error = error.__cause__ or error.__context__
+    messages = [str(error) for error in _error_chain(raised.value)]
     assert any(PREPARE_HINT in message and str(tmp_path / "train.csv") in message for message in messages)
 
 

@@ -7,6 +7,7 @@ from mimm_med.data.confounding import (
     cell_balancing_weights,
     cell_counts,
     confounded_splits,
+    write_splits,
 )
 
 
@@ -155,6 +156,19 @@ def test_a_correlation_the_cohort_cannot_supply_is_reported_not_silent():
     # a cohort that can supply it is not reported
     fine = confounded_splits(_shortcut_cohort(minority=200), "age_group", {"sex": 0.98}, seed=0)
     assert missed_correlations(cell_counts(fine, "age_group", ["sex"])).empty
+
+
+def test_cells_csv_records_the_inverted_share_as_requested(tmp_path):
+    table = _cohort(300)
+    table["image"] = [str(tmp_path / f"{subject}.nii.gz") for subject in table.subject_id]
+    table["status"] = "ok"
+    splits = confounded_splits(table, "age_group", {"sex": 0.9, "cohort": 0.7}, seed=0)
+    write_splits(splits, tmp_path, "age_group", ["sex", "cohort"])
+
+    cells = pd.read_csv(tmp_path / "cells.csv", dtype={"requested": str})
+    inverted = cells[cells.split == "test-inverted"].groupby("factor")["requested"].agg(set).to_dict()
+    # 1.0 - 0.9 was written as 0.09999999999999998
+    assert inverted == {"cohort": {"0.3"}, "sex": {"0.1"}}
 
 
 def test_reported_cell_counts_are_the_actual_counts_of_every_split():

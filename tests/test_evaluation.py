@@ -328,7 +328,7 @@ def test_residual_mutual_information_refuses_unknown_estimators_and_tiny_sets():
     a, b = gaussian_features(0.5, seed=0, n=20)
     with pytest.raises(ValueError, match="unknown estimator"):
         residual_mutual_information(a, b, estimator="kde")
-    with pytest.raises(ValueError, match="2 rows per fold"):
+    with pytest.raises(ValueError, match="at least 24 rows per fold"):
         residual_mutual_information(a[:5], b[:5])
     with pytest.raises(ValueError, match="at least 3 folds"):
         residual_mutual_information(a, b, folds=2)
@@ -457,15 +457,24 @@ def test_evaluate_test_sets_estimates_residual_mi_on_request():
     assert "residual MI with z" in results_table(results)
 
 
-def test_a_set_too_small_for_the_residual_mi_critics_leaves_the_other_metrics():
-    tiny = synthetic_outputs(0.5, seed=1, n=8)
+def test_a_set_too_small_for_the_residual_mi_critics_leaves_the_other_metrics(capsys):
+    # The walk-through's balanced set: 18 images, whose residual MI came out at 58.7 and -746 nats.
+    tiny = synthetic_outputs(0.5, seed=1, n=18)
 
-    with pytest.warns(UserWarning, match="residual_mi_label of z on the balanced set not estimated"):
-        results = evaluate_test_sets({"balanced": tiny}, "y", ["z"], "balanced", residual_mi={})
+    with pytest.warns(UserWarning) as caught:
+        results = evaluate_test_sets({"balanced": tiny}, "y", ["z"], "balanced", residual_mi={}, progress=True)
 
-    assert np.isnan(results["residual_mi_label"]["z"]) and np.isnan(results["residual_mi"]["z"])
+    messages = [str(warning.message) for warning in caught]
+    assert [message.split(" of z on the balanced set not estimated: ")[0] for message in messages] == [
+        "residual_mi", "residual_mi_given_y", "residual_mi_label"
+    ]
+    assert all("at least 24 rows per fold" in message and "--estimate_residual_mi False" in message for message in messages)
+    assert "18 rows in 5 folds" in messages[0] and "18 rows in 5 folds" in messages[2]
+    assert all(np.isnan(results[key]["z"]) for key in ("residual_mi", "residual_mi_given_y", "residual_mi_label"))
     assert 0.0 <= results["leakage"]["z"] <= 1.0
     assert 0.0 <= flatten_metrics(results)["balanced/y_acc"] <= 1.0
+    bar = capsys.readouterr().err  # over the critics, naming the one that trains
+    assert "residual MI:" in bar and "0/3" in bar and "residual_mi_label of z" in bar
 
 
 def test_a_factor_that_does_not_vary_in_the_probed_set_leaves_the_other_metrics():

@@ -150,10 +150,10 @@ def test_a_regression_head_of_a_spurious_factor_is_left_out_of_switched_heads():
 
 def test_residual_mi_given_names_the_class_too_small_for_the_critics():
     rng = np.random.default_rng(0)
-    given = np.array([0] * 30 + [1] * 6)
+    given = np.array([0] * 150 + [1] * 30)
 
-    with pytest.raises(TooFewRowsError, match=r"given class 1 holds 6 of 36 rows: 6 rows in 5 folds"):
-        residual_mutual_information(rng.normal(size=(36, 2)), rng.normal(size=(36, 2)), "gaussian", given=given)
+    with pytest.raises(TooFewRowsError, match=r"given class 1 holds 30 of 180 rows: 30 rows in 5 folds"):
+        residual_mutual_information(rng.normal(size=(180, 2)), rng.normal(size=(180, 2)), "gaussian", given=given)
 
 
 def test_tsne_of_collapsed_features_is_drawn_instead_of_crashing_the_process(tmp_path):

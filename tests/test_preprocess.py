@@ -26,6 +26,7 @@ from preprocess_fixtures import (
     XRAY_CONFIG,
     XRAY_FAILURES,
     brain_cohort,
+    head_volume,
     radiograph,
     searchable_bytes,
     write_nifti,
@@ -45,6 +46,7 @@ from mimm_med.data.preprocess import (
     load_pipeline_config,
     parse_override,
     preprocess_records,
+    unmask_file,
 )
 from mimm_med.data.pseudonym import Pseudonymiser, PseudonymKeyError, resolve_key
 from mimm_med.data.writers import ImageFileWriter, atomic_output
@@ -460,3 +462,26 @@ def test_unlisted_images_are_in_the_summary_pseudonymised_not_failures(brain, tm
     assert summary.unlisted == (f"{pseudonym}_20252_2_0/T1/T1.nii.gz",)
     assert summary.ok and "1 images without a metadata row, not processed" in str(summary)
     assert "5000099" not in str(summary)
+
+
+def test_a_bids_subject_folder_shows_the_pseudonym_once_and_keeps_its_image_name(tmp_path):
+    raw = tmp_path / "raw"
+    good, bad = (raw / f"sub-{eid}" / "anat" / f"sub-{eid}_T1w.nii.gz" for eid in ("1000001", "1000002"))
+    write_nifti(good, head_volume(0))
+    bad.parent.mkdir(parents=True)
+    bad.touch()
+    records = pd.DataFrame({"source_id": ["1000001", "1000002"], "image": [str(good), str(bad)], "sex": "male",
+                            "cohort": "ukb"})
+    summary = run(records, records.iloc[:0], raw, tmp_path / "out")
+    pseudonym = Pseudonymiser(KEY).subject("ukb", "1000002")
+
+    errors = pd.read_csv(summary.errors, dtype=str, keep_default_na=False)
+    # was sub-sub-<hash>/anat/sub-sub-<hash>_T1w.nii.gz
+    assert errors["file"].tolist() == [f"{pseudonym}/anat/{pseudonym}_T1w.nii.gz"]
+    assert "sub-sub-" not in errors["reason"][0] and "1000002" not in errors["reason"][0]
+    assert unmask_file(errors["file"][0], pseudonym, "1000002", raw, [str(good), str(bad)]) == bad
+    # Image names are hashed from the path as masked before, so outputs of earlier runs are found again.
+    kept = Pseudonymiser(KEY).subject("ukb", "1000001")
+    image = Pseudonymiser(KEY).image("ukb", "1000001", f"sub-{kept}/anat/sub-{kept}_T1w.nii.gz")
+    manifest = read_manifest(summary.manifest)
+    assert manifest.loc[manifest["status"] == "ok", "image"].tolist() == [str(tmp_path / "out" / "images" / kept / f"{image}.nii.gz")]

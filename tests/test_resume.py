@@ -17,6 +17,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
 
 from mimm_med.engines import ResumeFromLatest, RunFinished, RunFolderConflict, latest_checkpoint
+from mimm_med.engines.resume import SettingsMismatch, require_checkpoint_settings
 
 EPOCHS = 3
 N_CRITIC = 3  # the brain bundle's
@@ -220,6 +221,29 @@ def test_a_checkpoint_is_resumed_only_with_its_own_settings_and_only_while_unfin
     with pytest.raises(RunFinished, match=r"has finished: checkpoint_trainer_epoch=3.pt holds epoch 3 of 3.*Evaluate it") as error:
         _counting_run(tmp_path, 3, {"mi_weight": 1.0, "spatial_size": [32, 32]})
     assert str(tmp_path) in str(error.value)
+
+
+def test_a_trained_network_is_evaluated_only_with_the_settings_that_its_numbers_depend_on(tmp_path):
+    levels = {"age_group": ["young", "old"], "sex": ["female", "male"], "cohort": ["nako", "ukb"]}
+    network = "MIMMXNet(\n  (heads): ModuleDict(\n    (age_group): Linear\n    (sex): Linear\n  )\n)"
+    trained = {"label_levels": levels, "primary": "age_group", "spatial_size": (16, 16), "epochs": 3, "network_def": network}
+    _counting_run(tmp_path, 3, trained)  # a fresh run records its settings
+    checkpoint = tmp_path / "model.pt"
+    # the epochs change no number, and a setting that the record lacks (an older run's) is not checked
+    require_checkpoint_settings(checkpoint, {**trained, "epochs": 20, "part_size": 16})
+    swapped = {"age_group": ["old", "young"], "sex": ["female", "male"], "cohort": ["nako", "ukb"]}
+    other_network = network.replace("(age_group)", "(x)").replace("(sex)", "(age_group)").replace("(x)", "(sex)")
+    with pytest.raises(SettingsMismatch) as refused:
+        require_checkpoint_settings(checkpoint, {**trained, "label_levels": swapped, "spatial_size": [24, 24], "network_def": other_network})
+    message = str(refused.value)
+    assert str(tmp_path / "settings.json") in message
+    assert f"  label_levels: {levels!r} in training, {swapped!r} now" in message
+    assert "  network_def: line 3 is '(age_group): Linear' in training, '(sex): Linear' now" in message
+    assert "  spatial_size: [16, 16] in training, [24, 24] now" in message
+    # the factors in their trained order: the order of the network's parts
+    assert message.endswith(f'add --label_levels "{levels!r}" --spatial_size "[16, 16]"; build its network as in training '
+                            "(e.g. the same --backbone; network_def of that record is its definition)")
+    require_checkpoint_settings(tmp_path / "elsewhere" / "model.pt", {})  # no record, nothing to check
 
 
 def test_a_resumed_run_keeps_as_many_checkpoints_as_its_saver_and_a_fallback_until_then(tmp_path):

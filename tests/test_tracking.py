@@ -182,8 +182,12 @@ def test_registry_cli_promotes_and_lists(trained, capsys):
     assert trained.client.get_model_version_by_alias(MODEL_NAME, "champion").version == first.version
     capsys.readouterr()
     assert main(["registry", "list", MODEL_NAME, *uri]) == 0
-    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
-    assert rows[str(first.version)] == ["candidate,champion", first.run_id]
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert lines[0].split() == ["version", "aliases", "run_id", "run_name"]
+    assert rows[str(first.version)] == ["candidate,champion", first.run_id, "tiny"]
+    row = next(line for line in lines if line.split()[0] == str(first.version))
+    assert row.index(first.run_id) == lines[0].index("run_id") and row.index("tiny") == lines[0].index("run_name")
     assert main(["registry", "list", "no_such_model", *uri]) == 2
     assert MODEL_NAME in capsys.readouterr().err
     assert main(["registry", "promote", MODEL_NAME, "--version", str(first.version), "--alias", "latest", *uri]) == 2

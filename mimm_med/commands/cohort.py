@@ -416,8 +416,8 @@ def locate_command(args: argparse.Namespace) -> int:
         elif subject not in sources:
             unknown.append(subject)
         else:
-            source_id = sources[subject][0]
-            print(f"{subject}\t{source_id}\t{unmask_file(shown, subject, source_id, raw_dir) if shown else '-'}"
+            source_id, images = sources[subject]
+            print(f"{subject}\t{source_id}\t{unmask_file(shown, subject, source_id, raw_dir, images) if shown else '-'}"
                   f"\t{row['reason']}")
     if unknown:
         return _fail(

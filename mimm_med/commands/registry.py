@@ -33,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     listing = commands.add_parser(
         "list",
         help="versions of a model with their aliases and runs",
-        description="List the versions of a registered model, newest first, with their aliases and run ids.",
+        description="List the versions of a registered model, newest first, with their aliases, run ids and run names.",
     )
     listing.add_argument("name", help="registered model name")
     listing.add_argument("--tracking-uri", help=uri_help)
@@ -65,19 +65,23 @@ def list_command(args: argparse.Namespace) -> int:
     """Run ``mimm-med registry list``."""
     from mlflow.exceptions import MlflowException
 
-    from mimm_med.tracking import TrackingServerUnreachable, list_versions
+    from mimm_med.tracking import TrackingServerUnreachable, version_runs
 
     try:
-        versions = list_versions(args.name, args.tracking_uri)
+        versions = version_runs(args.name, args.tracking_uri)
     except (LookupError, FileNotFoundError, TrackingServerUnreachable, ValueError) as error:
         return _fail("list", error)
     except MlflowException as error:  # e.g. a store of an older schema, or a URI with no registry
         return _fail("list", error.message)
-    rows = [("version", "aliases", "run_id")]
-    rows += [(str(v.version), ",".join(sorted(v.aliases)) or "-", v.run_id or "-") for v in versions]
-    widths = [max(len(row[column]) for row in rows) for column in range(2)]
-    for version, aliases, run_id in rows:
-        print(f"{version:<{widths[0]}}  {aliases:<{widths[1]}}  {run_id}")
+    rows = [("version", "aliases", "run_id", "run_name")]
+    rows += [
+        (str(version.version), ",".join(sorted(version.aliases)) or "-", version.run_id or "-", run_name)
+        for version, run_name in versions
+    ]
+    # The name goes last: it is the one column that may hold spaces, and the only one not padded.
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for version, aliases, run_id, run_name in rows:
+        print(f"{version:<{widths[0]}}  {aliases:<{widths[1]}}  {run_id:<{widths[2]}}  {run_name}")
     return 0
 
 

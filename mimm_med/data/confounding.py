@@ -235,7 +235,8 @@ def confounded_splits(
         )
     rng = np.random.default_rng(seed)
     train_pool, val_pool, test_pool = subject_pools(table[subject_column].tolist(), fractions, rng)
-    inverted = {name: 1.0 - r for name, r in spurious.items()}
+    # Rounded: 1.0 - 0.9 is 0.09999999999999998 in binary, and cells.csv records the share as requested.
+    inverted = {name: round(1.0 - r, 12) for name, r in spurious.items()}
     balanced = {name: 0.5 for name in spurious}
     plan = {
         "train": (train_pool, spurious),

@@ -96,9 +96,9 @@ def _label_levels_hint(path: Path, label_levels: Mapping[str, Sequence], primary
 
 
 def image_datalist(manifest: str | Path) -> list[dict]:
-    """``{"image", "image_path"}`` dicts of the ``ok`` rows of a manifest, for inference (labels not needed)."""
+    """``{"image", "image_path", "subject_id"}`` dicts of the ``ok`` rows of a manifest, for inference (labels not needed)."""
     path = Path(manifest)
     if not path.is_file():
         raise ManifestError(f"no manifest at {path}: {PREPARE_HINT}")
     table = load_manifest(path)
-    return [{"image": image, "image_path": image} for image in table[IMAGE]]
+    return [{"image": image, "image_path": image, "subject_id": subject} for image, subject in zip(table[IMAGE], table[SUBJECT])]

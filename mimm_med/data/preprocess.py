@@ -51,7 +51,7 @@ from mimm_med.data.manifest import (
     write_manifest,
 )
 from mimm_med.data.cohort_card import ROW
-from mimm_med.data.pseudonym import Pseudonymiser, canonical_text, mask_identifier
+from mimm_med.data.pseudonym import SUBJECT_PREFIX, Pseudonymiser, canonical_text, mask_identifier, mask_subject
 from mimm_med.data.writers import atomic_output
 
 SOURCE_ID = "source_id"
@@ -178,7 +178,7 @@ class Shard:
     def __contains__(self, subject_id: str) -> bool:
         if not subject_id:  # a metadata row without an id is reported once, by the first shard
             return self.index == 0
-        return int(subject_id.removeprefix("sub-"), 16) % self.count == self.index
+        return int(subject_id.removeprefix(SUBJECT_PREFIX), 16) % self.count == self.index
 
     def suffix(self) -> str:
         """File name suffix of this shard's tables: ``""`` for the whole cohort."""
@@ -190,19 +190,24 @@ class Masking:
     """Replaces identifying text in report lines: raw path → ``shown`` path, raw folder, source id → pseudonym."""
 
     pairs: tuple[tuple[str, str], ...]
+    source_id: str
+    subject_id: str
 
     @classmethod
     def of(cls, source: str, raw_dir: Path, source_id: str, subject_id: str) -> tuple[str, Masking]:
         """The path to show for ``source`` (relative to ``raw_dir``, id masked) and the masking to use."""
-        shown = Path(source).relative_to(raw_dir).as_posix() if Path(source).is_relative_to(raw_dir) else source
-        # Raw layouts put subject ids into paths (UK Biobank: <eid>_20252_2_0/T1/T1.nii.gz).
-        shown = mask_identifier(shown, source_id, subject_id)
-        return shown, cls(((source, shown), (str(raw_dir), "<raw>"), (source_id, subject_id)))
+        # Raw layouts put subject ids into paths (UK Biobank: <eid>_20252_2_0/T1/T1.nii.gz; BIDS: sub-<id>/anat/).
+        shown = mask_subject(_relative(source, raw_dir), source_id, subject_id)
+        return shown, cls(((source, shown), (str(raw_dir), "<raw>")), source_id, subject_id)
 
     def __call__(self, text: str) -> str:
         for identifier, replacement in self.pairs:
             text = mask_identifier(text, identifier, replacement)
-        return text
+        return mask_subject(text, self.source_id, self.subject_id)
+
+
+def _relative(source: str, raw_dir: Path) -> str:
+    return Path(source).relative_to(raw_dir).as_posix() if Path(source).is_relative_to(raw_dir) else source
 
 
 @dataclass(frozen=True)
@@ -420,7 +425,10 @@ def _plan(
         if subject_id not in shard:
             continue
         shown, mask = Masking.of(source, raw_dir, source_id, subject_id)
-        stem = out_dir / "images" / subject_id / pseudonymiser.image(cohort, source_id, shown)
+        # Hashed as paths were masked before a BIDS sub-<id> became the bare pseudonym (sub-sub-<hash>), so that
+        # the images of earlier runs keep their names.
+        hashed = mask_identifier(_relative(source, raw_dir), source_id, subject_id)
+        stem = out_dir / "images" / subject_id / pseudonymiser.image(cohort, source_id, hashed)
         if stem in rows:  # a repeated record: processing it twice would race two workers for one file
             continue
         rows[stem] = {SUBJECT: subject_id, IMAGE: f"{stem}{suffix}", **{k: record[k] for k in labels}, COHORT: cohort}
@@ -473,8 +481,13 @@ def subject_sources(frames: Iterable[pd.DataFrame], pseudonymiser: Pseudonymiser
     return sources
 
 
-def unmask_file(shown: str, subject_id: str, source_id: str, raw_dir: Path) -> Path:
-    """The raw path of a ``file`` of ``errors.csv``: the inverse of :meth:`Masking.of`, given the source id."""
+def unmask_file(shown: str, subject_id: str, source_id: str, raw_dir: Path, images: Iterable[str]) -> Path:
+    """The raw path of a ``file`` of ``errors.csv``: the one of the subject's raw ``images`` that :meth:`Masking.of`
+    shows as ``shown``; else ``shown`` with the pseudonym replaced by ``source_id``."""
+    # Matched rather than inverted: both <id> and sub-<id> are shown as the pseudonym.
+    for image in images:
+        if Masking.of(str(Path(image).resolve()), raw_dir, source_id, subject_id)[0] == shown:
+            return Path(image).resolve()
     return raw_dir / mask_identifier(shown, subject_id, source_id)
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 KEY_ENV_VAR = "MIMM_MED_PSEUDONYM_KEY"
 MIN_KEY_LENGTH = 16
 DIGEST_CHARS = 16  # 64 bits: collision odds below 1e-8 for a million subjects
+#: Prefix of every subject pseudonym, the one BIDS gives subject folders and files.
+SUBJECT_PREFIX = "sub-"
 
 _HOW_TO_SET = (
     f"pass --key-file FILE (keeps the key out of shell history), --key KEY, or set {KEY_ENV_VAR}; "
@@ -131,7 +133,7 @@ class Pseudonymiser:
 
     def subject(self, cohort: str, source_id: object) -> str:
         """Pseudonymous subject id; the cohort is hashed in so equal ids in two cohorts stay apart."""
-        return "sub-" + self._digest("subject", cohort, canonical_text(source_id))
+        return SUBJECT_PREFIX + self._digest("subject", cohort, canonical_text(source_id))
 
     def image(self, cohort: str, source_id: object, relative_path: str) -> str:
         """Pseudonymous image id of one raw file (or DICOM series folder) of a subject."""
@@ -152,3 +154,14 @@ def mask_identifier(text: str, identifier: str, replacement: str) -> str:
         return text
     pattern = rf"(?<![0-9A-Za-z]){re.escape(identifier)}(?![0-9A-Za-z])"
     return re.sub(pattern, replacement, text)
+
+
+def mask_subject(text: str, source_id: str, subject_id: str) -> str:
+    """:func:`mask_identifier` of a subject's ``source_id`` by its pseudonym ``subject_id``.
+
+    A BIDS ``sub-<source id>`` becomes the pseudonym itself, which carries the prefix already, rather
+    than ``sub-sub-<hash>``.
+    """
+    if source_id:
+        text = mask_identifier(text, SUBJECT_PREFIX + source_id, subject_id)
+    return mask_identifier(text, source_id, subject_id)

@@ -6,7 +6,6 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ignite.engine import Engine, Events
 from monai.data import Dataset, list_data_collate
 
 from mimm_med.data.preprocess import describe_error
@@ -19,7 +18,8 @@ class SkippingDataset(Dataset):
 
     Each failure is logged as a warning naming the image and the reason (from the worker process
     that met it, so the message survives ``num_workers > 0``). Batch with :func:`collate_readable`,
-    which leaves the ``None`` items out.
+    which leaves the ``None`` items out
+    (:class:`mimm_med.data.writers.PredictionTable` counts them).
 
     Parameters
     ----------
@@ -60,34 +60,3 @@ def collate_readable(batch: Sequence[Any]) -> Any:
         )
     return list_data_collate(readable)
 
-
-class ReportSkipped:
-    """On ``COMPLETED``, warn how many of ``expected`` images the engine did not see (skipped ones).
-
-    Parameters
-    ----------
-    expected
-        Images in the datalist.
-    """
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.seen = 0
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._count)
-        engine.add_event_handler(Events.COMPLETED, self._report)
-
-    def _reset(self, engine: Engine) -> None:
-        self.seen = 0
-
-    def _count(self, engine: Engine) -> None:
-        self.seen += len(engine.state.batch)  # decollated by MONAI's evaluator: one entry per image
-
-    def _report(self, engine: Engine) -> None:
-        if self.seen < self.expected:
-            logger.warning(
-                "%d of %d images could not be read and have no prediction (each is named in a warning above)",
-                self.expected - self.seen, self.expected,
-            )  # fmt: skip

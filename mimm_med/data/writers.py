@@ -1,4 +1,4 @@
-"""Atomic writers for preprocessed images and tables.
+"""Atomic writers for preprocessed images and tables, and the predictions table of inference.
 
 Every output is written to a hidden temporary file in its destination folder and moved into place
 with ``os.replace`` (atomic on POSIX): a reader, a re-run or a crash never sees half a file.
@@ -7,14 +7,17 @@ with ``os.replace`` (atomic on POSIX): a reader, a re-run or a crash never sees 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 from monai.config import NdarrayOrTensor
-from monai.data import MetaTensor
+from monai.data import CSVSaver, MetaTensor
 from monai.utils import convert_to_numpy
 from PIL import Image
 
@@ -130,3 +133,70 @@ class ImageFileWriter:
         scaled = np.round(array.clip(0.0, 1.0) * np.iinfo(dtype).max).astype(dtype)
         # MONAI arrays are indexed [column, row]; PNG rows come first.
         Image.fromarray(np.ascontiguousarray(scaled.T)).save(path, format="PNG")
+
+
+def prediction_folder(model: str, manifest: str | Path) -> str:
+    """A folder name of the predictions of ``model`` (a run name or a model URI) for ``manifest``: ``<model>/<input>``.
+
+    ``<input>`` is the manifest's folder and name with a hash of its absolute path, so that two
+    inputs (``site_a/manifest.csv``, ``site_b/manifest.csv``, or two data sets' ``splits/test-iid.csv``)
+    do not overwrite each other's predictions.
+
+    Examples
+    --------
+    >>> prediction_folder("models:/mimmx_brain@champion", "processed/site_a/manifest.csv")  # doctest: +ELLIPSIS
+    'mimmx_brain@champion/site_a-manifest-...'
+    """
+    path = Path(manifest).absolute()
+    digest = hashlib.sha256(str(path).encode("utf-8")).hexdigest()[:8]
+    model_name = re.sub(r"[^\w@.=-]+", "-", model.removeprefix("models:/")).strip("-")
+    return f"{model_name}/{path.parent.name}-{path.stem}-{digest}"
+
+
+class PredictionTable(CSVSaver):
+    """MONAI's ``CSVSaver`` that writes a table with a header: ``image, subject_id, p_<level>..., prediction``.
+
+    Hand it to ``monai.handlers.ClassificationSaver(saver=...)``, which collects each image's class
+    probabilities (gathered over the ranks under ``torch.distributed``). The file is written
+    atomically, replacing an earlier one only once complete, and one line names it with the count
+    of images predicted and of those skipped as unreadable.
+
+    Parameters
+    ----------
+    output_dir
+        Folder of the table.
+    datalist
+        The inference datalist (``image_path`` and ``subject_id`` of each image, e.g.
+        :func:`mimm_med.data.datalist.image_datalist`): the subject ids, and the images expected.
+    levels
+        The primary label's levels in code order, one probability column each.
+    filename
+        Name of the table in ``output_dir``.
+    """
+
+    def __init__(
+        self, output_dir: str | Path, datalist: Sequence[Mapping], levels: Sequence[str], filename: str = "predictions.csv"
+    ) -> None:
+        super().__init__(output_dir, filename, overwrite=False)  # overwrite=True would delete the previous table at once
+        self.path = Path(output_dir) / filename
+        self.subjects = {str(item["image_path"]): item["subject_id"] for item in datalist}
+        self.levels = [str(level) for level in levels]
+
+    def finalize(self) -> None:
+        """Write the collected predictions and print where, with how many images were predicted and skipped."""
+        cache = self.get_cache()
+        probabilities = np.stack(list(cache.values()))  # ClassificationSaver hands over at least one image
+        if probabilities.shape[1] != len(self.levels):
+            raise ValueError(
+                f"the network gives {probabilities.shape[1]} class probabilities, but the primary label has "
+                f"{len(self.levels)} levels {self.levels}: give the label_levels it was trained with"
+            )
+        table = pd.DataFrame({"image": list(cache), "subject_id": [self.subjects[image] for image in cache]})
+        table[[f"p_{level}" for level in self.levels]] = probabilities
+        table["prediction"] = [self.levels[code] for code in probabilities.argmax(axis=1)]
+        with atomic_output(self.path) as tmp:
+            table.to_csv(tmp, index=False)
+        self.reset_cache()
+        skipped = len(self.subjects) - len(table)
+        unreadable = f"; {skipped} of {len(self.subjects)} images could not be read and were skipped (each named in a warning above)"
+        print(f"infer: predictions of {len(table)} images in {self.path}{unreadable if skipped else ''}")

@@ -14,7 +14,15 @@ from .methods import METHODS, PENALTY_METHODS, MethodSpec, parse_method
 from .objective import MIMMXObjective
 from .random_states import RandomStates
 from .rank_seeds import RankLoaderSeeds
-from .resume import ResumeFromLatest, RunFinished, RunFolderConflict, latest_checkpoint, trained_checkpoint
+from .resume import (
+    ResumeFromLatest,
+    RunFinished,
+    RunFolderConflict,
+    SettingsMismatch,
+    latest_checkpoint,
+    require_checkpoint_settings,
+    trained_checkpoint,
+)
 from .trainer import MIMMXTrainer, NegativeMIWarning, TrainingDiverged
 
 __all__ = [
@@ -35,10 +43,12 @@ __all__ = [
     "ResumeFromLatest",
     "RunFinished",
     "RunFolderConflict",
+    "SettingsMismatch",
     "MutualInformationTerms",
     "NegativeMIWarning",
     "TrainingDiverged",
     "latest_checkpoint",
+    "require_checkpoint_settings",
     "trained_checkpoint",
     "parse_method",
 ]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import re
+import shlex
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,10 @@ from mimm_med.distributed import is_rank_zero, rank_zero_choice
 logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
+#: Settings that change what a trained network's numbers mean: given others, an evaluation or an
+#: inference reads its outputs as other classes (label levels in another order), feeds it images of
+#: another size, or builds another network for its weights.
+TRAINED_SETTINGS = ("label_levels", "primary", "spatial_size", "part_size", "network_def")
 #: Written once every ``COMPLETED`` handler of a run has run (the model is registered, MLflow's run closed).
 FINISHED_FILE = "finished.json"
 
@@ -29,6 +36,84 @@ class RunFolderConflict(ValueError):
 
 class RunFinished(RunFolderConflict):
     """The run folder's checkpoints have finished all the epochs of this run."""
+
+
+class SettingsMismatch(ValueError):
+    """An evaluation or inference runs with other settings than its network was trained with; the message names the overrides."""
+
+
+def normal_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` in JSON-normal form, so that a tuple setting equals the list read back from a record."""
+    return json.loads(json.dumps(dict(settings), default=str))
+
+
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str] | None = None) -> list[str]:
+    """The keys (``keys``, or every key of either) whose values differ between ``saved`` and ``current``, sorted."""
+    keys = {*saved, *current} if keys is None else set(keys)
+    return sorted(key for key in keys if saved.get(key) != current.get(key))
+
+
+def refuse_other_settings(
+    current: Mapping[str, Any], trained: Mapping[str, Any], source: str, keys: Sequence[str] = TRAINED_SETTINGS
+) -> None:
+    """Raise :class:`SettingsMismatch` if ``current`` differs from ``trained`` in any of ``keys`` that ``trained`` records.
+
+    Parameters
+    ----------
+    current
+        The settings of this run, as ``ResumeFromLatest`` is given them.
+    trained
+        The settings the network was trained with, in JSON-normal form.
+    source
+        Where ``trained`` comes from, named in the message.
+    keys
+        The settings to compare; one that ``trained`` lacks (a record older than the setting) is not checked.
+
+    Raises
+    ------
+    SettingsMismatch
+        Naming each differing setting, both values, and the command-line overrides that match the training.
+    """
+    current = normal_settings(current)
+    changed = changed_settings(trained, current, [key for key in keys if key in trained])
+    if not changed:
+        return
+    shown = "\n".join(f"  {key}: {_difference(trained[key], current.get(key))}" for key in changed)
+    overrides = [_override(key, trained[key]) for key in changed if key != "network_def"]
+    fixes = [f"add {' '.join(overrides)}"] if overrides else []
+    if "network_def" in changed:  # built from other settings (e.g. --backbone), which the record does not hold one by one
+        fixes.append("build its network as in training (e.g. the same --backbone; network_def of that record is its definition)")
+    raise SettingsMismatch(
+        f"this run's settings differ from those its network was trained with ({source}):\n{shown}\n"
+        f"run it with the settings of the training: {'; '.join(fixes)}"
+    )
+
+
+def _difference(trained: Any, current: Any) -> str:
+    if isinstance(trained, str) and isinstance(current, str) and "\n" in trained:  # a network's repr: its first differing line
+        pairs = itertools.zip_longest(trained.splitlines(), current.splitlines(), fillvalue="")
+        line, (then, now) = next((n, pair) for n, pair in enumerate(pairs, 1) if pair[0] != pair[1])
+        return f"line {line} is {then.strip()!r} in training, {now.strip()!r} now"
+    return f"{trained!r} in training, {current!r} now"
+
+
+def _override(key: str, value: Any) -> str:
+    if isinstance(value, str):
+        return f"--{key} {shlex.quote(value)}"
+    text = repr(value)
+    return f"--{key} {text}" if re.fullmatch(r"[\w.+-]+", text) else f'--{key} "{text}"'
+
+
+def require_checkpoint_settings(checkpoint: str | Path, current: Mapping[str, Any]) -> None:
+    """:func:`refuse_other_settings` of ``current`` against the ``settings.json`` beside ``checkpoint``, if there is one.
+
+    Examples
+    --------
+    >>> require_checkpoint_settings("bundles/mimmx_brain/models/mimmx-seed0/model.pt", settings)
+    """
+    record = Path(checkpoint).parent / SETTINGS_FILE
+    if record.is_file():
+        refuse_other_settings(current, json.loads(record.read_text(encoding="utf-8")), str(record))
 
 
 def latest_checkpoint(directory: str | Path, pattern: str = "*.pt") -> Path | None:
@@ -137,8 +222,7 @@ class ResumeFromLatest:
         self.best_model_saver = best_model_saver
         self.best_model_file = best_model_file
         self.keep = keep
-        # JSON-normal form, so that a tuple setting equals the list read back from the record
-        self.settings = None if settings is None else json.loads(json.dumps(dict(settings), default=str))
+        self.settings = None if settings is None else normal_settings(settings)
         self.checkpoint: Path | None = None
         self._inherited: dict[Path, int] = {}
 
@@ -163,7 +247,9 @@ class ResumeFromLatest:
         if self.settings is None or not is_rank_zero():
             return
         with atomic_output(self.directory / SETTINGS_FILE) as temporary:
-            temporary.write_text(json.dumps(self.settings, indent=2, sort_keys=True), encoding="utf-8")
+            # unsorted: the order of label_levels' factors is the order of the network's parts, and the
+            # override that a refusal prints must keep it
+            temporary.write_text(json.dumps(self.settings, indent=2), encoding="utf-8")
 
     def _check_resumable(self, path: Path) -> None:
         fixes = (
@@ -173,7 +259,7 @@ class ResumeFromLatest:
         record = self.directory / SETTINGS_FILE
         if self.settings is not None and record.is_file():
             saved = json.loads(record.read_text(encoding="utf-8"))
-            changed = sorted(key for key in {*saved, *self.settings} if saved.get(key) != self.settings.get(key))
+            changed = changed_settings(saved, self.settings)
             if changed:
                 shown = "; ".join(f"{key}: {saved.get(key)!r} there, {self.settings.get(key)!r} now" for key in changed)
                 raise RunFolderConflict(

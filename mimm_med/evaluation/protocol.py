@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from mimm_med.evaluation._arrays import as_feature_matrix
 from mimm_med.evaluation.leakage import TooFewRowsError, UndefinedLeakageError, linear_probe_leakage, residual_mutual_information
@@ -26,6 +27,7 @@ def evaluate_test_sets(
     leakage_set: str | None = None,
     residual_mi: Mapping[str, Any] | None = None,
     seed: int = 0,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Score the primary head on every test set and probe its features for each spurious factor.
 
@@ -46,9 +48,13 @@ def evaluate_test_sets(
         one-hot) on ``leakage_set`` with fresh critics, passing
         these keyword arguments to :func:`residual_mutual_information` (e.g. ``{"estimator": "club",
         "steps": 2000, "device": "cuda"}``; ``{}`` takes its defaults). Off by default, since it trains
-        fresh critics for every factor; a set too small for them gives NaN and a warning.
+        fresh critics for every factor; a set too small for them (fewer than
+        :data:`~mimm_med.evaluation.leakage.MIN_ROWS_PER_FOLD` rows per fold) gives NaN and a warning.
     seed
         Seed of the probe's folds and, unless ``residual_mi`` sets one, of the residual-MI critics.
+    progress
+        Show a tqdm bar over the residual-MI estimates, which take most of an evaluation; ``None``:
+        only where stderr is a terminal, so that logs of batch jobs stay free of bar updates.
 
     Returns
     -------
@@ -110,6 +116,15 @@ def evaluate_test_sets(
     primary_features = as_feature_matrix(
         _output(probed, f"{primary}_features", leakage_set), f"{primary}_features of the {leakage_set} set"
     )
+    hidden = None if progress is None else not progress  # None: tqdm's own test of whether stderr is a terminal
+    estimates = tqdm(
+        total=len(spurious) * len(RESIDUAL_MI_KEYS),
+        desc="residual MI",
+        unit="estimate",
+        disable=True if residual_mi is None else hidden,
+        leave=False,
+        dynamic_ncols=True,
+    )
     for factor in spurious:
         try:
             results["leakage"][factor] = linear_probe_leakage(
@@ -127,14 +142,22 @@ def evaluate_test_sets(
                 "residual_mi_label": (_one_hot(_output(probed, f"{factor}_label", leakage_set)), None),
             }
             for key, (other, given) in pairs.items():
+                estimates.set_postfix_str(f"{key} of {factor}")
                 try:
                     results[key][factor] = residual_mutual_information(
                         primary_features, other, given=given, **{"seed": seed, **residual_mi}
                     )
                 except TooFewRowsError as error:
                     # A small test set must not cost the rest of the evaluation.
-                    warnings.warn(f"{key} of {factor} on the {leakage_set} set not estimated: {error}", stacklevel=2)
+                    warnings.warn(
+                        f"{key} of {factor} on the {leakage_set} set not estimated: "
+                        f"{error}. Evaluate on a larger test set, or leave residual MI out (--estimate_residual_mi "
+                        "False in a bundle)",
+                        stacklevel=2,
+                    )
                     results[key][factor] = float("nan")
+                estimates.update()
+    estimates.close()
     return results
 
 

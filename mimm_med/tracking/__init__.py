@@ -8,8 +8,8 @@ lacks: epoch means of the MIMM-X training terms (:class:`EpochAverages`), traini
 
 from .config_artifacts import ConfigArtifacts, network_summary
 from .epoch_averages import EpochAverages
-from .model_registration import ModelRegistration, default_pip_requirements
-from .registry import list_versions, load_registered_network, promote, registry_client
+from .model_registration import ModelRegistration, default_pip_requirements, require_registered_settings
+from .registry import list_versions, load_registered_network, promote, registry_client, version_runs
 from .training_plots import TrainingPlots
 from .training_run import run_tracked
 from .uri import (
@@ -35,6 +35,8 @@ __all__ = [
     "promote",
     "registry_client",
     "require_reachable",
+    "require_registered_settings",
     "resolve_tracking_uri",
     "run_tracked",
+    "version_runs",
 ]

@@ -2,36 +2,73 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import infer_signature
 
+from mimm_med.engines.resume import refuse_other_settings
+
 from .handler_run import CompletionLogger
+from .registry import registry_client
 from .uri import using_tracking_uri
 
 if TYPE_CHECKING:
     from monai.handlers import MLFlowHandler
 
-__all__ = ["ModelRegistration", "default_pip_requirements"]
+__all__ = ["REGISTERED_SETTINGS", "ModelRegistration", "default_pip_requirements", "require_registered_settings"]
 
 logger = logging.getLogger(__name__)
 
 #: Size of the example batch: ``torch.export`` fixes dimensions of size 1, so a batch of 1 would
 #: fix the batch size of the logged model.
 EXAMPLE_BATCH = 2
+#: The settings that a registered network's use depends on: it comes with its own definition, but
+#: which output is the task, what its classes are and what size its images must be are settings.
+REGISTERED_SETTINGS = ("label_levels", "primary", "spatial_size")
 
 
 def default_pip_requirements() -> list[str]:
     """``torch``, ``monai`` and ``mimm-med``, pinned to the installed versions (local tags dropped)."""
     return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "monai", "mimm-med")]
+
+
+def require_registered_settings(model_uri: str, current: Mapping[str, Any], tracking_uri: str | None = None) -> None:
+    """Refuse ``current`` settings that differ in :data:`REGISTERED_SETTINGS` from those of the run that logged ``model_uri``.
+
+    The run's MLflow params (what :class:`ModelRegistration`'s training logged, each as the ``str``
+    of its value) are read back as Python literals and compared by
+    :func:`mimm_med.engines.resume.refuse_other_settings`. A model logged outside a run is not checked.
+
+    Raises
+    ------
+    mimm_med.engines.resume.SettingsMismatch
+        Naming each differing setting, both values and the overrides that match the training.
+    """
+    client = registry_client(tracking_uri)
+    with using_tracking_uri(client.tracking_uri):
+        run_id = mlflow.models.get_model_info(model_uri).run_id
+    if run_id is None:
+        return
+    params = client.get_run(run_id).data.params
+    trained = {key: _literal(params[key]) for key in REGISTERED_SETTINGS if key in params}
+    refuse_other_settings(current, trained, f"the params of MLflow run {run_id}, which logged {model_uri}", REGISTERED_SETTINGS)
+
+
+def _literal(text: str) -> Any:
+    """The value whose ``str`` MLflow stored; a string is stored bare, so what is no literal is that string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 class ModelRegistration(CompletionLogger):

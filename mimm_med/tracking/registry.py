@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 
 from .uri import printable_uri, require_reachable, resolve_tracking_uri, using_tracking_uri
 
-__all__ = ["ExportedNetwork", "list_versions", "load_registered_network", "promote", "registry_client"]
+__all__ = ["ExportedNetwork", "list_versions", "load_registered_network", "promote", "registry_client", "version_runs"]
 
 #: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (other forms go to MLflow unchecked).
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
@@ -47,6 +47,15 @@ def list_versions(name: str, tracking_uri: str | None = None) -> list[ModelVersi
         No registered model ``name``; the message lists those that exist.
     """
     return _versions(registry_client(tracking_uri), name)
+
+
+def version_runs(name: str, tracking_uri: str | None = None) -> list[tuple[ModelVersion, str]]:
+    """:func:`list_versions` of ``name``, each with the name of the run it was registered from.
+
+    The name is ``"-"`` for a version without a run, or whose run was deleted for good.
+    """
+    client = registry_client(tracking_uri)
+    return [(version, _run_name(client, version.run_id)) for version in _versions(client, name)]
 
 
 def promote(name: str, version: int | str, alias: str = "champion", tracking_uri: str | None = None) -> ModelVersion:
@@ -152,6 +161,17 @@ def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     numbers = sorted((int(version.version) for version in found), reverse=True)
     # search_model_versions leaves the aliases out; get_model_version fills them in.
     return [client.get_model_version(name, str(number)) for number in numbers]
+
+
+def _run_name(client: MlflowClient, run_id: str | None) -> str:
+    if not run_id:
+        return "-"
+    try:
+        return client.get_run(run_id).info.run_name or "-"
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return "-"
 
 
 def _check_version(client: MlflowClient, name: str, version: str) -> None:
