@@ -135,7 +135,7 @@ def select_confounded(
     _check_correlations(spurious)
     if len(table) == 0:
         empty = table.copy()
-        empty.attrs["requested"] = dict(spurious)
+        empty.attrs["requested"] = _as_requested(spurious)
         return empty
     pairings = {name: (pairings or {}).get(name) or agreement_pairing(table, primary, name) for name in spurious}
     codes = [agreement_codes(table, primary, name, pairings[name]) for name in spurious]
@@ -153,8 +153,14 @@ def select_confounded(
     index = np.sort(np.concatenate(chosen))
     selected = table.iloc[index].reset_index(drop=True)
     selected.attrs["agreement"] = {name: dict(pairing) for name, pairing in pairings.items()}
-    selected.attrs["requested"] = dict(spurious)
+    selected.attrs["requested"] = _as_requested(spurious)
     return selected
+
+
+def _as_requested(spurious: Mapping[str, float]) -> dict[str, float]:
+    # The inverted set's 1.0 - 0.9 is 0.09999999999999998 in binary: record the share as it was asked for.
+    # Only the record is rounded; the draws keep the exact value (the stored splits stay as they were).
+    return {name: round(float(r), 12) for name, r in spurious.items()}
 
 
 def assign_confounders(
@@ -235,8 +241,7 @@ def confounded_splits(
         )
     rng = np.random.default_rng(seed)
     train_pool, val_pool, test_pool = subject_pools(table[subject_column].tolist(), fractions, rng)
-    # Rounded: 1.0 - 0.9 is 0.09999999999999998 in binary, and cells.csv records the share as requested.
-    inverted = {name: round(1.0 - r, 12) for name, r in spurious.items()}
+    inverted = {name: 1.0 - r for name, r in spurious.items()}
     balanced = {name: 0.5 for name in spurious}
     plan = {
         "train": (train_pool, spurious),
