@@ -154,7 +154,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--no-augment", action="store_true", help="do not shift, scale and tilt the training digits (Digits-Morpho)"
     )
     training.add_argument("--n-critic", type=at_least(0), default=3, help="critic steps per encoder step (default: 3)")
-    training.add_argument("--residual-mi", action="store_true", help="also fit a fresh critic per factor on f_y (slow)")
+    training.add_argument(
+        "--residual-mi",
+        action="store_true",
+        help="also estimate residual MI of f_y with each factor (fresh MINE critics for I(f_y; f_z), I(f_y; f_z | y), "
+        "I(f_y; z) on the balanced set; slow); NaN with a warning below 24 rows per fold (120 rows)",
+    )
     training.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     training.add_argument(
         "--threads",
