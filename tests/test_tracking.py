@@ -160,6 +160,31 @@ def test_registered_candidate_predicts_like_the_trained_network(trained):
         load_registered_network(f"models:/{MODEL_NAME}@nonexistent", tracking_uri=trained.uri)
 
 
+def test_a_registered_network_needs_nothing_that_pip_cannot_install(trained):
+    """An environment built from a model's requirements (MLflow's env managers) installs them from PyPI, where mimm-med is not."""
+    import mlflow
+
+    with using_tracking_uri(trained.uri):
+        exported = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{MODEL_NAME}@candidate")).read_text()
+    assert "torch==" in exported and "mimm-med" not in exported and "mimm_med" not in exported
+
+    # A network torch.export rejects is pickled: its classes come with mimm-med's code, logged beside it.
+    handler = SimpleNamespace(cur_run=trained.run, client=trained.client)
+    registration = ModelRegistration(handler, trained.trainer.network, "tiny_pickled", (1, 12, 12), serialization_format="pickle")
+    registration.run.update()
+    version = registration.register(trained.trainer.network.eval(), "end of training")
+    model_uri = f"models:/tiny_pickled/{version.version}"
+    with using_tracking_uri(trained.uri):
+        pickled = Path(mlflow.pyfunc.get_model_dependencies(model_uri)).read_text()
+        model_dir = Path(mlflow.artifacts.download_artifacts(model_uri))
+    assert "monai==" in pickled and "mimm-med" not in pickled
+    assert (model_dir / "code" / "mimm_med" / "networks" / "mimmx_net.py").is_file()
+    loaded = load_registered_network(model_uri, tracking_uri=trained.uri)
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["y_output"], trained.trainer.network.eval()(x)["y_output"])
+
+
 def test_promote_moves_the_champion_alias(trained):
     first = trained.client.get_model_version_by_alias(MODEL_NAME, "candidate")
     with using_tracking_uri(trained.uri):  # the registry looks the logged model up in the global store

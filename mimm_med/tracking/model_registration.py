@@ -24,7 +24,13 @@ from .uri import using_tracking_uri
 if TYPE_CHECKING:
     from monai.handlers import MLFlowHandler
 
-__all__ = ["REGISTERED_SETTINGS", "ModelRegistration", "default_pip_requirements", "require_registered_settings"]
+__all__ = [
+    "REGISTERED_SETTINGS",
+    "ModelRegistration",
+    "default_pip_requirements",
+    "network_code_paths",
+    "require_registered_settings",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +42,20 @@ EXAMPLE_BATCH = 2
 REGISTERED_SETTINGS = ("label_levels", "primary", "spatial_size")
 
 
-def default_pip_requirements() -> list[str]:
-    """``torch``, ``monai`` and ``mimm-med``, pinned to the installed versions (local tags dropped)."""
-    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "monai", "mimm-med")]
+def default_pip_requirements(serialization_format: str = "pt2") -> list[str]:
+    """What loading a network logged in ``serialization_format`` needs, pinned to the installed versions (local tags dropped).
+
+    A ``torch.export`` program (``"pt2"``) holds torch operators only: ``torch``. A pickle holds
+    MONAI's and mimm-med's classes: ``torch`` and ``monai``, with mimm-med's code logged beside the
+    model (:func:`network_code_paths`), since mimm-med is not on PyPI for ``mlflow models serve`` to install.
+    """
+    names = ("torch",) if serialization_format == "pt2" else ("torch", "monai")
+    return [f"{name}=={version(name).split('+')[0]}" for name in names]
+
+
+def network_code_paths(serialization_format: str = "pt2") -> list[str] | None:
+    """The code a network logged in ``serialization_format`` needs beside it: the ``mimm_med`` package for a pickle."""
+    return None if serialization_format == "pt2" else [str(Path(__file__).resolve().parents[1])]
 
 
 def require_registered_settings(model_uri: str, current: Mapping[str, Any], tracking_uri: str | None = None) -> None:
@@ -78,8 +95,9 @@ class ModelRegistration(CompletionLogger):
     ``save_key_metric=True, key_metric_filename="model.pt"``; its ``"network"`` entry) or, when no
     such file exists, from ``network`` as it is at the end of training, i.e. the final checkpoint.
     The model is logged with ``mlflow.pytorch.log_model`` (``torch.export`` format by default, so
-    loading it needs neither pickle nor this package), a signature inferred from a zero batch of
-    ``input_shape`` (outputs: the network's dict of tensors) and :func:`default_pip_requirements`;
+    loading it needs neither pickle nor this package; a pickle brings this package's code along), a
+    signature inferred from a zero batch of ``input_shape`` (outputs: the network's dict of tensors)
+    and :func:`default_pip_requirements`;
     it is then registered as a new version of ``model_name`` and given the alias ``alias``.
     On ranks other than 0 it does nothing.
 
@@ -182,7 +200,8 @@ class ModelRegistration(CompletionLogger):
                 run_id=run_id,
                 signature=signature,
                 input_example=example,
-                pip_requirements=default_pip_requirements(),
+                pip_requirements=default_pip_requirements(self.serialization_format),
+                code_paths=network_code_paths(self.serialization_format),
                 serialization_format=self.serialization_format,
                 registered_model_name=self.model_name,
             )
