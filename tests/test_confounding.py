@@ -205,3 +205,21 @@ def test_many_valued_or_missing_factor_labels_are_refused_readably():
     table.loc[:2, "sex"] = np.nan
     with pytest.raises(ValueError, match="'sex' has 3 missing values"):
         confounded_splits(table, "age_group", {"sex": 0.9})
+
+
+def test_stratified_partition_shares_every_cell_out_evenly():
+    from mimm_med.data.confounding import stratified_partition
+
+    rng = np.random.default_rng(0)
+    # a rare cell of 8 images among 400: an unstratified part of 50 often holds none of it, or 3
+    cells = [(1, 1)] * 8 + [(1, 0)] * 192 + [(0, 0)] * 100 + [(0, 1)] * 100
+    datalist = [{"index": i, "y": y, "z": z} for i, (y, z) in enumerate(rng.permutation(cells))]
+    parts = stratified_partition(datalist, ["y", "z"], seed=3, parts=8)
+    assert [len(part) for part in parts] == [50] * 8
+    for part in parts:
+        counts = pd.Series([(item["y"], item["z"]) for item in part]).value_counts()
+        assert counts[(1, 1)] == 1 and counts[(1, 0)] == 24  # 8 and 192 over 8 parts
+        assert {counts[(0, 0)], counts[(0, 1)]} <= {12, 13}  # 100 each: 12 or 13 per part
+    assert sorted(item["index"] for part in parts for item in part) == list(range(400))
+    assert parts == stratified_partition(datalist, ["y", "z"], seed=3, parts=8)
+    assert parts != stratified_partition(datalist, ["y", "z"], seed=4, parts=8)

@@ -17,7 +17,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
 
 from mimm_med.engines import ResumeFromLatest, RunFinished, RunFolderConflict, latest_checkpoint
-from mimm_med.engines.resume import SettingsMismatch, require_checkpoint_settings
+from mimm_med.engines.resume import SettingsMismatch, refuse_other_settings, require_checkpoint_settings
 
 EPOCHS = 3
 N_CRITIC = 3  # the brain bundle's
@@ -244,6 +244,8 @@ def test_a_trained_network_is_evaluated_only_with_the_settings_that_its_numbers_
     assert message.endswith(f'add --label_levels "{levels!r}" --spatial_size "[16, 16]"; build its network as in training '
                             "(e.g. the same --backbone; network_def of that record is its definition)")
     require_checkpoint_settings(tmp_path / "elsewhere" / "model.pt", {})  # no record, nothing to check
+    # settings read back as Python values (a registered model's MLflow params) keep their tuples
+    refuse_other_settings({**trained, "spatial_size": [16, 16]}, trained, "the params of a run")
 
 
 def test_a_resumed_run_keeps_as_many_checkpoints_as_its_saver_and_a_fallback_until_then(tmp_path):

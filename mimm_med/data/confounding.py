@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from monai.data import partition_dataset
 from torch.utils.data import WeightedRandomSampler
 
 from .manifest import STATUS, STATUS_OK, write_manifest
@@ -337,6 +338,24 @@ def cell_balancing_weights(labels: Mapping[str, np.ndarray]) -> np.ndarray:
     _, inverse, counts = np.unique(columns, axis=0, return_inverse=True, return_counts=True)
     weights = 1.0 / counts[inverse.reshape(-1)]
     return weights / weights.sum()
+
+
+def stratified_partition(datalist: Sequence[Mapping], keys: Sequence[str], seed: int, parts: int) -> list[list]:
+    """``datalist`` cut into ``parts`` equal parts (a few records repeated to fill them) sharing every joint cell of ``keys``.
+
+    MONAI's ``partition_dataset`` deals records out in turn; dealt in cell order (each cell in a seeded
+    random order), every cell of ``n`` records puts ``n // parts`` or one more into each part. The
+    parts of a distributed run: a rebalancing sampler within a part then still draws every cell
+    (an unstratified part could miss a rare cell altogether, or hold one image of it).
+
+    Examples
+    --------
+    >>> shards = stratified_partition(datalist, ["age_group", "sex", "cohort"], seed=0, parts=world_size)
+    >>> shards[rank]
+    """
+    order = np.random.default_rng(seed).permutation(len(datalist))
+    by_cell = sorted(order, key=lambda i: tuple(datalist[i][key] for key in keys))  # stable: random within a cell
+    return partition_dataset([datalist[i] for i in by_cell], num_partitions=parts, even_divisible=True)
 
 
 def rebalancing_sampler(datalist: Sequence[Mapping], keys: Sequence[str], seed: int = 0) -> WeightedRandomSampler:

@@ -63,7 +63,7 @@ def refuse_other_settings(
     current
         The settings of this run, as ``ResumeFromLatest`` is given them.
     trained
-        The settings the network was trained with, in JSON-normal form.
+        The settings the network was trained with.
     source
         Where ``trained`` comes from, named in the message.
     keys
@@ -74,7 +74,8 @@ def refuse_other_settings(
     SettingsMismatch
         Naming each differing setting, both values, and the command-line overrides that match the training.
     """
-    current = normal_settings(current)
+    # both JSON-normal: a tuple setting equals the list a record or another run's params hold
+    current, trained = normal_settings(current), normal_settings(trained)
     changed = changed_settings(trained, current, [key for key in keys if key in trained])
     if not changed:
         return

@@ -152,7 +152,7 @@ def evaluate_test_sets(
                     warnings.warn(
                         f"{key} of {factor} on the {leakage_set} set not estimated: "
                         f"{error}. Evaluate on a larger test set, or leave residual MI out (--estimate_residual_mi "
-                        "False in a bundle)",
+                        "False in a bundle, no --residual-mi in mimm-med benchmark)",
                         stacklevel=2,
                     )
                     results[key][factor] = float("nan")
