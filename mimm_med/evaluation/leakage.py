@@ -165,26 +165,23 @@ def residual_mutual_information(
         check_same_length({"a": a, "b": b, "given": given})
         options = dict(estimator=estimator, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                        eval_every=eval_every, patience=patience, folds=folds, seed=seed, device=device)
-        per_class = []
-        for c in np.unique(given):
+        classes, counts = np.unique(given, return_counts=True)
+        for c, count in zip(classes, counts):  # every class before any critic trains
             try:
-                per_class.append((np.mean(given == c), residual_mutual_information(a[given == c], b[given == c], **options)))
+                _check_rows(int(count), folds)
             except TooFewRowsError as error:
                 # Name the class: "3 rows in 5 folds" alone does not say the shortfall lies in one class of given.
                 raise TooFewRowsError(
-                    f"given class {c} holds {int(np.sum(given == c))} of {given.size} rows: {error}; merge rare "
+                    f"given class {c} holds {int(count)} of {given.size} rows: {error}; merge rare "
                     "classes of given, and bin a continuous given first"
                 ) from error
+        per_class = [
+            (np.mean(given == c), residual_mutual_information(a[given == c], b[given == c], **options)) for c in classes
+        ]
         return float(sum(share * estimate for share, estimate in per_class))
     build_estimator = _estimator_factory(estimator)
     n_rows = check_same_length({"a": a, "b": b})
-    if folds < 3:
-        raise ValueError(f"{folds} folds: need at least 3 folds (training, validation and held-out rows)")
-    if n_rows < MIN_ROWS_PER_FOLD * folds:
-        raise TooFewRowsError(
-            f"{n_rows} rows in {folds} folds: the critics need at least {MIN_ROWS_PER_FOLD} rows per fold "
-            f"({MIN_ROWS_PER_FOLD * folds} rows) for a usable estimate; use more rows, or fewer folds (at least 3)"
-        )
+    _check_rows(n_rows, folds)
     rng = np.random.default_rng(seed)
     parts = np.array_split(rng.permutation(n_rows), folds)
     device = torch.device(device)
@@ -197,6 +194,17 @@ def residual_mutual_information(
             build_estimator, held_out, validation, steps, learning_rate, eval_every, patience, rng, seed + index
         ) * held_out.size
     return total / n_rows
+
+
+def _check_rows(n_rows: int, folds: int) -> None:
+    """Refuse fewer than 3 folds, or fewer than :data:`MIN_ROWS_PER_FOLD` rows per fold."""
+    if folds < 3:
+        raise ValueError(f"{folds} folds: need at least 3 folds (training, validation and held-out rows)")
+    if n_rows < MIN_ROWS_PER_FOLD * folds:
+        raise TooFewRowsError(
+            f"{n_rows} rows in {folds} folds: the critics need at least {MIN_ROWS_PER_FOLD} rows per fold "
+            f"({MIN_ROWS_PER_FOLD * folds} rows) for a usable estimate; use more rows, or fewer folds (at least 3)"
+        )
 
 
 class _FoldCritic:
