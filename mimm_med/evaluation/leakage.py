@@ -152,6 +152,7 @@ def residual_mutual_information(
     5 seeds each): with 2 to 8 rows per fold estimates reached -3.4e6 to +8.7e3 nats, with 16 one
     of 1 nat came out at -17 nats, and from 24 to 48 rows per fold all 60 stayed within [-0.05, 1.0].
     An 18-image test set (3.6 rows per fold) had given 58.7 and -746 nats.
+    ``benchmarks/residual_mi_rows.py`` repeats the measurement.
 
     Examples
     --------
