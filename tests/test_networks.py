@@ -99,7 +99,7 @@ def test_integral_sizes_of_any_number_type_are_accepted():
     [
         ({"spatial_dims": 4}, "spatial_dims must be 2 or 3"),  # was an IndexError inside MONAI
         ({"in_channels": 0}, "in_channels must be at least 1"),
-        ({"head_hidden": -1}, "head_hidden must be ≥ 0"),
+        ({"head_hidden": -1}, "head_hidden must be a whole number ≥ 0"),
     ],
 )
 def test_bad_named_backbone_settings_are_explained(kwargs, message):

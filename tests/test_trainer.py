@@ -254,7 +254,7 @@ def test_an_mi_weight_that_is_not_finite_and_non_negative_is_refused(mi_weight):
 
 @pytest.mark.parametrize("epochs", [0, -1])
 def test_fewer_than_one_epoch_is_refused_by_name(epochs):
-    with pytest.raises(ValueError, match=r"max_epochs \(the bundles' and benchmarks' epochs\) must be at least 1"):
+    with pytest.raises(ValueError, match=r"max_epochs \(the bundles' and benchmarks' epochs\) must be a whole number >= 1"):
         _build("erm", epochs=epochs)
 
 

@@ -14,7 +14,6 @@ drawn by :func:`~mimm_med.data.confounding.assign_confounders`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from numbers import Integral
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from scipy import ndimage
 from skimage.transform import resize
 from sklearn.datasets import load_digits
 
+from ..checks import is_whole_number
 from .confounding import assign_confounders, subject_pools, write_splits
 from .manifest import COHORT, IMAGE, STATUS, STATUS_OK, SUBJECT
 from .transforms import UntrackedCompose
@@ -143,11 +143,11 @@ def make_digits_morpho(
         raise ValueError(
             f"confounders must be a non-empty list of distinct names from {list(FACTORS)}, got {confounders!r}"
         )
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+    if not is_whole_number(seed, minimum=0):
         raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
     correlations = set_correlations(correlation, train_correlation)
     images, digits = digit_versions()
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(int(seed))
     train, val, test = (np.array(pool, dtype=np.int64) for pool in subject_pools(range(len(digits)), fractions, rng))
     pools = {"train": train, "val": val, "test-iid": test, "test-balanced": test, "test-inverted": test}
     sets = {}

@@ -16,6 +16,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from mimm_med.checks import is_whole_number
 from mimm_med.data.writers import atomic_output
 from mimm_med.distributed import is_rank_zero, rank_zero_choice
 
@@ -215,14 +216,14 @@ class ResumeFromLatest:
         keep: int | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> None:
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        if keep is not None and not is_whole_number(keep, minimum=1):
             raise ValueError(f"keep must be a whole number >= 1 (the checkpoint saver's n_saved) or None, got {keep!r}")
         self.directory = Path(directory)
         self.load_dict = dict(load_dict)
         self.pattern = pattern
         self.best_model_saver = best_model_saver
         self.best_model_file = best_model_file
-        self.keep = keep
+        self.keep = None if keep is None else int(keep)
         self.settings = None if settings is None else normal_settings(settings)
         self.checkpoint: Path | None = None
         self._inherited: dict[Path, int] = {}

@@ -16,6 +16,7 @@ from monai.engines.utils import default_metric_cmp_fn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from mimm_med.checks import is_whole_number
 from mimm_med.distributed import is_rank_zero, world_size
 from mimm_med.networks import MIMMXNet
 from mimm_med.weighting import adaptive_mi_scale
@@ -175,14 +176,16 @@ class MIMMXTrainer(Trainer):
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
     ) -> None:
-        if int(max_epochs) < 1:
-            raise ValueError(f"max_epochs (the bundles' and benchmarks' epochs) must be at least 1, got {max_epochs}")
+        if not is_whole_number(max_epochs, minimum=1):
+            raise ValueError(
+                f"max_epochs (the bundles' and benchmarks' epochs) must be a whole number >= 1, got {max_epochs!r}"
+            )
         device = torch.device(device)
         # AMP is a CUDA feature here; on CPU it is off without a warning so one config serves both.
         use_amp = bool(amp) and device.type == "cuda"
         super().__init__(
             device=device,
-            max_epochs=max_epochs,
+            max_epochs=int(max_epochs),
             data_loader=train_data_loader,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
@@ -199,7 +202,7 @@ class MIMMXTrainer(Trainer):
             to_kwargs=to_kwargs,
             amp_kwargs=amp_kwargs,
         )
-        if isinstance(n_critic, bool) or not float(n_critic).is_integer() or n_critic < 0:
+        if not is_whole_number(n_critic, minimum=0):
             raise ValueError(f"n_critic must be a whole number ≥ 0 (critic steps per encoder step), got {n_critic!r}")
         if objective.critic_parameters() and critic_optimizer is None:
             raise ValueError(

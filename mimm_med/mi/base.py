@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from abc import ABC, abstractmethod
 from typing import Callable
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mimm_med.checks import is_whole_number
 from mimm_med.distributed import world_size
 
 __all__ = ["ContrastPairs", "MutualInformationEstimator", "PairScoreEstimator", "gather_batch", "standardize"]
@@ -154,10 +154,10 @@ class MutualInformationEstimator(nn.Module, ABC):
 
     def __init__(self, dim_a: int, dim_b: int) -> None:
         super().__init__()
-        if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in (dim_a, dim_b)):
+        if not (is_whole_number(dim_a, minimum=1) and is_whole_number(dim_b, minimum=1)):
             raise ValueError(f"feature sizes must be positive integers, got dim_a={dim_a!r}, dim_b={dim_b!r}")
-        self.dim_a = dim_a
-        self.dim_b = dim_b
+        self.dim_a = int(dim_a)
+        self.dim_b = int(dim_b)
 
     @abstractmethod
     def estimate(self, a: Tensor, b: Tensor, strata: Tensor | None, weights: Tensor | None) -> Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mimm_med.checks import is_whole_number
+
 __all__ = ["mlp", "SeparableCritic", "ConcatCritic", "make_critic"]
 
 
@@ -16,16 +18,20 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> nn.Seque
     >>> mlp(8, 64, 2, num_layers=2)(torch.zeros(5, 8)).shape
     torch.Size([5, 2])
     """
-    if num_layers < 0:
-        raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+    if not is_whole_number(num_layers, minimum=0):
+        raise ValueError(f"num_layers must be a whole number >= 0, got {num_layers!r}")
     # A zero width would silently make every score the same constant (an estimate of 0).
-    if in_dim < 1 or out_dim < 1 or (num_layers > 0 and hidden_dim < 1):
-        raise ValueError(f"layer widths must be >= 1, got in_dim={in_dim}, hidden_dim={hidden_dim}, out_dim={out_dim}")
-    widths = [in_dim] + [hidden_dim] * num_layers
+    widths_used = (in_dim, out_dim, hidden_dim) if num_layers > 0 else (in_dim, out_dim)
+    if not all(is_whole_number(width, minimum=1) for width in widths_used):
+        raise ValueError(
+            f"layer widths must be whole numbers >= 1, got in_dim={in_dim!r}, hidden_dim={hidden_dim!r}, "
+            f"out_dim={out_dim!r}"
+        )
+    widths = [int(in_dim)] + [int(hidden_dim)] * int(num_layers)
     layers: list[nn.Module] = []
     for width_in, width_out in zip(widths[:-1], widths[1:]):
         layers += [nn.Linear(width_in, width_out), nn.ReLU()]
-    layers.append(nn.Linear(widths[-1], out_dim))
+    layers.append(nn.Linear(widths[-1], int(out_dim)))
     return nn.Sequential(*layers)
 
 

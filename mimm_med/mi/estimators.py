@@ -46,7 +46,7 @@ class CriticEstimator(PairScoreEstimator):
     ) -> None:
         super().__init__(dim_a, dim_b)
         self.critic = make_critic(
-            critic, dim_a, dim_b, hidden_dim=hidden_dim, embed_dim=embed_dim, num_layers=num_layers
+            critic, self.dim_a, self.dim_b, hidden_dim=hidden_dim, embed_dim=embed_dim, num_layers=num_layers
         )
 
     def pair_scores(self, a: Tensor, b: Tensor) -> Tensor:
@@ -182,7 +182,7 @@ class CLUB(PairScoreEstimator):
         super().__init__(dim_a, dim_b)
         if not 0.0 < max_log_var < math.inf:
             raise ValueError(f"max_log_var must be a positive finite bound on q's log-variance, got {max_log_var}")
-        self.conditional = mlp(dim_a, hidden_dim, 2 * dim_b, num_layers)
+        self.conditional = mlp(self.dim_a, hidden_dim, 2 * self.dim_b, num_layers)
         self.max_log_var = max_log_var
 
     def pair_scores(self, a: Tensor, b: Tensor) -> Tensor:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 from typing import Any, Dict  # TorchScript reads typing.Dict in forward's signature
 
 import torch
 from torch import nn
 
+from ..checks import is_whole_number
 from .backbones import feature_backbone
 
 
@@ -69,21 +69,21 @@ class MIMMXNet(nn.Module):
             # names become ModuleDict keys and output keys "<name>_features" / "<name>_output"
             if not isinstance(name, str) or not name or "." in name:
                 raise ValueError(f"part names must be non-empty strings without '.', got {name!r} in {list(parts)}")
-            if not _is_whole_number(size) or size < 1:
+            if not is_whole_number(size, minimum=1):
                 raise ValueError(f"part {name!r} needs a positive feature size (an integer), got {size!r}")
-            if not _is_whole_number(num_classes[name]) or num_classes[name] < 1:
+            if not is_whole_number(num_classes[name], minimum=1):
                 raise ValueError(
                     f"num_classes[{name!r}] must be an integer ≥ 2 (classification) or 1 (regression), "
                     f"got {num_classes[name]!r}"
                 )
-        if int(head_hidden) < 0:
-            raise ValueError(f"head_hidden must be ≥ 0 (0 gives linear heads), got {head_hidden}")
+        if not is_whole_number(head_hidden, minimum=0):
+            raise ValueError(f"head_hidden must be a whole number ≥ 0 (0 gives linear heads), got {head_hidden!r}")
         if isinstance(backbone, str):
             self.backbone, backbone_dim = feature_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
             self.input_ndim = spatial_dims + 2
         elif backbone_dim is None:
             raise ValueError("backbone_dim is required when backbone is a module")
-        elif not _is_whole_number(backbone_dim) or backbone_dim < 1:
+        elif not is_whole_number(backbone_dim, minimum=1):
             raise ValueError(f"backbone_dim must be the positive width of the backbone's output, got {backbone_dim!r}")
         else:
             self.backbone = backbone
@@ -93,7 +93,7 @@ class MIMMXNet(nn.Module):
         self.num_classes = {name: int(num_classes[name]) for name in self.part_names}
         self.shared_layer = nn.Linear(int(backbone_dim), sum(self.part_sizes))
         self.heads = nn.ModuleDict(
-            {name: self._head(size, self.num_classes[name], head_hidden) for name, size in zip(self.part_names, self.part_sizes)}
+            {name: self._head(size, self.num_classes[name], int(head_hidden)) for name, size in zip(self.part_names, self.part_sizes)}
         )
 
     @staticmethod
@@ -138,8 +138,3 @@ class MIMMXNet(nn.Module):
             start += self.part_sizes[index]
             index += 1
         return outputs
-
-
-def _is_whole_number(value: Any) -> bool:
-    """True for integers (NumPy's too) and integral floats such as 16.0; False for bools, strings and 2.5."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()

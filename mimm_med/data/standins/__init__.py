@@ -16,8 +16,10 @@ import math
 import os
 import shutil
 from collections.abc import Mapping
-from numbers import Integral, Real
+from numbers import Real
 from pathlib import Path
+
+from mimm_med.checks import is_whole_number
 
 from .brain import BRAIN_EFFECTS, BRAIN_RESOLUTION_MM, generate_brain_cohort
 from .chest_xray import CXR_EFFECTS, FIELD_MM, IMAGE_SIZE, generate_chest_xray_cohort
@@ -104,8 +106,9 @@ def generate_cohort(
     if kind not in EFFECTS:
         raise ValueError(f"unknown cohort kind {kind!r}; choose one of {list(COHORT_KINDS)}")
     for name, value, minimum in (("n (the number of subjects)", n, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        if not is_whole_number(value, minimum):
             raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    n, seed = int(n), int(seed)
     if resolution_mm is not None:
         _check_resolution(kind, resolution_mm)
     sizes = resolve_effects(kind, effects)
