@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -223,7 +224,7 @@ def test_a_checkpoint_is_resumed_only_with_its_own_settings_and_only_while_unfin
     assert str(tmp_path) in str(error.value)
 
 
-def test_a_trained_network_is_evaluated_only_with_the_settings_that_its_numbers_depend_on(tmp_path):
+def test_a_trained_network_is_evaluated_only_with_the_settings_that_its_numbers_depend_on(tmp_path, caplog):
     levels = {"age_group": ["young", "old"], "sex": ["female", "male"], "cohort": ["nako", "ukb"]}
     network = "MIMMXNet(\n  (heads): ModuleDict(\n    (age_group): Linear\n    (sex): Linear\n  )\n)"
     trained = {"label_levels": levels, "primary": "age_group", "spatial_size": (16, 16), "epochs": 3, "network_def": network}
@@ -243,7 +244,9 @@ def test_a_trained_network_is_evaluated_only_with_the_settings_that_its_numbers_
     # the factors in their trained order: the order of the network's parts
     assert message.endswith(f'add --label_levels "{levels!r}" --spatial_size "[16, 16]"; build its network as in training '
                             "(e.g. the same --backbone; network_def of that record is its definition)")
-    require_checkpoint_settings(tmp_path / "elsewhere" / "model.pt", {})  # no record, nothing to check
+    with caplog.at_level(logging.WARNING, logger="mimm_med.engines.resume"):
+        require_checkpoint_settings(tmp_path / "elsewhere" / "model.pt", {})  # no record: nothing to check, and it says so
+    assert f"{tmp_path / 'elsewhere' / 'settings.json'} is missing, so this run's settings cannot be checked" in caplog.text
     # settings read back as Python values (a registered model's MLflow params) keep their tuples
     refuse_other_settings({**trained, "spatial_size": [16, 16]}, trained, "the params of a run")
 
@@ -285,3 +288,15 @@ def test_the_folder_is_checked_before_any_started_handler_runs(tmp_path):
     with pytest.raises(RunFolderConflict):
         ResumeFromLatest(tmp_path, {"trainer": trainer}, settings={"lr": 1e-2}).attach(trainer)
     assert started == []  # MLflow's STARTED handler would have reopened the run
+
+
+def test_a_checkpoint_without_its_settings_record_is_resumed_with_a_warning(tmp_path, caplog):
+    trainer, _ = _counting_run(tmp_path, 3, {"mi_weight": 1.0}, killed_after=1)
+    with pytest.raises(Killed):
+        trainer.run([0, 1], max_epochs=3)
+    (tmp_path / "settings.json").unlink()  # as a folder written before the record existed, or copied without it
+    with caplog.at_level(logging.WARNING, logger="mimm_med.engines.resume"):
+        trainer, resume = _counting_run(tmp_path, 3, {"mi_weight": 0.5})
+    assert f"{tmp_path / 'settings.json'} is missing" in caplog.text and "resuming from checkpoint_trainer_epoch=1.pt" in caplog.text
+    trainer.run([0, 1], max_epochs=3)
+    assert trainer.state.iteration == 6 and not (tmp_path / "settings.json").exists()  # resumed; no record made up after the fact

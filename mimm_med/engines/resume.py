@@ -107,7 +107,10 @@ def _override(key: str, value: Any) -> str:
 
 
 def require_checkpoint_settings(checkpoint: str | Path, current: Mapping[str, Any]) -> None:
-    """:func:`refuse_other_settings` of ``current`` against the ``settings.json`` beside ``checkpoint``, if there is one.
+    """:func:`refuse_other_settings` of ``current`` against the ``settings.json`` beside ``checkpoint``.
+
+    Without that record (a checkpoint copied without its folder) nothing can be checked: a warning
+    says so and names the settings that must match the training.
 
     Examples
     --------
@@ -116,6 +119,17 @@ def require_checkpoint_settings(checkpoint: str | Path, current: Mapping[str, An
     record = Path(checkpoint).parent / SETTINGS_FILE
     if record.is_file():
         refuse_other_settings(current, json.loads(record.read_text(encoding="utf-8")), str(record))
+    else:
+        _warn_unrecorded(record, "using the network")
+
+
+def _warn_unrecorded(record: Path, action: str) -> None:
+    logger.warning(
+        "%s is missing, so this run's settings cannot be checked against the training's; %s as it is: %s must be "
+        "those of the training, or its outputs mean other classes or images. Copy the run folder's settings.json "
+        "beside the checkpoint to have them checked",
+        record, action, ", ".join(TRAINED_SETTINGS),
+    )
 
 
 def latest_checkpoint(directory: str | Path, pattern: str = "*.pt") -> Path | None:
@@ -259,7 +273,9 @@ class ResumeFromLatest:
             f"{self.directory} to train it again from the start"
         )
         record = self.directory / SETTINGS_FILE
-        if self.settings is not None and record.is_file():
+        if self.settings is not None and not record.is_file():
+            _warn_unrecorded(record, f"resuming from {path.name}")
+        elif self.settings is not None:
             saved = json.loads(record.read_text(encoding="utf-8"))
             changed = changed_settings(saved, self.settings)
             if changed:
