@@ -323,6 +323,12 @@ def test_a_card_outside_cohorts_that_misses_its_pipeline_names_the_key_and_the_f
     assert main(["preprocess", "--cohort", str(card), "--raw", str(raw), "--out", str(tmp_path / "out"),
                  "--key-file", str(key_file), "--pipeline", str(tmp_path / "none.json")]) == 2
     assert f"--pipeline {tmp_path / 'none.json'}: no such file" in capsys.readouterr().err
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-moved" / "brain_t1.json"  # an absolute path gets no relative-path advice
+    card.write_text((CARDS / "ukb.yaml").read_text().replace("preprocessing/brain_t1.json", str(elsewhere)))
+    assert main(["preprocess", "--cohort", str(card), "--raw", str(raw), "--out", str(tmp_path / "out"),
+                 "--key-file", str(key_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"{card}: pipeline: {elsewhere} not found: correct the path in the card (e.g. {shipped}), or pass --pipeline" in err
 
 
 def test_card_errors_on_ages_name_the_problem_once(tmp_path):

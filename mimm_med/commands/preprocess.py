@@ -130,10 +130,13 @@ def _missing_pipeline(card_path: Path, pipeline: Path, given: bool) -> str | Non
         return f"--pipeline {pipeline}: no such file"
     shipped = SHIPPED_PIPELINES / pipeline.name
     example = f" (e.g. {shipped})" if shipped.is_file() else ""
+    base = card_path.resolve().parent.parent
+    if not pipeline.is_relative_to(base):  # the card gives an absolute path, and it is wrong
+        return f"{card_path}: pipeline: {pipeline} not found: correct the path in the card{example}, or pass --pipeline"
     # A card written outside cohorts/ does not sit one folder below the pipelines it names.
     return (
         f"{card_path}: pipeline: {pipeline} not found; a relative path is read from the folder above the card's "
-        f"folder ({card_path.resolve().parent.parent}): write an absolute path in the card{example}, or pass --pipeline"
+        f"folder ({base}): write an absolute path in the card{example}, or pass --pipeline"
     )
 
 
