@@ -21,3 +21,28 @@ def is_whole_number(value: Any, minimum: int | None = None) -> bool:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         return False
     return float(value).is_integer() and (minimum is None or bool(value >= minimum))
+
+
+def as_flag(value: Any, name: str) -> bool:
+    """``value`` of the on/off setting ``name`` as a bool, whether a config or the command line gave it.
+
+    ``python -m monai.bundle run`` reads ``--invariant_head False`` as a bool but ``--invariant_head
+    false`` as the string ``"false"``, which Python takes for true; both spellings count here.
+
+    Raises
+    ------
+    ValueError
+        For anything but a bool, 0 / 1, or ``true`` / ``false`` in any case.
+
+    Examples
+    --------
+    >>> as_flag("false", "invariant_head"), as_flag(True, "invariant_head")
+    (False, True)
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name} is an on/off setting: give true or false (e.g. --{name} false), got {value!r}")

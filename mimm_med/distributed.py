@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import ignite.distributed as idist
+import numpy as np
 import torch.distributed as dist
 
-__all__ = ["LAUNCHER_VARIABLES", "is_rank_zero", "rank_zero_choice", "start_process_group", "world_size"]
+__all__ = ["LAUNCHER_VARIABLES", "gathered_rows", "is_rank_zero", "rank_zero_choice", "start_process_group", "world_size"]
 
 #: What torchrun sets in each process it starts, and ``init_process_group``'s env:// rendezvous reads.
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -55,3 +57,16 @@ def rank_zero_choice(path: Path | None) -> Path | None:
     choice = [None if path is None else str(path)]
     dist.broadcast_object_list(choice, src=0)
     return None if choice[0] is None else Path(choice[0])
+
+
+def gathered_rows(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every rank's rows of each array, concatenated in rank order, on every rank; ``arrays`` itself without a process group.
+
+    For what each rank computed over its own part of a data set (a forward pass over the training
+    set), so that every rank fits the same thing on all of it.
+    """
+    if world_size() == 1:
+        return dict(arrays)
+    parts: list[Mapping[str, np.ndarray] | None] = [None] * world_size()
+    dist.all_gather_object(parts, dict(arrays))
+    return {key: np.concatenate([part[key] for part in parts]) for key in arrays}

@@ -332,3 +332,25 @@ def test_invariant_head_is_refitted_for_validation_and_training_keeps_its_weight
     client = MlflowClient(at_repo_root)
     (training,) = client.search_runs([client.get_experiment_by_name(bundle.name).experiment_id], "attributes.run_name = 'refit'")
     assert training.data.params["invariant_head"] == "True"
+
+
+@pytest.mark.parametrize("given, expected", [("false", False), ("False", False), ("true", True), (False, False), (True, True)])
+def test_on_off_settings_read_as_the_command_line_spells_them(given, expected):
+    # monai.bundle's command line gives --invariant_head false as the string "false", which Python takes for true
+    parser = ConfigParser()
+    parser.read_config([str(REPO / file) for file in BUNDLES[0].config_files()])
+    for name in ("invariant_head", "conditional", "balanced"):
+        parser[name] = given
+    assert parser.get_parsed_content("run_name").endswith("-invariant-head-seed0") is expected
+    params = parser.get_parsed_content("mlflow#params")
+    assert params["invariant_head"] is params["conditional"] is params["balanced"] is expected
+
+
+def test_an_on_off_setting_that_is_neither_names_itself():
+    parser = ConfigParser()
+    parser.read_config([str(REPO / file) for file in BUNDLES[0].config_files()])
+    parser["invariant_head"] = "yes"
+    with pytest.raises(Exception) as raised:
+        parser.get_parsed_content("run_name")
+    messages = [str(error) for error in _error_chain(raised.value)]
+    assert any("invariant_head is an on/off setting: give true or false (e.g. --invariant_head false), got 'yes'" in m for m in messages)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimm_med.checks import is_whole_number
+from mimm_med.checks import as_flag, is_whole_number
 from mimm_med.data.digits_morpho import make_digits_morpho
 from mimm_med.engines.resume import ResumeFromLatest
 from mimm_med.mi import MINE
@@ -57,3 +57,14 @@ def test_every_setting_takes_an_integral_float_as_its_integer(tmp_path):
 def test_a_setting_that_is_not_a_whole_number_is_refused_by_name(build, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         build(tmp_path) if build.__code__.co_argcount else build()
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), ("false", False), (" TRUE ", True), (0, False), (1, True)])
+def test_as_flag_reads_every_spelling_of_on_and_off(value, expected):
+    assert as_flag(value, "balanced") is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "", 2, 0.0, None])
+def test_as_flag_refuses_what_is_neither(value):
+    with pytest.raises(ValueError, match=r"balanced is an on/off setting: give true or false \(e.g. --balanced false\)"):
+        as_flag(value, "balanced")

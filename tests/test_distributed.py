@@ -14,6 +14,7 @@ import torch.distributed as dist
 from bundle_runs import (
     BATCH_SIZE,
     REPO,
+    RUN_NAME,
     bundle_runs,
     checkpoint_dir,
     checkpoint_files,
@@ -121,6 +122,8 @@ def test_bundle_trains_on_two_gloo_ranks_and_rank_zero_alone_tracks(brain_splits
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     root = tmp_path / "bundle"
     command = training_command(["train.json", "multi_gpu_train.json"], brain_splits, root, EPOCHS, TORCHRUN)
+    # with the refit: its features are computed over refit_shard on each rank and gathered in validation
+    command += ["--invariant_head", "true", "--run_name", RUN_NAME]
     result = subprocess.run(command, cwd=REPO, env=run_env(uri), capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
@@ -135,7 +138,7 @@ def test_bundle_trains_on_two_gloo_ranks_and_rank_zero_alone_tracks(brain_splits
     assert log.count(f"Epoch: 1/{EPOCHS}, Iter: 1/{iterations} --") == 1  # rank 0's StatsHandler only
     (run,) = bundle_runs(uri)
     assert run.info.status == "FINISHED"
-    assert run.data.params["world_size"] == str(WORLD_SIZE)
+    assert run.data.params["world_size"] == str(WORLD_SIZE) and run.data.params["invariant_head"] == "True"
     assert run.data.params["epoch_length"] == str(iterations)
     assert metric_steps(uri, run.info.run_id, "train/dependence/sex") == list(range(1, EPOCHS + 1))
     assert metric_steps(uri, run.info.run_id, "val_bacc") == list(range(1, EPOCHS + 1))

@@ -10,6 +10,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from mimm_med.data.confounding import cell_balancing_weights
+from mimm_med.distributed import gathered_rows
 from mimm_med.evaluation.outputs import collect_outputs
 from mimm_med.evaluation.readout import conditional_mean_eraser, fit_linear_readout
 
@@ -41,11 +42,15 @@ class InvariantHeadRefit:
     f_y 100 %; ``docs/mi-penalty-diagnosis.md``). The erasure holds in the training set's cell
     means, so it needs every (y, z_k) cell populated there.
 
+    Under ``torch.distributed`` each rank's loaders yield its own part of the set (e.g.
+    ``monai.data.partition_dataset``); the ranks' features are gathered, so every rank fits the
+    same head on all of it, after one forward pass over its part instead of over the whole set.
+
     Parameters
     ----------
     loader
         Batches of MONAI dicts holding ``"image"`` and every label; no resampling (rebalancing is
-        the weights' job).
+        the weights' job). Under ``torch.distributed``, this rank's part of them.
     primary
         Name of the primary task (a classification head).
     spurious
@@ -57,7 +62,7 @@ class InvariantHeadRefit:
         Optional batches of images outside the training set, e.g. the validation set, whose factor
         differences are erased too; the head is fitted on ``loader`` alone. Leave it out where the
         same images score the refitted network (a validator's own data), or their labels shape
-        what is scored.
+        what is scored. Under ``torch.distributed``, this rank's part of them.
 
     Examples
     --------
@@ -161,6 +166,8 @@ class InvariantHeadRefit:
         self, network: torch.nn.Module, loader: Iterable[dict[str, Any]]
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         outputs = collect_outputs(network, loader, [self.primary, *self.spurious], network.heads[self.primary].weight.device)
+        keys = [f"{self.primary}_features", *(f"{name}_label" for name in [self.primary, *self.spurious])]
+        outputs = gathered_rows({key: outputs[key] for key in keys})
         features = outputs[f"{self.primary}_features"].astype(np.float64)
         factors = {name: outputs[f"{name}_label"].astype(int) for name in self.spurious}
         return features, outputs[f"{self.primary}_label"].astype(int), factors
