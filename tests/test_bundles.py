@@ -339,9 +339,10 @@ def test_on_off_settings_read_as_the_command_line_spells_them(given, expected):
     # monai.bundle's command line gives --invariant_head false as the string "false", which Python takes for true
     parser = ConfigParser()
     parser.read_config([str(REPO / file) for file in BUNDLES[0].config_files()])
-    for name in ("invariant_head", "conditional", "balanced"):
+    for name in ("invariant_head", "conditional", "balanced", "amp"):
         parser[name] = given
     assert parser.get_parsed_content("run_name").endswith("-invariant-head-seed0") is expected
+    assert parser.get_parsed_content("train#trainer#amp") is parser.get_parsed_content("validate#evaluator#amp") is expected
     params = parser.get_parsed_content("mlflow#params")
     assert params["invariant_head"] is params["conditional"] is params["balanced"] is expected
 
