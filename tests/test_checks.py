@@ -8,6 +8,7 @@ import torch
 
 from mimm_med.checks import as_flag, is_whole_number
 from mimm_med.data.digits_morpho import make_digits_morpho
+from mimm_med.engines.batch_norm import RecomputeBatchNorm
 from mimm_med.engines.resume import ResumeFromLatest
 from mimm_med.mi import MINE
 from mimm_med.networks import MIMMXNet
@@ -52,6 +53,7 @@ def test_every_setting_takes_an_integral_float_as_its_integer(tmp_path):
         (lambda: MINE(8, 4, num_layers=1.5), r"num_layers must be a whole number >= 0"),
         (lambda tmp: ResumeFromLatest(tmp, {}, keep=True), r"keep must be a whole number >= 1"),
         (lambda: make_digits_morpho(0.9, seed=math.nan), r"seed must be a whole number >= 0"),
+        (lambda: RecomputeBatchNorm([], interval=0), r"interval must be a whole number of epochs >= 1 \(the bundles' val_interval\)"),
     ],
 )
 def test_a_setting_that_is_not_a_whole_number_is_refused_by_name(build, message, tmp_path):

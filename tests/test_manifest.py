@@ -231,3 +231,5 @@ def test_a_bundle_whose_label_levels_do_not_fit_the_manifest_is_told_the_ones_th
     with pytest.raises(ManifestError, match="are missing") as error:  # not the labels: no hint about them
         manifest_datalist(manifest, own, primary="age_group")
     assert "--label_levels" not in str(error.value)
+    with pytest.raises(ManifestError, match=r"primary 'age' is not a factor of label_levels \['age_group', 'sex', 'site_group'\]: give --primary one of them"):
+        manifest_datalist(manifest, own, primary="age")  # was a KeyError: 'age'

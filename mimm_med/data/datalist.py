@@ -48,6 +48,11 @@ def manifest_datalist(
         Missing manifest (saying how to make one), missing files, or labels outside ``label_levels``.
     """
     path = Path(manifest)
+    if primary is not None and primary not in label_levels:
+        raise ManifestError(
+            f"primary {primary!r} is not a factor of label_levels {list(label_levels)}: give --primary one of "
+            "them, or add it to --label_levels with its values"
+        )
     if not path.is_file():
         raise ManifestError(f"no manifest at {path}: {PREPARE_HINT}")
     try:

@@ -10,6 +10,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from mimm_med.checks import is_whole_number
 from mimm_med.distributed import world_size
 
 
@@ -39,8 +40,10 @@ class RecomputeBatchNorm:
     """
 
     def __init__(self, loader: Iterable[dict[str, Any]], interval: int = 1, image_key: str = "image") -> None:
+        if not is_whole_number(interval, minimum=1):
+            raise ValueError(f"interval must be a whole number of epochs >= 1 (the bundles' val_interval), got {interval!r}")
         self.loader = loader
-        self.interval = interval
+        self.interval = int(interval)
         self.image_key = image_key
 
     def attach(self, engine: Engine) -> None:
