@@ -29,7 +29,6 @@ from .writers import atomic_output
 #: How far a split's agreement may miss the requested correlation before ``cohort split`` warns of it.
 CORRELATION_TOLERANCE = 0.02
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test-iid", "test-balanced", "test-inverted")
-TEST_CORRELATIONS: dict[str, str] = {"test-iid": "r", "test-balanced": "0.5", "test-inverted": "1 - r"}
 
 
 def binary_codes(values: pd.Series) -> tuple[np.ndarray, tuple]:
