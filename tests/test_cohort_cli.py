@@ -203,6 +203,18 @@ def test_shards_through_the_command_line_merge_to_the_full_run(tmp_path, key_fil
     assert full.reset_index(drop=True).equals(sharded.reset_index(drop=True))
 
 
+def test_a_set_of_the_wrong_form_exits_2_before_any_image_and_locks_nothing(tmp_path, key_file, capsys):
+    raw = generate("chexpert", 3, tmp_path / "raw")
+    capsys.readouterr()
+    # The brain form of spatial_size: the chest X-ray pipeline resizes the longest side to one number.
+    assert preprocess("chexpert.yaml", raw, tmp_path / "out", key_file, "--set", "spatial_size=[32,32]") == 2
+    err = capsys.readouterr().err
+    assert "spatial_size is a number in" in err and "chest_xray.json (default 256), got [32, 32]" in err
+    assert not (tmp_path / "out").exists()
+    assert preprocess("chexpert.yaml", raw, tmp_path / "out", key_file, *TINY_XRAY) in (0, 1)
+    assert "3 done" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("output_format, suffix", [("png", ".png"), ("nifti", ".nii.gz")])  # NIfTI: with a header
 def test_no_dicom_identifier_or_source_id_reaches_any_output(tmp_path, key_file, capfd, output_format, suffix):
     import pydicom

@@ -250,6 +250,18 @@ def test_rerun_redoes_only_missing_and_failed_images(brain, brain_reference, tmp
     assert second.manifest.read_text() == brain_reference[1].manifest.read_text()
 
 
+def test_an_emptied_output_image_is_redone_not_skipped(brain, brain_reference, tmp_path):
+    raw, records, problems = brain
+    first = run(records, problems, raw, tmp_path)
+    manifest = read_manifest(first.manifest)
+    emptied = Path(manifest.loc[manifest["status"] == "ok", "image"].iloc[0])
+    emptied.write_bytes(b"")  # outside damage, or a partial copy: nibabel's "Empty file" in training
+    second = run(records, problems, raw, tmp_path)
+    assert (second.done, second.skipped, second.failed) == (1, first.done - 1, first.failed)
+    assert nib.load(emptied).shape == (16, 16, 16)
+    assert second.manifest.read_text() == brain_reference[1].manifest.read_text()
+
+
 @pytest.mark.parametrize("workers", [0, 1, 2])  # 0: in this process
 def test_a_repeated_record_is_processed_once(brain, brain_reference, tmp_path, workers):
     raw, records, problems = brain
@@ -279,6 +291,27 @@ def test_output_folder_made_with_other_settings_is_refused(brain, tmp_path):
     run(records.iloc[:1], problems.iloc[:0], raw, tmp_path)
     with pytest.raises(PreprocessError, match="other pipeline settings"):
         run(records.iloc[:1], problems.iloc[:0], raw, tmp_path, overrides={"spatial_size": [8, 8, 8]})
+
+
+def test_output_folder_without_images_takes_other_settings(brain, tmp_path, caplog):
+    raw, records, problems = brain
+    fingerprint = Pseudonymiser(KEY).key_fingerprint
+    failing = records.iloc[4:8]  # truncated, NaN, 2D, empty: every image fails, no output depends on the settings
+    assert run(failing, problems.iloc[:0], raw, tmp_path).failed == len(failing)
+    other = load_pipeline_config(BRAIN_CONFIG, {"spatial_size": [8, 8, 8]})
+    with caplog.at_level("WARNING", logger="mimm_med.data.preprocess"):
+        summary = run(records.iloc[:1], problems.iloc[:0], raw, tmp_path, overrides={"spatial_size": [8, 8, 8]})
+    assert "holds no image made with the pipeline settings recorded in" in caplog.text
+    assert summary.done == 1
+    assert json.loads((tmp_path / "pipeline.json").read_text()) == {**other, "pseudonym_key_fingerprint": fingerprint}
+    # Now an image depends on the settings recorded: the first ones are refused.
+    with pytest.raises(PreprocessError, match="other pipeline settings"):
+        run(records.iloc[:1], problems.iloc[:0], raw, tmp_path)
+    # A folder where no image ran at all (only its record was made) takes other settings too.
+    (tmp_path / "none-ran").mkdir()
+    check_output_settings(load_pipeline_config(BRAIN_CONFIG, SMALL_BRAIN), tmp_path / "none-ran", fingerprint)
+    check_output_settings(other, tmp_path / "none-ran", fingerprint)
+    assert json.loads((tmp_path / "none-ran" / "pipeline.json").read_text())["spatial_size"] == [8, 8, 8]
 
 
 def test_output_folder_made_with_another_key_is_refused(brain, tmp_path):
@@ -375,6 +408,32 @@ def test_overrides_are_parsed_and_checked():
         load_pipeline_config(BRAIN_CONFIG, {"spatail_size": [8, 8, 8]})
     with pytest.raises(PreprocessError, match="0 <= i < n"):
         Shard.parse("4/4")
+
+
+@pytest.mark.parametrize(
+    "config, key, value, message",
+    [
+        (XRAY_CONFIG, "spatial_size", [32, 32], r"spatial_size is a number in \S*chest_xray.json \(default 256\), "
+         r"got \[32, 32\]; give a number like the default, e.g. --set spatial_size=256"),
+        (BRAIN_CONFIG, "spatial_size", 64, r"spatial_size is a list in \S*brain_t1.json \(default \[96, 96, 96\]\)"),
+        (XRAY_CONFIG, "spatial_size", "large", r'spatial_size is a number .* got "large"'),
+        (XRAY_CONFIG, "clahe", 1, r"clahe is true or false .*\(default false\), got 1"),
+        (XRAY_CONFIG, "output_format", ["png"], r'output_format is text .*\(default "png"\)'),
+    ],
+    ids=["list-for-number", "number-for-list", "text-for-number", "number-for-bool", "list-for-text"],
+)
+def test_an_override_of_another_form_than_its_default_is_refused(config, key, value, message):
+    with pytest.raises(PreprocessError, match=message):
+        load_pipeline_config(config, {key: value})
+
+
+def test_overrides_of_the_defaults_form_expressions_and_null_defaults_are_taken(tmp_path):
+    assert load_pipeline_config(XRAY_CONFIG, {"spatial_size": 32.0})["spatial_size"] == 32.0  # int, float: numbers
+    assert load_pipeline_config(BRAIN_CONFIG, {"spacing": [4, 4, 4]})["spacing"] == [4, 4, 4]
+    assert load_pipeline_config(BRAIN_CONFIG, {"spatial_size": "$[16] * 3"})["spatial_size"] == "$[16] * 3"
+    nullable = tmp_path / "nullable.json"
+    nullable.write_text(json.dumps({"crop": None}))
+    assert load_pipeline_config(nullable, {"crop": [8, 8]})["crop"] == [8, 8]
 
 
 def test_atomic_output_leaves_nothing_when_interrupted(tmp_path):

@@ -32,7 +32,8 @@ examples:
   mimm-med cohort merge processed/ukb/manifest-shard-*.csv --out processed/ukb/manifest.csv
 
 The key (--key-file, --key or ${KEY_ENV_VAR}) turns source ids into pseudonyms; keep it apart from the
-outputs. A re-run with the same --out keeps finished images and redoes missing or failed ones.
+outputs. A re-run with the same --out keeps finished images and redoes missing, empty or failed ones;
+it must use the same settings once an image has been written.
 To find the raw files behind errors.csv (the key holder only): mimm-med cohort locate --errors OUT/errors.csv ...
 Exit status: 0 all done, {EXIT_FAILURES} some images or metadata rows failed (see errors.csv; an image
 whose worker process died is one of them), {EXIT_USAGE} bad arguments or an --out that cannot be written,
@@ -98,7 +99,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a pipeline setting, VALUE as JSON, e.g. spatial_size=[64,64,64] or clahe=true",
+        help="override a pipeline setting, VALUE as JSON of the form of its default, e.g. spatial_size=[64,64,64] "
+        "for the brain pipeline, spatial_size=256 (the longest side) or clahe=true for the chest X-ray one",
     )
     parser.add_argument("--pipeline", type=Path, help="pipeline config to use instead of the card's")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

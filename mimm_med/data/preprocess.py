@@ -11,8 +11,9 @@ Outputs, all under ``out_dir``::
                                            the fingerprint of the pseudonymisation key (never the key)
 
 With ``--shard i/n`` the tables are ``manifest-shard-i-of-n.csv`` / ``errors-shard-i-of-n.csv``.
-A re-run with the same ``out_dir`` keeps images that exist and that a manifest there (whole or
-shard part) lists as ``ok``, and redoes the rest; it must use the same settings and key.
+A re-run with the same ``out_dir`` keeps images that exist, are not empty and that a manifest there
+(whole or shard part) lists as ``ok``, and redoes the rest; it must use the same key, and the same
+settings once an image has been written.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import secrets
@@ -35,6 +37,7 @@ from typing import Any
 import pandas as pd
 import torch
 from monai.bundle import ConfigComponent, ConfigParser
+from monai.bundle.utils import EXPR_KEY, ID_REF_KEY, MACRO_KEY
 from tqdm.auto import tqdm
 
 from mimm_med.data.manifest import (
@@ -53,6 +56,8 @@ from mimm_med.data.manifest import (
 from mimm_med.data.cohort_card import ROW
 from mimm_med.data.pseudonym import SUBJECT_PREFIX, Pseudonymiser, canonical_text, mask_identifier, mask_subject
 from mimm_med.data.writers import atomic_output
+
+logger = logging.getLogger(__name__)
 
 SOURCE_ID = "source_id"
 ERROR_COLUMNS = (SUBJECT, "file", "reason")
@@ -88,27 +93,55 @@ def parse_override(text: str) -> tuple[str, Any]:
     """Split ``KEY=VALUE`` and read VALUE as JSON where it is JSON (``[64,64,64]``, ``true``), else as text."""
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise PreprocessError(f"--set expects KEY=VALUE, e.g. spatial_size=[64,64,64]; got {text!r}")
+        raise PreprocessError(f"--set expects KEY=VALUE, e.g. spatial_size=[64,64,64] (brain pipeline); got {text!r}")
     try:
         return key.strip(), json.loads(value)
     except json.JSONDecodeError:
         return key.strip(), value
 
 
+def _json_form(value: Any) -> str | None:
+    """The form of a JSON value as a message names it (``"a number"``, ``"a list"``, ...); ``None`` for null."""
+    if value is None:
+        return None
+    if isinstance(value, bool):  # before numbers: a bool is an int to Python, not to JSON
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        # Evaluated when the config is parsed, so its form is not known here.
+        return None if value.startswith((EXPR_KEY, ID_REF_KEY, MACRO_KEY)) else "text"
+    return "a list" if isinstance(value, (list, tuple)) else "a mapping"
+
+
 def load_pipeline_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict:
     """Read a pipeline config and apply ``overrides`` (config ids such as ``spatial_size``).
+
+    An override must have the JSON form of the setting's default (int and float are both numbers);
+    a default of null, a MONAI expression or reference (``$...``, ``@...``, ``%...``), on either side,
+    is not checked.
 
     Raises
     ------
     PreprocessError
-        If an override names a setting the config does not have (a typo would otherwise be ignored).
+        If an override names a setting the config does not have (a typo would otherwise be ignored), or
+        has another form than its default: the pipeline would fail on every image, e.g. a list
+        ``spatial_size`` in the chest X-ray pipeline, which takes the longest side as one number.
     """
     parser = ConfigParser(ConfigParser.load_config_file(path))
     missing = object()
     for key, value in (overrides or {}).items():
-        if parser.get(key, missing) is missing:
+        default = parser.get(key, missing)
+        if default is missing:
             settings = [k for k, v in parser.get().items() if not ConfigComponent.is_instantiable(v)]
             raise PreprocessError(f"{path} has no setting {key!r}; its settings are {settings}")
+        expected, given = _json_form(default), _json_form(value)
+        if expected is not None and given is not None and given != expected:
+            example = json.dumps(default, separators=(",", ":"))
+            raise PreprocessError(
+                f"{key} is {expected} in {path} (default {json.dumps(default)}), got {json.dumps(value)}; "
+                f"give {expected} like the default, e.g. --set {key}={example}"
+            )
         parser[key] = value
     return parser.get()
 
@@ -365,13 +398,15 @@ def check_output_settings(config: Mapping, out_dir: Path, key_fingerprint: str) 
     """Record ``config`` and the key's fingerprint in ``out_dir/pipeline.json``; refuse an ``out_dir`` made otherwise.
 
     Resuming into a folder preprocessed at another size or spacing would mix both in one manifest;
-    with another key, it would redo every subject under a second id. A ``pipeline.json`` from before
-    fingerprints were recorded is taken to match the key and gets the fingerprint.
+    with another key, it would redo every subject under a second id. Other settings are recorded
+    instead, with a warning, while ``out_dir`` holds no image (every earlier image failed, or none
+    ran): no output depends on them. A ``pipeline.json`` from before fingerprints were recorded is
+    taken to match the key and gets the fingerprint.
 
     Raises
     ------
     PreprocessError
-        If ``out_dir`` was made with another key or other settings.
+        If ``out_dir`` was made with another key, or holds images made with other settings.
     """
     path = out_dir / PIPELINE_RECORD
     record = json.loads(json.dumps({**config, KEY_FINGERPRINT: key_fingerprint}))
@@ -384,16 +419,30 @@ def check_output_settings(config: Mapping, out_dir: Path, key_fingerprint: str) 
             f"{out_dir} was preprocessed with another pseudonymisation key (its fingerprint in {path} is not "
             "that of the key given); pass the key that folder was made with, or use a new --out"
         )
+    replace = legacy
     if recorded != record:
-        raise PreprocessError(
-            f"{out_dir} was preprocessed with other pipeline settings (see {path}); "
-            "use a new --out, or delete that folder to start over"
+        if _holds_images(out_dir):
+            raise PreprocessError(
+                f"{out_dir} was preprocessed with other pipeline settings (see {path}); "
+                "use a new --out, or delete that folder to start over"
+            )
+        logger.warning(
+            "%s holds no image made with the pipeline settings recorded in %s; recording this run's instead",
+            out_dir,
+            path,
         )
+        replace = True
     # A record that matches is left alone: shards running at once into one --out would otherwise
     # rewrite it together, each removing the other's temporary file as a stale one.
-    if legacy:
+    if replace:
         with atomic_output(path) as tmp:
             tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+
+def _holds_images(out_dir: Path) -> bool:
+    """Whether any file is under ``out_dir/images``: a finished image, or one a shard running now is writing."""
+    # Files, not the manifests' ok rows: a running shard lists its images only at its next checkpoint.
+    return any(path.is_file() for path in (out_dir / "images").rglob("*"))
 
 
 def _create_once(path: Path, text: str) -> None:
@@ -492,14 +541,16 @@ def unmask_file(shown: str, subject_id: str, source_id: str, raw_dir: Path, imag
 
 
 def finished_images(out_dir: Path) -> set[str]:
-    """Images that exist and that a manifest in ``out_dir`` lists as ``ok``.
+    """Images that exist, are not empty and that a manifest in ``out_dir`` lists as ``ok``.
 
     Any manifest counts, the whole one or shard parts: a cohort sharded 4 ways can be finished
-    2 ways, or whole, without redoing what is done.
+    2 ways, or whole, without redoing what is done. An empty file (emptied by outside damage, or a
+    partial copy) is redone: no reader can load it.
     """
     finished = set()
     for manifest in map(read_manifest, out_dir.glob("manifest*.csv")):
-        finished.update(p for p in manifest[IMAGE][manifest[STATUS] == STATUS_OK] if os.path.exists(p))
+        ok = manifest[IMAGE][manifest[STATUS] == STATUS_OK]
+        finished.update(p for p in ok if os.path.exists(p) and os.path.getsize(p) > 0)
     return finished
 
 
@@ -551,7 +602,7 @@ def preprocess_records(
     Raises
     ------
     PreprocessError
-        If ``out_dir`` was made with other settings or another key.
+        If ``out_dir`` was made with another key, or holds images made with other settings.
     OutputError
         If an output cannot be written (after the tables of what finished, where they can be): a
         bad input image only fails its own row, an unwritable ``out_dir`` stops the run.
