@@ -156,6 +156,12 @@ def test_registered_candidate_predicts_like_the_trained_network(trained):
     assert set(actual) == set(expected)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key])
+    import mlflow
+
+    with using_tracking_uri(trained.uri):  # an example input ships with the model, as the issue asks
+        model_dir = mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}@candidate")
+    example = mlflow.models.Model.load(model_dir).load_input_example(model_dir)
+    assert example is not None and example.shape[1:] == (1, 12, 12)
     with pytest.raises(LookupError, match="candidate"):
         load_registered_network(f"models:/{MODEL_NAME}@nonexistent", tracking_uri=trained.uri)
 

@@ -199,7 +199,7 @@ class ModelRegistration(CompletionLogger):
                 model_id=logged.model_id,
                 run_id=run_id,
                 signature=signature,
-                input_example=example,
+                input_example=example.numpy(),  # MLflow saves a NumPy example; a tensor it drops without a word
                 pip_requirements=default_pip_requirements(self.serialization_format),
                 code_paths=network_code_paths(self.serialization_format),
                 serialization_format=self.serialization_format,
