@@ -7,6 +7,7 @@ monai.bundle run ...`` runs them; only the data, the image size and the batch si
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,3 +356,15 @@ def test_an_on_off_setting_that_is_neither_names_itself():
         parser.get_parsed_content("run_name")
     messages = [str(error) for error in _error_chain(raised.value)]
     assert any("invariant_head is an on/off setting: give true or false (e.g. --invariant_head false), got 'yes'" in m for m in messages)
+
+
+def test_training_on_splits_that_share_a_subject_stops_before_any_work(digits_small_splits: Path, at_repo_root: str, tmp_path: Path):
+    leaky = tmp_path / "splits"
+    shutil.copytree(digits_small_splits, leaky)
+    train = pd.read_csv(leaky / "train.csv")
+    pd.concat([pd.read_csv(leaky / "val.csv"), train.head(3)]).to_csv(leaky / "val.csv", index=False)
+    with pytest.raises(Exception) as raised:
+        run("training", config_file=BUNDLES[0].config_files(), dataset_dir=str(leaky), bundle_root=str(tmp_path / "root"))
+    messages = [str(error) for error in _error_chain(raised.value)]
+    assert any(f"{leaky}: splits 'train' and 'val' share 3 subjects" in message for message in messages), messages
+    assert not (tmp_path / "root").exists()  # refused before a checkpoint folder or an MLflow run was made

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -133,8 +134,10 @@ def test_bundle_trains_on_two_gloo_ranks_and_rank_zero_alone_tracks(brain_splits
     iterations = shard // BATCH_SIZE
     assert iterations >= 2
     # CacheDataset's progress bars: every rank caches its shard, none the whole training set (and each the validation set)
-    cached = sorted(int(n) for n in re.findall(r"Loading dataset: 100%\|\S+\| (\d+)/\1 ", log))
-    assert cached == sorted([shard] * WORLD_SIZE + [len(pd.read_csv(brain_splits / "val.csv"))] * WORLD_SIZE), cached
+    # (tqdm may print a finished bar twice, in a log that is not a terminal, when the machine is loaded)
+    cached = Counter(int(n) for n in re.findall(r"Loading dataset: 100%\|\S+\| (\d+)/\1 ", log))
+    validation = len(pd.read_csv(brain_splits / "val.csv"))
+    assert set(cached) == {shard, validation} and min(cached.values()) >= WORLD_SIZE, cached
     assert log.count(f"Epoch: 1/{EPOCHS}, Iter: 1/{iterations} --") == 1  # rank 0's StatsHandler only
     (run,) = bundle_runs(uri)
     assert run.info.status == "FINISHED"

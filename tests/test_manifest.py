@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -233,3 +234,26 @@ def test_a_bundle_whose_label_levels_do_not_fit_the_manifest_is_told_the_ones_th
     assert "--label_levels" not in str(error.value)
     with pytest.raises(ManifestError, match=r"primary 'age' is not a factor of label_levels \['age_group', 'sex', 'site_group'\]: give --primary one of them"):
         manifest_datalist(manifest, own, primary="age")  # was a KeyError: 'age'
+
+
+def test_a_split_folder_that_a_bundle_must_not_read_is_refused_before_training(tmp_path):
+    from mimm_med.data.datalist import check_split_folder
+
+    def write_split(name: str, subjects: range, status: str = "ok") -> None:
+        table = pd.read_csv(make_manifest(tmp_path, n=12))
+        table.iloc[list(subjects)].assign(status=status).to_csv(tmp_path / f"{name}.csv", index=False)
+
+    write_split("train", range(0, 6))
+    with pytest.raises(ManifestError, match=r"no manifest at .*val\.csv: make the splits with"):
+        check_split_folder(tmp_path)
+    write_split("val", range(6, 8), status="failed")
+    with pytest.raises(ManifestError, match=r"val\.csv holds no usable image: .*--fractions TRAIN,VAL,TEST"):
+        check_split_folder(tmp_path)
+    check_split_folder(tmp_path, required=())  # evaluation reads the test sets, not val
+    write_split("val", range(6, 8))
+    for test_set in ("test-iid", "test-inverted"):
+        write_split(test_set, range(8, 12))  # the test sets are the same subjects under other shortcuts
+    check_split_folder(tmp_path)
+    write_split("val", range(4, 8))  # as a hand-edited val.csv with rows copied from train.csv
+    with pytest.raises(ManifestError, match=rf"{re.escape(str(tmp_path))}: splits 'train' and 'val' share 2 subjects \(sub-0004, sub-0005\)"):
+        check_split_folder(tmp_path)

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 from mimm_med.cli import run_subcommand
+from mimm_med.data.datalist import check_split_folder
+from mimm_med.data.manifest import ManifestError
 from mimm_med.data.pseudonym import write_synthetic_cohort_key
 from mimm_med.tracking import list_versions, printable_uri, resolve_tracking_uri
 
@@ -55,6 +57,10 @@ def prepare(workdir: Path, subjects: int, resolution_mm: float, size: int, corre
         _step(f"splitting at r = {correlation} (sex and cohort agree with the age group)")
         run_subcommand(["cohort", "split", "--manifest", str(merged), "--primary", "age_group",
               "--spurious", f"sex={correlation},cohort={correlation}", "--out", str(splits), "--seed", str(seed)])
+    try:
+        check_split_folder(splits)
+    except ManifestError as error:  # too few subjects: the bundle would refuse the splits after the set-up
+        raise SystemExit(f"mimm-med demo: {error}; here, give --subjects more than {subjects}") from None
     return splits
 
 

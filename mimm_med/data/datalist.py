@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from mimm_med.data.confounding import SPLIT_NAMES
 from mimm_med.data.manifest import (
     COHORT,
     IMAGE,
@@ -15,6 +16,7 @@ from mimm_med.data.manifest import (
     label_columns,
     load_manifest,
     read_manifest,
+    validate_splits,
 )
 from mimm_med.data.pseudonym import canonical_text
 
@@ -107,3 +109,44 @@ def image_datalist(manifest: str | Path) -> list[dict]:
         raise ManifestError(f"no manifest at {path}: {PREPARE_HINT}")
     table = load_manifest(path)
     return [{"image": image, "image_path": image, "subject_id": subject} for image, subject in zip(table[IMAGE], table[SUBJECT])]
+
+
+def check_split_folder(dataset_dir: str | Path, required: Sequence[str] = ("train", "val")) -> None:
+    """Refuse a split folder that a bundle must not read: a required split missing or empty, or a subject in two splits.
+
+    ``cohort split`` writes disjoint, non-empty splits where it can; a folder edited by hand, or split
+    from too few subjects, would otherwise train on test subjects or leave training without the
+    validation that picks its best checkpoint.
+
+    Parameters
+    ----------
+    dataset_dir
+        Folder of ``train.csv``, ``val.csv`` and the ``test-*.csv`` sets.
+    required
+        Splits that must exist and hold at least one ``ok`` image; the others are checked only for
+        shared subjects, where present.
+
+    Raises
+    ------
+    ManifestError
+        Naming the folder, the split and the fix.
+    """
+    folder = Path(dataset_dir)
+    splits = {}
+    for name in SPLIT_NAMES:
+        path = folder / f"{name}.csv"
+        if not path.is_file():
+            if name in required:
+                raise ManifestError(f"no manifest at {path}: {PREPARE_HINT}")
+            continue
+        table = read_manifest(path)
+        splits[name] = table[table[STATUS] == STATUS_OK]
+        if name in required and splits[name].empty:
+            raise ManifestError(
+                f"{path} holds no usable image: split a cohort with more subjects, or give {name} a larger share "
+                "(`mimm-med cohort split --fractions TRAIN,VAL,TEST`)"
+            )
+    try:
+        validate_splits(splits)
+    except ManifestError as error:
+        raise ManifestError(f"{folder}: {error}") from None
