@@ -176,6 +176,18 @@ def test_merge_checks_that_the_ok_images_exist(tmp_path):
         merge_manifests([ukb, nako])
 
 
+def test_empty_images_and_a_manifest_moved_from_its_images_are_named_with_their_fix(tmp_path):
+    path = make_manifest(tmp_path / "a")
+    (tmp_path / "a" / "images" / "sub-0002" / "img-0.png").write_bytes(b"")  # as a partial copy leaves it
+    with pytest.raises(ManifestError, match=r"1 of 8 images listed in manifest .* are empty files \(.*sub-0002.*\); re-run"):
+        load_manifest(path)
+    moved = tmp_path / "elsewhere" / "manifest.csv"
+    moved.parent.mkdir()
+    path.rename(moved)
+    with pytest.raises(ManifestError, match=r"none of the 8 images listed in manifest .*elsewhere.* exist .*if the manifest was moved away from its images, move it back"):
+        load_manifest(moved)
+
+
 def record_key(folder: Path, fingerprint: str) -> None:
     (folder / "pipeline.json").write_text(json.dumps({"spacing": [2, 2, 2], "pseudonym_key_fingerprint": fingerprint}))
 

@@ -179,10 +179,23 @@ def validate_manifest(
     if check_files:
         ok = table[table[STATUS] == STATUS_OK]
         absent_files = [p for p in ok[IMAGE] if not os.path.exists(p)]
+        if absent_files and len(absent_files) == len(ok):
+            # every image gone: the manifest (its paths relative to its folder) was moved, not the images lost
+            raise ManifestError(
+                f"none of the {len(ok)} images listed in manifest {path} exist ({_first(absent_files)}): its image "
+                f"paths are relative to its folder; if the manifest was moved away from its images, move it back "
+                "(or its folder with them), else re-run `mimm-med preprocess` with the same --out"
+            )
         if absent_files:
             raise ManifestError(
                 f"{len(absent_files)} of {len(ok)} images listed in manifest {path} are missing "
                 f"({_first(absent_files)}); re-run `mimm-med preprocess` with the same --out to redo them"
+            )
+        empty_files = [p for p in ok[IMAGE] if os.path.getsize(p) == 0]
+        if empty_files:  # no reader loads them; outside damage such as a partial copy
+            raise ManifestError(
+                f"{len(empty_files)} of {len(ok)} images listed in manifest {path} are empty files "
+                f"({_first(empty_files)}); re-run `mimm-med preprocess` with the same --out to redo them"
             )
 
 
