@@ -205,6 +205,16 @@ def test_a_diverging_network_stops_training_naming_iteration_and_term(method):
         trainer.run()
 
 
+@pytest.mark.parametrize("method", ["mimm", "mimmx", "adversarial"])
+def test_a_diverging_critic_is_named_with_its_own_fix(method):
+    set_determinism(0)
+    trainer = _build(method)
+    trainer.critic_optimizer = torch.optim.SGD(trainer.objective.critic_parameters(), lr=1e30)
+    # before: the next dependence term read NaN and the message told to lower the encoder's learning rate
+    with pytest.raises(TrainingDiverged, match=r"iteration 1: critic loss = nan\. Lower critic_lr, or raise the batch size\."):
+        trainer.run()
+
+
 @pytest.mark.parametrize("label, shown", [(2, r"\[2.0\]"), (-1, r"\[-1.0\]"), (0.5, r"\[0.5\]")])
 def test_a_label_that_is_not_a_class_index_is_named(label, shown):
     records = _records()

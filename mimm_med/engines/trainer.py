@@ -279,16 +279,18 @@ class MIMMXTrainer(Trainer):
     def _autocast(self) -> Any:
         return torch.autocast("cuda", **self.amp_kwargs) if self.amp else nullcontext()
 
-    def _check_finite(self, engine: MIMMXTrainer, name: str, value: Tensor) -> None:
+    def _check_finite(
+        self, engine: MIMMXTrainer, name: str, value: Tensor, fix: str = "Lower the learning rate or mi_weight."
+    ) -> None:
         value = value.detach()
         if not bool(torch.isfinite(value).all()):
             shown = f"= {float(value)}" if value.numel() == 1 else "holds NaN or infinite values"
             raise TrainingDiverged(
                 f"training diverged at epoch {engine.state.epoch}, iteration {engine.state.iteration}: "
-                f"{name} {shown}. Lower the learning rate or mi_weight."
+                f"{name} {shown}. {fix}"
             )
 
-    def _critic_phase(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> float:
+    def _critic_phase(self, engine: MIMMXTrainer, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> float:
         if self.critic_optimizer is None or self.n_critic == 0:
             return float("nan")
         detached = {key: value.detach().float() for key, value in outputs.items()}
@@ -296,6 +298,8 @@ class MIMMXTrainer(Trainer):
         for _ in range(self.n_critic):
             self.critic_optimizer.zero_grad(set_to_none=True)
             loss = self.objective.critic_loss(detached, labels)
+            # checked here: a diverged critic would next show as a NaN dependence term, blamed on the encoder
+            self._check_finite(engine, "critic loss", loss, "Lower critic_lr, or raise the batch size.")
             loss.backward()
             self.critic_optimizer.step()
         return float(loss.detach())
@@ -312,7 +316,7 @@ class MIMMXTrainer(Trainer):
         # Every part is a slice of the shared features, and every head's output is checked through its
         # loss below: the features are what the critics must not see non-finite.
         self._check_finite(engine, "network output 'features'", outputs["features"])
-        report: dict[str, float] = {"critic_loss": self._critic_phase(outputs, labels)}
+        report: dict[str, float] = {"critic_loss": self._critic_phase(engine, outputs, labels)}
 
         self.optimizer.zero_grad(set_to_none=True)
         task_losses = objective.task_losses(outputs, labels)
