@@ -178,7 +178,8 @@ def validate_manifest(
                 )
     if check_files:
         ok = table[table[STATUS] == STATUS_OK]
-        absent_files = [p for p in ok[IMAGE] if not os.path.exists(p)]
+        sizes = [file_size(p) for p in ok[IMAGE]]  # one stat per image: a cohort's manifest on a network file system
+        absent_files = [p for p, size in zip(ok[IMAGE], sizes) if size is None]
         if absent_files and len(absent_files) == len(ok):
             # every image gone: the manifest (its paths relative to its folder) was moved, not the images lost
             raise ManifestError(
@@ -191,12 +192,20 @@ def validate_manifest(
                 f"{len(absent_files)} of {len(ok)} images listed in manifest {path} are missing "
                 f"({_first(absent_files)}); re-run `mimm-med preprocess` with the same --out to redo them"
             )
-        empty_files = [p for p in ok[IMAGE] if os.path.getsize(p) == 0]
+        empty_files = [p for p, size in zip(ok[IMAGE], sizes) if size == 0]
         if empty_files:  # no reader loads them; outside damage such as a partial copy
             raise ManifestError(
                 f"{len(empty_files)} of {len(ok)} images listed in manifest {path} are empty files "
                 f"({_first(empty_files)}); re-run `mimm-med preprocess` with the same --out to redo them"
             )
+
+
+def file_size(path: str) -> int | None:
+    """Size of the file at ``path`` in bytes; ``None`` where it cannot be found or read, as ``os.path.exists`` says."""
+    try:
+        return os.stat(path).st_size
+    except (OSError, ValueError):
+        return None
 
 
 def load_manifest(

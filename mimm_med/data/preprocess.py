@@ -50,6 +50,7 @@ from mimm_med.data.manifest import (
     STATUS_OK,
     SUBJECT,
     cannot_write,
+    file_size,
     read_manifest,
     write_manifest,
 )
@@ -550,7 +551,7 @@ def finished_images(out_dir: Path) -> set[str]:
     finished = set()
     for manifest in map(read_manifest, out_dir.glob("manifest*.csv")):
         ok = manifest[IMAGE][manifest[STATUS] == STATUS_OK]
-        finished.update(p for p in ok if os.path.exists(p) and os.path.getsize(p) > 0)
+        finished.update(p for p in ok if (file_size(p) or 0) > 0)
     return finished
 
 
