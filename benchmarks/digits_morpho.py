@@ -17,17 +17,17 @@ accuracy of linear read-outs refitted on the frozen features (:func:`readout_cei
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from mimm_med.cli import at_least, output_file, shortcut_correlation
 from mimm_med.data.confounding import cell_balancing_weights
 from mimm_med.data.digits_morpho import FACTORS, PRIMARY, digits_augmentation, make_digits_morpho
 from mimm_med.data.manifest import SUBJECT
+from mimm_med.data.writers import write_json
 from mimm_med.engines import METHODS
 from mimm_med.evaluation import conditional_mean_eraser, flatten_metrics, linear_readout_accuracy
 from mimm_med.experiment import TEST_SETS, ExperimentConfig, run_experiment
@@ -200,21 +200,21 @@ def readout_table(results: list[dict]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="mimmx", help=f"comma-separated, or 'all' ({', '.join(ALL_METHODS)}); any of {', '.join(METHODS)} or oracle")
-    parser.add_argument("--correlation", type=float, default=0.9, help="r: P(confounder agrees with y) in training")
+    parser.add_argument("--correlation", type=shortcut_correlation, default=0.9, help="r: P(confounder agrees with y) in training")
     parser.add_argument("--confounders", default=",".join(FACTORS), help=f"comma-separated subset of {','.join(FACTORS)}")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seeds", type=at_least(1), default=3, help="seeds 0 … N-1")
+    parser.add_argument("--epochs", type=at_least(1), default=30)
+    parser.add_argument("--batch-size", type=at_least(2), default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--mi-weight", type=float, default=1.0, help="λ of the dependence term")
-    parser.add_argument("--n-critic", type=int, default=3)
+    parser.add_argument("--n-critic", type=at_least(1), default=3)
     parser.add_argument("--critic-lr", type=float, default=1e-3)
     parser.add_argument("--estimator", default="mine", choices=tuple(ESTIMATORS))
     parser.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=False, help="estimate I(f_y; f_z | y)")
     parser.add_argument(
         "--balanced", action=argparse.BooleanOptionalAction, default=False, help="MI under cell-balanced weights"
     )
-    parser.add_argument("--part-size", type=int, default=16, help="width of each feature part (f_y and every f_zk)")
+    parser.add_argument("--part-size", type=at_least(1), default=16, help="width of each feature part (f_y and every f_zk)")
     parser.add_argument("--reference", default="features", choices=("features", "labels"), help="what stands for z_k in I(f_y; z_k)")
     parser.add_argument(
         "--readout", action="store_true", help="also score linear read-outs refitted on the frozen features (readout_ceilings)"
@@ -229,22 +229,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="shift, scale and tilt the training digits (digits_augmentation)",
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--json", type=Path, help="write the results here")
-    return parser.parse_args(argv)
+    parser.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", type=output_file, help="write the results here (NaN as null)")
+    args = parser.parse_args(argv)
+    args.methods = list(ALL_METHODS) if args.method == "all" else args.method.split(",")
+    unknown = [m for m in args.methods if m not in (*METHODS, "oracle")]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)} or oracle")
+    args.confounders = args.confounders.split(",")
+    if not set(args.confounders) <= set(FACTORS) or len(set(args.confounders)) != len(args.confounders):
+        parser.error(f"--confounders takes distinct names from {','.join(FACTORS)}, got {','.join(args.confounders)!r}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = list(ALL_METHODS) if args.method == "all" else args.method.split(",")
-    unknown = [m for m in methods if m not in (*METHODS, "oracle")]
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)} or oracle")
-    confounders = args.confounders.split(",")
+    confounders = args.confounders
     start = time.perf_counter()
-    results = [run_method(method, args, confounders) for method in methods]
+    results = [run_method(method, args, confounders) for method in args.methods]
     print(f"\nDigits-Morpho, r = {args.correlation}, confounders {confounders}, {args.seeds} seed(s), % (mean ± sd)\n")
     print(table(results, confounders))
     if args.readout:
@@ -255,8 +259,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(readout_table(results))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+        write_json(args.json, results[0] if len(results) == 1 else results)
     return results
 
 

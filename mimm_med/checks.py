@@ -46,3 +46,18 @@ def as_flag(value: Any, name: str) -> bool:
     if isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
     raise ValueError(f"{name} is an on/off setting: give true or false (e.g. --{name} false), got {value!r}")
+
+
+def check_shortcut_correlation(r: float) -> float:
+    """Return ``r`` if it sets up a shortcut to test, 0.5 < r < 1; else raise a ``ValueError`` saying why.
+
+    At 0.5 the inverted test set (1 - r) is the balanced one; at 1 no training subject disagrees, so
+    no cell-balanced weight or rebalancing exists; below 0.5 the factor agrees with the other value
+    of y, which is r' = 1 - r with the values swapped.
+    """
+    if not 0.5 < r < 1.0:  # also refuses NaN
+        raise ValueError(
+            f"a shortcut correlation lies strictly between 0.5 and 1, got {r}: at 0.5 the inverted test set is the "
+            "balanced one, at 1 no training subject disagrees, and r below 0.5 is 1 - r with the factor's values swapped"
+        )
+    return r

@@ -6,7 +6,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from mimm_med.checks import check_shortcut_correlation
 from mimm_med.data.notices import quiet_gpu_decoder_notices
 
 # Each module defines ``add_parser(subparsers)`` which registers its sub-command and sets ``func``.
@@ -26,6 +28,29 @@ def at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return whole_number
+
+
+def shortcut_correlation(text: str) -> float:
+    """An argparse ``type`` for a training correlation r, 0.5 < r < 1 (:func:`mimm_med.checks.check_shortcut_correlation`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.9, got {text!r}") from None
+    try:
+        return check_shortcut_correlation(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def output_file(text: str) -> Path:
+    """An argparse ``type`` for a file to write at the end of a long run, e.g. ``--json out.json``.
+
+    Refused at once when it names a folder, rather than after hours of training.
+    """
+    path = Path(text)
+    if path.is_dir() or text.endswith(("/", "\\")):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; name a file in it, e.g. {str(path / 'results.json')!r}")
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:

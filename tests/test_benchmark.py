@@ -123,6 +123,8 @@ def test_cells_record_what_changes_their_figures():
     [
         (["--correlations", "0.9,0.98,0.9"], r"--correlations: 0.9 given more than once"),
         (["--correlations", "0.9000001"], r"at most 6 significant digits"),
+        (["--correlations", "0.5,0.9"], r"--correlations: .*at 0\.5 the inverted test set is the balanced one"),
+        (["--correlations", "0.9,x"], r"--correlations: expected a number such as 0\.9, got 'x'"),
         (["--datasets", "digits,digits"], r"--datasets: digits given more than once"),
         (["--datasets", ","], r"--datasets: expected comma-separated names"),
         (["--seeds", "0"], r"--seeds: must be at least 1, got 0"),

@@ -226,6 +226,21 @@ def test_results_json_writes_an_undefined_metric_as_null_not_as_invalid_nan(tmp_
     assert metrics["inverted/y_auroc"] is None and 0.0 <= metrics["balanced/y_auroc"] <= 1.0
 
 
+def test_write_json_turns_numpy_scalars_and_non_finite_numbers_into_strict_json(tmp_path):
+    from mimm_med.data.writers import write_json
+
+    document = {"nan": float("nan"), "inf": np.float32(np.inf), "f": np.float32(0.5), "i": np.int64(3),
+                "flag": np.bool_(True), "pair": (1.0, float("-inf")), "array": np.array([2.0, np.nan])}  # fmt: skip
+    path = write_json(tmp_path / "out.json", document)
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {
+        "nan": None, "inf": None, "f": 0.5, "i": 3, "flag": True, "pair": [1.0, None], "array": [2.0, None]}  # fmt: skip
+    assert path.read_text().endswith("}\n") and [child.name for child in tmp_path.iterdir()] == ["out.json"]
+
+
 def test_a_checkpoint_of_another_network_is_named_with_the_fix(tmp_path):
     from mimm_med.evaluation.report import evaluate_checkpoint
     from mimm_med.networks import MIMMXNet

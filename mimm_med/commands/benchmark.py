@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mimm_med.cli import at_least
+from mimm_med.cli import at_least, shortcut_correlation
 
 DATASETS = ("digits", "brain", "cxr")
 DEFAULT_EXPERIMENT = "mimm-med-benchmark"
@@ -84,12 +84,7 @@ def _listed(values: tuple[float, ...]) -> str:
 
 
 def _correlations(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(value) for value in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.7,0.9; got {text!r}") from None
-    if not all(0.5 <= value < 1.0 for value in values):
-        raise argparse.ArgumentTypeError(f"correlations lie in [0.5, 1) (the inverted set uses 1 - r), got {text!r}")
+    values = tuple(shortcut_correlation(value) for value in text.split(","))
     # cells are stored under r written with :g, so r must survive that spelling (0.9000001 would reuse r = 0.9's cells)
     unspellable = [value for value in values if float(f"{value:g}") != value]
     if unspellable:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -62,6 +65,31 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     finally:
         # Also on KeyboardInterrupt: an interrupted write leaves nothing behind.
         tmp.unlink(missing_ok=True)
+
+
+def finite_or_null(value: Any) -> Any:
+    """``value`` with NumPy scalars as Python numbers and NaN / infinity as ``None``.
+
+    JSON has no NaN: Python writes a bare ``NaN`` that jq, JavaScript and most JSON readers reject,
+    while an undefined metric (AUROC of a one-class set) is common here.
+    """
+    if isinstance(value, Mapping):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [finite_or_null(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.generic):  # NumPy integers and booleans, which json cannot write
+        return value.item()
+    return value
+
+
+def write_json(path: str | Path, document: Any) -> Path:
+    """Write ``document`` atomically as indented JSON, NaN and infinity as ``null`` (:func:`finite_or_null`)."""
+    path = Path(path)
+    with atomic_output(path) as temporary:
+        temporary.write_text(json.dumps(finite_or_null(document), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
 
 
 class ImageFileWriter:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
 from mlflow.entities import RunStatus
 from monai.data import DataLoader, Dataset
 
-from mimm_med.data.writers import atomic_output
+from mimm_med.data.writers import atomic_output, write_json
 from mimm_med.engines.resume import trained_checkpoint
 from mimm_med.evaluation.outputs import collect_outputs
 from mimm_med.evaluation.plots import plot_group_accuracy, plot_tsne
@@ -63,9 +60,7 @@ def write_report(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
-    document = _finite_or_null({**results, "metrics": flatten_metrics(results)})
-    with atomic_output(paths["json"]) as temporary:
-        temporary.write_text(json.dumps(document, indent=2, allow_nan=False), encoding="utf-8")
+    write_json(paths["json"], {**results, "metrics": flatten_metrics(results)})
     with atomic_output(paths["markdown"]) as temporary:
         temporary.write_text(results_table(results) + "\n", encoding="utf-8")
     paths["group_accuracy"] = plot_group_accuracy(results["sets"], output_dir / "group_accuracy.png")
@@ -73,23 +68,6 @@ def write_report(
     labels = {name: balanced[f"{name}_label"] for name in (primary, *spurious)}
     paths["tsne"] = plot_tsne(balanced[f"{primary}_features"], labels, output_dir / "tsne_primary_features.png")
     return paths
-
-
-def _finite_or_null(value: Any) -> Any:
-    """``value`` with NumPy scalars as Python numbers and NaN / infinity as ``None``.
-
-    JSON has no NaN: Python writes a bare ``NaN`` that jq, JavaScript and most JSON readers reject,
-    while an undefined metric (AUROC of a one-class set) is common here.
-    """
-    if isinstance(value, Mapping):
-        return {key: _finite_or_null(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_finite_or_null(item) for item in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.generic):  # NumPy integers and booleans, which json cannot write
-        return value.item()
-    return value
 
 
 def log_report(
