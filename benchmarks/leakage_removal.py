@@ -16,17 +16,17 @@ on the balanced test set after each block of steps.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mimm_med.cli import at_least, output_file, shortcut_correlation
 from mimm_med.data.confounding import cell_balancing_weights
 from mimm_med.data.digits_morpho import FACTORS, PRIMARY, make_digits_morpho
+from mimm_med.data.writers import write_json
 from mimm_med.engines.dependence import MutualInformationTerms
 from mimm_med.evaluation.leakage import linear_probe_leakage
 from mimm_med.experiment import ExperimentConfig, run_experiment
@@ -127,22 +127,22 @@ def table(results: list[dict], keys: tuple[str, ...]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--estimators", default="mine,club,gaussian", help=f"comma-separated, of {', '.join(ESTIMATORS)}")
-    parser.add_argument("--correlation", type=float, default=0.9)
-    parser.add_argument("--pretrain-epochs", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--report-every", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--correlation", type=shortcut_correlation, default=0.9)
+    parser.add_argument("--pretrain-epochs", type=at_least(1), default=10)
+    parser.add_argument("--steps", type=at_least(1), default=3000)
+    parser.add_argument("--report-every", type=at_least(1), default=1000)
+    parser.add_argument("--batch-size", type=at_least(2), default=64)
     parser.add_argument("--cell-balanced", action="store_true", help="draw batches with every (y, z) cell equally often")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--critic-lr", type=float, default=1e-3)
-    parser.add_argument("--n-critic", type=int, default=3)
+    parser.add_argument("--n-critic", type=at_least(1), default=3)
     parser.add_argument("--task-weight", type=float, default=0.0, help="weight of the primary loss beside the dependence term")
     parser.add_argument("--reference", default="labels", choices=("features", "labels"))
     parser.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--json", type=Path, help="write the curves here")
+    parser.add_argument("--threads", type=at_least(1), default=1, help="torch CPU threads")
+    parser.add_argument("--json", type=output_file, help="write the curves here (NaN as null)")
     return parser.parse_args(argv)
 
 
@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("\nAccuracy of the y head on the balanced / inverted test sets, %\n")
         print(table(results, ("y balanced", "y inverted")))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
     return results
 
 

@@ -15,7 +15,6 @@ pair (a_i, b_j) and pushes the B² rows through a 400-wide MLP with three BatchN
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -25,6 +24,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from mimm_med.cli import at_least, output_file
+from mimm_med.data.writers import write_json
 from mimm_med.mi import CLUB, ESTIMATORS, MINE, NWJ, CriticEstimator, InfoNCE, correlated_gaussians
 
 TRUE_MI = (0.0, 1.0, 2.0, 4.0)
@@ -183,8 +184,10 @@ def print_speed(speed: list[SpeedResult]) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2000, help="critic steps per accuracy run (default 2000)")
-    parser.add_argument("--eval-batches", type=int, default=50, help="fresh batches the estimate is averaged over")
+    parser.add_argument("--steps", type=at_least(1), default=2000, help="critic steps per accuracy run (default 2000)")
+    parser.add_argument(
+        "--eval-batches", type=at_least(2), default=50, help="fresh batches the estimate is averaged over (>= 2: their sd is reported)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the critics")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -196,19 +199,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--estimators", nargs="+", type=str.lower, choices=tuple(ESTIMATORS), default=list(ESTIMATORS), help="case-insensitive"
     )
-    parser.add_argument("--timing-steps", type=int, default=5, help="timed critic steps per cell (median reported)")
-    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--timing-steps", type=at_least(1), default=5, help="timed critic steps per cell (median reported)")
+    parser.add_argument("--warmup-steps", type=at_least(0), default=2)
     parser.add_argument(
         "--quadratic-max-batch",
-        type=int,
+        type=at_least(1),
         default=256,
         help="largest batch timed for the critics whose cost grows with B² x width (concat, reference); "
         "at B=1024 the reference pushes 1M rows through its MLP and needs ~20 GB (default 256)",
     )
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=at_least(1), help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the results as JSON")
     return parser.parse_args()
 
 
@@ -240,17 +243,10 @@ def main() -> None:
             print(f"  [{'met' if target['met'] else 'MISSED'}] {target['target']}: {target['value']}")
     if args.json:
         config = {k: v for k, v in vars(args).items() if k != "json"}
-        with open(args.json, "w") as file:
-            json.dump(
-                {
-                    "config": config,
-                    "accuracy": [asdict(r) for r in accuracy],
-                    "speed": [asdict(r) for r in speed],
-                    "targets": targets,
-                },
-                file,
-                indent=2,
-            )
+        write_json(
+            args.json,
+            {"config": config, "accuracy": [asdict(r) for r in accuracy], "speed": [asdict(r) for r in speed], "targets": targets},
+        )
         print(f"\nwrote {args.json}")
 
 

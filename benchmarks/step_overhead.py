@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from mimm_med.cli import at_least, output_file
+from mimm_med.data.writers import write_json
 from mimm_med.engines import MIMMXObjective, MIMMXTrainer
 from mimm_med.networks import MIMMXNet
 
@@ -177,19 +178,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--spatial-size", type=int, nargs="+", help="volume edge, or three sizes (default: 96 on CUDA, 32 on CPU)"
     )
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=at_least(2), default=4)
     parser.add_argument(
         "--amp",
         choices=("off", "on", "both"),
         help="automatic mixed precision, CUDA only (default: both on CUDA, off on CPU)",
     )
-    parser.add_argument("--n-critic", type=int, default=3, help="critic steps per MIMM-X step (the bundle's 3)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per method (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--n-critic", type=at_least(1), default=3, help="critic steps per MIMM-X step (the bundle's 3)")
+    parser.add_argument("--steps", type=at_least(1), default=10, help="timed steps per method (median reported)")
+    parser.add_argument("--warmup", type=at_least(0), default=3, help="untimed rounds first")
     parser.add_argument("--breakdown", action="store_true", help="also time MIMM-X and MIMM without critic steps")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=at_least(1), help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
     cuda = torch.device(args.device).type == "cuda"
     sizes = args.spatial_size or [96 if cuda else 32]
@@ -217,8 +218,7 @@ def main() -> None:
                 ("on" if amp else "off"): ratio(timings, amp, args.n_critic) for amp in amp_settings
             },
         }
-        with open(args.json, "w") as file:
-            json.dump(results, file, indent=2)
+        write_json(args.json, results)
         print(f"\nwrote {args.json}")
 
 
