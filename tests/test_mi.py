@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -395,6 +396,12 @@ def test_adversarial_head_reverses_the_gradient_of_its_classifier():
     torch.nn.functional.cross_entropy(plain(x), torch.tensor([0, 1, 2, 0])).backward()
     torch.testing.assert_close(reversed_grad, -2.0 * x.grad)
     assert all(p.grad is not None for p in head.classifier.parameters())
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (4, 6, 1), (6,)])
+def test_adversarial_head_names_features_that_do_not_fit_it(shape):
+    with pytest.raises(ValueError, match=rf"expects features of shape \(B, 6\).*got {re.escape(str(shape))}"):
+        AdversarialHead(6, 3)(torch.randn(*shape))
 
 
 def _labelled_features(n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:

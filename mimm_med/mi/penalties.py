@@ -218,8 +218,15 @@ class AdversarialHead(nn.Module):
         if num_classes < 2:
             # one logit makes the cross-entropy 0 whatever the features: the adversary would learn nothing
             raise ValueError(f"AdversarialHead needs num_classes >= 2 (class logits), got {num_classes}")
+        self.in_dim = in_dim
         self.reversal = GradientReversal(coefficient)
         self.classifier = mlp(in_dim, hidden, num_classes, num_layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 2 or x.shape[1] != self.in_dim:
+            # a matmul error would name neither the head nor the feature part that does not fit it
+            raise ValueError(
+                f"AdversarialHead expects features of shape (B, {self.in_dim}) (its in_dim, the size of the part it "
+                f"reads), got {tuple(x.shape)}"
+            )
         return self.classifier(self.reversal(x))
