@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from mimm_med.checks import check_shortcut_correlation
@@ -65,11 +68,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit status of a command stopped by Ctrl-C or SIGTERM (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Raise ``KeyboardInterrupt`` on SIGTERM while the block runs, as on Ctrl-C.
+
+    Schedulers stop jobs with SIGTERM (SLURM at its time limit, Kubernetes on eviction); handled
+    like Ctrl-C, the commands' cleanup runs: finished work is recorded, MLflow runs are ended as
+    KILLED instead of staying RUNNING, and nothing is left half-written. Only the main thread can
+    set a signal handler, so elsewhere the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``mimm-med`` with ``argv`` and return its exit status."""
+    """Run ``mimm-med`` with ``argv`` and return its exit status (:data:`EXIT_INTERRUPTED` if stopped)."""
     quiet_gpu_decoder_notices()
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    with terminate_as_interrupt():
+        try:
+            return int(args.func(args) or 0)
+        except KeyboardInterrupt:
+            print(f"mimm-med {args.command}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
 
 
 def run_subcommand(argv: Sequence[str], allowed: tuple[int, ...] = (0,)) -> int:

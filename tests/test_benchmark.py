@@ -6,6 +6,10 @@ import json
 import math
 import re
 import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -340,6 +344,26 @@ def test_quick_path_end_to_end(tmp_path, monkeypatch):
     assert main(argv) == 0
     assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == parent
     assert len(children()) == 6
+
+
+def test_sigterm_ends_the_benchmark_as_killed_with_its_resume_hint(tmp_path):
+    """A scheduler's SIGTERM (SLURM's time limit) must not leave the parent MLflow run RUNNING."""
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = [sys.executable, "-m", "mimm_med.cli", "benchmark", "--quick", "--datasets", "digits", "--methods", "erm",
+            "--correlations", "0.9", "--seeds", "1", "--epochs", "200", "--out", str(out), "--docs",
+            str(tmp_path / "results.md"), "--tracking-uri", uri, "--no-progress"]  # fmt: skip
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8")
+    deadline = time.monotonic() + 300
+    while not (out / "mlflow_run.json").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # into loading or training the cell
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert f"finished cells are kept in {out / 'cells'}; run the same command to resume" in stderr
+    assert "mimm-med benchmark: interrupted" in stderr and "Traceback" not in stderr
+    parent = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    assert MlflowClient(uri).get_run(parent).info.status == "KILLED"
 
 
 def test_an_unwritable_out_or_unreachable_server_stops_before_any_cell(tmp_path, fake_training, capsys):

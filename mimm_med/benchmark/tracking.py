@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mimm_med.benchmark.matrix import Cell, cell_metrics
-from mimm_med.tracking import default_artifact_location, require_reachable, resolve_tracking_uri
+from mimm_med.tracking import default_artifact_location, ended_status, require_reachable, resolve_tracking_uri
 
 RUN_FILE = "mlflow_run.json"
 
@@ -117,7 +117,7 @@ class BenchmarkTracker:
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: TracebackType | None) -> None:
-        self.client.set_terminated(self.run_id, status="FINISHED" if error is None else "FAILED")
+        self.client.set_terminated(self.run_id, status=ended_status(error))
 
 
 def _param(value: Any) -> str:

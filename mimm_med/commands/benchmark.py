@@ -308,6 +308,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
         except StaleCellError as error:
             print(f"mimm-med benchmark: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print(f"mimm-med benchmark: finished cells are kept in {cell_path(args.out, cells[0]).parent}; "
+                  "run the same command to resume", file=sys.stderr)
+            raise
         paths = write_results(results, args.out, command, args.docs)
         tracker.log_artifacts(paths.values())
     print(paths["markdown"].read_text(encoding="utf-8"))

@@ -7,18 +7,15 @@ MONAI and torch are imported when the command runs, not when the parser is built
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from mimm_med.cli import at_least
+from mimm_med.cli import EXIT_INTERRUPTED, at_least
 from mimm_med.data.pseudonym import KEY_ENV_VAR, Pseudonymiser, PseudonymKeyError, readable_by_others, resolve_key
 
-EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILURES, EXIT_USAGE = 1, 2
 UNLISTED_SHOWN = 3
 #: The pipelines shipped with mimm-med (present in a source checkout, as the README installs it).
 SHIPPED_PIPELINES = Path(__file__).resolve().parents[2] / "preprocessing"
@@ -107,20 +104,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    # Schedulers stop jobs with SIGTERM (SLURM at its time limit, Kubernetes on eviction): handle it
-    # like Ctrl-C, so the finished images are recorded and nothing is left half-written.
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _missing_pipeline(card_path: Path, pipeline: Path, given: bool) -> str | None:
     """Why the pipeline config ``pipeline`` cannot be read and what to pass instead; ``None`` if it is a file.
 
@@ -173,19 +156,18 @@ def run(args: argparse.Namespace) -> int:
             raise PreprocessError(missing)
         config = load_pipeline_config(pipeline, dict(args.overrides))
         scan = card.scan(args.raw)
-        with _terminate_as_interrupt():
-            summary = preprocess_records(
-                scan.records,
-                scan.problems,
-                config,
-                args.raw,
-                args.out,
-                Pseudonymiser(key),
-                workers=workers,
-                shard=args.shard,
-                progress=not args.no_progress,
-                unlisted=scan.unlisted,
-            )
+        summary = preprocess_records(
+            scan.records,
+            scan.problems,
+            config,
+            args.raw,
+            args.out,
+            Pseudonymiser(key),
+            workers=workers,
+            shard=args.shard,
+            progress=not args.no_progress,
+            unlisted=scan.unlisted,
+        )
     except (PseudonymKeyError, CardError, PreprocessError, ManifestError, FileNotFoundError) as error:
         print(f"mimm-med preprocess: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -8,7 +8,6 @@ from typing import Any
 
 import mlflow
 import torch
-from mlflow.entities import RunStatus
 from monai.data import DataLoader, Dataset
 
 from mimm_med.data.writers import atomic_output, write_json
@@ -17,6 +16,7 @@ from mimm_med.evaluation.outputs import collect_outputs
 from mimm_med.evaluation.plots import plot_group_accuracy, plot_tsne
 from mimm_med.evaluation.protocol import evaluate_test_sets, flatten_metrics, results_table
 from mimm_med.tracking.run_names import runs_named, set_aside
+from mimm_med.tracking.training_run import ended_status
 from mimm_med.tracking.uri import printable_uri, require_reachable
 
 #: Tag of an evaluation run that a later evaluation of the same name replaced: the later run's id.
@@ -101,8 +101,7 @@ def log_report(
         for path in paths.values():
             client.log_artifact(run_id, str(path), artifact_path="evaluation")
     except BaseException as error:
-        status = RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
-        set_aside(client, run, "failed", RunStatus.to_string(status))
+        set_aside(client, run, "failed", ended_status(error))
         raise
     client.set_terminated(run_id)
     for old in earlier:

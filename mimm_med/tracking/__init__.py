@@ -11,7 +11,7 @@ from .epoch_averages import EpochAverages
 from .model_registration import ModelRegistration, default_pip_requirements, require_registered_settings
 from .registry import list_versions, load_registered_network, promote, registry_client, version_runs
 from .training_plots import TrainingPlots
-from .training_run import run_tracked
+from .training_run import ended_status, run_tracked
 from .uri import (
     TrackingServerUnreachable,
     default_artifact_location,
@@ -28,6 +28,7 @@ __all__ = [
     "TrainingPlots",
     "default_artifact_location",
     "default_pip_requirements",
+    "ended_status",
     "list_versions",
     "network_summary",
     "printable_uri",

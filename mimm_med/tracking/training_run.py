@@ -13,7 +13,14 @@ from .uri import require_reachable
 if TYPE_CHECKING:
     from monai.handlers import MLFlowHandler
 
-__all__ = ["run_tracked"]
+__all__ = ["ended_status", "run_tracked"]
+
+
+def ended_status(error: BaseException | None) -> str:
+    """The MLflow status of a run that ended with ``error``: FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED."""
+    if error is None:
+        return RunStatus.to_string(RunStatus.FINISHED)
+    return RunStatus.to_string(RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED)
 
 
 def run_tracked(trainer: Engine, handler: MLFlowHandler | None, fresh: bool) -> None:
@@ -46,8 +53,7 @@ def run_tracked(trainer: Engine, handler: MLFlowHandler | None, fresh: bool) -> 
         trainer.run()
     except BaseException as error:
         if handler is not None and handler.cur_run is not None:
-            status = RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
-            handler.client.set_terminated(handler.cur_run.info.run_id, RunStatus.to_string(status))
+            handler.client.set_terminated(handler.cur_run.info.run_id, ended_status(error))
         raise
 
 
