@@ -314,7 +314,7 @@ def test_unknown_dataset_is_named():
 def test_quick_path_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setitem(SCALES["quick"], "digits", {"limit": 120})
     out, docs, uri = tmp_path / "out", tmp_path / "docs" / "results.md", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = ["benchmark", "--quick", "--datasets", "digits", "--methods", "erm,mimmx,oracle", "--epochs", "1",
+    argv = ["benchmark", "--quick", "--datasets", "digits", "--methods", "erm,mimmx,oracle", "--epochs", "2",
             "--out", str(out), "--docs", str(docs), "--tracking-uri", uri, "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     frame = pd.read_csv(out / "results.csv")
@@ -338,6 +338,13 @@ def test_quick_path_end_to_end(tmp_path, monkeypatch):
         return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
 
     assert len(children()) == 6 and all("inverted/y_bacc" in run.data.metrics for run in children())
+    for path in (out / "cells").glob("*_r0.9_seed0.json"):
+        cell = json.loads(path.read_text())
+        for name in cell["history"][0].keys() - {"epoch"}:  # the per-epoch training curves, e.g. MIMM-X's MI estimates
+            curve = client.get_metric_history(cell["mlflow"]["run_id"], f"train/{name}")
+            assert [(point.step, point.value) for point in curve] == [(epoch["epoch"], epoch[name]) for epoch in cell["history"]]
+        if cell["cell"]["method"] == "mimmx":
+            assert {"dependence/thickness", "weight/rotation"} <= cell["history"][0].keys()
     artifacts = {artifact.path for artifact in client.list_artifacts(parent)}
     assert artifacts >= {"results.csv", "results.md", "inverted_vs_correlation_digits.png"}
     # resumed: nothing trained or logged twice, same parent run

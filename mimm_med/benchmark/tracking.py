@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -102,7 +103,7 @@ class BenchmarkTracker:
         params = {**result["config"], **cell}
         self.client.log_batch(
             child,
-            metrics=[Metric(name, value, 0, 0) for name, value in cell_metrics(result).items()],
+            metrics=[Metric(name, value, 0, 0) for name, value in cell_metrics(result).items()] + _training_curves(result),
             params=[Param(name, _param(value)) for name, value in params.items()],
         )
         self.client.set_terminated(child, status="FINISHED" if result["diverged"] is None else "FAILED")
@@ -118,6 +119,20 @@ class BenchmarkTracker:
 
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: TracebackType | None) -> None:
         self.client.set_terminated(self.run_id, status=ended_status(error))
+
+
+def _training_curves(result: Mapping[str, Any]) -> list[Metric]:
+    """The cell's per-epoch training means (losses, MI estimates, confounder weights) as ``train/...`` steps.
+
+    Where a penalty fails to remove a factor, these curves show when and how; the final metrics do not.
+    Terms a method lacks (ERM's critic loss) are NaN and left out.
+    """
+    return [
+        Metric(f"train/{name}", float(value), 0, int(epoch["epoch"]))
+        for epoch in result["history"]
+        for name, value in epoch.items()
+        if name != "epoch" and isinstance(value, (int, float)) and math.isfinite(value)
+    ]
 
 
 def _param(value: Any) -> str:
