@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -221,12 +222,16 @@ class GaussianMI(MutualInformationEstimator):
     it the estimate under the weighted distribution of the batch (as in :class:`ContrastPairs`).
     Strata with fewer than two samples are left out.
 
-    The plug-in estimate is biased upwards by about ``dim_a·dim_b / (2·n)`` nats for independent
-    inputs, with ``n`` the effective sample size less one per stratum; that much is subtracted (a
-    constant, so the gradient is unchanged), and estimates of independent inputs scatter around 0.
-    ``ridge`` (added to the correlation matrix's diagonal) keeps collinear columns, such as the
-    two columns of a one-hot binary factor, well defined, and caps each canonical pair at about
-    ``½·log(1 / ridge)`` nats.
+    The plug-in estimate of independent inputs is biased upwards; its exact expectation,
+    −½·E[log Λ] of Wilks' Λ(p, ν − q, q), is subtracted (a constant, so the gradient is unchanged),
+    and estimates of independent inputs scatter around 0 at any batch size. ``ν`` is the effective
+    sample size less one per stratum, ``p`` and ``q`` the ranks of the two sides: a one-hot factor of
+    K classes counts K − 1 (its columns sum to 1), a dead feature counts nothing. The first-order
+    ``p·q / (2ν)`` is far too small below a few hundred samples, and counting all K one-hot
+    columns made independent inputs come out negative. ``ridge`` (added to the correlation
+    matrix's diagonal) keeps such collinear columns well defined, and caps each canonical pair at
+    about ``½·log(1 / ridge)`` nats. With ``ν < p + q`` some linear function of ``a`` matches ``b``
+    in any batch: the estimate is then capped by ``ridge``, not measured, and a warning says so.
 
     Parameters
     ----------
@@ -264,16 +269,22 @@ class GaussianMI(MutualInformationEstimator):
         centred = joint - stratum_mean[stratum_index]
         covariance = (centred * (weights / weights.sum())[:, None]).T @ centred
         scale = covariance.diagonal().clamp_min(1e-12).rsqrt()
-        correlation = covariance * scale[:, None] * scale[None, :]
-        correlation = correlation + self.ridge * torch.eye(joint.shape[1], device=joint.device)
+        sample_correlation = covariance * scale[:, None] * scale[None, :]
+        correlation = sample_correlation + self.ridge * torch.eye(joint.shape[1], device=joint.device)
         split = a.shape[1]
         plug_in = 0.5 * (
             torch.logdet(correlation[:split, :split])
             + torch.logdet(correlation[split:, split:])
             - torch.logdet(correlation)
         )
-        effective_size = weights.sum() ** 2 / (weights**2).sum() - int((stratum_weight > 0).sum())
-        return plug_in - a.shape[1] * b.shape[1] / (2.0 * effective_size.clamp_min(1.0))
+        with torch.no_grad():
+            dof = float(weights.sum() ** 2 / (weights**2).sum()) - int((stratum_weight > 0).sum())
+            ranks = [self._rank(sample_correlation[:split, :split]), self._rank(sample_correlation[split:, split:])]
+        return plug_in - independence_bias(dof, *ranks)
+
+    def _rank(self, correlation: Tensor) -> int:
+        # Directions of variance below the ridge are the ones it suppresses: they add no estimate.
+        return int((torch.linalg.eigvalsh(correlation.double()) > self.ridge).sum())
 
     def estimator_loss(self, a: Tensor, b: Tensor, strata: Tensor | None, weights: Tensor | None) -> Tensor:
         """Zero: the estimate is in closed form, there is nothing to train."""
@@ -281,6 +292,35 @@ class GaussianMI(MutualInformationEstimator):
 
 
 #: Estimator names accepted by configs and command lines → class.
+def independence_bias(dof: float, rank_a: int, rank_b: int) -> float:
+    """Expected Gaussian plug-in MI of independent Gaussian sides of ranks ``rank_a`` and ``rank_b``, in nats.
+
+    −½·E[log Λ] for Wilks' Λ(p, ν − q, q) with p ≤ q the two ranks and ``dof`` ν the samples less
+    one per centred mean: ½·Σᵢ₌₁ᵖ [ψ((ν + 1 − i)/2) − ψ((ν − q + 1 − i)/2)], which tends to p·q/(2ν).
+    Below ν = p + q it is undefined (some canonical correlation is 1 in every sample); the
+    first-order term is returned with a warning.
+
+    Examples
+    --------
+    >>> round(independence_bias(31.0, 16, 1), 3), round(16 * 1 / (2 * 31), 3)
+    (0.381, 0.258)
+    """
+    p, q = sorted((rank_a, rank_b))
+    if p == 0:
+        return 0.0
+    if dof < p + q:
+        warnings.warn(
+            f"GaussianMI: {dof:g} effective samples (less one per stratum) for sides of rank {rank_a} and {rank_b}: "
+            "with fewer than their sum, some linear function of one side matches the other in any batch, so the "
+            "estimate is capped by ridge, not measured; use larger batches or smaller feature parts",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return p * q / (2.0 * max(dof, 1.0))
+    i = torch.arange(1, p + 1, dtype=torch.float64)
+    return 0.5 * float((torch.special.digamma((dof + 1 - i) / 2) - torch.special.digamma((dof - q + 1 - i) / 2)).sum())
+
+
 ESTIMATORS: dict[str, type[MutualInformationEstimator]] = {
     "mine": MINE,
     "nwj": NWJ,
