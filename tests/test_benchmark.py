@@ -114,6 +114,27 @@ def test_resume_skips_finished_cells(tmp_path, fake_training):
         run_matrix(cells, datasets, tmp_path, {"epochs": 1}, progress=False)
 
 
+def test_a_crash_in_the_middle_of_a_cell_keeps_the_cells_before_it(tmp_path, fake_training, monkeypatch):
+    cells = plan_cells(["tiny"], ["erm", "mimmx"], [0.9], [0, 1])
+    datasets = {"tiny": TinyData()}
+    stub = matrix_module.run_experiment
+
+    def out_of_memory_on_the_third_cell(*args, **kwargs):
+        if len(fake_training) == 2:
+            fake_training.append("crashed")
+            raise MemoryError("CUDA out of memory")
+        return stub(*args, **kwargs)
+
+    monkeypatch.setattr(matrix_module, "run_experiment", out_of_memory_on_the_third_cell)
+    with pytest.raises(MemoryError):
+        run_matrix(cells, datasets, tmp_path, {"epochs": 1}, progress=False)
+    assert sorted(path.stem for path in (tmp_path / "cells").iterdir()) == sorted(cell.key for cell in cells[:2])
+    monkeypatch.setattr(matrix_module, "run_experiment", stub)
+    results = run_matrix(cells, datasets, tmp_path, {"epochs": 1}, progress=False)
+    assert fake_training == ["erm", "mimmx", "crashed", "erm", "mimmx"], "only the crashed cell and those after it"
+    assert [result["cell"]["method"] for result in results] == [cell.method for cell in cells]
+
+
 def test_cells_record_what_changes_their_figures():
     parser = build_parser()
     plain = cell_options(resolve(parser.parse_args(["benchmark"])))

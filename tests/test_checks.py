@@ -70,3 +70,14 @@ def test_as_flag_reads_every_spelling_of_on_and_off(value, expected):
 def test_as_flag_refuses_what_is_neither(value):
     with pytest.raises(ValueError, match=r"balanced is an on/off setting: give true or false \(e.g. --balanced false\)"):
         as_flag(value, "balanced")
+
+
+@pytest.mark.parametrize("command", [["demo"], ["cohort", "digits", "--out", "unused"]])
+@pytest.mark.parametrize("r", ["1", "0.5", "0.2", "nan"])
+def test_every_command_that_sets_up_a_shortcut_refuses_a_correlation_without_one(command, r, capsys):
+    from mimm_med.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--correlation", r])
+    assert stopped.value.code == 2
+    assert "--correlation: a shortcut correlation lies strictly between 0.5 and 1" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mimm_med.cli import at_least
+from mimm_med.cli import at_least, shortcut_correlation
 
 COHORT_KINDS_HELP = "ukb, nako, chexpert or chexpert_plus"
 #: How ``cohort describe`` shows a missing label value.
@@ -123,7 +123,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     digits.add_argument("--out", type=Path, required=True, help="folder for the images, split manifests and cells.csv")
     digits.add_argument(
-        "--correlation", type=float, default=0.9, metavar="R", help="training correlation of each factor (default: 0.9)"
+        "--correlation", type=shortcut_correlation, default=0.9, metavar="R", help="training correlation of each factor (default: 0.9)"
     )
     digits.add_argument(
         "--confounders",

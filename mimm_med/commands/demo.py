@@ -14,7 +14,7 @@ import math
 import time
 from pathlib import Path
 
-from mimm_med.cli import run_subcommand
+from mimm_med.cli import run_subcommand, shortcut_correlation
 from mimm_med.data.datalist import check_split_folder
 from mimm_med.data.manifest import ManifestError
 from mimm_med.data.pseudonym import write_synthetic_cohort_key
@@ -178,7 +178,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--subjects", type=int, default=160, help="stand-in subjects per cohort (UKB and NAKO)")
     parser.add_argument("--resolution-mm", type=float, default=4.0, help="voxel size of the stand-in volumes")
     parser.add_argument("--size", type=int, default=32, help="preprocessed volume size (cube edge, voxels)")
-    parser.add_argument("--correlation", type=float, default=0.9, help="r of sex and cohort with the age group")
+    parser.add_argument("--correlation", type=shortcut_correlation, default=0.9, help="r of sex and cohort with the age group")
     parser.add_argument("--methods", default="erm,mimmx", help="comma-separated methods to train")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs of every run")
     parser.add_argument(
