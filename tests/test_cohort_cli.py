@@ -298,6 +298,41 @@ def test_split_refuses_repeated_or_primary_factors_and_warns_of_empty_splits(tmp
     assert "split 'train' is empty" not in err and "split 'test-iid' is empty" not in err
 
 
+def test_split_refuses_an_out_that_would_overwrite_its_manifest(tmp_path, capsys):
+    manifest = confounded_manifest(tmp_path / "processed", subjects=40)
+    in_place = manifest.with_name("train.csv")  # a split of an earlier split, written back into its folder
+    manifest.rename(in_place)
+    before = in_place.read_bytes()
+    assert main(["cohort", "split", "--manifest", str(in_place), "--primary", "age_group", "--spurious", "sex=0.9",
+                 "--out", str(in_place.parent)]) == 2  # fmt: skip
+    assert f"--out {in_place.parent} would overwrite --manifest {in_place}" in capsys.readouterr().err
+    assert in_place.read_bytes() == before and sorted(p.name for p in in_place.parent.glob("*.csv")) == ["train.csv"]
+
+
+@pytest.mark.parametrize(
+    "change, spurious, message",
+    [
+        (None, "sex=0.5", r"argument --spurious: sex=0.5: a shortcut correlation lies strictly between 0.5 and 1"),
+        (None, "sex=1", r"argument --spurious: sex=1: a shortcut correlation lies strictly between 0.5 and 1"),
+        (None, "sex=0.9,nosuch=0.9", r"manifest.csv has no column 'nosuch' \(given to --spurious\); its columns: \["),
+        ({"sex": "female"}, "sex=0.9", r"manifest.csv: column 'sex' has only the value 'female' in the rows to split"),
+        ({"status": "failed"}, "sex=0.9", r"manifest.csv has no image to split: no row has status 'ok'"),
+    ],
+)
+def test_split_names_the_manifest_and_argument_behind_a_bad_request(tmp_path, capsys, change, spurious, message):
+    manifest = confounded_manifest(tmp_path / "processed", subjects=40)
+    if change:
+        pd.read_csv(manifest).assign(**change).to_csv(manifest, index=False)
+    argv = ["cohort", "split", "--manifest", str(manifest), "--primary", "age_group", "--spurious", spurious,
+            "--out", str(tmp_path / "s")]  # fmt: skip
+    try:
+        status = main(argv)
+    except SystemExit as stopped:  # argparse's refusal of the argument itself
+        status = stopped.code
+    assert status == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "s").exists()
+
+
 def write_ukb_table(raw: Path, content: bytes) -> Path:
     raw.mkdir(parents=True, exist_ok=True)
     (raw / "ukb_phenotypes.csv").write_bytes(content)

@@ -8,9 +8,12 @@ Heavy imports (pandas, MONAI, matplotlib, the generators) happen inside each sub
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from mimm_med.checks import check_shortcut_correlation
 from mimm_med.cli import at_least, shortcut_correlation
 
 COHORT_KINDS_HELP = "ukb, nako, chexpert or chexpert_plus"
@@ -18,8 +21,11 @@ COHORT_KINDS_HELP = "ukb, nako, chexpert or chexpert_plus"
 MISSING = "missing"
 
 
-def _pairs(text: str) -> dict[str, float]:
-    """Read ``"a=0.9,b=0.8"`` (or a single ``a=0.9``) into ``{"a": 0.9, "b": 0.8}``; a name given twice is refused."""
+def _pairs(text: str, check: Callable[[float], float] | None = None) -> dict[str, float]:
+    """Read ``"a=0.9,b=0.8"`` (or a single ``a=0.9``) into ``{"a": 0.9, "b": 0.8}``; a name given twice is refused.
+
+    ``check`` returns a valid number or raises a ``ValueError`` saying why it is not one.
+    """
     pairs = {}
     for item in text.split(","):
         name, _, value = item.partition("=")
@@ -32,7 +38,10 @@ def _pairs(text: str) -> dict[str, float]:
             raise argparse.ArgumentTypeError(f"expected NAME=NUMBER[,NAME=NUMBER...], got {text!r}")
         if name in pairs:
             raise argparse.ArgumentTypeError(f"{name!r} is given twice in {text!r}; give each name once")
-        pairs[name] = number
+        try:
+            pairs[name] = check(number) if check else number
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{name}={value.strip()}: {error}") from None
     return pairs
 
 
@@ -102,7 +111,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     split.add_argument("--primary", required=True, help="primary label column, e.g. age_group")
     split.add_argument(
         "--spurious",
-        type=_pairs,
+        type=functools.partial(_pairs, check=check_shortcut_correlation),
         required=True,
         metavar="NAME=R,...",
         help="training correlations, e.g. sex=0.9,cohort=0.9",
@@ -220,19 +229,39 @@ def merge_command(args: argparse.Namespace) -> int:
 
 def split_command(args: argparse.Namespace) -> int:
     """Run ``mimm-med cohort split``."""
-    from mimm_med.data.confounding import confounded_splits, missed_correlations, write_splits
+    from mimm_med.data.confounding import CELL_COUNTS, SPLIT_NAMES, confounded_splits, missed_correlations, write_splits
     from mimm_med.data.manifest import IMAGE, SUBJECT, cannot_write, load_manifest, validate_splits
 
     if args.primary in args.spurious:
         return _fail("split", f"--primary {args.primary!r} is also in --spurious; a label cannot confound itself")
+    outputs = [args.out / f"{name}.csv" for name in SPLIT_NAMES] + [args.out / CELL_COUNTS]
+    if any(output.resolve() == args.manifest.resolve() for output in outputs):
+        return _fail(
+            "split",
+            f"--out {args.out} would overwrite --manifest {args.manifest} (it writes {', '.join(o.name for o in outputs)}); "
+            "choose another folder",
+        )
     try:
         # The sampler draws rows in table order: sorted, a fixed seed gives the same splits of a manifest
         # whose rows were merged or written in another order.
         table = load_manifest(args.manifest).sort_values([SUBJECT, IMAGE], key=lambda column: column.astype(str))
+    except ValueError as error:  # ManifestError names the file
+        return _fail("split", error)
+    if table.empty:
+        return _fail(
+            "split",
+            f"{args.manifest} has no image to split: no row has status 'ok' (the images whose preprocessing failed are "
+            "left out; errors.csv beside the manifest gives their reasons)",
+        )
+    named = [("--primary", args.primary)] + [("--spurious", name) for name in args.spurious]
+    missing = [f"{name!r} (given to {flag})" for flag, name in named if name not in table.columns]
+    if missing:
+        return _fail("split", f"{args.manifest} has no column {', '.join(missing)}; its columns: {list(table.columns)}")
+    try:
         splits = confounded_splits(table, args.primary, args.spurious, fractions=args.fractions, seed=args.seed)
         validate_splits(splits)
-    except ValueError as error:  # ManifestError, and the sampler's errors about labels and fractions
-        return _fail("split", error)
+    except ValueError as error:  # the sampler's errors about labels and fractions
+        return _fail("split", f"{args.manifest}: {error}")
     try:
         cells = write_splits(splits, args.out, args.primary, list(args.spurious))
     except OSError as error:

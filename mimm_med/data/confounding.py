@@ -29,6 +29,8 @@ from .writers import atomic_output
 #: How far a split's agreement may miss the requested correlation before ``cohort split`` warns of it.
 CORRELATION_TOLERANCE = 0.02
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test-iid", "test-balanced", "test-inverted")
+#: The file of :func:`write_splits` with the count of every (y, z) cell of every split.
+CELL_COUNTS = "cells.csv"
 
 
 def binary_codes(values: pd.Series) -> tuple[np.ndarray, tuple]:
@@ -50,6 +52,13 @@ def binary_codes(values: pd.Series) -> tuple[np.ndarray, tuple]:
             "drop or relabel those rows before building confounded splits"
         )
     levels = tuple(sorted(values.unique(), key=str))
+    if len(levels) < 2:
+        found = f"only the value '{levels[0]}'" if levels else "no value"
+        raise ValueError(
+            f"column {values.name!r} has {found} in the rows to split (images whose preprocessing failed are left "
+            "out): agreement with the primary label needs both values; include subjects of the other value, or "
+            "choose another column"
+        )
     if len(levels) != 2:
         shown = ", ".join(str(level) for level in levels[:5])
         shown += f", … ({len(levels)} in all)" if len(levels) > 5 else ""
@@ -323,7 +332,7 @@ def write_splits(
     for name, frame in splits.items():
         write_manifest(frame, out_dir / f"{name}.csv")
     cells = cell_counts(splits, primary, spurious)
-    with atomic_output(out_dir / "cells.csv") as tmp:
+    with atomic_output(out_dir / CELL_COUNTS) as tmp:
         cells.to_csv(tmp, index=False)
     return cells
 
