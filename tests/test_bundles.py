@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -212,24 +213,33 @@ def test_bundle_trains_evaluates_infers_and_exports(bundle: Bundle, request, at_
     (refusal,) = [error for error in _error_chain(raised.value) if isinstance(error, SettingsMismatch)]
     assert f"MLflow run {training.info.run_id}" in str(refusal) and f'add --spatial_size "{trained_size!r}"' in str(refusal)
 
-    # an image that cannot be read costs its own prediction, not the others'
+    # an image that cannot be read, or holds what the network cannot take, costs its own prediction, not the others'
     image = Path(manifest.loc[0, "image"])
     broken = tmp_path / f"broken_{image.name}"
     broken.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
-    manifest.loc[0, "image"] = str(broken)
+    unusable, reason = _unusable_copy(Path(manifest.loc[1, "image"]), tmp_path)
+    manifest.loc[0, "image"], manifest.loc[1, "image"] = str(broken), str(unusable)
     write_manifest(manifest, tmp_path / "with_broken.csv")
     capsys.readouterr()
     run("inferring", config_file=bundle.config_files("inference"), input_manifest=str(tmp_path / "with_broken.csv"), **settings)
     table = root / "predictions" / prediction_folder(run_name, tmp_path / "with_broken.csv") / "predictions.csv"
     predicted = _predictions(table)
-    assert len(predicted) == len(manifest) - 1 and str(broken) not in predicted.index
-    pd.testing.assert_frame_equal(predicted, from_checkpoint.iloc[1:], atol=1e-5, rtol=1e-4)
+    assert len(predicted) == len(manifest) - 2 and not {str(broken), str(unusable)} & set(predicted.index)
+    pd.testing.assert_frame_equal(predicted, from_checkpoint.iloc[2:], atol=1e-5, rtol=1e-4)
     log = capsys.readouterr().out  # the bundle's logging.conf logs to standard output
     assert f"skipped {broken}" in log
+    assert f"skipped {unusable}: ValueError: {reason}" in log, log[-3000:]
     assert (
-        f"infer: predictions of {len(manifest) - 1} images in {table}; 1 of {len(manifest)} images could not be read "
+        f"infer: predictions of {len(manifest) - 2} images in {table}; 2 of {len(manifest)} images could not be read "
         "and were skipped" in log
     )
+    # evaluation and training name the file too, rather than blaming the network for its NaN outputs
+    with_unusable = read_manifest(splits / "test-iid.csv")
+    with_unusable.loc[1, "image"] = str(unusable)
+    with pytest.raises(Exception) as raised:
+        run("evaluating", config_file=bundle.config_files("evaluate"),
+            **{**settings, "dataset_dir": str(_splits_with(splits, "test-balanced", with_unusable, tmp_path / "bad"))})  # fmt: skip
+    assert any(f"{unusable}: {reason}" in str(error) for error in _error_chain(raised.value))
 
     checkpoint = root / "models" / run_name / "model.pt"
     exported = tmp_path / "model.ts"
@@ -246,6 +256,26 @@ def test_bundle_trains_evaluates_infers_and_exports(bundle: Bundle, request, at_
     assert set(actual) == set(expected)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key])
+
+
+def _unusable_copy(image: Path, folder: Path) -> tuple[Path, str]:
+    """A readable copy of ``image`` that the network cannot take, and the reason the bundle gives for it."""
+    if image.name.endswith(".nii.gz"):  # a volume of NaN
+        volume = nib.load(image)
+        target = folder / f"nan_{image.name}"
+        nib.save(nib.Nifti1Image(np.full(volume.shape, np.nan, np.float32), volume.affine), target)
+        return target, f"{int(np.prod(volume.shape))} of {int(np.prod(volume.shape))} values are NaN or infinite"
+    target = folder / f"rgb_{image.name}"  # a colour export of a grey image
+    rgb = Image.open(image).convert("RGB")
+    rgb.save(target)
+    return target, f"expected a 1-channel 2D image, got channel-first shape (3, {rgb.size[0]}, {rgb.size[1]})"
+
+
+def _splits_with(splits: Path, name: str, manifest: pd.DataFrame, folder: Path) -> Path:
+    """A copy of the split folder ``splits`` whose split ``name`` is ``manifest``."""
+    for split in SPLIT_NAMES:
+        write_manifest(manifest if split == name else read_manifest(splits / f"{split}.csv"), folder / f"{split}.csv")
+    return folder
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)

@@ -544,3 +544,18 @@ def test_a_bids_subject_folder_shows_the_pseudonym_once_and_keeps_its_image_name
     image = Pseudonymiser(KEY).image("ukb", "1000001", f"sub-{kept}/anat/sub-{kept}_T1w.nii.gz")
     manifest = read_manifest(summary.manifest)
     assert manifest.loc[manifest["status"] == "ok", "image"].tolist() == [str(tmp_path / "out" / "images" / kept / f"{image}.nii.gz")]
+
+
+def test_validate_imaged_checks_the_spatial_size_and_names_the_file_only_when_asked():
+    from monai.data import MetaTensor
+
+    from mimm_med.data.transforms import ValidateImaged
+
+    image = MetaTensor(np.random.default_rng(0).random((1, 64, 50), dtype=np.float32), meta={"filename_or_obj": "/data/raw/sub-01/scan.png"})
+    sized = ValidateImaged("image", spatial_dims=2, spatial_size=(28, 28), name_file=True)
+    with pytest.raises(ValueError, match=r"^/data/raw/sub-01/scan.png: expected the spatial size \(28, 28\) .*got \(64, 50\)"):
+        sized({"image": image})
+    with pytest.raises(ValueError, match=r"^expected the spatial size") as raised:  # preprocessing: no raw path
+        ValidateImaged("image", spatial_dims=2, spatial_size=(28, 28))({"image": image})
+    assert "sub-01" not in str(raised.value)
+    assert ValidateImaged("image", spatial_dims=2, spatial_size=(64, 50))({"image": image})["image"] is image

@@ -39,7 +39,10 @@ class SkippingDataset(Dataset):
         try:
             return super()._transform(index)
         except Exception as error:  # any failure of a file is that file's alone
-            logger.warning("skipped %s: %s", self.data[index].get(self.name_key, f"item {index}"), describe_error(error))
+            name = self.data[index].get(self.name_key, f"item {index}")
+            # a transform that names its file (ValidateImaged(name_file=True)) would have it named twice
+            reason = describe_error(error).replace(f"{name}: ", "", 1)
+            logger.warning("skipped %s: %s", name, reason)
             return None
 
 

@@ -34,36 +34,66 @@ class ValidateImaged(MapTransform):
         Required number of spatial dimensions (3 for MRI volumes, 2 for radiographs).
     channels
         Required number of channels.
+    spatial_size
+        Required spatial shape, where nothing resizes the image after the check (``None``: any).
+    name_file
+        Start each message with the image's file (``filename_or_obj`` of a loaded ``MetaTensor``): for
+        training and evaluation, whose errors name no file otherwise. Preprocessing records the file
+        itself, as a pseudonym, and must not write the raw path.
 
     Raises
     ------
     ValueError
-        On a wrong number of dimensions or channels, an empty or blank image, or NaN / infinite values.
+        On a wrong number of dimensions, channels or spatial size, an empty or blank image, or NaN /
+        infinite values.
     """
 
-    def __init__(self, keys: KeysCollection, spatial_dims: int, channels: int = 1) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_dims: int,
+        channels: int = 1,
+        spatial_size: Sequence[int] | None = None,
+        name_file: bool = False,
+    ) -> None:
         super().__init__(keys)
         self.spatial_dims = spatial_dims
         self.channels = channels
+        self.spatial_size = None if spatial_size is None else tuple(int(edge) for edge in spatial_size)
+        self.name_file = name_file
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            # NumPy: an order of magnitude faster than torch.isfinite on a MetaTensor here.
-            image = convert_to_numpy(d[key])
-            expected = f"a {self.channels}-channel {self.spatial_dims}D image"
-            if image.ndim != self.spatial_dims + 1 or image.shape[0] != self.channels:
-                # a 4-D NIfTI (a time series, or several echoes) arrives with its volumes as channels
-                several = " (several volumes or channels: extract the one to use, e.g. with fslroi)" if image.shape[0] > 1 else ""
-                raise ValueError(f"expected {expected}, got channel-first shape {image.shape}{several}")
-            if image.size == 0:
-                raise ValueError(f"expected {expected}, got an empty array of shape {image.shape}")
-            finite = np.isfinite(image)
-            if not finite.all():
-                raise ValueError(f"{int(image.size - finite.sum())} of {image.size} values are NaN or infinite")
-            if image.min() == image.max():
-                raise ValueError(f"the image is blank: every value is {image.flat[0]}")
+            try:
+                self._check(d[key])
+            except ValueError as error:
+                source = getattr(d[key], "meta", {}).get("filename_or_obj") if self.name_file else None
+                if source is None:
+                    raise
+                raise ValueError(f"{source}: {error}") from None
         return d
+
+    def _check(self, loaded: NdarrayOrTensor) -> None:
+        # NumPy: an order of magnitude faster than torch.isfinite on a MetaTensor here.
+        image = convert_to_numpy(loaded)
+        expected = f"a {self.channels}-channel {self.spatial_dims}D image"
+        if image.ndim != self.spatial_dims + 1 or image.shape[0] != self.channels:
+            # a 4-D NIfTI (a time series, or several echoes) arrives with its volumes as channels
+            several = " (several volumes or channels: extract the one to use, e.g. with fslroi)" if image.shape[0] > 1 else ""
+            raise ValueError(f"expected {expected}, got channel-first shape {image.shape}{several}")
+        if image.size == 0:
+            raise ValueError(f"expected {expected}, got an empty array of shape {image.shape}")
+        if self.spatial_size is not None and image.shape[1:] != self.spatial_size:
+            raise ValueError(
+                f"expected the spatial size {self.spatial_size} the network takes, got {image.shape[1:]}: give images "
+                "of that size (the preprocessing of this cohort writes them)"
+            )
+        finite = np.isfinite(image)
+        if not finite.all():
+            raise ValueError(f"{int(image.size - finite.sum())} of {image.size} values are NaN or infinite")
+        if image.min() == image.max():
+            raise ValueError(f"the image is blank: every value is {image.flat[0]}")
 
 
 class ScalePercentilesd(MapTransform):
