@@ -145,3 +145,37 @@ def test_runs_are_found_by_names_that_a_filter_string_cannot_quote(tmp_path, nam
     for other in (name + "-evaluate", name[:-1], "axb"):
         client.create_run(experiment, run_name=other)
     assert {run.info.run_id for run in runs_named(client, experiment, name)} == wanted
+
+
+@pytest.mark.parametrize("content", [b"garbage, not a database", b""])
+def test_the_registry_refuses_a_file_that_is_no_mlflow_store_and_leaves_it_as_it_was(tmp_path, capsys, content):
+    store = tmp_path / "other.db"
+    store.write_bytes(content)
+    assert main(["registry", "list", "m", "--tracking-uri", f"sqlite:///{store}"]) == 2
+    assert f"{store} is " in capsys.readouterr().err
+    assert store.read_bytes() == content
+
+
+def test_the_registry_leaves_another_sqlite_database_untouched(tmp_path, capsys):
+    store = tmp_path / "patients.db"
+    with sqlite3.connect(store) as connection:
+        connection.execute("CREATE TABLE patients (id TEXT)")
+    before = store.read_bytes()
+    assert main(["registry", "list", "m", "--tracking-uri", f"sqlite:///{store}"]) == 2
+    assert "is an SQLite file but no MLflow store" in capsys.readouterr().err
+    assert store.read_bytes() == before
+
+
+def test_the_registry_lists_and_promotes_a_model_whose_name_holds_a_quote(tmp_path, capsys):
+    uri, client, experiment = _store(tmp_path)
+    for name in ("it's", "it's-other"):
+        client.create_registered_model(name)
+    assert main(["registry", "list", "it's", "--tracking-uri", uri]) == 0
+    assert "registered model \"it's\" has no versions yet" in capsys.readouterr().out
+    run = client.create_run(experiment)
+    client.create_model_version("it's", f"runs:/{run.info.run_id}/model", run.info.run_id)
+    client.create_model_version("it's-other", f"runs:/{run.info.run_id}/model", run.info.run_id)
+    assert main(["registry", "promote", "it's", "--version", "1", "--tracking-uri", uri]) == 0
+    assert main(["registry", "list", "it's", "--tracking-uri", uri]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if " INFO " not in line]  # MLflow's store log
+    assert len(listed) == 3 and listed[-1].split()[:2] == ["1", "champion"], listed  # the other model's version not listed

@@ -73,6 +73,12 @@ def list_command(args: argparse.Namespace) -> int:
         return _fail("list", error)
     except MlflowException as error:  # e.g. a store of an older schema, or a URI with no registry
         return _fail("list", error.message)
+    if not versions:
+        print(
+            f"registered model {args.name!r} has no versions yet: a bundle's training registers one when it "
+            "finishes (python -m monai.bundle run training --config_file bundles/<bundle>/configs/train.json)"
+        )
+        return 0
     rows = [("version", "aliases", "run_id", "run_name")]
     rows += [
         (str(version.version), ",".join(sorted(version.aliases)) or "-", version.run_id or "-", run_name)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sqlite3
 from pathlib import Path
 
 import mlflow
@@ -23,19 +25,31 @@ MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ver
 def registry_client(tracking_uri: str | None = None) -> MlflowClient:
     """Client of the registry at :func:`resolve_tracking_uri` ``(tracking_uri)``.
 
-    A local SQLite store must exist already: listing or promoting in an empty folder is a mistake.
+    A local SQLite store must exist already and be one: listing or promoting in an empty folder is a
+    mistake, and MLflow would write its tables into any other SQLite file it is pointed at.
     A tracking server must answer (:func:`~mimm_med.tracking.uri.require_reachable`).
     """
     uri = resolve_tracking_uri(tracking_uri, create=False)
     require_reachable(uri)
     if uri.startswith("sqlite:"):
         database = make_url(uri).database
-        if database and database != ":memory:" and not Path(database).is_file():
-            raise FileNotFoundError(
-                f"no MLflow store at {database}; run from the project folder, pass --tracking-uri or set "
-                "MLFLOW_TRACKING_URI."
-            )
+        if database and database != ":memory:":
+            _require_mlflow_store(Path(database))
     return MlflowClient(tracking_uri=uri)
+
+
+def _require_mlflow_store(database: Path) -> None:
+    """Raise ``FileNotFoundError`` unless ``database`` is an SQLite file holding MLflow's tables; read only."""
+    where = "run from the project folder, pass --tracking-uri or set MLFLOW_TRACKING_URI"
+    if not database.is_file():
+        raise FileNotFoundError(f"no MLflow store at {database}; {where}.")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)) as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as error:  # not SQLite at all, or damaged
+        raise FileNotFoundError(f"{database} is not an MLflow store ({error}); {where}.") from None
+    if not {"experiments", "registered_models"} <= tables:
+        raise FileNotFoundError(f"{database} is an SQLite file but no MLflow store (it has no MLflow tables); {where}.")
 
 
 def list_versions(name: str, tracking_uri: str | None = None) -> list[ModelVersion]:
@@ -157,7 +171,10 @@ def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
         raise LookupError(
             f"no registered model {name!r} at {printable_uri(client.tracking_uri)}; registered models: {names or 'none'}."
         ) from None
-    found = client.search_model_versions(f"name = '{name}'")
+    # A filter string cannot quote a name holding both quote characters: search the text before its first
+    # quote (whose LIKE wildcards '%' and '_' only widen the search), then compare the names.
+    prefix = re.split(r"['\"]", name)[0]
+    found = [version for version in client.search_model_versions(f"name LIKE '{prefix}%'") if version.name == name]
     numbers = sorted((int(version.version) for version in found), reverse=True)
     # search_model_versions leaves the aliases out; get_model_version fills them in.
     return [client.get_model_version(name, str(number)) for number in numbers]
