@@ -248,6 +248,24 @@ def test_a_bundle_whose_label_levels_do_not_fit_the_manifest_is_told_the_ones_th
         manifest_datalist(manifest, own, primary="age")  # was a KeyError: 'age'
 
 
+def test_a_stray_label_value_gets_no_advice_to_leave_the_label_out(tmp_path):
+    from mimm_med.data.datalist import manifest_datalist
+
+    levels = {"digit": ["0", "1"], "thickness": ["0", "1"]}
+    manifest = make_manifest(tmp_path, n=4, digit=["0", "1", "7", "0"], thickness=["0", "1", "1", "0"])
+    with pytest.raises(ManifestError, match=r"label 'digit' has values \['7'\] outside") as error:
+        manifest_datalist(manifest, levels, primary="digit")
+    assert "--label_levels" not in str(error.value) and "--primary <label>" not in str(error.value)
+
+
+def test_inference_refuses_a_manifest_without_an_image_to_predict(tmp_path):
+    from mimm_med.data.datalist import image_datalist
+
+    manifest = make_manifest(tmp_path, n=2, status=["failed", "failed"])
+    with pytest.raises(ManifestError, match=rf"{re.escape(str(manifest))} lists no image to predict"):
+        image_datalist(manifest)
+
+
 def test_a_split_folder_that_a_bundle_must_not_read_is_refused_before_training(tmp_path):
     from mimm_med.data.datalist import check_split_folder
 

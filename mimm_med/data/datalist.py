@@ -83,14 +83,19 @@ def _label_levels_hint(path: Path, label_levels: Mapping[str, Sequence], primary
     """
     table = read_manifest(path)
     table = table[table[STATUS] == STATUS_OK]
-    fitting = {}
+    fitting, counts = {}, {}
     for name in (*label_columns(table), COHORT):
         values = {canonical_text(v) for v in table[name].dropna()}
+        counts[name] = len(values)
         known = [canonical_text(v) for v in label_levels.get(name, ())]
         if values and values <= set(known):
             fitting[name] = known
         elif len(values) == 2:  # the factors `cohort split` can have confounded
             fitting[name] = sorted(values)
+    # Leaving out a one-valued label (the cohort of a single-cohort study) fits the manifest; leaving out
+    # the primary, or a label with a value too many (a stray '7' in a 0/1 label), does not: the rows are at fault.
+    if any(name not in fitting and (name == primary or counts.get(name, 0) > 2) for name in label_levels if name in counts):
+        return None
     if primary in fitting:
         fitting = {primary: fitting.pop(primary), **fitting}
     if all(fitting.get(name) == [canonical_text(v) for v in levels] for name, levels in label_levels.items()):
@@ -108,6 +113,10 @@ def image_datalist(manifest: str | Path) -> list[dict]:
     if not path.is_file():
         raise ManifestError(f"no manifest at {path}: {PREPARE_HINT}")
     table = load_manifest(path)
+    if table.empty:
+        raise ManifestError(
+            f"{path} lists no image to predict (no row, or none with status 'ok'): give an --input_manifest with images"
+        )
     return [{"image": image, "image_path": image, "subject_id": subject} for image, subject in zip(table[IMAGE], table[SUBJECT])]
 
 
