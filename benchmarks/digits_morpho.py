@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from mimm_med.cli import at_least, output_file, shortcut_correlation
+from mimm_med.cli import at_least, output_file, shortcut_correlation, torch_device
 from mimm_med.data.confounding import cell_balancing_weights
 from mimm_med.data.digits_morpho import FACTORS, PRIMARY, digits_augmentation, make_digits_morpho
 from mimm_med.data.manifest import SUBJECT
@@ -228,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="shift, scale and tilt the training digits (digits_augmentation)",
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=torch_device, default="cpu")
     parser.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", type=output_file, help="write the results here (NaN as null)")
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from mimm_med.cli import at_least, output_file
+from mimm_med.cli import at_least, output_file, torch_device
 from mimm_med.data.writers import write_json
 from mimm_med.engines import MIMMXObjective, MIMMXTrainer
 from mimm_med.networks import MIMMXNet
@@ -174,7 +174,7 @@ def print_table(timings: list[StepTiming], args: argparse.Namespace) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--spatial-size", type=int, nargs="+", help="volume edge, or three sizes (default: 96 on CUDA, 32 on CPU)"
     )

@@ -61,3 +61,25 @@ def check_shortcut_correlation(r: float) -> float:
             "balanced one, at 1 no training subject disagrees, and r below 0.5 is 1 - r with the factor's values swapped"
         )
     return r
+
+
+def check_device(device: Any) -> Any:
+    """Return ``torch.device(device)`` if this process can use it; else raise a ``ValueError`` saying what can.
+
+    Torch's own errors arrive late (after data preparation, inside an engine) and as an
+    ``AssertionError: Torch not compiled with CUDA enabled`` that names no setting.
+    """
+    import torch  # here, so that building the command-line parser stays fast
+
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{device!r} is not a torch device; give one such as cpu, cuda or cuda:1") from None
+    if checked.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ValueError(f"device {device!r}: this process sees no CUDA device (torch {torch.__version__}, {build}); use cpu")
+        if checked.index is not None and checked.index >= count:
+            raise ValueError(f"device {device!r}: this process sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return checked

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from mimm_med.checks import check_shortcut_correlation
+from mimm_med.checks import check_device, check_shortcut_correlation
 from mimm_med.data.notices import quiet_gpu_decoder_notices
 
 # Each module defines ``add_parser(subparsers)`` which registers its sub-command and sets ``func``.
@@ -43,6 +43,15 @@ def shortcut_correlation(text: str) -> float:
         return check_shortcut_correlation(value)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def torch_device(text: str) -> str:
+    """An argparse ``type`` for a torch device this process can use (:func:`mimm_med.checks.check_device`)."""
+    try:
+        check_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def output_file(text: str) -> Path:

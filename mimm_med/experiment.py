@@ -11,6 +11,7 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.utils import set_determinism
 
+from mimm_med.checks import check_device
 from mimm_med.data.confounding import rebalancing_sampler
 from mimm_med.engines import InvariantHeadRefit, MIMMXObjective, MIMMXTrainer, RecomputeBatchNorm, parse_method
 from mimm_med.evaluation.report import evaluate_network
@@ -54,6 +55,9 @@ class ExperimentConfig:
     #: Once training ends, refit the primary head on f_y with the factors' linear traces in the
     #: training and validation sets erased (:class:`~mimm_med.engines.InvariantHeadRefit`).
     invariant_head: bool = False
+
+    def __post_init__(self) -> None:
+        check_device(self.device)  # before the data is drawn and the network built, not inside the engine
 
     @property
     def training_method(self) -> str:

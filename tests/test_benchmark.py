@@ -39,6 +39,7 @@ from mimm_med.cli import build_parser, main
 from mimm_med.commands.benchmark import cell_options, command_line, resolve
 from mimm_med.data.confounding import SPLIT_NAMES
 from mimm_med.engines import TrainingDiverged
+from mimm_med.experiment import ExperimentConfig
 from mimm_med.networks import MIMMXNet
 
 
@@ -418,7 +419,33 @@ def test_an_unwritable_out_or_unreachable_server_stops_before_any_cell(tmp_path,
     argv[-1] = f"file://{tmp_path / 'mlruns'}"  # MLflow's removed file store
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert "names an MLflow file store" in capsys.readouterr().err
+    argv[-1] = "foo://x"  # a scheme MLflow has no store for: was an UnsupportedModelRegistryStoreURIException traceback
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "unsupported URI 'foo://x'" in capsys.readouterr().err
+    argv[-1] = uri
+    assert main([*argv, "--out", str(tmp_path / "out"), "--docs", str(blocked / "results.md")]) == 2
+    assert f"cannot write --docs {blocked / 'results.md'}" in capsys.readouterr().err
     assert fake_training == []
+
+
+def test_a_cell_stored_with_other_settings_stops_the_benchmark_before_any_training(tmp_path, fake_training):
+    cells = plan_cells(["tiny"], ["erm", "mimmx"], [0.9], [0])
+    datasets = {"tiny": TinyData()}
+    run_matrix(cells[1:], datasets, tmp_path, {"epochs": 1}, progress=False)
+    with pytest.raises(StaleCellError, match="epochs"):
+        run_matrix(cells, datasets, tmp_path, {"epochs": 2}, progress=False)
+    assert fake_training == ["mimmx"], "erm, first in the matrix, must not be trained before the stale mimmx is found"
+
+
+@pytest.mark.parametrize("device, message", [("cuda:0", "sees no CUDA device"), ("gpu", "'gpu' is not a torch device")])
+def test_a_device_this_process_cannot_use_is_refused_before_any_work(device, message, capsys):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(SystemExit) as stopped:
+        main(["benchmark", "--device", device])
+    assert stopped.value.code == 2 and "--device: " in capsys.readouterr().err
+    with pytest.raises(ValueError, match=re.escape(message) if "'" in message else message):
+        ExperimentConfig(device=device)
 
 
 def test_command_line_reruns_the_training_options():
@@ -432,8 +459,9 @@ def test_command_line_reruns_the_training_options():
     assert resolve(parser.parse_args(words[1:])) == args
 
 
-def test_chest_xray_stand_in_is_the_same_cohort_on_every_machine(tmp_path):
+def test_chest_xray_stand_in_is_the_same_cohort_on_every_machine(tmp_path, monkeypatch):
     # The splits follow the pseudonyms, so a per-machine random key would give every machine other splits.
+    monkeypatch.chdir(tmp_path)  # the stand-in finds its cohort card from anywhere, not only the repository root
     manifests = [
         pd.read_csv(ChestXrayStandinData(tmp_path / name, patients=6, size=16).write_manifest())
         for name in ("first", "second")

@@ -44,3 +44,10 @@ def test_the_demo_trains_evaluates_registers_and_prints_its_table(repository_cop
 def test_a_demo_cohort_too_small_to_validate_stops_after_the_split_naming_the_fix(repository_copy: Path):
     with pytest.raises(SystemExit, match=r"val\.csv holds no usable image: .*; here, give --subjects more than 48"):
         main(["demo", "--workdir", str(repository_copy / "brain"), "--subjects", "48", "--size", "16", "--epochs", "1"])
+
+
+def test_the_demo_outside_the_repository_root_says_where_to_run_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--workdir", str(tmp_path / "demo")]) == 2
+    assert "run it from the repository root, where bundles/ is" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists(), "it stops before generating the cohort"

@@ -29,6 +29,7 @@ import pandas as pd
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, ScaleIntensityRanged
 
 from mimm_med.cli import run_subcommand
+from mimm_med.data.cohort_card import SHIPPED_CARDS
 from mimm_med.data.confounding import cell_counts, confounded_splits, missed_correlations
 from mimm_med.data.datalist import manifest_datalist
 from mimm_med.data.digits_morpho import FACTORS, PRIMARY, digits_augmentation, make_digits_morpho
@@ -289,7 +290,7 @@ class ChestXrayStandinData(ManifestData):
                             "--resolution-mm", f"{resolution:.3f}", "--no-progress"])  # fmt: skip
         if not (processed / "manifest.csv").exists():
             # Status 1: rows dropped by the card's policies (uncertain effusion, unknown sex), listed in errors.csv.
-            run_subcommand(["preprocess", "--cohort", "cohorts/chexpert.yaml", "--raw", str(raw), "--out", str(processed),
+            run_subcommand(["preprocess", "--cohort", str(SHIPPED_CARDS / "chexpert.yaml"), "--raw", str(raw), "--out", str(processed),
                             "--key-file", str(key_file), "--set", f"spatial_size={self.size}", "--no-progress"],
                            allowed=(0, 1))  # fmt: skip
         return processed / "manifest.csv"

@@ -211,8 +211,14 @@ def run_matrix(
     >>> results = run_matrix(cells, {"digits": DigitsData()}, "out/benchmark", {"epochs": 5})
     """
     cells = list(cells)
-    todo = [cell for cell in cells if not cell_path(out, cell).exists()]
     augmentation = {name: transform_name(datasets[name].train_transform()) for name in {cell.dataset for cell in cells}}
+    # Every stored cell is read first: one of other settings stops the run before any training, not hours in.
+    stored = {
+        cell: load_cell(cell_path(out, cell), options, augmentation[cell.dataset])
+        for cell in cells
+        if cell_path(out, cell).exists()
+    }
+    todo = [cell for cell in cells if cell not in stored]
     for name in dict.fromkeys(cell.dataset for cell in todo):
         datasets[name].prepare()
     bar = tqdm(total=len(todo), unit="cell", disable=not progress, dynamic_ncols=True)
@@ -221,8 +227,8 @@ def run_matrix(
     with bar:
         for cell in cells:
             path = cell_path(out, cell)
-            if path.exists():
-                result = load_cell(path, options, augmentation[cell.dataset])
+            if cell in stored:
+                result = stored[cell]
             else:
                 bar.set_postfix_str(cell.key)
                 oracle = cell.method == "oracle"

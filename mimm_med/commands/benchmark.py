@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mimm_med.cli import at_least, shortcut_correlation
+from mimm_med.cli import at_least, shortcut_correlation, torch_device
 
 DATASETS = ("digits", "brain", "cxr")
 DEFAULT_EXPERIMENT = "mimm-med-benchmark"
@@ -155,7 +155,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="also estimate residual MI of f_y with each factor (fresh MINE critics for I(f_y; f_z), I(f_y; f_z | y), "
         "I(f_y; z) on the balanced set; slow); NaN with a warning below 24 rows per fold (120 rows)",
     )
-    training.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    training.add_argument("--device", type=torch_device, default="cpu", help="torch device (default: cpu)")
     training.add_argument(
         "--threads",
         type=at_least(1),
@@ -252,6 +252,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         run_matrix,
         write_results,
     )
+    from mlflow.exceptions import MlflowException
+
     from mimm_med.benchmark.matrix import cell_path
     from mimm_med.data.manifest import cannot_write
     from mimm_med.engines import METHODS
@@ -284,10 +286,16 @@ def run_benchmark(args: argparse.Namespace) -> int:
     params = {**options, "datasets": args.datasets, "methods": args.methods, "correlations": args.correlations}
     params["seeds"] = args.seeds
     params["augment_digits"] = not args.no_augment
+    if args.docs is not None:
+        try:  # here, not after the matrix: where the page's plots go
+            args.docs.with_suffix("").mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            print(f"mimm-med benchmark: {cannot_write(f'--docs {args.docs}', error)}", file=sys.stderr)
+            return 2
     try:
         tracker = BenchmarkTracker(args.out, args.experiment, params, args.tracking_uri)
-    except (TrackingServerUnreachable, ValueError) as error:  # ValueError: a tracking URI MLflow cannot open
-        print(f"mimm-med benchmark: {error}", file=sys.stderr)
+    except (TrackingServerUnreachable, ValueError, MlflowException) as error:  # a tracking URI MLflow cannot open
+        print(f"mimm-med benchmark: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except OSError as error:
         print(f"mimm-med benchmark: {cannot_write(args.out, error)}", file=sys.stderr)

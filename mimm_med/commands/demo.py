@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 from mimm_med.cli import run_subcommand, shortcut_correlation
+from mimm_med.data.cohort_card import SHIPPED_CARDS
 from mimm_med.data.datalist import check_split_folder
 from mimm_med.data.manifest import ManifestError
 from mimm_med.data.pseudonym import write_synthetic_cohort_key
@@ -46,7 +48,7 @@ def prepare(workdir: Path, subjects: int, resolution_mm: float, size: int, corre
                   "--resolution-mm", str(resolution_mm)])
         if not (processed / "manifest.csv").exists():
             _step(f"preprocessing {cohort.upper()}")
-            run_subcommand(["preprocess", "--cohort", f"cohorts/{cohort}.yaml", "--raw", str(raw), "--out", str(processed),
+            run_subcommand(["preprocess", "--cohort", str(SHIPPED_CARDS / f"{cohort}.yaml"), "--raw", str(raw), "--out", str(processed),
                   "--key-file", str(key_file), "--set", f"spacing={spacing}", "--set", f"spatial_size={shape}"])
         manifests.append(str(processed / "manifest.csv"))
     merged, splits = workdir / "processed" / "brain.csv", workdir / "splits"
@@ -133,6 +135,10 @@ def results_table(results: dict[str, dict]) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    if not args.prepare_only and not (BUNDLE / "configs" / "train.json").is_file():
+        # MONAI bundle configs name the files they merge relative to the working folder
+        print(f"mimm-med demo: no {BUNDLE} here; run it from the repository root, where bundles/ is", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir)
     splits = prepare(workdir, args.subjects, args.resolution_mm, args.size, args.correlation, args.seed)
     if args.prepare_only:

@@ -31,6 +31,8 @@ import yaml
 
 from mimm_med.data.pseudonym import canonical_text
 
+#: The cohort cards of the source checkout mimm-med is installed from (``cohorts/``), wherever it runs.
+SHIPPED_CARDS = Path(__file__).resolve().parents[2] / "cohorts"
 SOURCE_ID = "source_id"
 IMAGE = "image"
 COHORT = "cohort"

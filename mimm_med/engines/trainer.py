@@ -16,7 +16,7 @@ from monai.engines.utils import default_metric_cmp_fn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from mimm_med.checks import is_whole_number
+from mimm_med.checks import check_device, is_whole_number
 from mimm_med.distributed import is_rank_zero, world_size
 from mimm_med.networks import MIMMXNet
 from mimm_med.weighting import adaptive_mi_scale
@@ -180,7 +180,7 @@ class MIMMXTrainer(Trainer):
             raise ValueError(
                 f"max_epochs (the bundles' and benchmarks' epochs) must be a whole number >= 1, got {max_epochs!r}"
             )
-        device = torch.device(device)
+        device = check_device(device)
         # AMP is a CUDA feature here; on CPU it is off without a warning so one config serves both.
         use_amp = bool(amp) and device.type == "cuda"
         super().__init__(
