@@ -81,6 +81,7 @@ def test_default_small_cnn_features_see_most_of_a_digit():
         ({"y": 4}, {"y": 2.7}, r"num_classes\['y'\] must be an integer"),
         ({1: 4}, {1: 2}, "part names must be non-empty strings"),  # was ModuleDict's TypeError
         ({"age.group": 4}, {"age.group": 2}, "without '.'"),  # was ModuleDict's KeyError
+        ({"y": 4, "type": 4}, {"y": 2, "type": 2}, "part name 'type' is taken by torch's ModuleDict"),  # was a KeyError
     ],
 )
 def test_non_integer_sizes_and_unusable_names_are_refused(parts, num_classes, message):

@@ -223,6 +223,30 @@ def test_a_label_that_is_not_a_class_index_is_named(label, shown):
         _build("mimmx", records=records).run()
 
 
+def test_a_one_hot_label_is_named_with_its_shape():
+    records = _records()
+    for record in records:
+        record["a"] = np.eye(2, dtype=np.int64)[record["a"]]  # one-hot rows: a batch of 16 gives (16, 2)
+    with pytest.raises(ValueError, match=r"label 'a' has shape \(16, 2\), expected \(16,\): one class index"):
+        _build("mimmx", records=records).run()
+
+
+@pytest.mark.parametrize(
+    "part_sizes, num_classes, options, message",
+    [
+        ({}, {}, {}, r"part_sizes must name at least the primary task"),  # was an IndexError
+        ({"y": 4, "z": 4}, {"y": 2}, {}, r"num_classes lacks \['z'\]"),  # was a KeyError
+        ({"y": 4, "z": 4}, {"y": 0, "z": 2}, {}, r"num_classes must be whole numbers >= 2 .* got \{'y': 0\}"),  # was regression
+        ({"y": 4, "z": 4}, {"y": 1, "z": 2}, {"conditional": True}, r"conditional=True .* \['y'\] are regression targets"),
+        ({"y": 4, "z": 4}, {"y": 2, "z": 1}, {"balanced": True}, r"balanced=True .* \['z'\] are regression targets"),
+        ({"y": 4, "z": 4}, {"y": 2, "z": 1}, {"reference": "labels"}, r"reference='labels' .* regression targets"),
+    ],
+)
+def test_an_objective_whose_labels_cannot_serve_its_options_is_refused(part_sizes, num_classes, options, message):
+    with pytest.raises(ValueError, match=message):
+        MIMMXObjective("mimmx", part_sizes, num_classes, **options)
+
+
 def test_a_training_set_smaller_than_one_batch_is_refused():
     trainer = _build("erm")
     trainer.data_loader = DataLoader(Dataset(_records(n=3)), batch_size=16, drop_last=True)

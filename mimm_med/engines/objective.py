@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimm_med.checks import is_whole_number
 from mimm_med.networks import MIMMXNet
 from mimm_med.weighting import ConfounderAttention, GradNorm
 
@@ -77,6 +78,8 @@ class MIMMXObjective(nn.Module):
         super().__init__()
         self.spec: MethodSpec = parse_method(method)
         names = list(part_sizes)
+        if not names:
+            raise ValueError("part_sizes must name at least the primary task first, e.g. {'age_group': 16, 'sex': 16}")
         self.primary = names[0]
         if isinstance(spurious, str):
             # list("sex") would make three factors 's', 'e', 'x'
@@ -94,7 +97,8 @@ class MIMMXObjective(nn.Module):
             # a negative weight would maximize the dependence the method is meant to remove
             raise ValueError(f"mi_weight must be a finite number >= 0 (λ of the dependence term), got {mi_weight}")
         self.mi_weight = float(mi_weight)
-        self.num_classes = {name: int(num_classes[name]) for name in names}
+        self.num_classes = _class_counts(names, num_classes)
+        _refuse_regression_where_classes_are_needed(self.num_classes, self.primary, self.spurious, conditional, balanced, reference)
         self.task_names = [self.primary, *(self.spurious if self.spec.factor_heads else [])]
         self.terms = self._build_terms(part_sizes, estimator, conditional, factor_pairs, estimator_options, balanced, reference)
         self.attention = (
@@ -146,14 +150,22 @@ class MIMMXObjective(nn.Module):
         """Labels a batch must carry for this objective."""
         return [self.primary, *self.spurious]
 
-    def check_labels(self, labels: Mapping[str, Tensor]) -> None:
-        """Raise a ``ValueError`` naming the factor if a label is not finite or not a class index of its head.
+    def check_labels(self, labels: Mapping[str, Tensor], batch_size: int | None = None) -> None:
+        """Raise a ``ValueError`` naming the factor if a label is not one finite class index of its head per image.
 
-        Cross-entropy would raise PyTorch's ``Target 2 is out of bounds`` without naming the factor,
-        and truncate 0.5 to class 0 or count -1 (CheXpert's "uncertain") as a group of its own silently.
+        Cross-entropy would raise PyTorch's ``Target 2 is out of bounds`` or a batch-size mismatch
+        without naming the factor, and truncate 0.5 to class 0 or count -1 (CheXpert's "uncertain")
+        as a group of its own silently. ``batch_size``: the number of images the labels go with.
         """
         for name in self.label_names:
             values = torch.as_tensor(labels[name]).detach().double()
+            shape = tuple(values.shape)
+            if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1) or (batch_size is not None and values.numel() != batch_size):
+                expected = f"({batch_size},)" if batch_size is not None else "(B,)"
+                raise ValueError(
+                    f"label {name!r} has shape {shape}, expected {expected}: one class index (or value) per image, "
+                    "not one-hot rows"
+                )
             if not bool(torch.isfinite(values).all()):
                 raise ValueError(f"label {name!r} is NaN or infinite in this batch; drop or fill those rows in the manifest")
             classes = self.num_classes[name]
@@ -202,3 +214,33 @@ class MIMMXObjective(nn.Module):
     def critic_parameters(self) -> list[nn.Parameter]:
         """Parameters trained in the critic steps."""
         return [] if self.terms is None else list(self.terms.parameters())
+
+
+def _class_counts(names: Sequence[str], num_classes: Mapping[str, Any]) -> dict[str, int]:
+    missing = [name for name in names if name not in num_classes]
+    if missing:
+        raise ValueError(f"num_classes lacks {missing}: give every part's number of classes (1 for a regression head)")
+    invalid = {name: num_classes[name] for name in names if not is_whole_number(num_classes[name], minimum=1)}
+    if invalid:
+        raise ValueError(f"num_classes must be whole numbers >= 2 (classes) or 1 (regression), got {invalid}")
+    return {name: int(num_classes[name]) for name in names}
+
+
+def _refuse_regression_where_classes_are_needed(
+    num_classes: Mapping[str, int], primary: str, spurious: Sequence[str], conditional: bool, balanced: bool, reference: str
+) -> None:
+    # Each of these options reads the labels as class codes: a continuous target would be cut to
+    # integers (ages in [0, 1) all class 0) and the estimate silently become another one.
+    regression = [name for name in (primary, *spurious) if num_classes[name] == 1]
+    needs = {
+        "conditional=True (strata of the primary label's classes)": conditional and primary in regression,
+        "balanced=True (weights of the (y, z) cells)": balanced and bool(regression),
+        "reference='labels' (the factors' class labels)": reference == "labels" and bool(set(regression) & set(spurious)),
+    }
+    for option, refused in needs.items():
+        if refused:
+            raise ValueError(
+                f"{option} needs class labels, but {regression} are regression targets (num_classes 1): bin them into "
+                "classes (a label of the cohort card), or turn the option off"
+            )
+

@@ -273,7 +273,7 @@ class MIMMXTrainer(Trainer):
                 + "; re-run `mimm-med preprocess`, which refuses such images, or check the transforms"
             )
         labels = {name: torch.as_tensor(batchdata[name]).to(**kwargs) for name in self.objective.label_names}
-        self.objective.check_labels(labels)
+        self.objective.check_labels(labels, batch_size=image.shape[0])
         return image, labels
 
     def _autocast(self) -> Any:

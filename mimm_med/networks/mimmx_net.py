@@ -69,6 +69,8 @@ class MIMMXNet(nn.Module):
             # names become ModuleDict keys and output keys "<name>_features" / "<name>_output"
             if not isinstance(name, str) or not name or "." in name:
                 raise ValueError(f"part names must be non-empty strings without '.', got {name!r} in {list(parts)}")
+            if hasattr(nn.ModuleDict, name):  # ModuleDict refuses keys that shadow its attributes (train, type, to, ...)
+                raise ValueError(f"part name {name!r} is taken by torch's ModuleDict; rename it, e.g. {name + '_label'!r}")
             if not is_whole_number(size, minimum=1):
                 raise ValueError(f"part {name!r} needs a positive feature size (an integer), got {size!r}")
             if not is_whole_number(num_classes[name], minimum=1):
