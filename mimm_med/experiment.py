@@ -146,6 +146,7 @@ def run_experiment(
         ``config``, ``seconds`` (training), ``history`` (per-epoch means of the trainer outputs),
         ``results`` (:func:`mimm_med.evaluation.evaluate_test_sets`) and ``network``.
     """
+    _check_experiment(sets, primary, spurious, num_classes)
     trainer = build_run(sets["train"], primary, spurious, num_classes, config, spatial_dims, in_channels, transform)
     averages = EpochAverages()
     averages.attach(trainer)
@@ -164,3 +165,21 @@ def run_experiment(
     loaders = {short: _loader(sets[split], config, names, False, eval_transform) for short, split in TEST_SETS.items()}
     results, _ = evaluate_network(trainer.network, loaders, primary, spurious, config.device, residual_mi=residual_mi, seed=config.seed)
     return {"config": asdict(config), "seconds": seconds, "history": averages.history, "results": results, "network": trainer.network}
+
+
+def _check_experiment(sets: Mapping[str, Sequence[dict]], primary: str, spurious: Sequence[str], num_classes: Mapping[str, int]) -> None:
+    """Refuse before training what the evaluation after it would refuse."""
+    missing = [split for split in ("train", *TEST_SETS.values()) if not sets.get(split)]
+    if missing:
+        raise ValueError(f"sets lacks {missing} (or they are empty): it needs 'train' and the test sets {list(TEST_SETS.values())}")
+    absent = [name for name in (primary, *spurious) if name not in num_classes]
+    if absent:
+        raise ValueError(f"num_classes lacks {absent}: give the number of classes of the primary label and of every factor")
+    regression = [name for name in (primary, *spurious) if num_classes[name] < 2]
+    if regression:
+        # the protocol's accuracies, groups and leakage probes are defined over classes
+        raise ValueError(
+            f"{regression} have regression heads (num_classes {[num_classes[name] for name in regression]}), but the "
+            "evaluation protocol needs classes: bin them into classes (a label of the cohort card)"
+        )
+

@@ -1,6 +1,8 @@
+import numpy as np
 import pytest
 import torch
 
+from mimm_med.data.confounding import SPLIT_NAMES
 from mimm_med.data.digits_morpho import FACTORS, PRIMARY, make_digits_morpho
 from mimm_med.evaluation import flatten_metrics
 from mimm_med.experiment import ExperimentConfig, run_experiment
@@ -47,3 +49,22 @@ def test_invariant_head_replaces_the_trained_primary_head():
     # Same seed, same backbone: only the refit changes the head.
     assert not torch.allclose(heads[False].weight, heads[True].weight)
     assert torch.equal(heads[True].weight[0], torch.zeros_like(heads[True].weight[0]))  # logits (0, s)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda sets, classes: sets.pop("test-iid"), r"sets lacks \['test-iid'\]"),
+        (lambda sets, classes: classes.pop("z"), r"num_classes lacks \['z'\]"),
+        (lambda sets, classes: classes.update(z=1), r"\['z'\] have regression heads"),
+    ],
+)
+def test_an_experiment_the_evaluation_would_refuse_stops_before_training(change, message, monkeypatch):
+    from mimm_med import experiment
+
+    sets = {name: [{"image": np.zeros((1, 8, 8), np.float32), "y": 0, "z": 0}] for name in SPLIT_NAMES}
+    classes = {"y": 2, "z": 2}
+    change(sets, classes)
+    monkeypatch.setattr(experiment, "build_run", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+    with pytest.raises(ValueError, match=message):
+        experiment.run_experiment(sets, "y", ["z"], classes, experiment.ExperimentConfig(epochs=1))

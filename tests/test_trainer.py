@@ -247,6 +247,14 @@ def test_an_objective_whose_labels_cannot_serve_its_options_is_refused(part_size
         MIMMXObjective("mimmx", part_sizes, num_classes, **options)
 
 
+def test_a_rebalancing_method_without_a_rebalancing_loader_is_warned_of():
+    with pytest.warns(UserWarning, match=r"'mimmx\+rebalance' rebalances through the training loader's sampler, but .* RandomSampler"):
+        _build("mimmx+rebalance")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _build("mimmx")  # nothing to rebalance, nothing to warn of
+
+
 def test_a_training_set_smaller_than_one_batch_is_refused():
     trainer = _build("erm")
     trainer.data_loader = DataLoader(Dataset(_records(n=3)), batch_size=16, drop_last=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from contextlib import nullcontext
 from typing import Any
@@ -15,6 +16,7 @@ from monai.engines import Trainer, Workflow
 from monai.engines.utils import default_metric_cmp_fn
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.data import WeightedRandomSampler
 
 from mimm_med.checks import check_device, is_whole_number
 from mimm_med.distributed import is_rank_zero, world_size
@@ -181,6 +183,16 @@ class MIMMXTrainer(Trainer):
                 f"max_epochs (the bundles' and benchmarks' epochs) must be a whole number >= 1, got {max_epochs!r}"
             )
         device = check_device(device)
+        sampler = getattr(train_data_loader, "sampler", None)
+        if objective.spec.rebalance and not isinstance(sampler, WeightedRandomSampler):
+            # the trainer cannot rebalance by itself: the loader draws the batches
+            warnings.warn(
+                f"{objective.spec.name!r} rebalances through the training loader's sampler, but this loader draws with "
+                f"a {type(sampler).__name__}: give it sampler=mimm_med.data.confounding.rebalancing_sampler(datalist, "
+                "factors), as the bundles and run_experiment do, or it trains without rebalancing",
+                UserWarning,
+                stacklevel=2,
+            )
         # AMP is a CUDA feature here; on CPU it is off without a warning so one config serves both.
         use_amp = bool(amp) and device.type == "cuda"
         super().__init__(
