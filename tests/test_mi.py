@@ -542,6 +542,7 @@ def test_mine_critic_loss_before_any_training_step_is_finite_in_eval_mode():
         (lambda: MINE(3.5, 2), "positive integers"),
         (lambda: MINE(3, 2, hidden_dim=0), "widths must be whole numbers >= 1"),  # was a constant critic, estimate 0
         (lambda: MINE(3, 2, embed_dim=0), "widths must be whole numbers >= 1"),
+        (lambda: MINE(3, 2, critic="concat", num_layers=1.5), r"num_layers, a whole number >= 1 .*got 1\.5"),  # said 0.5
         (lambda: CLUB(3, 2, max_log_var=-1.0), "max_log_var must be a positive finite"),
         (lambda: GaussianMI(3, 2, ridge=math.nan), "ridge must be positive and finite"),  # was a NaN estimate
         (lambda: MMDPenalty((math.nan,)), "bandwidths must be positive"),  # was a NaN penalty

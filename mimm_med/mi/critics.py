@@ -96,8 +96,8 @@ class ConcatCritic(nn.Module):
 
     def __init__(self, dim_a: int, dim_b: int, hidden_dim: int = 128, num_layers: int = 2) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"ConcatCritic needs num_layers >= 1 (the decomposed first layer), got {num_layers}")
+        if not is_whole_number(num_layers, minimum=1):
+            raise ValueError(f"ConcatCritic needs num_layers, a whole number >= 1 (the decomposed first layer), got {num_layers!r}")
         self.project_a = nn.Linear(dim_a, hidden_dim)
         self.project_b = nn.Linear(dim_b, hidden_dim, bias=False)
         self.head = nn.Sequential(nn.ReLU(), mlp(hidden_dim, hidden_dim, 1, num_layers - 1))
