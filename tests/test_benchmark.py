@@ -388,7 +388,9 @@ def test_sigterm_ends_the_benchmark_as_killed_with_its_resume_hint(tmp_path):
     time.sleep(2)  # into loading or training the cell
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    # 130 from main; once in CI (under the full suite's load, not reproduced since) the interpreter ended by
+    # SIGINT after main had printed its message, which a shell reports as 130 too
+    assert process.returncode in (130, -signal.SIGINT), stdout[-2000:] + stderr[-2000:]
     assert f"finished cells are kept in {out / 'cells'}; run the same command to resume" in stderr
     assert "mimm-med benchmark: interrupted" in stderr and "Traceback" not in stderr
     parent = json.loads((out / "mlflow_run.json").read_text())["run_id"]
