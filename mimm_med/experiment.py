@@ -182,4 +182,3 @@ def _check_experiment(sets: Mapping[str, Sequence[dict]], primary: str, spurious
             f"{regression} have regression heads (num_classes {[num_classes[name] for name in regression]}), but the "
             "evaluation protocol needs classes: bin them into classes (a label of the cohort card)"
         )
-

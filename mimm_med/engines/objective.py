@@ -243,4 +243,3 @@ def _refuse_regression_where_classes_are_needed(
                 f"{option} needs class labels, but {regression} are regression targets (num_classes 1): bin them into "
                 "classes (a label of the cohort card), or turn the option off"
             )
-

@@ -14,6 +14,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from sqlalchemy.engine import make_url
 
+from .run_names import filter_prefix
 from .uri import printable_uri, require_reachable, resolve_tracking_uri, using_tracking_uri
 
 __all__ = ["ExportedNetwork", "list_versions", "load_registered_network", "promote", "registry_client", "version_runs"]
@@ -171,10 +172,7 @@ def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
         raise LookupError(
             f"no registered model {name!r} at {printable_uri(client.tracking_uri)}; registered models: {names or 'none'}."
         ) from None
-    # A filter string cannot quote a name holding both quote characters: search the text before its first
-    # quote (whose LIKE wildcards '%' and '_' only widen the search), then compare the names.
-    prefix = re.split(r"['\"]", name)[0]
-    found = [version for version in client.search_model_versions(f"name LIKE '{prefix}%'") if version.name == name]
+    found = [v for v in client.search_model_versions(f"name LIKE '{filter_prefix(name)}%'") if v.name == name]
     numbers = sorted((int(version.version) for version in found), reverse=True)
     # search_model_versions leaves the aliases out; get_model_version fills them in.
     return [client.get_model_version(name, str(number)) for number in numbers]

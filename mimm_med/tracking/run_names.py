@@ -8,16 +8,24 @@ import time
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-__all__ = ["runs_named", "set_aside"]
+__all__ = ["filter_prefix", "runs_named", "set_aside"]
+
+
+def filter_prefix(name: str) -> str:
+    """The text of ``name`` before its first quote, to search with ``LIKE '<prefix>%'`` and then compare names.
+
+    MLflow's filter strings cannot quote a name holding both quote characters; the prefix's LIKE wildcards
+    (``%``, ``_``) only widen the search.
+    """
+    return re.split(r"['\"]", name)[0]
 
 
 def runs_named(client: MlflowClient, experiment_id: str, name: str) -> list[Run]:
     """Every run of ``experiment_id`` named ``name``, over all result pages.
 
-    MLflow's filter strings cannot hold a name with both quote characters, so the store is searched
-    for the name's text before its first quote and the names are compared here.
+    The store is searched for the :func:`filter_prefix` of the name and the names are compared here.
     """
-    prefix = re.split(r"['\"]", name)[0]
+    prefix = filter_prefix(name)
     runs: list[Run] = []
     token = None
     while True:
