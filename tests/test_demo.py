@@ -51,3 +51,13 @@ def test_the_demo_outside_the_repository_root_says_where_to_run_it(tmp_path, mon
     assert main(["demo", "--workdir", str(tmp_path / "demo")]) == 2
     assert "run it from the repository root, where bundles/ is" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists(), "it stops before generating the cohort"
+
+
+@pytest.mark.parametrize(("option", "value"), [("--size", "0"), ("--epochs", "0"), ("--subjects", "0"), ("--seed", "-1")])
+def test_the_demo_refuses_counts_below_their_minimum_before_any_work(repository_copy: Path, capsys, option, value):
+    # --size 0 used to preprocess every volume at its own shape (ResizeWithPadOrCrop's "keep" value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--workdir", str(repository_copy / "brain"), option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: must be at least" in capsys.readouterr().err
+    assert not (repository_copy / "brain").exists()

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from mimm_med.cli import run_subcommand, shortcut_correlation
+from mimm_med.cli import at_least, run_subcommand, shortcut_correlation
 from mimm_med.data.cohort_card import SHIPPED_CARDS
 from mimm_med.data.datalist import check_split_folder
 from mimm_med.data.manifest import ManifestError
@@ -181,18 +181,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--workdir", default="data/brain", help="where the cohort, processed images and splits go")
-    parser.add_argument("--subjects", type=int, default=160, help="stand-in subjects per cohort (UKB and NAKO)")
+    parser.add_argument("--subjects", type=at_least(1), default=160, help="stand-in subjects per cohort (UKB and NAKO)")
     parser.add_argument("--resolution-mm", type=float, default=4.0, help="voxel size of the stand-in volumes")
-    parser.add_argument("--size", type=int, default=32, help="preprocessed volume size (cube edge, voxels)")
+    parser.add_argument(
+        "--size",
+        type=at_least(1),
+        default=32,
+        # 0 would mean "keep each volume's own size" to MONAI's ResizeWithPadOrCrop: volumes of many shapes
+        help="preprocessed volume size (cube edge, voxels)",
+    )
     parser.add_argument("--correlation", type=shortcut_correlation, default=0.9, help="r of sex and cohort with the age group")
     parser.add_argument("--methods", default="erm,mimmx", help="comma-separated methods to train")
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs of every run")
+    parser.add_argument("--epochs", type=at_least(1), default=10, help="training epochs of every run")
     parser.add_argument(
         "--invariant-head",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also train each method with the primary head refitted on f_y without the factors' linear traces",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the cohort, the split, the key and training")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="seed of the cohort, the split, the key and training")
     parser.add_argument("--prepare-only", action="store_true", help="stop after writing the splits")
     parser.set_defaults(func=run_demo)
