@@ -168,7 +168,8 @@ def flatten_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     per factor ``{set}/{factor}/worst_group_acc``, ``{set}/{factor}/tpr_gap``,
     ``{set}/{factor}/acc_y{y}_z{z}``, ``{set}/{factor}/switched_heads``,
     ``{set}/{factor}/switched_heads_reverse``; and ``leakage/{factor}``, ``residual_mi/{factor}``,
-    ``residual_mi_given_y/{factor}``, ``residual_mi_label/{factor}``.
+    ``residual_mi_given_y/{factor}``, ``residual_mi_label/{factor}``; ``{set}/skipped_images`` where
+    the results count images left out as unreadable (:func:`~mimm_med.evaluation.report.evaluate_checkpoint`).
     Undefined values stay NaN.
 
     Examples
@@ -193,6 +194,8 @@ def flatten_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     for key in ("leakage", *RESIDUAL_MI_KEYS):
         for factor, value in results.get(key, {}).items():
             metrics[f"{key}/{factor}"] = value
+    for set_name, count in results.get("skipped_images", {}).items():
+        metrics[f"{set_name}/skipped_images"] = count
     return {name: float(value) for name, value in metrics.items()}
 
 
@@ -225,6 +228,10 @@ def results_table(results: Mapping[str, Any]) -> str:
         header = ["factor", "linear-probe leakage (bal. acc.)", "residual MI with f_z (nats)",
                   "residual MI with f_z given y (nats)", "residual MI with z (nats)"]  # fmt: skip
         tables.append(_markdown(header, probe_rows))
+    skipped = {name: count for name, count in results.get("skipped_images", {}).items() if count}
+    if skipped:
+        counts = ", ".join(f"{count} of the {name} set" for name, count in skipped.items())
+        tables.append(f"Left out as unreadable (the warnings name them): {counts}; the figures are over the other images.")
     return "\n\n".join(tables)
 
 

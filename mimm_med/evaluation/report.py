@@ -8,8 +8,9 @@ from typing import Any
 
 import mlflow
 import torch
-from monai.data import DataLoader, Dataset
+from monai.data import DataLoader
 
+from mimm_med.data.skipping import SkippingDataset, collate_readable
 from mimm_med.data.writers import atomic_output, write_json
 from mimm_med.engines.resume import trained_checkpoint
 from mimm_med.evaluation.outputs import collect_outputs
@@ -132,6 +133,9 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Load ``checkpoint`` (a CheckpointSaver file with a ``network`` entry) and evaluate on the test splits.
 
+    A test image that cannot be loaded or transformed is left out with a warning naming it, and
+    counted per set in ``results["skipped_images"]`` (also in the report and MLflow).
+
     This is what every bundle's ``evaluate.json`` runs. With ``tracking_uri`` and ``experiment_name``
     the metrics and report files are logged as an MLflow run ``run_name``, with ``params`` (the
     training run's settings, so that evaluations can be filtered and compared by them) beside the
@@ -156,11 +160,14 @@ def evaluate_checkpoint(
             "settings it was trained with (the same backbone, part sizes, spatial size and factors), or train again"
         ) from error
     network.to(device)
+    datalists = {name: datalist_fn(Path(dataset_dir) / filename) for name, filename in TEST_SET_FILES.items()}
+    # One unreadable test image costs its own row, not the evaluation; the report counts what it left out.
     loaders = {
-        name: DataLoader(Dataset(datalist_fn(Path(dataset_dir) / filename), transform=transform), batch_size=batch_size)
-        for name, filename in TEST_SET_FILES.items()
+        name: DataLoader(SkippingDataset(datalist, transform=transform, name_key="image"), batch_size=batch_size, collate_fn=collate_readable)
+        for name, datalist in datalists.items()
     }
     results, outputs = evaluate_network(network, loaders, primary, spurious, device, amp=amp, residual_mi=residual_mi, seed=seed)
+    results["skipped_images"] = {name: len(datalist) - len(outputs[name][f"{primary}_label"]) for name, datalist in datalists.items()}
     paths = write_report(results, outputs, primary, spurious, output_dir)
     metrics = flatten_metrics(results)
     logged = ""
