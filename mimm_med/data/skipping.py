@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any
 
 from monai.data import Dataset, list_data_collate
@@ -17,8 +17,8 @@ class SkippingDataset(Dataset):
     """A MONAI ``Dataset`` whose items that fail to load or transform come back as ``None``.
 
     Each failure is logged as a warning naming the image and the reason (from the worker process
-    that met it, so the message survives ``num_workers > 0``). Batch with :func:`collate_readable`,
-    which leaves the ``None`` items out
+    that met it, so the message survives ``num_workers > 0``). Batch with :func:`collate_readable`
+    and iterate through :class:`ReadableBatches`, which leave the ``None`` items out
     (:class:`mimm_med.data.writers.PredictionTable` counts them).
 
     Parameters
@@ -46,20 +46,46 @@ class SkippingDataset(Dataset):
             return None
 
 
-def collate_readable(batch: Sequence[Any]) -> Any:
+def collate_readable(batch: Sequence[Any]) -> Any | None:
     """MONAI's ``list_data_collate`` of the items of ``batch`` that are not ``None``.
+
+    Returns ``None`` when every item is ``None``: :class:`ReadableBatches` leaves such a batch out.
+    """
+    readable = [item for item in batch if item is not None]
+    return list_data_collate(readable) if readable else None
+
+
+class ReadableBatches:
+    """The batches of a loader batched by :func:`collate_readable` that hold at least one image.
+
+    A batch made only of unreadable images (e.g. a last batch of one bad image) is left out rather
+    than stopping the run. Having no length, it lets MONAI's engines count the batches as they come.
+
+    Parameters
+    ----------
+    loader
+        ``DataLoader`` over a :class:`SkippingDataset` with ``collate_fn=collate_readable``.
 
     Raises
     ------
     ValueError
-        If every item of the batch is ``None``: an empty batch cannot be predicted, and so many
-        unreadable images in a row point at the storage rather than at single files.
+        When iterated, if not one image could be read: so many unreadable images point at the
+        storage rather than at single files.
     """
-    readable = [item for item in batch if item is not None]
-    if not readable:
-        raise ValueError(
-            f"none of the {len(batch)} images of a batch could be read (each is named in a warning above): check "
-            "that the manifest's images are where it says and complete, e.g. rerun `mimm-med preprocess`"
-        )
-    return list_data_collate(readable)
 
+    def __init__(self, loader: Iterable[Any]) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Any]:
+        read_any = False
+        for batch in self.loader:
+            if batch is not None:
+                read_any = True
+                yield batch
+        if not read_any:
+            dataset = getattr(self.loader, "dataset", None)
+            counted = f"{len(dataset)} " if isinstance(dataset, Sized) else ""
+            raise ValueError(
+                f"none of the {counted}images could be read (each is named in a warning above): check that the "
+                "manifest's images are where it says and complete, e.g. rerun `mimm-med preprocess`"
+            )

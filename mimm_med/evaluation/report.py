@@ -10,7 +10,7 @@ import mlflow
 import torch
 from monai.data import DataLoader
 
-from mimm_med.data.skipping import SkippingDataset, collate_readable
+from mimm_med.data.skipping import ReadableBatches, SkippingDataset, collate_readable
 from mimm_med.data.writers import atomic_output, write_json
 from mimm_med.engines.resume import trained_checkpoint
 from mimm_med.evaluation.outputs import collect_outputs
@@ -163,7 +163,9 @@ def evaluate_checkpoint(
     datalists = {name: datalist_fn(Path(dataset_dir) / filename) for name, filename in TEST_SET_FILES.items()}
     # One unreadable test image costs its own row, not the evaluation; the report counts what it left out.
     loaders = {
-        name: DataLoader(SkippingDataset(datalist, transform=transform, name_key="image"), batch_size=batch_size, collate_fn=collate_readable)
+        name: ReadableBatches(
+            DataLoader(SkippingDataset(datalist, transform=transform, name_key="image"), batch_size=batch_size, collate_fn=collate_readable)
+        )
         for name, datalist in datalists.items()
     }
     results, outputs = evaluate_network(network, loaders, primary, spurious, device, amp=amp, residual_mi=residual_mi, seed=seed)
