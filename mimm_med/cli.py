@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mimm_med.checks import check_device, check_shortcut_correlation
 from mimm_med.data.notices import quiet_gpu_decoder_notices
+from mimm_med.interruption import terminate_as_interrupt
 
 # Each module defines ``add_parser(subparsers)`` which registers its sub-command and sets ``func``.
 COMMAND_MODULES: tuple[str, ...] = ("cohort", "preprocess", "registry", "demo", "benchmark")
@@ -79,29 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Exit status of a command stopped by Ctrl-C or SIGTERM (128 + SIGINT, as a shell reports it).
 EXIT_INTERRUPTED = 130
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Raise ``KeyboardInterrupt`` on SIGTERM while the block runs, as on Ctrl-C.
-
-    Schedulers stop jobs with SIGTERM (SLURM at its time limit, Kubernetes on eviction); handled
-    like Ctrl-C, the commands' cleanup runs: finished work is recorded, MLflow runs are ended as
-    KILLED instead of staying RUNNING, and nothing is left half-written. Only the main thread can
-    set a signal handler, so elsewhere the block runs unchanged.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,24 +28,29 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def kill_in_second_epoch(command: list[str], env: dict[str, str], bundle_root: Path, log: Path) -> None:
-    """Start ``command`` and SIGKILL it once the first epoch's checkpoint exists and the second epoch has begun.
+def stop_in_second_epoch(
+    command: list[str], env: dict[str, str], bundle_root: Path, log: Path, signum: int = signal.SIGKILL, epochs: int = EPOCHS
+) -> int:
+    """Start ``command``, send it ``signum`` once the first epoch's checkpoint exists and the second epoch has begun.
 
-    The second epoch has begun when its first iteration is logged; the kill follows within one poll
-    (0.1 s), well before the epoch's last iteration.
+    The second epoch has begun when its first iteration is logged; the signal follows within one poll
+    (0.1 s), well before the epoch's last iteration. Returns the process's exit status.
     """
     with log.open("w") as output:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
         try:
-            while not (checkpoint_files(bundle_root) and f"Epoch: 2/{EPOCHS}, Iter: 1/" in log.read_text(encoding="utf-8", errors="replace")):
-                assert process.poll() is None, f"training ended before it could be killed:\n{log.read_text(encoding='utf-8', errors='replace')[-4000:]}"
+            while not (checkpoint_files(bundle_root) and f"Epoch: 2/{epochs}, Iter: 1/" in log.read_text(encoding="utf-8", errors="replace")):
+                assert process.poll() is None, f"training ended before it could be stopped:\n{log.read_text(encoding='utf-8', errors='replace')[-4000:]}"
                 assert time.monotonic() < deadline, "no checkpoint and second epoch within 600 s"
                 time.sleep(0.1)
         finally:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-    assert process.returncode == -signal.SIGKILL
+            process.send_signal(signum)
+            try:
+                process.wait(timeout=120)
+            finally:
+                process.kill()  # no-op for a process that ended
+    return process.returncode
 
 
 def test_killed_training_resumes_from_its_checkpoint_into_the_same_mlflow_run(brain_splits, tmp_path):
@@ -58,7 +63,7 @@ def test_killed_training_resumes_from_its_checkpoint_into_the_same_mlflow_run(br
         training_command(["train.json"], brain_splits, tmp_path / "reference", EPOCHS), cwd=REPO,
         env=run_env(f"sqlite:///{tmp_path / 'reference.db'}"), stdout=reference_log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    kill_in_second_epoch(command, run_env(uri), root, tmp_path / "killed.log")
+    assert stop_in_second_epoch(command, run_env(uri), root, tmp_path / "killed.log") == -signal.SIGKILL
 
     (saved,) = checkpoint_files(root)
     assert saved.name == "checkpoint_checkpoint_epoch=1.pt"
@@ -104,6 +109,24 @@ def test_killed_training_resumes_from_its_checkpoint_into_the_same_mlflow_run(br
     uninterrupted = load(latest_checkpoint(checkpoint_dir(tmp_path / "reference"), "checkpoint_*.pt"))
     different = [name for name in final["network"] if not torch.equal(final["network"][name], uninterrupted["network"][name])]
     assert not different, f"the resumed run ends with other weights than the uninterrupted one: {different}"
+
+
+def test_a_scheduler_sigterm_ends_the_mlflow_run_as_killed_and_resuming_finishes_it(brain_splits, tmp_path):
+    """SLURM's time limit sends SIGTERM: the run must not stay RUNNING, and the next job resumes it."""
+    uri, root, epochs = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "bundle", 2
+    command = training_command(["train.json"], brain_splits, root, epochs)
+    log = tmp_path / "stopped.log"
+    status = stop_in_second_epoch(command, run_env(uri), root, log, signal.SIGTERM, epochs)
+    assert status != 0 and status != -signal.SIGTERM, log.read_text(encoding="utf-8", errors="replace")[-4000:]
+    assert "KeyboardInterrupt" in log.read_text(encoding="utf-8", errors="replace")
+    (stopped,) = bundle_runs(uri)
+    assert stopped.info.status == "KILLED"
+
+    resumed = subprocess.run(command, cwd=REPO, env=run_env(uri), capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-6000:]
+    (run,) = bundle_runs(uri)
+    assert (run.info.run_id, run.info.status) == (stopped.info.run_id, "FINISHED")
+    assert metric_steps(uri, run.info.run_id, "train/loss") == [1, 2]
 
 
 def test_fixed_seed_training_repeats_exactly_on_cpu(brain_splits, tmp_path):

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 from ignite.engine import Engine
 from mlflow.entities import RunStatus
 
+from mimm_med.interruption import terminate_as_interrupt
+
 from .run_names import runs_named, set_aside
 from .uri import require_reachable
 
@@ -24,7 +26,11 @@ def ended_status(error: BaseException | None) -> str:
 
 
 def run_tracked(trainer: Engine, handler: MLFlowHandler | None, fresh: bool) -> None:
-    """Run ``trainer``, whose ``handler`` logs to MLflow; mark the MLflow run FAILED (KILLED on Ctrl-C) if it raises.
+    """Run ``trainer``, whose ``handler`` logs to MLflow; mark the MLflow run FAILED (KILLED on Ctrl-C or SIGTERM) if it raises.
+
+    SIGTERM (a scheduler's time limit, torchrun stopping the other ranks) is taken as Ctrl-C
+    (:func:`~mimm_med.interruption.terminate_as_interrupt`): it would otherwise end the process
+    with the run left RUNNING.
 
     A tracking server that does not answer stops the run before training
     (:func:`~mimm_med.tracking.uri.require_reachable`), not minutes of retries later.
@@ -50,7 +56,8 @@ def run_tracked(trainer: Engine, handler: MLFlowHandler | None, fresh: bool) -> 
     if handler is not None and fresh:
         _retire_unfinished_runs(handler)
     try:
-        trainer.run()
+        with terminate_as_interrupt():
+            trainer.run()
     except BaseException as error:
         if handler is not None and handler.cur_run is not None:
             handler.client.set_terminated(handler.cur_run.info.run_id, ended_status(error))
