@@ -23,6 +23,39 @@ def is_whole_number(value: Any, minimum: int | None = None) -> bool:
     return float(value).is_integer() and (minimum is None or bool(value >= minimum))
 
 
+def check_positive(value: Any, name: str, whole: bool = False, axes: int | None = None) -> Any:
+    """Return ``value``, one number or one per axis, if each is positive (and whole, if ``whole``); else raise.
+
+    MONAI reads an edge or a spacing of 0 or below as "keep the image's own", which leaves every
+    output at its own shape or resolution instead of the one grid that a network takes, and it
+    refuses a list of another length than ``axes`` only image by image.
+
+    Raises
+    ------
+    ValueError
+        Naming the setting, the value and what it must be.
+
+    Examples
+    --------
+    >>> check_positive([96, 96, 96], "spatial_size", whole=True, axes=3)
+    [96, 96, 96]
+    """
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if whole:
+        fine = [is_whole_number(item, minimum=1) for item in items]
+    else:
+        fine = [not isinstance(item, bool) and isinstance(item, numbers.Real) and math.isfinite(item) and item > 0 for item in items]
+    kind = "whole numbers of at least 1" if whole else "positive numbers"
+    if not items or not all(fine):
+        raise ValueError(
+            f"{name} must be {kind}, got {value!r}: MONAI would read 0 or below as each image's own "
+            f"{'size' if whole else 'spacing'}, so that the outputs would not share one grid"
+        )
+    if axes is not None and isinstance(value, (list, tuple)) and len(items) != axes:
+        raise ValueError(f"{name} must be one number or {axes}, one per spatial axis, got {len(items)}: {value!r}")
+    return value
+
+
 def as_flag(value: Any, name: str) -> bool:
     """``value`` of the on/off setting ``name`` as a bool, whether a config or the command line gave it.
 

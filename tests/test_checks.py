@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimm_med.checks import as_flag, is_whole_number
+from mimm_med.checks import as_flag, check_positive, is_whole_number
 from mimm_med.data.digits_morpho import make_digits_morpho
 from mimm_med.engines.batch_norm import RecomputeBatchNorm
 from mimm_med.engines.resume import ResumeFromLatest
@@ -81,3 +81,29 @@ def test_every_command_that_sets_up_a_shortcut_refuses_a_correlation_without_one
         main([*command, "--correlation", r])
     assert stopped.value.code == 2
     assert "--correlation: a shortcut correlation lies strictly between 0.5 and 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "value, whole, axes, fine",
+    [
+        ([96, 96, 96], True, 3, True),
+        (256, True, None, True),
+        ([2.0, 1.5, 2.0], False, 3, True),
+        (16.0, True, None, True),
+        ([96, 0, 96], True, 3, False),
+        ([96, 96.5, 96], True, 3, False),
+        ([2.0, -1.0, 2.0], False, 3, False),
+        ([2.0, math.nan, 2.0], False, 3, False),
+        ([2.0, math.inf, 2.0], False, 3, False),
+        ([True, 2, 2], False, 3, False),
+        ([], True, None, False),
+        ([96, 96], True, 3, False),
+        ([96, 96], True, None, True),
+    ],
+)
+def test_check_positive_refuses_what_monai_would_read_as_keep_the_images_own(value, whole, axes, fine):
+    if fine:
+        assert check_positive(value, "spatial_size", whole=whole, axes=axes) is value
+    else:
+        with pytest.raises(ValueError, match=r"^spatial_size must be .*got"):
+            check_positive(value, "spatial_size", whole=whole, axes=axes)

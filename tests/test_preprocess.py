@@ -427,6 +427,24 @@ def test_an_override_of_another_form_than_its_default_is_refused(config, key, va
         load_pipeline_config(config, {key: value})
 
 
+@pytest.mark.parametrize(
+    "config, key, value, message",
+    [
+        (BRAIN_CONFIG, "spatial_size", [0, 32, 32], r"spatial_size must be whole numbers of at least 1, got \[0, 32, 32\]: MONAI would read 0"),
+        (BRAIN_CONFIG, "spatial_size", [32.5, 32, 32], r"spatial_size must be whole numbers of at least 1, got \[32.5, 32, 32\]"),
+        (BRAIN_CONFIG, "spatial_size", [32, 32], r"spatial_size must be one number or 3, one per spatial axis, got 2"),
+        (BRAIN_CONFIG, "spacing", [0, 2, 2], r"spacing must be positive numbers, got \[0, 2, 2\]: .*own spacing"),
+        (BRAIN_CONFIG, "spacing", [2, 2, -1.5], r"spacing must be positive numbers"),
+        (XRAY_CONFIG, "spatial_size", 0, r"spatial_size must be whole numbers of at least 1, got 0"),
+    ],
+    ids=["zero-edge", "fractional-edge", "two-edges-for-3d", "zero-spacing", "negative-spacing", "zero-longest-side"],
+)
+def test_a_grid_that_would_leave_each_output_its_own_shape_is_refused_before_any_image(config, key, value, message):
+    """MONAI reads 0 as "keep the image's own": the outputs would not stack into one batch."""
+    with pytest.raises(PreprocessError, match=rf"pipeline cannot be built \(ValueError: {message}.*or the --set that changed it"):
+        PreprocessPipeline(load_pipeline_config(config, {key: value}))
+
+
 def test_overrides_of_the_defaults_form_expressions_and_null_defaults_are_taken(tmp_path):
     assert load_pipeline_config(XRAY_CONFIG, {"spatial_size": 32.0})["spatial_size"] == 32.0  # int, float: numbers
     assert load_pipeline_config(BRAIN_CONFIG, {"spacing": [4, 4, 4]})["spacing"] == [4, 4, 4]

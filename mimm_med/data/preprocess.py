@@ -176,7 +176,7 @@ class PreprocessPipeline:
         except Exception as error:
             raise PreprocessError(
                 f"the preprocessing pipeline cannot be built ({describe_error(error)}); "
-                "install what it names, or fix the pipeline's config"
+                "install what it names, or fix the pipeline's config or the --set that changed it"
             ) from error
 
     def __call__(self, source: str | Path, stem: str | Path) -> Path:
