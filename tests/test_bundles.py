@@ -404,3 +404,15 @@ def test_training_on_splits_that_share_a_subject_stops_before_any_work(digits_sm
     messages = [str(error) for error in _error_chain(raised.value)]
     assert any(f"{leaky}: splits 'train' and 'val' share 3 subjects" in message for message in messages), messages
     assert not (tmp_path / "root").exists()  # refused before a checkpoint folder or an MLflow run was made
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_a_spatial_size_that_monai_would_read_as_keep_the_images_own_is_refused_before_any_work(bundle: Bundle, at_repo_root: str, tmp_path: Path):
+    parser = ConfigParser()
+    parser.read_config([str(REPO / file) for file in bundle.config_files()])
+    zeroed = [0, *parser["spatial_size"][1:]]
+    with pytest.raises(Exception) as raised:
+        run("training", config_file=bundle.config_files(), spatial_size=zeroed, bundle_root=str(tmp_path / "root"))
+    messages = [str(error) for error in _error_chain(raised.value)]
+    assert any(f"spatial_size must be whole numbers of at least 1, got {zeroed}" in message for message in messages), messages
+    assert not (tmp_path / "root").exists()
