@@ -39,20 +39,45 @@ def test_clean_series_reads_with_its_geometry(tmp_path):
     assert image.affine[2, 2] == pytest.approx(2.0)  # slice spacing from the positions, 2 mm apart
 
 
-def test_truncated_slice_fails_naming_folder_and_file(tmp_path):
+def test_truncated_slice_fails_naming_folder_and_the_files_rank(tmp_path):
     folder = series(tmp_path / "T1")
     truncate(folder / "002.dcm")
     message = rf"DICOM series {re.escape(str(folder))}: 1 of {SLICES} files could not be read as slices of the series"
-    with pytest.raises(ValueError, match=message + r" \(002.dcm\); re-export the series"):
+    with pytest.raises(ValueError, match=message + r" \(file 3 of the 6 sorted by name\); re-export the series"):
         load(folder)
 
 
 def test_slice_missing_from_the_middle_fails_as_non_uniform_spacing(tmp_path):
     folder = series(tmp_path / "T1")
     (folder / "003.dcm").unlink()
-    message = rf"DICOM series {re.escape(str(folder))}: slice spacing is not uniform \(4 mm between 002.dcm and 004.dcm"
+    message = rf"DICOM series {re.escape(str(folder))}: slice spacing is not uniform \(4 mm between slices 3 and 4 of 5 in position order, at 4 and 8 mm"
     with pytest.raises(ValueError, match=message):
         load(folder)
+
+
+@pytest.mark.parametrize("naming", ["uid", "patient"])
+def test_slice_file_names_which_may_identify_the_patient_stay_out_of_the_message(tmp_path, naming):
+    """storescp names slices by SOP Instance UID, Siemens exports by the patient's name."""
+    folder = series(tmp_path / "T1")
+    for index, path in enumerate(sorted(folder.iterdir())):
+        name = f"1.2.826.0.1.3680043.8.498.{index + 1000}.dcm" if naming == "uid" else f"DOE_JANE.MR.HEAD.{index:04d}.IMA"
+        path.rename(folder / name)
+    names = sorted(path.name for path in folder.iterdir())
+    (folder / names[3]).unlink()
+    with pytest.raises(ValueError, match="slice spacing is not uniform") as spacing:
+        check_dicom_series(folder)
+    truncate(folder / names[1])
+    with pytest.raises(ValueError, match=r"1 of 5 files could not .* \(file 2 of the 5 sorted by name\)") as unread:
+        check_dicom_series(folder)
+    header = pydicom.dcmread(folder / names[4])
+    del header.ImagePositionPatient
+    (folder / names[1]).unlink()
+    header.save_as(folder / names[4])
+    with pytest.raises(ValueError, match=r"a slice \(file 3 of the 4 sorted by name\) has no ImagePositionPatient") as unplaced:
+        check_dicom_series(folder)
+    for error in (spacing, unread, unplaced):
+        message = str(error.value)
+        assert not any(part in message for part in ("DOE", "JANE", "3680043", ".IMA", ".dcm")), message
 
 
 def test_position_rounding_and_other_files_are_tolerated(tmp_path):
@@ -99,5 +124,5 @@ def test_runner_records_the_bad_series_as_a_failed_subject(tmp_path):
     assert manifest[pseudonymiser.subject("ukb", "1000002")] == "failed"
     (reason,) = pd.read_csv(summary.errors)["reason"]
     assert reason.startswith("ValueError: DICOM series ")
-    assert "1 of 6 files could not be read as slices of the series (004.dcm)" in reason
+    assert "1 of 6 files could not be read as slices of the series (file 5 of the 6 sorted by name)" in reason
     assert "1000002" not in reason  # the folder is shown with the subject's pseudonym

@@ -132,8 +132,16 @@ def _gdcm_series(folder: PathLike) -> dict[str, list[Path]]:
     return {uid: [Path(f) for f in names.GetFileNames(uid)] for uid in names.GetSeriesUIDs()}
 
 
-def _listed(names: Sequence[str]) -> str:
-    return ", ".join(names[:_NAMES_SHOWN]) + (", ..." if len(names) > _NAMES_SHOWN else "")
+def _ranks(chosen: Sequence[Path], among: Sequence[Path]) -> str:
+    """Where ``chosen`` files stand among ``among`` sorted by name, e.g. ``"files 3, 7 of 20 sorted by name"``.
+
+    DICOM slice files are often named by their SOP Instance UID, or by the patient's name (Siemens
+    exports), so errors.csv names them by rank rather than by name.
+    """
+    names = sorted(f.name for f in among)
+    ranks = sorted(names.index(f.name) + 1 for f in chosen)
+    shown = ", ".join(str(rank) for rank in ranks[:_NAMES_SHOWN]) + (", ..." if len(ranks) > _NAMES_SHOWN else "")
+    return f"file{'s' if len(ranks) > 1 else ''} {shown} of the {len(names)} sorted by name"
 
 
 def check_dicom_series(folder: PathLike, series_name: str = "") -> None:
@@ -160,16 +168,13 @@ def check_dicom_series(folder: PathLike, series_name: str = "") -> None:
     """
     series = _gdcm_series(folder)
     in_series = {f.name for files in series.values() for f in files}
-    unread = sorted(
-        f.name
-        for f in Path(folder).iterdir()
-        # DICOMDIR indexes the media's files and is no slice.
-        if f.is_file() and f.name not in in_series and f.name != "DICOMDIR" and is_dicom(f)
-    )
+    present = [f for f in Path(folder).iterdir() if f.is_file()]
+    # DICOMDIR indexes the media's files and is no slice.
+    unread = [f for f in present if f.name not in in_series and f.name != "DICOMDIR" and is_dicom(f)]
     if unread:
         raise ValueError(
             f"DICOM series {folder}: {len(unread)} of {len(unread) + len(in_series)} files could not be read as "
-            f"slices of the series ({_listed(unread)}); re-export the series"
+            f"slices of the series ({_ranks(unread, present)}); re-export the series"
         )
     if not series:
         return  # no DICOM file at all: ITKReader raises its own error
@@ -197,8 +202,8 @@ def _check_slice_spacing(folder: PathLike, files: Sequence[Path]) -> None:
         )
         if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
             raise ValueError(
-                f"DICOM series {folder}: slice {f.name} has no ImagePositionPatient or ImageOrientationPatient, "
-                "so the slices cannot be placed; re-export the series"
+                f"DICOM series {folder}: a slice ({_ranks([f], files)}) has no ImagePositionPatient or "
+                "ImageOrientationPatient, so the slices cannot be placed; re-export the series"
             )
         orientation = np.asarray(header.ImageOrientationPatient, dtype=float)
         normal = np.cross(orientation[:3], orientation[3:])
@@ -210,8 +215,9 @@ def _check_slice_spacing(folder: PathLike, files: Sequence[Path]) -> None:
     if not spacing > 0 or deviation.max() > SLICE_SPACING_RTOL * spacing:
         worst = int(deviation.argmax())
         raise ValueError(
-            f"DICOM series {folder}: slice spacing is not uniform ({gaps[worst]:.4g} mm between "
-            f"{files[order[worst]].name} and {files[order[worst + 1]].name}, {spacing:.4g} mm elsewhere): a slice "
+            f"DICOM series {folder}: slice spacing is not uniform ({gaps[worst]:.4g} mm between slices {worst + 1} "
+            f"and {worst + 2} of {len(files)} in position order, at {positions[order[worst]]:.4g} and "
+            f"{positions[order[worst + 1]]:.4g} mm along the slice normal; {spacing:.4g} mm elsewhere): a slice "
             "is missing or slices repeat; re-export the series"
         )
 
