@@ -248,6 +248,11 @@ def test_chexpert_row_with_unmappable_sex_and_a_missing_file(raw, tmp_path):
             r"metadata\.subject\.regex: .* needs a \(group\)",
         ),
         (lambda s: s["labels"].update(image={"type": "constant", "value": 1}), r"labels\.image: 'image' is a column"),
+        # mimm-med's own columns: a label named so was overwritten (status), broke the manifest (subject_id) or the scan (row)
+        *[
+            (lambda s, name=name: s["labels"].update({name: s["labels"].pop("sex")}), rf"labels\.{name}: '{name}' is a column that mimm-med gives")
+            for name in ("status", "subject_id", "row", "reason", "source_id")
+        ],
     ],
 )
 def test_card_errors_name_the_card_file_and_the_key(tmp_path, edit, message):

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from mimm_med.data.manifest import STATUS, SUBJECT
 from mimm_med.data.pseudonym import canonical_text
 
 #: The cohort cards of the source checkout mimm-med is installed from (``cohorts/``), wherever it runs.
@@ -642,10 +643,12 @@ class CohortCard:
             )
             for label, label_spec in label_specs.items()
         }
-        for reserved in (SOURCE_ID, IMAGE):
+        # The cohort is a label (a spurious factor) as well as a column; these are columns alone.
+        for reserved in (SOURCE_ID, IMAGE, ROW, REASON, SUBJECT, STATUS):
             if reserved in labels:
                 raise (where / "labels" / reserved).error(
-                    f"{reserved!r} is a column of every record; name the label otherwise"
+                    f"{reserved!r} is a column that mimm-med gives every record, manifest or error table; "
+                    "name the label otherwise"
                 )
         return cls(
             path, name, str(spec.get("description", "")), modality, pipeline, images, metadata, labels, generator
