@@ -152,6 +152,18 @@ def test_dicom_without_preamble_reads_and_other_files_are_no_dicom(xray, tmp_pat
     assert failure(xray, tmp_path / "page.dcm", tmp_path).startswith("ValueError: not a DICOM file")
 
 
+def test_dicom_with_file_meta_but_no_transfer_syntax_reads_as_it_was_encoded(xray, tmp_path):
+    """Some exporters write the preamble and file meta but leave (0002,0010) out of it."""
+    pixels = radiograph()
+    reference = processed(xray, write_dicom_xray(tmp_path / "with.dcm", pixels), tmp_path)
+    path = write_dicom_xray(tmp_path / "no_syntax.dcm", pixels)
+    ds = pydicom.dcmread(path)
+    del ds.file_meta.TransferSyntaxUID
+    ds.save_as(path, implicit_vr=False, little_endian=True, enforce_file_format=False)
+    assert path.read_bytes()[128:132] == b"DICM" and "TransferSyntaxUID" not in pydicom.dcmread(path).file_meta
+    np.testing.assert_array_equal(processed(xray, path, tmp_path), reference)
+
+
 def test_malformed_pixel_spacing_is_named(xray, tmp_path):
     path = edit_dicom(write_dicom_xray(tmp_path / "view.dcm", radiograph()), PixelSpacing="0.2")
     assert "PixelSpacing has 1 values, expected 2" in failure(xray, path, tmp_path)

@@ -251,18 +251,18 @@ class DicomXrayReader(ImageReader):
         return all(str(name).lower().endswith(DICOM_SUFFIXES) for name in ensure_tuple(filename))
 
     def read(self, data: Sequence[PathLike] | PathLike, **kwargs) -> pydicom.Dataset:
-        """Read a DICOM file, also one without the 128-byte preamble and file meta (older archives)."""
+        """Read a DICOM file, also one without the 128-byte preamble and file meta (older archives) or its transfer syntax."""
         path = _single_file(data)
         try:
-            return pydicom.dcmread(path, **kwargs)
+            img = pydicom.dcmread(path, **kwargs)
         except InvalidDicomError:
             img = pydicom.dcmread(path, **{**kwargs, "force": True})
-        if "Rows" not in img or "Columns" not in img:
-            raise ValueError(
-                "not a DICOM file: no DICOM preamble ('DICM') and no image attributes; export it again as DICOM"
-            )
-        # Without file meta there is no transfer syntax, which pydicom needs to decode the pixels: it
-        # is the encoding the data set was just parsed with.
+            if "Rows" not in img or "Columns" not in img:
+                raise ValueError(
+                    "not a DICOM file: no DICOM preamble ('DICM') and no image attributes; export it again as DICOM"
+                ) from None
+        # Without file meta (older archives), or with file meta that lacks it, there is no transfer syntax,
+        # which pydicom needs to decode the pixels: it is the encoding the data set was just parsed with.
         img.ensure_file_meta()
         if "TransferSyntaxUID" not in img.file_meta:
             implicit, little = img.original_encoding
