@@ -142,6 +142,25 @@ def test_blank_image_is_an_error_not_a_black_output(tmp_path):
     assert not list(tmp_path.glob("out*"))
 
 
+@pytest.mark.parametrize("shape", [(24, 24, 1), (2, 2, 2), (3, 24, 24)], ids=["one-slice", "tiny-block", "three-slices"])
+def test_a_single_slice_or_fragment_is_an_error_not_an_output_of_padding(tmp_path, shape):
+    pipeline = PreprocessPipeline(load_pipeline_config(BRAIN_CONFIG, SMALL_BRAIN))
+    volume = np.random.default_rng(0).uniform(1, 2, shape).astype(np.float32)
+    fragment = write_nifti(tmp_path / "fragment.nii.gz", volume)
+    with pytest.raises(RuntimeError) as error:
+        pipeline(fragment, tmp_path / "out")
+    assert f"of at least 4 voxels along each axis, got spatial shape {shape}" in describe_error(error.value)
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_a_radiograph_of_one_row_is_an_error():
+    from mimm_med.data.transforms import ValidateImaged
+
+    line = np.random.default_rng(0).uniform(size=(1, 1, 64))
+    with pytest.raises(ValueError, match=r"of at least 2 voxels along each axis, got spatial shape \(1, 64\)"):
+        ValidateImaged("image", spatial_dims=2)({"image": line})
+
+
 def test_clahe_and_8_bit_png_and_nifti_outputs_are_config_settings(tmp_path):
     path = write_png(tmp_path / "in.png", radiograph())
     plain = PreprocessPipeline(load_pipeline_config(XRAY_CONFIG, {**SMALL_XRAY, "png_bit_depth": 8}))

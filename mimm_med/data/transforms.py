@@ -36,6 +36,9 @@ class ValidateImaged(MapTransform):
         Required number of channels.
     spatial_size
         Required spatial shape, where nothing resizes the image after the check (``None``: any).
+    min_extent
+        Fewest voxels along every spatial axis: a single slice or a tiny block, as a mis-converted
+        series gives, would be resampled and padded into an output that is nearly all padding.
     name_file
         Start each message with the image's file (``filename_or_obj`` of a loaded ``MetaTensor``): for
         training and evaluation, whose errors name no file otherwise. Preprocessing records the file
@@ -44,8 +47,8 @@ class ValidateImaged(MapTransform):
     Raises
     ------
     ValueError
-        On a wrong number of dimensions, channels or spatial size, an empty or blank image, or NaN /
-        infinite values.
+        On a wrong number of dimensions, channels or spatial size, fewer than ``min_extent`` voxels
+        along an axis, an empty or blank image, or NaN / infinite values.
     """
 
     def __init__(
@@ -55,11 +58,13 @@ class ValidateImaged(MapTransform):
         channels: int = 1,
         spatial_size: Sequence[int] | None = None,
         name_file: bool = False,
+        min_extent: int = 2,
     ) -> None:
         super().__init__(keys)
         self.spatial_dims = spatial_dims
         self.channels = channels
         self.spatial_size = None if spatial_size is None else tuple(int(edge) for edge in spatial_size)
+        self.min_extent = min_extent
         self.name_file = name_file
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
@@ -84,6 +89,12 @@ class ValidateImaged(MapTransform):
             raise ValueError(f"expected {expected}, got channel-first shape {image.shape}{several}")
         if image.size == 0:
             raise ValueError(f"expected {expected}, got an empty array of shape {image.shape}")
+        if min(image.shape[1:]) < self.min_extent:
+            raise ValueError(
+                f"expected {expected} of at least {self.min_extent} voxels along each axis, got spatial shape "
+                f"{image.shape[1:]}: a single slice or a fragment, as a conversion that lost part of the scan "
+                "leaves; convert it again from the original"
+            )
         if self.spatial_size is not None and image.shape[1:] != self.spatial_size:
             raise ValueError(
                 f"expected the spatial size {self.spatial_size} the network takes, got {image.shape[1:]}: give images "
