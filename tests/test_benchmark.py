@@ -28,10 +28,13 @@ from mimm_med.benchmark import (
     long_format,
     make_datasets,
     mean_sd,
+    oracle_gap,
     plan_cells,
+    plot_vs_correlation,
     results_markdown,
     run_matrix,
     summarize,
+    write_results,
 )
 from mimm_med.benchmark import matrix as matrix_module
 from mimm_med.benchmark.datasets import BrainStandinData, ChestXrayStandinData
@@ -239,6 +242,50 @@ def test_summaries_by_hand():
     assert "oracle" not in drop.index  # one correlation only
 
 
+def test_gap_to_the_oracle_pairs_seeds_at_each_correlation():
+    rows = [("d", "erm", 0.9, seed, "inverted", "y_bacc", value) for seed, value in enumerate([0.6, 0.7, 0.65])]
+    rows += [("d", "oracle", 0.9, seed, "inverted", "y_bacc", value) for seed, value in enumerate([0.9, 0.8])]  # no seed 2
+    rows += [("d", "erm", 0.98, 0, "inverted", "y_bacc", 0.5), ("d", "oracle", 0.98, 0, "inverted", "y_bacc", math.nan)]
+    rows += [("e", "erm", 0.9, 0, "inverted", "y_bacc", 0.7)]  # a data set without an oracle
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    gap = oracle_gap(frame).set_index(["dataset", "method", "correlation"])
+    assert gap.index.tolist() == [("d", "erm", 0.9)]
+    assert gap.loc[("d", "erm", 0.9), "mean"] == pytest.approx(-0.2)  # per seed: 0.6 - 0.9, 0.7 - 0.8
+    assert gap.loc[("d", "erm", 0.9), "sd"] == pytest.approx(np.std([-0.3, -0.1], ddof=1))
+    assert gap.loc[("d", "erm", 0.9), "n"] == 2
+    page = results_markdown(frame)
+    section = page.split("### gap to the oracle, inverted balanced accuracy (points)")[1].split("##")[0]
+    assert "| erm | -20.0 ± 14.1 |" in section
+    assert page.count("### gap to the oracle") == 1  # not for e
+
+
+def test_the_drop_table_names_each_data_sets_own_range_and_survives_an_all_nan_end():
+    rows = [("digits", "erm", r, 0, "inverted", "y_bacc", v) for r, v in ((0.7, 0.6), (0.9, 0.4))]
+    rows += [("brain", "erm", r, 0, "inverted", "y_bacc", v) for r, v in ((0.8, 0.7), (0.98, 0.5))]
+    rows += [("brain", "mimmx", r, 0, "inverted", "y_bacc", v) for r, v in ((0.8, 0.75), (0.9, 0.7))]
+    rows += [("digits", "erm", r, 0, "inverted", "y_auroc", v) for r, v in ((0.7, 0.8), (0.9, math.nan))]
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    page = results_markdown(frame)
+    assert "| method | digits, r = 0.7 → 0.9 | brain, r = 0.8 → 0.98 |" in page
+    assert "| mimmx | – | 5.0 (r = 0.8 → 0.9) |" in page
+    # AUROC NaN at the high end for every seed (a single-class test set): no figure, not a KeyError
+    auroc = correlation_drop(frame, metric="y_auroc").iloc[0]
+    assert math.isnan(auroc["mean"]) and auroc["n"] == 0
+
+
+def test_a_data_set_whose_every_cell_diverged_costs_its_plots_not_the_page(tmp_path):
+    def result(dataset, metrics, diverged=None):
+        return {"cell": {"dataset": dataset, "method": "erm", "correlation": 0.9, "seed": 0}, "metrics": metrics,
+                "seconds": 1.0, "diverged": diverged, "sizes": {"train": 10, "test-inverted": 5}}  # fmt: skip
+
+    results = [result("digits", {"inverted/y_bacc": 0.6, "leakage/z": 0.55}), result("brain", {}, "loss NaN at epoch 1")]
+    paths = write_results(results, tmp_path)
+    assert {path.name for path in tmp_path.glob("*.png")} == {"inverted_vs_correlation_digits.png", "leakage_vs_correlation_digits.png"}
+    page = paths["markdown"].read_text()
+    assert "Training diverged (loss NaN; no figures): erm at r = 0.9, seed 0." in page
+    assert plot_vs_correlation(long_format(results), "brain", tmp_path / "brain") == []
+
+
 class Listed(ManifestData):
     """A manifest data set whose records are given, not read."""
 
@@ -343,8 +390,8 @@ def test_quick_path_end_to_end(tmp_path, monkeypatch):
     assert tuple(frame.columns) == COLUMNS
     assert set(frame["method"]) == {"erm", "mimmx", "oracle"} and set(frame["correlation"]) == {0.9, 0.98}
     page = (out / "results.md").read_text()
-    assert "inverted balanced accuracy" in page and "leakage of thickness" in page and "r = 0.9 to r = 0.98" in page
-    assert "### inverted AUROC" in page
+    assert "inverted balanced accuracy" in page and "leakage of thickness" in page and "| method | digits, r = 0.9 → 0.98 |" in page
+    assert "### inverted AUROC" in page and "### gap to the oracle, inverted balanced accuracy (points)" in page
     for kind in ("inverted", "leakage"):
         assert (out / f"{kind}_vs_correlation_digits.png").stat().st_size > 0
         assert (docs.parent / "results" / f"{kind}_vs_correlation_digits.png").is_file()

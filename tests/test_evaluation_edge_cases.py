@@ -156,6 +156,26 @@ def test_residual_mi_given_names_the_class_too_small_for_the_critics():
         residual_mutual_information(rng.normal(size=(180, 2)), rng.normal(size=(180, 2)), "gaussian", given=given)
 
 
+def test_residual_mi_given_with_missing_labels_says_so_rather_than_too_few_rows():
+    # before: "0 rows in 5 folds", a TooFewRowsError that the protocol turns into a silent NaN
+    rng = np.random.default_rng(0)
+    given = rng.integers(0, 2, 600).astype(float)
+    given[:200] = np.nan
+    with pytest.raises(ValueError, match=r"given is missing \(NaN\) for 200 of 600 samples") as error:
+        residual_mutual_information(rng.normal(size=(600, 2)), rng.normal(size=(600, 2)), "gaussian", given=given)
+    assert not isinstance(error.value, TooFewRowsError)
+
+
+def test_integer_labels_in_an_object_array_score_as_integers():
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    as_objects = classification_report(np.array([0, 0, 1, 1], dtype=object), scores)
+    as_integers = classification_report(np.array([0, 0, 1, 1]), scores)
+    assert as_objects.keys() == as_integers.keys()
+    np.testing.assert_equal(as_objects, as_integers)  # NaN (no groups given) equal to NaN
+    with pytest.raises(ValueError, match=r"non-integer values \(dtype object, e.g. \['a', 'b', 'a'\]\)"):
+        classification_report(np.array(["a", "b", "a", "b"], dtype=object), scores)
+
+
 def test_tsne_of_collapsed_features_is_drawn_instead_of_crashing_the_process(tmp_path):
     # Features of a network that collapsed to one point. sklearn's PCA initialisation divides by their zero
     # spread and the process died with a segmentation fault, so this runs in a child process.

@@ -63,11 +63,28 @@ def correlation_drop(frame: pd.DataFrame, test: str = "inverted", metric: str = 
         low, high = group["correlation"].min(), group["correlation"].max()
         if low == high:
             continue
-        by_seed = group.pivot_table(index="seed", columns="correlation", values="value")
+        # reindexed: pivot_table leaves out a correlation whose figure is NaN for every seed
+        by_seed = group.pivot_table(index="seed", columns="correlation", values="value").reindex(columns=[low, high])
         drops = (by_seed[low] - by_seed[high]).dropna()
         rows.append({"dataset": dataset, "method": method, "low": low, "high": high,
                      "mean": drops.mean(), "sd": drops.std(), "n": len(drops)})  # fmt: skip
     return pd.DataFrame(rows, columns=["dataset", "method", "low", "high", "mean", "sd", "n"])
+
+
+def oracle_gap(frame: pd.DataFrame, test: str = "inverted", metric: str = "y_bacc") -> pd.DataFrame:
+    """Per data set, method and correlation: the figure minus the oracle's, mean ± sd over seeds.
+
+    DESIGN §3's headline: how far a method trained on the shortcut stays below the oracle trained
+    without it, on the same test sets. The gap is taken per seed (each method's seed against the
+    oracle's same seed) before averaging; negative is below the oracle. Data sets without an oracle
+    have no rows.
+    """
+    selected = _select(frame, test, metric)
+    keys = ["dataset", "correlation", "seed"]
+    oracle = selected.loc[selected["method"] == "oracle", [*keys, "value"]].rename(columns={"value": "oracle"})
+    paired = selected[selected["method"] != "oracle"].merge(oracle, on=keys, how="inner")
+    gaps = paired.assign(gap=paired["value"] - paired["oracle"]).dropna(subset=["gap"])
+    return gaps.groupby(GROUP, observed=True)["gap"].agg(mean="mean", sd="std", n="count").reset_index()
 
 
 def ordered_methods(methods: pd.Series) -> pd.Categorical:
@@ -130,8 +147,9 @@ def results_markdown(
         "Percent, mean ± sd over seeds (the mean alone for one seed). Train and val at correlation r, test sets "
         "at r (iid), 0.5 (balanced) and 1 − r (inverted); the oracle trains at r = 0.5 and is tested on the "
         "same sets. Leakage: balanced accuracy of a linear probe on f_y predicting the factor on the balanced "
-        "set (50 is ideal). A balanced accuracy of 50.0 beside an AUROC far from 50 means the model puts "
-        "every image in one class while its scores still rank them (undertrained, as in `--quick`, or collapsed).",
+        "set (50 is ideal). Gap to the oracle: a method's inverted balanced accuracy minus the oracle's, seed by "
+        "seed, in points (0 is the ceiling). A balanced accuracy of 50.0 beside an AUROC far from 50 means the "
+        "model puts every image in one class while its scores still rank them (undertrained, as in `--quick`, or collapsed).",
         "",
     ]
     for dataset in dict.fromkeys(frame["dataset"]):
@@ -140,18 +158,32 @@ def results_markdown(
         headlines = [*HEADLINES, *((f"leakage of {z}", "leakage", z) for z in leakage_factors(frame, dataset))]
         for title, test, metric in headlines:
             lines += [f"### {title}", "", *summary_table(summarize(subset, test, metric)), ""]
+        gap = oracle_gap(subset)
+        if len(gap):
+            lines += ["### gap to the oracle, inverted balanced accuracy (points)", "", *summary_table(gap), ""]
         lines += [f"![{Path(link).stem}]({link})" for link in (plots or {}).get(dataset, [])]
         lines += [""]
     drops = correlation_drop(frame)
     if len(drops):
-        low, high = drops["low"].min(), drops["high"].max()
-        lines += [f"## Drop of inverted balanced accuracy from r = {low:g} to r = {high:g} (points)", ""]
-        datasets = [d for d in dict.fromkeys(frame["dataset"]) if d in set(drops["dataset"])]
-        cells = {(row.dataset, row.method): mean_sd(row.mean, row.sd) for row in drops.itertuples()}
-        methods = list(ordered_methods(drops["method"]).categories)
-        rows = [[method, *(cells.get((d, method), "–") for d in datasets)] for method in methods]
-        lines += [*_markdown_table(["method", *datasets], rows), ""]
+        lines += ["## Drop of inverted balanced accuracy from the lowest to the highest r (points)", "", *_drop_table(frame, drops), ""]
     return "\n".join(lines)
+
+
+def _drop_table(frame: pd.DataFrame, drops: pd.DataFrame) -> list[str]:
+    """A column per data set, headed by its methods' most common r range (the widest of a tie); a cell over another names it."""
+    datasets = [d for d in dict.fromkeys(frame["dataset"]) if d in set(drops["dataset"])]
+    ranges = {}
+    for dataset in datasets:
+        counts = drops[drops["dataset"] == dataset].value_counts(["low", "high"])
+        ranges[dataset] = max(counts.index, key=lambda pair: (counts[pair], pair[1] - pair[0]))
+    cells = {}
+    for row in drops.itertuples():
+        own = "" if (row.low, row.high) == ranges[row.dataset] else f" (r = {row.low:g} → {row.high:g})"
+        cells[(row.dataset, row.method)] = mean_sd(row.mean, row.sd) + own
+    methods = list(ordered_methods(drops["method"]).categories)
+    rows = [[method, *(cells.get((d, method), "–") for d in datasets)] for method in methods]
+    header = [f"{d}, r = {ranges[d][0]:g} → {ranges[d][1]:g}" for d in datasets]
+    return _markdown_table(["method", *header], rows)
 
 
 def _sizes_line(subset: pd.DataFrame) -> str:
@@ -183,25 +215,31 @@ def _lines(axes: Axes, summary: pd.DataFrame, ylabel: str, title: str) -> None:
 
 
 def plot_vs_correlation(frame: pd.DataFrame, dataset: str, out_dir: str | Path) -> list[Path]:
-    """``inverted_vs_correlation_<dataset>.png`` and ``leakage_vs_correlation_<dataset>.png``: a line per method."""
+    """``inverted_vs_correlation_<dataset>.png`` and ``leakage_vs_correlation_<dataset>.png``: a line per method.
+
+    A plot without figures to show (every cell of the data set diverged) is not made.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     subset = frame[frame["dataset"] == dataset]
-    inverted = Figure(figsize=(6, 4.5), layout="tight")
-    axes = inverted.subplots()
+    paths = []
     summary = summarize(subset, "inverted", "y_bacc")
-    _lines(axes, summary, "inverted balanced accuracy (%)", f"{dataset}: shortcut inverted")
-    axes.legend(fontsize=8)
+    if len(summary):  # none where every cell of the data set diverged
+        inverted = Figure(figsize=(6, 4.5), layout="tight")
+        axes = inverted.subplots()
+        _lines(axes, summary, "inverted balanced accuracy (%)", f"{dataset}: shortcut inverted")
+        axes.legend(fontsize=8)
+        paths.append(out_dir / f"inverted_vs_correlation_{dataset}.png")
+        inverted.savefig(paths[-1], dpi=120)
     factors = leakage_factors(frame, dataset)
-    leakage = Figure(figsize=(5 * len(factors), 4.5), layout="tight")
-    all_axes = leakage.subplots(1, len(factors), squeeze=False)[0]
-    for axes, factor in zip(all_axes, factors):
-        summary = summarize(subset, "leakage", factor)
-        _lines(axes, summary, "linear-probe balanced accuracy (%)", f"{dataset}: {factor} in f_y")
-    all_axes[-1].legend(fontsize=8)
-    paths = [out_dir / f"inverted_vs_correlation_{dataset}.png", out_dir / f"leakage_vs_correlation_{dataset}.png"]
-    for figure, path in zip((inverted, leakage), paths):
-        figure.savefig(path, dpi=120)
+    if factors:
+        leakage = Figure(figsize=(5 * len(factors), 4.5), layout="tight")
+        all_axes = leakage.subplots(1, len(factors), squeeze=False)[0]
+        for axes, factor in zip(all_axes, factors):
+            _lines(axes, summarize(subset, "leakage", factor), "linear-probe balanced accuracy (%)", f"{dataset}: {factor} in f_y")
+        all_axes[-1].legend(fontsize=8)
+        paths.append(out_dir / f"leakage_vs_correlation_{dataset}.png")
+        leakage.savefig(paths[-1], dpi=120)
     return paths
 
 

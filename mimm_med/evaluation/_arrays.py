@@ -20,6 +20,11 @@ def as_class_labels(values: np.ndarray, name: str) -> np.ndarray:
         array = array[:, 0]
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D class labels (N,), got shape {array.shape}.")
+    if array.dtype.kind == "O":  # numbers in an object array (a pandas column with None, say) are still numbers
+        try:
+            array = array.astype(np.float64)
+        except (TypeError, ValueError):
+            pass  # text: refused below
     if array.dtype.kind in "biu":
         return array.astype(np.int64)
     if array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.round(array)):

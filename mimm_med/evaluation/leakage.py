@@ -162,7 +162,7 @@ def residual_mutual_information(
     a = as_feature_matrix(a, "a")
     b = as_feature_matrix(b, "b")
     if given is not None:
-        given = np.asarray(given).reshape(-1)
+        given = as_class_labels(given, "given")
         check_same_length({"a": a, "b": b, "given": given})
         options = dict(estimator=estimator, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                        eval_every=eval_every, patience=patience, folds=folds, seed=seed, device=device)
