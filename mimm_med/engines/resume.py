@@ -140,12 +140,22 @@ def latest_checkpoint(directory: str | Path, pattern: str = "*.pt") -> Path | No
     (``torch.save`` archives without their closing zip directory) are skipped with a warning. Save
     with ``n_saved=2`` so that a complete checkpoint is left in that case.
     """
-    candidates = sorted(Path(directory).glob(pattern), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    candidates = sorted(Path(directory).glob(pattern), key=_saving_order, reverse=True)
     for path in candidates:
         if _is_complete_archive(path):
             return path
         logger.warning("skipping %s: not a complete checkpoint (the run was probably stopped while saving it)", path)
     return None
+
+
+def _saving_order(path: Path) -> tuple[int, int]:
+    """Modification time, then the epoch or iteration ending the name (``checkpoint_trainer_epoch=2.pt``).
+
+    The kernel stamps files with a clock of a few milliseconds' resolution, so checkpoints saved in
+    quick succession can share a modification time.
+    """
+    number = re.search(r"(\d+)$", path.stem)
+    return path.stat().st_mtime_ns, int(number.group(1)) if number else -1
 
 
 def trained_checkpoint(path: str | Path, registered_model: str | None = None) -> Path:
