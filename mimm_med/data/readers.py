@@ -133,7 +133,7 @@ def _gdcm_series(folder: PathLike) -> dict[str, list[Path]]:
 
 
 def _ranks(chosen: Sequence[Path], among: Sequence[Path]) -> str:
-    """Where ``chosen`` files stand among ``among`` sorted by name, e.g. ``"files 3, 7 of 20 sorted by name"``.
+    """Where ``chosen`` files stand among ``among`` sorted by name, e.g. ``"files 3, 7 of the 20 sorted by name"``.
 
     DICOM slice files are often named by their SOP Instance UID, or by the patient's name (Siemens
     exports), so errors.csv names them by rank rather than by name.
