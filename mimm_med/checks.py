@@ -7,6 +7,11 @@ import numbers
 from typing import Any
 
 
+def _is_finite_number(value: Any) -> bool:
+    """A finite real number, NumPy's too; bools are no numbers to a user."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
 def is_whole_number(value: Any, minimum: int | None = None) -> bool:
     """True for a whole number of at least ``minimum``: an integer (NumPy's too) or an integral float.
 
@@ -18,7 +23,7 @@ def is_whole_number(value: Any, minimum: int | None = None) -> bool:
     >>> is_whole_number(16.0), is_whole_number(True), is_whole_number(0, minimum=1)
     (True, False, False)
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if not _is_finite_number(value):
         return False
     return float(value).is_integer() and (minimum is None or bool(value >= minimum))
 
@@ -44,7 +49,7 @@ def check_positive(value: Any, name: str, whole: bool = False, axes: int | None 
     if whole:
         fine = [is_whole_number(item, minimum=1) for item in items]
     else:
-        fine = [not isinstance(item, bool) and isinstance(item, numbers.Real) and math.isfinite(item) and item > 0 for item in items]
+        fine = [_is_finite_number(item) and item > 0 for item in items]
     kind = "whole numbers of at least 1" if whole else "positive numbers"
     if not items or not all(fine):
         raise ValueError(
