@@ -9,10 +9,6 @@ from filelock import FileLock
 
 from mimm_med.commands.demo import prepare
 
-# pytest -n 2 runs two workers on two cores: a second intra-op thread per worker only adds
-# OpenMP spin-waiting (a 28×28 CNN step measured 10× slower with two threads under load).
-torch.set_num_threads(1)
-
 #: The tiny brain cohort of :func:`brain_splits`: subjects per stand-in cohort, voxel size, volume edge and
 #: the seed of generation and split (at 80 subjects the split's small cells leave val nearly empty for some seeds).
 BRAIN_SUBJECTS, BRAIN_RESOLUTION_MM, BRAIN_SIZE, BRAIN_SEED = 80, 6.0, 24, 0

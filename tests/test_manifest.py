@@ -145,7 +145,7 @@ def test_splits_sharing_a_subject_are_refused():
     train = pd.DataFrame({"subject_id": ["sub-1", "sub-2", "sub-3"]})
     test = pd.DataFrame({"subject_id": ["sub-4", "sub-3"]})
     validate_splits({"train": train, "val": test.iloc[:1]})
-    with pytest.raises(ManifestError, match=r"'train' and 'test-iid' share 1 subjects \(sub-3\)"):
+    with pytest.raises(ManifestError, match=r"'train' and 'test-iid' share 1 subject \(sub-3\)"):
         validate_splits({"train": train, "test-iid": test})
     validate_splits({"test-iid": test, "test-inverted": test})  # held-out subjects under other correlations
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import textwrap
 
 import pytest
 import torch
 from torch import nn
 
-from mimm_med.networks import MIMMXNet
 from mimm_med.weighting import ConfounderAttention, GradNorm, adaptive_mi_scale
 
 NAMES = ["sex", "age", "scanner"]
@@ -400,33 +398,3 @@ def test_gradnorm_losses_at_zero_give_a_finite_loss_and_negative_losses_are_refu
         gradnorm.gradnorm_loss({"small": -losses["small"], "large": losses["large"]}, parameters)
     with pytest.raises(ValueError, match="alpha must be >= 0 and finite"):
         GradNorm(["y"], alpha=float("inf"))
-
-
-def _example(function) -> str:
-    return textwrap.dedent(function.__doc__.split("Example::")[1])
-
-
-def test_docstring_examples_run_on_a_mimmx_net():
-    # The "Example::" blocks are not doctests; they used to call a `last_shared_layer` MIMMXNet lacks.
-    parts = {"digit": 4, "thickness": 2, "rotation": 2}
-    net = MIMMXNet(nn.Flatten(), parts, dict.fromkeys(parts, 2), backbone_dim=16)
-    out = net(torch.randn(8, 1, 4, 4))
-    batch = {name: torch.randint(0, 2, (8,)) for name in net.part_names}
-    task_loss = sum(nn.functional.cross_entropy(out[f"{name}_output"], batch[name]) for name in net.part_names)
-    mi_loss = out["digit_features"].pow(2).mean()
-    namespace = {
-        "torch": torch,
-        "GradNorm": GradNorm,
-        "adaptive_mi_scale": adaptive_mi_scale,
-        "net": net,
-        "out": out,
-        "batch": batch,
-        "task_loss": task_loss,
-        "mi_loss": mi_loss,
-        "loss_fn": dict.fromkeys(parts, nn.functional.cross_entropy),
-        "model_optimizer": torch.optim.SGD(net.parameters(), lr=0.1),
-    }
-    exec(_example(adaptive_mi_scale), namespace)
-    net.zero_grad()
-    namespace["out"] = net(torch.randn(8, 1, 4, 4))
-    exec(_example(GradNorm), namespace)

@@ -8,10 +8,15 @@
 
 Examples
 --------
->>> datasets = make_datasets(["digits"], cache="data/benchmark")
+Two methods on Digits-Morpho at two correlations; training the four cells takes some 20 s on CPU,
+hence not run as a test (:func:`~mimm_med.benchmark.matrix.run_matrix` shows a smoke run that is):
+
+>>> datasets = make_datasets(["digits"], cache="data/benchmark")  # the stand-ins' cache; digits need none
 >>> cells = plan_cells(["digits"], ["erm", "mimmx"], [0.9, 0.98], seeds=[0])
->>> results = run_matrix(cells, datasets, "out/benchmark", {"epochs": 5})
->>> write_results(results, "out/benchmark")["markdown"]
+>>> [cell.key for cell in cells]
+['digits_erm_r0.9_seed0', 'digits_mimmx_r0.9_seed0', 'digits_erm_r0.98_seed0', 'digits_mimmx_r0.98_seed0']
+>>> results = run_matrix(cells, datasets, "out/benchmark", {"epochs": 5})  # doctest: +SKIP
+>>> write_results(results, "out/benchmark")["markdown"]  # doctest: +SKIP
 PosixPath('out/benchmark/results.md')
 """
 

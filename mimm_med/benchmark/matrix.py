@@ -207,8 +207,25 @@ def run_matrix(
 
     Examples
     --------
-    >>> cells = plan_cells(["digits"], ["erm", "mimmx"], [0.9], [0])
-    >>> results = run_matrix(cells, {"digits": DigitsData()}, "out/benchmark", {"epochs": 5})
+    A smoke run: one cell, one epoch of a tiny network on 32 digits per split (``mimm-med benchmark``
+    trains 20 epochs on all 1,797 digits):
+
+    >>> import tempfile
+    >>> from mimm_med.benchmark.datasets import DigitsData
+    >>> out = tempfile.mkdtemp()
+    >>> cells = plan_cells(["digits"], ["erm"], [0.9], [0])
+    >>> smoke = {"epochs": 1, "batch_size": 16, "backbone_kwargs": {"channels": [4]}}
+    >>> results = run_matrix(cells, {"digits": DigitsData(limit=32)}, out, smoke, progress=False)
+    >>> [(result["cell"]["method"], result["sizes"]["train"], result["diverged"]) for result in results]
+    [('erm', 32, None)]
+    >>> sorted(path.name for path in Path(out, "cells").iterdir())
+    ['digits_erm_r0.9_seed0.json']
+
+    Run again, the stored cell is loaded instead of trained:
+
+    >>> again = run_matrix(cells, {"digits": DigitsData(limit=32)}, out, smoke, progress=False)
+    >>> again[0]["seconds"] == results[0]["seconds"]
+    True
     """
     cells = list(cells)
     augmentation = {name: transform_name(datasets[name].train_transform()) for name in {cell.dataset for cell in cells}}

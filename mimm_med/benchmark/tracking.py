@@ -39,9 +39,19 @@ class BenchmarkTracker:
 
     Examples
     --------
-    >>> with BenchmarkTracker("out/benchmark", "mimm-med-benchmark", {"epochs": 5}) as tracker:
-    ...     run_matrix(cells, datasets, "out/benchmark", {"epochs": 5}, on_result=tracker.log_cell)
-    ...     tracker.log_artifacts([Path("out/benchmark/results.md")])
+    A smoke run of one cell (see :func:`~mimm_med.benchmark.matrix.run_matrix`), logged to a new SQLite
+    store: creating the store's tables alone takes MLflow several seconds, hence not run as a test.
+
+    >>> import tempfile
+    >>> from mimm_med.benchmark import DigitsData, plan_cells, run_matrix, write_results
+    >>> out = tempfile.mkdtemp()
+    >>> cells = plan_cells(["digits"], ["erm"], [0.9], [0])
+    >>> smoke = {"epochs": 1, "batch_size": 16, "backbone_kwargs": {"channels": [4]}}
+    >>> with BenchmarkTracker(out, "mimm-med-benchmark", smoke, f"sqlite:///{out}/mlflow.db") as tracker:  # doctest: +SKIP
+    ...     results = run_matrix(cells, {"digits": DigitsData(limit=32)}, out, smoke, on_result=tracker.log_cell)
+    ...     tracker.log_artifacts(write_results(results, out).values())
+    >>> sorted(results[0]["mlflow"])  # doctest: +SKIP
+    ['parent_run_id', 'run_id']
     """
 
     def __init__(

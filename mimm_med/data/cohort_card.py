@@ -9,10 +9,23 @@ card keys.
 
 Examples
 --------
+Index a stand-in of four UK Biobank subjects, written in the real cohort's layout:
+
+>>> import tempfile
+>>> from mimm_med.data.standins import generate_cohort
+>>> raw = generate_cohort("ukb", n=4, out=Path(tempfile.mkdtemp()) / "ukb", resolution_mm=6, progress=False)
 >>> card = CohortCard.from_yaml("cohorts/ukb.yaml")
->>> records, problems = card.index("/data/ukb")  # card.scan also finds images no row names
+>>> records, problems = card.index(raw)  # card.scan also finds images no row names
 >>> records.columns.tolist()
 ['source_id', 'image', 'sex', 'age', 'age_group', 'site', 'cohort']
+>>> records.drop(columns="image")
+  source_id     sex   age age_group     site cohort
+0   3940038    male  56.0     young  reading    ukb
+1   3029718  female  57.0     young  bristol    ukb
+2   1534316    male  71.0       old  reading    ukb
+3   2754248  female  66.0       old  bristol    ukb
+>>> len(problems)
+0
 """
 
 from __future__ import annotations

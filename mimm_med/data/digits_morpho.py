@@ -217,8 +217,12 @@ def write_digits_splits(
 
     Examples
     --------
-    >>> write_digits_splits("data/digits/splits", correlation=0.9)
+    Writing the 2,569 PNGs takes some 10 s (each is flushed to disk), hence not run as a test:
+
+    >>> write_digits_splits("data/digits/splits", correlation=0.9)  # doctest: +SKIP
     PosixPath('data/digits/splits')
+    >>> sorted(path.name for path in Path("data/digits/splits").iterdir())  # doctest: +SKIP
+    ['cells.csv', 'images', 'test-balanced.csv', 'test-iid.csv', 'test-inverted.csv', 'train.csv', 'val.csv']
     """
     out_dir = Path(out_dir)
     sets = make_digits_morpho(correlation, confounders, seed, train_correlation=train_correlation)

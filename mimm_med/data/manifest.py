@@ -229,7 +229,27 @@ def load_manifest(
 
     Examples
     --------
-    >>> table = load_manifest("processed/ukb/manifest.csv", label_values={"sex": ["female", "male"]})
+    A manifest of two images, written as ``mimm-med preprocess`` writes one:
+
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from mimm_med.data.writers import ImageFileWriter
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> writer = ImageFileWriter("nifti")
+    >>> images = [writer(np.zeros((1, 4, 4, 4)), folder / "images" / f"img-{i}") for i in (1, 2)]
+    >>> manifest = pd.DataFrame({"subject_id": ["sub-1", "sub-2"], "image": images, "sex": ["female", "male"],
+    ...                          "cohort": "ukb", "status": "ok"})
+    >>> print(write_manifest(manifest, folder / "manifest.csv").read_text(), end="")
+    subject_id,image,sex,cohort,status
+    sub-1,images/img-1.nii.gz,female,ukb,ok
+    sub-2,images/img-2.nii.gz,male,ukb,ok
+    >>> table = load_manifest(folder / "manifest.csv", label_values={"sex": ["female", "male"]})
+    >>> table["image"].tolist() == [str(image) for image in images]  # absolute paths again
+    True
+    >>> load_manifest(folder / "manifest.csv", label_values={"sex": ["F", "M"]})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    mimm_med.data.manifest.ManifestError: manifest .../manifest.csv: label 'sex' has values ['female', 'male'] outside ['F', 'M'] in 2 rows (lines 2, 3); fix the card's value mapping and re-run preprocess
     """
     table = read_manifest(path)
     if not include_failed:
@@ -352,7 +372,13 @@ def validate_splits(splits: Mapping[str, pd.DataFrame], subject_column: str = SU
 
     Examples
     --------
+    >>> train = pd.DataFrame({"subject_id": ["sub-1", "sub-2"]})
+    >>> test = pd.DataFrame({"subject_id": ["sub-2", "sub-3"]})
+    >>> validate_splits({"test-iid": test, "test-inverted": test})  # test sets may share subjects
     >>> validate_splits({"train": train, "test-iid": test})
+    Traceback (most recent call last):
+    ...
+    mimm_med.data.manifest.ManifestError: splits 'train' and 'test-iid' share 1 subject (sub-2): images of one subject in two splits leak the test set into training; split by subject with `mimm-med cohort split`
     """
     subjects = {name: set(frame[subject_column]) for name, frame in splits.items()}
     for (a, sa), (b, sb) in itertools.combinations(subjects.items(), 2):
@@ -361,6 +387,6 @@ def validate_splits(splits: Mapping[str, pd.DataFrame], subject_column: str = SU
         shared = sorted(sa & sb)
         if shared:
             raise ManifestError(
-                f"splits {a!r} and {b!r} share {len(shared)} subjects ({_first(shared)}): images of one subject "
+                f"splits {a!r} and {b!r} share {len(shared)} subject{'s' if len(shared) > 1 else ''} ({_first(shared)}): images of one subject "
                 "in two splits leak the test set into training; split by subject with `mimm-med cohort split`"
             )

@@ -54,9 +54,16 @@ class LoadImageBySuffixd(MapTransform):
 
     Examples
     --------
+    >>> import tempfile
+    >>> import nibabel as nib
     >>> from monai.data import ITKReader, NibabelReader
+    >>> path = Path(tempfile.mkdtemp()) / "T1.nii.gz"
+    >>> nib.save(nib.Nifti1Image(np.zeros((8, 8, 6), np.float32), np.eye(4)), path)
     >>> load = LoadImageBySuffixd("image", [NibabelReader(), ITKReader()])  # NIfTI, else a DICOM series
-    >>> load({"image": "T1.nii.gz"})["image"].shape
+    >>> load({"image": path})["image"].shape
+    torch.Size([8, 8, 6])
+    >>> type(load.reader_for(path)).__name__, type(load.reader_for(path.parent)).__name__
+    ('NibabelReader', 'ITKReader')
     """
 
     def __init__(
@@ -243,8 +250,18 @@ class DicomXrayReader(ImageReader):
 
     Examples
     --------
+    A radiograph of a stand-in CheXpert Plus patient, whose DICOM header names a (made-up) patient:
+
+    >>> import tempfile
     >>> from monai.transforms import LoadImage
-    >>> image = LoadImage(reader=DicomXrayReader(), image_only=True)("view1_frontal.dcm")
+    >>> from mimm_med.data.standins import generate_cohort
+    >>> raw = generate_cohort("chexpert_plus", n=1, out=Path(tempfile.mkdtemp()) / "raw", resolution_mm=8, progress=False)
+    >>> dicom = raw / "train" / "patient00001" / "study1" / "view1_frontal.dcm"
+    >>> image = LoadImage(reader=DicomXrayReader(), image_only=True)(dicom)
+    >>> image.shape
+    torch.Size([44, 52])
+    >>> sorted(image.meta)  # geometry and view only
+    ['affine', 'filename_or_obj', 'original_affine', 'original_channel_dim', 'spatial_shape', 'view_position']
     """
 
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:

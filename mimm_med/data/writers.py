@@ -50,8 +50,24 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
     Examples
     --------
-    >>> with atomic_output("out/manifest.csv") as tmp:
-    ...     table.to_csv(tmp, index=False)
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "manifest.csv"
+    >>> with atomic_output(path) as tmp:
+    ...     pd.DataFrame({"subject_id": ["sub-1"], "status": ["ok"]}).to_csv(tmp, index=False)
+    >>> print(path.read_text(), end="")
+    subject_id,status
+    sub-1,ok
+    >>> with atomic_output(path) as tmp:  # a write that fails leaves the file as it was
+    ...     pd.DataFrame({"subject_id": ["sub-2"]}).to_csv(tmp, index=False)
+    ...     raise OSError("No space left on device")
+    Traceback (most recent call last):
+    ...
+    OSError: No space left on device
+    >>> print(path.read_text(), end="")
+    subject_id,status
+    sub-1,ok
+    >>> sorted(item.name for item in path.parent.iterdir())  # and no temporary file is left
+    ['manifest.csv']
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,9 +123,16 @@ class ImageFileWriter:
 
     Examples
     --------
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp())
+    >>> image = np.linspace(0.0, 1.0, 6 * 4, dtype=np.float32).reshape(1, 6, 4)  # channel, column, row
     >>> writer = ImageFileWriter("png", bit_depth=16)
-    >>> writer(image, Path("out/images/sub-1/img-2"))
-    PosixPath('out/images/sub-1/img-2.png')
+    >>> path = writer(image, out / "images" / "sub-1" / "img-2")
+    >>> path.relative_to(out).as_posix()
+    'images/sub-1/img-2.png'
+    >>> png = np.asarray(Image.open(path))
+    >>> png.shape, png.dtype, int(png.max())  # 4 rows of 6 columns, [0, 1] stored as 0..65535
+    ((4, 6), dtype('uint16'), 65535)
     """
 
     def __init__(self, output_format: str = "nifti", bit_depth: int = 16) -> None:

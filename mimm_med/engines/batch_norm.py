@@ -36,7 +36,22 @@ class RecomputeBatchNorm:
 
     Examples
     --------
+    >>> import torch
+    >>> from monai.engines import SupervisedTrainer
+    >>> _ = torch.manual_seed(0)
+    >>> train_loader = [{"image": torch.randn(8, 3) + 5, "label": torch.zeros(8, 2)} for _ in range(4)]
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    >>> optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> trainer = SupervisedTrainer("cpu", 2, train_loader, net, optimizer, torch.nn.MSELoss())
     >>> RecomputeBatchNorm(train_loader, interval=1).attach(trainer)
+    >>> trainer.run()
+
+    The running mean is now that of the batch-norm inputs over the loader, under the final weights:
+
+    >>> with torch.no_grad():
+    ...     inputs = torch.cat([net[0](batch["image"]) for batch in train_loader])
+    >>> torch.allclose(net[1].running_mean, inputs.mean(0))
+    True
     """
 
     def __init__(self, loader: Iterable[dict[str, Any]], interval: int = 1, image_key: str = "image") -> None:

@@ -66,8 +66,41 @@ class InvariantHeadRefit:
 
     Examples
     --------
-    >>> InvariantHeadRefit(train_loader_in_order, "age_group", ["sex", "cohort"]).attach(trainer)
-    >>> InvariantHeadRefit(train_loader_in_order, "age_group", ["sex", "cohort"], temporary=True).attach(evaluator)
+    Two-feature "images" in which a shortcut z agrees with y in 90 % of the samples, and an ERM
+    trainer that refits the primary head when it completes:
+
+    >>> import numpy as np, torch
+    >>> from monai.data import DataLoader
+    >>> from mimm_med.engines import MIMMXObjective, MIMMXTrainer
+    >>> from mimm_med.networks import MIMMXNet
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(0, 2, 400)
+    >>> z = np.where(rng.random(400) < 0.9, y, 1 - y)
+    >>> images = np.float32(np.stack([y, 3 * z], axis=1) + rng.normal(size=(400, 2)))
+    >>> loader = DataLoader([{"image": x, "y": a, "z": b} for x, a, b in zip(images, y, z)], batch_size=100)
+    >>> net = MIMMXNet(torch.nn.Flatten(), {"y": 2, "z": 2}, {"y": 2, "z": 2}, backbone_dim=2)
+    >>> objective = MIMMXObjective.for_network("erm", net)
+    >>> trainer = MIMMXTrainer("cpu", 2, loader, net, torch.optim.Adam(net.parameters(), 0.05), objective)
+    >>> InvariantHeadRefit(loader, "y", ["z"]).attach(trainer)
+    >>> trainer.run()
+
+    Within each class of y, the mean of f_y no longer differs between the classes of z:
+
+    >>> f_y = net(torch.as_tensor(images))["y_features"].detach().numpy()
+    >>> gaps = [f_y[(y == c) & (z == 1)].mean(0) - f_y[(y == c) & (z == 0)].mean(0) for c in (0, 1)]
+    >>> bool(np.abs(gaps).max() < 1e-5)
+    True
+
+    On a validator, ``temporary=True`` refits for each validation and then restores the trained weights:
+
+    >>> from monai.engines import SupervisedEvaluator
+    >>> from mimm_med.engines import OutputKeyInferer
+    >>> evaluator = SupervisedEvaluator("cpu", loader, net, inferer=OutputKeyInferer("y_output"))
+    >>> InvariantHeadRefit(loader, "y", ["z"], temporary=True).attach(evaluator)
+    >>> trained = net.heads["y"].weight.clone()
+    >>> evaluator.run()
+    >>> torch.equal(net.heads["y"].weight, trained)
+    True
     """
 
     def __init__(

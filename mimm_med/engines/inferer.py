@@ -16,6 +16,9 @@ class OutputKeyInferer(Inferer):
 
     Examples
     --------
+    >>> from mimm_med.networks import MIMMXNet
+    >>> net = MIMMXNet("small_cnn", {"age_group": 8, "sex": 8}, {"age_group": 2, "sex": 2})
+    >>> images = torch.zeros(8, 1, 28, 28)
     >>> OutputKeyInferer("age_group_output")(images, net).shape
     torch.Size([8, 2])
     """

@@ -31,7 +31,21 @@ class RandomStates:
 
     Examples
     --------
-    >>> items = dict(trainer.checkpoint_items(), random_states=RandomStates(train_dataset, sampler))
+    A training set with a random flip; in a run, the item joins the checkpoint as
+    ``dict(trainer.checkpoint_items(), random_states=RandomStates(train_dataset, sampler))``:
+
+    >>> from monai.data import Dataset
+    >>> from monai.transforms import RandFlipd
+    >>> train_dataset = Dataset([{"image": torch.zeros(1, 4, 4)}], transform=RandFlipd("image", prob=0.5))
+    >>> random_states = RandomStates(train_dataset)
+    >>> saved = random_states.state_dict()  # what the checkpoint holds
+    >>> drawn = torch.rand(2), train_dataset.transform.R.random()
+
+    Loading the saved states (as a resumed run does) draws the same numbers again:
+
+    >>> random_states.load_state_dict(saved)
+    >>> torch.equal(torch.rand(2), drawn[0]), train_dataset.transform.R.random() == drawn[1]
+    (True, True)
     """
 
     def __init__(self, dataset: Dataset | None = None, sampler: Sampler | None = None) -> None:

@@ -35,7 +35,17 @@ class RankLoaderSeeds:
 
     Examples
     --------
+    >>> from monai.data import DataLoader
+    >>> from monai.engines import SupervisedTrainer
+    >>> records = [{"image": torch.rand(3), "label": torch.rand(1)} for _ in range(8)]
+    >>> train_loader = DataLoader(records, batch_size=4, shuffle=True)
+    >>> net = torch.nn.Linear(3, 1)
+    >>> optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> trainer = SupervisedTrainer("cpu", 2, train_loader, net, optimizer, torch.nn.MSELoss())
     >>> RankLoaderSeeds(train_loader).attach(trainer)
+    >>> trainer.run()
+    >>> train_loader.generator is None  # one process: the loader is left as it was
+    True
     """
 
     def __init__(self, loader: DataLoader) -> None:

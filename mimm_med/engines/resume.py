@@ -114,7 +114,21 @@ def require_checkpoint_settings(checkpoint: str | Path, current: Mapping[str, An
 
     Examples
     --------
-    >>> require_checkpoint_settings("bundles/mimmx_brain/models/mimmx-seed0/model.pt", settings)
+    A run folder as ``ResumeFromLatest(settings=...)`` leaves it, with its ``settings.json``:
+
+    >>> import json, tempfile
+    >>> from pathlib import Path
+    >>> run_folder = Path(tempfile.mkdtemp())
+    >>> trained = {"primary": "age_group", "spatial_size": [96, 96, 96]}
+    >>> _ = (run_folder / "settings.json").write_text(json.dumps(trained))
+    >>> require_checkpoint_settings(run_folder / "model.pt", trained)  # the same settings: nothing to say
+    >>> resized = {**trained, "spatial_size": (64, 64, 64)}
+    >>> require_checkpoint_settings(run_folder / "model.pt", resized)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    mimm_med.engines.resume.SettingsMismatch: this run's settings differ from those its network was trained with (.../settings.json):
+      spatial_size: [96, 96, 96] in training, [64, 64, 64] now
+    run it with the settings of the training: add --spatial_size "[96, 96, 96]"
     """
     record = Path(checkpoint).parent / SETTINGS_FILE
     if record.is_file():

@@ -53,8 +53,14 @@ def linear_probe_leakage(
 
     Examples
     --------
-    >>> linear_probe_leakage(outputs["digit_features"], outputs["thickness_label"])
-    0.54
+    >>> rng = np.random.default_rng(0)
+    >>> thickness = rng.integers(0, 2, 200)
+    >>> digit_features = rng.normal(size=(200, 8))
+    >>> round(linear_probe_leakage(digit_features, thickness), 2)  # no trace of thickness: chance
+    0.47
+    >>> digit_features[:, 0] += 2 * thickness
+    >>> round(linear_probe_leakage(digit_features, thickness), 2)
+    0.79
     """
     features = as_feature_matrix(features, "features")
     z = as_class_labels(z, "z")
@@ -156,8 +162,15 @@ def residual_mutual_information(
 
     Examples
     --------
-    >>> residual_mutual_information(outputs["digit_features"], outputs["thickness_features"], "club")
-    0.03
+    Features of which one column correlates with the other's at 1/√2, so that they share
+    ln(2)/2 ≈ 0.35 nats; the closed-form ``"gaussian"`` estimator needs no training (``"club"`` or
+    ``"mine"`` train critics, which takes seconds to minutes):
+
+    >>> rng = np.random.default_rng(0)
+    >>> digit_features = rng.normal(size=(500, 2))
+    >>> thickness_features = digit_features[:, :1] + rng.normal(size=(500, 1))
+    >>> round(residual_mutual_information(digit_features, thickness_features, "gaussian"), 2)
+    0.34
     """
     a = as_feature_matrix(a, "a")
     b = as_feature_matrix(b, "b")

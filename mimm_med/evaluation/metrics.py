@@ -76,9 +76,16 @@ def classification_report(
 
     Examples
     --------
-    >>> report = classification_report(y, logits, {"sex": sex})
-    >>> report["balanced_accuracy"], report["factors"]["sex"]["worst_group"]
-    (0.81, 'y1_z0')
+    A head that predicts sex instead of y is right only where the two agree:
+
+    >>> y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    >>> sex = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+    >>> probabilities = np.where(sex[:, None] == [0, 1], 0.9, 0.1)
+    >>> report = classification_report(y, probabilities, {"sex": sex})
+    >>> report["balanced_accuracy"], report["worst_group"], report["worst_group_accuracy"]
+    (0.75, 'sex/y0_z1', 0.0)
+    >>> report["factors"]["sex"]["group_accuracy"]
+    {'y0_z0': 1.0, 'y0_z1': 0.0, 'y1_z0': 0.0, 'y1_z1': 1.0}
     """
     probabilities = as_probabilities(logits_or_probs)
     n_classes = probabilities.shape[1]
@@ -131,8 +138,13 @@ def switched_heads(head_outputs: np.ndarray, other_labels: np.ndarray) -> float:
 
     Examples
     --------
-    >>> switched_heads(outputs["digit_output"], outputs["thickness_label"])
-    0.52
+    On a balanced set, a head that reads its own factor scores chance against the other's labels:
+
+    >>> digit = np.array([0, 0, 1, 1])
+    >>> thickness = np.array([0, 1, 0, 1])
+    >>> reads_digit, reads_thickness = np.eye(2)[digit], np.eye(2)[thickness]  # one-hot probabilities
+    >>> switched_heads(reads_digit, thickness), switched_heads(reads_thickness, thickness)
+    (0.5, 1.0)
     """
     predicted = as_probabilities(head_outputs).argmax(axis=1)
     n_classes = np.shape(head_outputs)[1]

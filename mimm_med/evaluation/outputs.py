@@ -46,9 +46,17 @@ def collect_outputs(
 
     Examples
     --------
+    >>> from monai.data import DataLoader
+    >>> from mimm_med.networks import MIMMXNet
+    >>> net = MIMMXNet("small_cnn", {"digit": 16, "thickness": 16}, {"digit": 2, "thickness": 2})
+    >>> records = [{"image": torch.rand(1, 28, 28), "digit": i % 2, "thickness": i % 3 % 2} for i in range(36)]
+    >>> test_loader = DataLoader(records, batch_size=16)
     >>> outputs = collect_outputs(net, test_loader, net.part_names, "cpu")
+    >>> sorted(outputs)  # doctest: +NORMALIZE_WHITESPACE
+    ['digit_features', 'digit_label', 'digit_output', 'features',
+     'thickness_features', 'thickness_label', 'thickness_output']
     >>> outputs["digit_features"].shape, outputs["thickness_label"].shape
-    ((360, 16), (360,))
+    ((36, 16), (36,))
     """
     device = torch.device(device)
     was_training = network.training

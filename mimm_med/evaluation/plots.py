@@ -49,8 +49,13 @@ def plot_tsne(
 
     Examples
     --------
-    >>> plot_tsne(outputs["digit_features"], {"thickness": outputs["thickness_label"]}, "tsne.png")
-    PosixPath('tsne.png')
+    >>> import tempfile
+    >>> rng = np.random.default_rng(0)
+    >>> thickness = rng.integers(0, 2, 60)
+    >>> digit_features = rng.normal(size=(60, 8)) + thickness[:, None]
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> plot_tsne(digit_features, {"thickness": thickness}, folder / "tsne.png").name
+    'tsne.png'
     """
     features = as_feature_matrix(features, "features")
     if not labels_by_factor:
@@ -95,8 +100,10 @@ def plot_training_curves(history: pd.DataFrame | Mapping[str, Sequence[float]], 
 
     Examples
     --------
-    >>> plot_training_curves({"mi/digit-thickness": [0.9, 0.4, 0.1], "weight/thickness": [0.5, 0.7, 0.6]}, "c.png")
-    PosixPath('c.png')
+    >>> import tempfile
+    >>> history = {"mi/digit-thickness": [0.9, 0.4, 0.1], "weight/thickness": [0.5, 0.7, 0.6]}
+    >>> plot_training_curves(history, Path(tempfile.mkdtemp()) / "curves.png").name
+    'curves.png'
     """
     if isinstance(history, pd.DataFrame):
         frame = history.select_dtypes("number")
@@ -130,8 +137,16 @@ def plot_group_accuracy(reports: Mapping[str, Mapping[str, Any]], path: str | Pa
 
     Examples
     --------
-    >>> plot_group_accuracy(results["sets"], "groups.png")
-    PosixPath('groups.png')
+    >>> import tempfile
+    >>> from mimm_med.evaluation import classification_report
+    >>> y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    >>> sex = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+    >>> reports = {
+    ...     "reads y": classification_report(y, np.eye(2)[y], {"sex": sex}),
+    ...     "reads sex": classification_report(y, np.eye(2)[sex], {"sex": sex}),
+    ... }
+    >>> plot_group_accuracy(reports, Path(tempfile.mkdtemp()) / "groups.png").name
+    'groups.png'
     """
     factors = list(dict.fromkeys(factor for report in reports.values() for factor in report["factors"]))
     if not factors:

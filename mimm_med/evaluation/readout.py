@@ -57,8 +57,19 @@ def conditional_mean_eraser(
 
     Examples
     --------
+    Eight feature columns mixing y and two binary factors:
+
+    >>> rng = np.random.default_rng(0)
+    >>> y, z1, z2 = rng.integers(0, 2, (3, 500))
+    >>> mixing = rng.normal(size=(4, 8))
+    >>> train_features = np.stack([y, z1, z2, y + z1], axis=1) @ mixing + rng.normal(size=(500, 8))
     >>> projector = conditional_mean_eraser(train_features, y, {"thickness": z1, "rotation": z2})
-    >>> erased = test_features @ projector
+    >>> projector.shape, int(np.linalg.matrix_rank(projector))  # one direction removed per (y, factor)
+    ((8, 8), 4)
+    >>> erased = train_features @ projector
+    >>> gap = erased[(y == 1) & (z1 == 1)].mean(0) - erased[(y == 1) & (z1 == 0)].mean(0)
+    >>> bool(np.abs(gap).max() < 1e-12)
+    True
     """
     features = as_feature_matrix(features, "features")
     primary = as_class_labels(primary, "primary")
@@ -124,8 +135,18 @@ def linear_readout_accuracy(
 
     Examples
     --------
-    >>> linear_readout_accuracy(balanced_features, y_balanced, {"inverted": (inverted_features, y_inverted)})
-    {'inverted': 0.72}
+    Features with a weak trace of y and a strong one of a shortcut z, which agrees with y at rate ``r``:
+
+    >>> rng = np.random.default_rng(0)
+    >>> def features_and_labels(r, n=400):
+    ...     y = rng.integers(0, 2, n)
+    ...     z = np.where(rng.random(n) < r, y, 1 - y)
+    ...     return np.stack([y, 3 * z], axis=1) + rng.normal(size=(n, 2)), y
+    >>> iid, balanced, inverted = features_and_labels(0.9), features_and_labels(0.5), features_and_labels(0.1)
+    >>> linear_readout_accuracy(*iid, {"inverted": inverted})  # fitted where z predicts y, it reads z
+    {'inverted': 0.2475}
+    >>> linear_readout_accuracy(*balanced, {"inverted": inverted})
+    {'inverted': 0.645}
     """
     fit_features = as_feature_matrix(fit_features, "fit_features")
     fit_labels = as_class_labels(fit_labels, "fit_labels")

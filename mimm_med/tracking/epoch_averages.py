@@ -36,11 +36,17 @@ class EpochAverages:
 
     Examples
     --------
+    An engine whose iterations output a loss, and a critic loss that is NaN (no critics):
+
+    >>> from ignite.engine import Engine
+    >>> trainer = Engine(lambda engine, batch: {"loss": batch / engine.state.epoch, "critic_loss": float("nan")})
     >>> averages = EpochAverages()
     >>> averages.attach(trainer)
-    >>> trainer.run()
-    >>> averages.history[-1]["dependence/thickness"], trainer.state.metrics["train/dependence/thickness"]
-    (0.031, 0.031)
+    >>> _ = trainer.run([1.0, 3.0], max_epochs=2)
+    >>> averages.history
+    [{'epoch': 1, 'loss': 2.0}, {'epoch': 2, 'loss': 1.0}]
+    >>> trainer.state.metrics
+    {'train/loss': 1.0}
     """
 
     def __init__(self, prefix: str = "train/") -> None:

@@ -128,7 +128,27 @@ class ModelRegistration(CompletionLogger):
 
     Examples
     --------
-    >>> ModelRegistration(mlflow_handler, net, "mimmx_brain", (1, 96, 96, 96), "models/model.pt").attach(trainer)
+    A trainer that logs to an MLflow store in memory (a project's lives in ``mlruns/mlflow.db``, see
+    :func:`~mimm_med.tracking.resolve_tracking_uri`), with the best weights in ``model.pt``:
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from ignite.engine import Engine
+    >>> from monai.handlers import MLFlowHandler
+    >>> from mimm_med.networks import MIMMXNet
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> net = MIMMXNet(torch.nn.Flatten(), {"age_group": 4, "sex": 4}, {"age_group": 2, "sex": 2}, backbone_dim=8)
+    >>> torch.save({"network": net.state_dict()}, folder / "model.pt")
+    >>> trainer = Engine(lambda engine, batch: None)
+    >>> mlflow_handler = MLFlowHandler(
+    ...     "sqlite:///:memory:", iteration_log=False, experiment_name="registration", artifact_location=str(folder)
+    ... )
+    >>> mlflow_handler.attach(trainer)
+    >>> registration = ModelRegistration(mlflow_handler, net, "mimmx_demo", (8,), folder / "model.pt")
+    >>> registration.attach(trainer)
+    >>> _ = trainer.run([0])
+    >>> registration.registered_version.name, registration.registered_version.aliases
+    ('mimmx_demo', ['candidate'])
     """
 
     def __init__(

@@ -83,7 +83,21 @@ def promote(name: str, version: int | str, alias: str = "champion", tracking_uri
 
     Examples
     --------
-    >>> promote("mimmx_brain", 3)  # models:/mimmx_brain@champion is now version 3
+    Three versions of a model in an MLflow store in memory (versions of a project's store come
+    from :class:`~mimm_med.tracking.ModelRegistration`):
+
+    >>> import tempfile
+    >>> uri = "sqlite:///:memory:"
+    >>> client = MlflowClient(uri)
+    >>> _ = client.create_registered_model("promote_demo")
+    >>> for _ in range(3):
+    ...     _ = client.create_model_version("promote_demo", source=tempfile.mkdtemp())
+    >>> promote("promote_demo", 3, tracking_uri=uri).aliases  # models:/promote_demo@champion is now version 3
+    ['champion']
+    >>> promote("promote_demo", 4, tracking_uri=uri)
+    Traceback (most recent call last):
+        ...
+    LookupError: registered model 'promote_demo' has no version 4; its versions: ['3', '2', '1'].
     """
     client = registry_client(tracking_uri)
     _check_version(client, name, str(version))
@@ -110,7 +124,25 @@ def load_registered_network(model_uri: str, tracking_uri: str | None = None) -> 
 
     Examples
     --------
-    >>> net = load_registered_network("models:/mimmx_brain@champion")
+    A network registered by a training that logged to an MLflow store in memory:
+
+    >>> import tempfile
+    >>> from ignite.engine import Engine
+    >>> from monai.handlers import MLFlowHandler
+    >>> from mimm_med.networks import MIMMXNet
+    >>> from mimm_med.tracking import ModelRegistration
+    >>> uri = "sqlite:///:memory:"
+    >>> trainer = Engine(lambda engine, batch: None)
+    >>> mlflow_handler = MLFlowHandler(
+    ...     uri, iteration_log=False, experiment_name="loading", artifact_location=tempfile.mkdtemp()
+    ... )
+    >>> mlflow_handler.attach(trainer)
+    >>> trained = MIMMXNet(torch.nn.Flatten(), {"age_group": 4, "sex": 4}, {"age_group": 2, "sex": 2}, backbone_dim=8)
+    >>> ModelRegistration(mlflow_handler, trained, "loading_demo", input_shape=(8,)).attach(trainer)
+    >>> _ = trainer.run([0])  # registers models:/loading_demo@candidate
+
+    >>> net = load_registered_network("models:/loading_demo@candidate", tracking_uri=uri)
+    >>> image = torch.zeros(1, 8)
     >>> net(image)["age_group_output"].shape
     torch.Size([1, 2])
     """

@@ -62,7 +62,29 @@ class TrainingPlots(CompletionLogger):
 
     Examples
     --------
-    >>> TrainingPlots(mlflow_handler, averages, net, "eval/plots", val_loader).attach(trainer)
+    An engine with epoch means to plot, logging to an MLflow store in memory:
+
+    >>> import tempfile
+    >>> from ignite.engine import Engine
+    >>> from monai.data import DataLoader
+    >>> from monai.handlers import MLFlowHandler
+    >>> from mimm_med.networks import MIMMXNet
+    >>> folder = tempfile.mkdtemp()
+    >>> net = MIMMXNet(torch.nn.Flatten(), {"y": 4, "z": 4}, {"y": 2, "z": 2}, backbone_dim=8)
+    >>> records = [{"image": torch.rand(8), "y": i % 2, "z": i % 3 % 2} for i in range(30)]
+    >>> val_loader = DataLoader(records, batch_size=10)
+    >>> trainer = Engine(lambda engine, batch: {"loss": 1.0 / engine.state.epoch})
+    >>> mlflow_handler = MLFlowHandler(
+    ...     "sqlite:///:memory:", iteration_log=False, experiment_name="plots", artifact_location=folder
+    ... )
+    >>> mlflow_handler.attach(trainer)
+    >>> averages = EpochAverages()
+    >>> averages.attach(trainer)
+    >>> TrainingPlots(mlflow_handler, averages, net, folder, val_loader).attach(trainer)
+    >>> _ = trainer.run([0], max_epochs=3)
+    >>> run_id = mlflow_handler.cur_run.info.run_id
+    >>> [artifact.path for artifact in mlflow_handler.client.list_artifacts(run_id, "plots")]
+    ['plots/training_curves.png', 'plots/tsne_y_features.png']
     """
 
     def __init__(

@@ -34,12 +34,15 @@ class ConfounderAttention(nn.Module):
         EMA momentum in ``[0, 1)``: ``I_ema <- momentum * I_ema + (1 - momentum) * I``.
         The first update sets ``I_ema`` to the first estimate.
 
-    Example::
+    Examples
+    --------
+    The MI estimates of f_y with f_sex, f_age and f_scanner (from ``MINE`` critics in training):
 
-        attention = ConfounderAttention(["sex", "age", "scanner"], temperature=0.5)
-        estimates = torch.stack([mine_sex(f_y, f_sex), mine_age(f_y, f_age), mine_scan(f_y, f_scan)])
-        mi_term = (attention(estimates) * estimates).sum()
-        logger.log_metrics(attention.weights_by_name())
+    >>> attention = ConfounderAttention(["sex", "age", "scanner"], temperature=0.5)
+    >>> estimates = torch.tensor([0.10, 0.80, 0.30])
+    >>> mi_term = (attention(estimates) * estimates).sum()
+    >>> {name: round(weight, 3) for name, weight in attention.weights_by_name().items()}
+    {'sex': 0.153, 'age': 0.619, 'scanner': 0.228}
     """
 
     ema: torch.Tensor

@@ -48,12 +48,21 @@ def adaptive_mi_scale(
     torch.Tensor
         Scalar ``alpha`` in ``[0, 1]`` (float32, no gradient).
 
-    Example::
-
-        shared = list(net.shared_layer.parameters())
-        g_task = torch.autograd.grad(task_loss, shared, retain_graph=True, allow_unused=True)
-        g_mi = torch.autograd.grad(mi_loss, shared, retain_graph=True, allow_unused=True)
-        (task_loss + adaptive_mi_scale(g_task, g_mi) * mi_loss).backward()
+    Examples
+    --------
+    >>> from mimm_med.networks import MIMMXNet
+    >>> _ = torch.manual_seed(0)
+    >>> net = MIMMXNet(torch.nn.Flatten(), {"digit": 4, "thickness": 4}, {"digit": 2, "thickness": 2}, backbone_dim=16)
+    >>> out = net(torch.randn(8, 16))
+    >>> task_loss = torch.nn.functional.cross_entropy(out["digit_output"], torch.randint(0, 2, (8,)))
+    >>> mi_loss = 100 * out["digit_features"].pow(2).mean()  # stands in for an MI estimate
+    >>> shared = list(net.shared_layer.parameters())
+    >>> g_task = torch.autograd.grad(task_loss, shared, retain_graph=True, allow_unused=True)
+    >>> g_mi = torch.autograd.grad(mi_loss, shared, retain_graph=True, allow_unused=True)
+    >>> alpha = adaptive_mi_scale(g_task, g_mi)  # the MI gradient is the larger: alpha < 1
+    >>> bool(alpha < 1)
+    True
+    >>> (task_loss + alpha * mi_loss).backward()
     """
     task_norm = _global_norm(task_grads)
     mi_norm = _global_norm(mi_grads).to(task_norm.device)
@@ -85,20 +94,29 @@ class GradNorm(nn.Module):
         Asymmetry ``alpha >= 0``: how strongly tasks that train slower get larger gradients
         (``0`` asks for equal gradient norms).
 
-    Example::
+    Examples
+    --------
+    One training step of a network with a head per task:
 
-        gradnorm = GradNorm(["digit", "thickness", "rotation"])
-        weight_optimizer = torch.optim.Adam(gradnorm.parameters(), lr=0.025)
-        shared = list(net.shared_layer.parameters())
-
-        losses = {name: loss_fn[name](out[f"{name}_output"], batch[name]) for name in gradnorm.task_names}
-        model_optimizer.zero_grad()
-        weight_optimizer.zero_grad()
-        gradnorm.gradnorm_loss(losses, shared).backward()  # reaches only gradnorm.weights
-        gradnorm.weighted_loss(losses).backward()  # weights held constant: reaches only the model
-        model_optimizer.step()
-        weight_optimizer.step()
-        gradnorm.renormalize()
+    >>> from mimm_med.networks import MIMMXNet
+    >>> _ = torch.manual_seed(0)
+    >>> parts = {"digit": 4, "thickness": 2, "rotation": 2}
+    >>> net = MIMMXNet(torch.nn.Flatten(), parts, dict.fromkeys(parts, 2), backbone_dim=16)
+    >>> model_optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> gradnorm = GradNorm(list(parts))
+    >>> weight_optimizer = torch.optim.Adam(gradnorm.parameters(), lr=0.025)
+    >>> shared = list(net.shared_layer.parameters())
+    >>> out, batch = net(torch.randn(8, 16)), {name: torch.randint(0, 2, (8,)) for name in parts}
+    >>> losses = {name: torch.nn.functional.cross_entropy(out[f"{name}_output"], batch[name]) for name in parts}
+    >>> model_optimizer.zero_grad()
+    >>> weight_optimizer.zero_grad()
+    >>> gradnorm.gradnorm_loss(losses, shared).backward()  # reaches only gradnorm.weights
+    >>> gradnorm.weighted_loss(losses).backward()  # weights held constant: reaches only the model
+    >>> model_optimizer.step()
+    >>> weight_optimizer.step()
+    >>> gradnorm.renormalize()
+    >>> round(gradnorm.weights.sum().item(), 4)  # the weights sum to the number of tasks
+    3.0
     """
 
     initial_losses: torch.Tensor
