@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import re
 import shlex
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -41,6 +43,7 @@ from mimm_med.benchmark.datasets import BrainStandinData, ChestXrayStandinData
 from mimm_med.cli import build_parser, main
 from mimm_med.commands.benchmark import cell_options, command_line, resolve
 from mimm_med.data.confounding import SPLIT_NAMES
+from mimm_med.data.writers import ImageFileWriter
 from mimm_med.engines import TrainingDiverged
 from mimm_med.experiment import ExperimentConfig
 from mimm_med.networks import MIMMXNet
@@ -518,3 +521,43 @@ def test_chest_xray_stand_in_is_the_same_cohort_on_every_machine(tmp_path, monke
 
     assert manifests[0]["subject_id"].tolist() == manifests[1]["subject_id"].tolist()
     assert len(manifests[0]) > 0
+
+
+class SlowlyPrepared(ManifestData):
+    """A stand-in whose preparation takes a while and, like the cohort generator, refuses a folder being written."""
+
+    name, primary, spurious, spatial_dims = "slow", "y", ("z",), 2
+    label_levels = {"y": [0, 1], "z": [0, 1]}
+
+    def write_manifest(self):
+        manifest, writing = self.cache / "manifest.csv", self.cache / "writing"
+        if manifest.exists():
+            return manifest
+        if writing.exists():
+            raise RuntimeError(f"{self.cache} is being written by another process")
+        writing.touch()
+        time.sleep(1)
+        image = ImageFileWriter("png")(np.zeros((1, 4, 4), np.float32), self.cache / "img")
+        table = {"subject_id": ["s1"], "image": [image.name], "y": [0], "z": [1], "cohort": ["slow"], "status": ["ok"]}
+        pd.DataFrame(table).to_csv(manifest, index=False)
+        writing.unlink()
+        return manifest
+
+
+def _load_records(cache: Path, out: Path) -> None:
+    records = SlowlyPrepared(cache).records
+    out.write_text(json.dumps([(r["subject_id"], r["y"], r["z"]) for r in records]))
+
+
+def test_benchmarks_side_by_side_prepare_a_shared_cache_once(tmp_path, capfd):
+    # Two benchmark processes on one cache: the second used to fail on the first's half-written cohort.
+    cache = tmp_path / "cache" / "slow-stand-in"
+    fork = multiprocessing.get_context("fork")
+    processes = [fork.Process(target=_load_records, args=(cache, tmp_path / f"{i}.json")) for i in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert [process.exitcode for process in processes] == [0, 0]
+    assert [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)] == [[["s1", 0, 1]]] * 2
+    assert "waiting for another process to prepare the slow stand-in" in capfd.readouterr().err

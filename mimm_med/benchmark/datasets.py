@@ -18,7 +18,7 @@ import contextlib
 import logging
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock, Timeout
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, ScaleIntensityRanged
 
 from mimm_med.cli import run_subcommand
@@ -183,15 +184,35 @@ class ManifestData(BenchmarkDataset):
     def records(self) -> list[dict]:
         """Every usable image of the manifest with its label codes, image preloaded."""
         log = self.cache / "prepare.log"
-        if not self.cache.exists():
-            print(f"preparing the {self.name} stand-in in {self.cache} (log: {log})", file=sys.stderr, flush=True)
-            self.cache.mkdir(parents=True)
-        # The generators and preprocess print progress; keep the benchmark's own bar readable.
-        with log.open("a", encoding="utf-8") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
-            manifest = self.write_manifest()
+        with self._preparation_lock():
+            if not self.cache.exists():
+                print(f"preparing the {self.name} stand-in in {self.cache} (log: {log})", file=sys.stderr, flush=True)
+                self.cache.mkdir(parents=True)
+            # The generators and preprocess print progress; keep the benchmark's own bar readable.
+            with log.open("a", encoding="utf-8") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+                manifest = self.write_manifest()
         datalist = manifest_datalist(manifest, self.label_levels)
         load = self.load_transform()
         return [{**record, "image": load({"image": record["image"]})["image"]} for record in datalist]
+
+    @contextlib.contextmanager
+    def _preparation_lock(self) -> Iterator[None]:
+        """Hold the cache while this process prepares it.
+
+        Benchmarks run side by side share the cache: a second one waits for the first to finish the
+        cohort, then reuses it, instead of failing on the folder the first is still writing.
+        """
+        self.cache.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(f"{self.cache}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"waiting for another process to prepare the {self.name} stand-in in {self.cache}", file=sys.stderr, flush=True)
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def splits(self, correlation: float, seed: int, oracle: bool = False) -> dict[str, list[dict]]:
         records = self.records
