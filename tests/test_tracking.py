@@ -35,6 +35,7 @@ from mimm_med.tracking import (
     run_tracked,
 )
 from mimm_med.tracking.uri import using_tracking_uri
+from mimm_med.tracking.served_outputs import OUTPUT_COLUMNS
 
 PARTS = {"y": 8, "a": 4, "b": 4}
 EPOCHS = 2
@@ -164,6 +165,24 @@ def test_registered_candidate_predicts_like_the_trained_network(trained):
     assert example is not None and example.shape[1:] == (1, 12, 12)
     with pytest.raises(LookupError, match="candidate"):
         load_registered_network(f"models:/{MODEL_NAME}@nonexistent", tracking_uri=trained.uri)
+
+
+def test_a_registered_network_serves_through_mlflow_pyfunc(trained):
+    # MLflow's pyfunc (mlflow models serve) takes one output tensor; a dict used to raise a TypeError.
+    import mlflow
+
+    model_uri = f"models:/{MODEL_NAME}@candidate"
+    with using_tracking_uri(trained.uri):
+        served = mlflow.pyfunc.load_model(model_uri)
+    columns = served.metadata.metadata[OUTPUT_COLUMNS]
+    x = torch.randn(3, 1, 12, 12)
+    predicted = served.predict(x.numpy())
+    with torch.no_grad():
+        expected = trained.trainer.network.eval()(x)
+    assert set(columns) == set(expected)
+    assert predicted.shape == (3, max(stop for _, stop in columns.values()))
+    for name, (start, stop) in columns.items():
+        np.testing.assert_allclose(predicted[:, start:stop], expected[name].numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_a_registered_network_needs_nothing_that_pip_cannot_install(trained):

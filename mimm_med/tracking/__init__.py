@@ -2,7 +2,8 @@
 
 MONAI's ``monai.handlers.MLFlowHandler`` logs parameters and metrics; this package adds what it
 lacks: epoch means of the MIMM-X training terms (:class:`EpochAverages`), training figures
-(:class:`TrainingPlots`), model registration (:class:`ModelRegistration`), the store location
+(:class:`TrainingPlots`), model registration (:class:`ModelRegistration`, served by MLflow's pyfunc
+through :mod:`~mimm_med.tracking.served_outputs`), the store location
 (:func:`resolve_tracking_uri`) and registry helpers. See ``mimm_med/tracking/README.md``.
 """
 

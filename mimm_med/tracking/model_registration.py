@@ -19,6 +19,7 @@ from mimm_med.engines.resume import refuse_other_settings
 
 from .handler_run import CompletionLogger
 from .registry import registry_client
+from .served_outputs import OUTPUT_COLUMNS, ConcatenatedOutputs, output_columns
 from .uri import using_tracking_uri
 
 if TYPE_CHECKING:
@@ -96,8 +97,11 @@ class ModelRegistration(CompletionLogger):
     such file exists, from ``network`` as it is at the end of training, i.e. the final checkpoint.
     The model is logged with ``mlflow.pytorch.log_model`` (``torch.export`` format by default, so
     loading it needs neither pickle nor this package; a pickle brings this package's code along), a
-    signature inferred from a zero batch of ``input_shape`` (outputs: the network's dict of tensors)
-    and :func:`default_pip_requirements`;
+    signature inferred from a zero batch of ``input_shape`` and :func:`default_pip_requirements`.
+    The logged module returns the network's outputs side by side in one array, as MLflow's pyfunc
+    and ``mlflow models serve`` require (:class:`~mimm_med.tracking.served_outputs.ConcatenatedOutputs`;
+    the columns of each output are in the model's metadata, and
+    :func:`~mimm_med.tracking.load_registered_network` gives the dict back);
     it is then registered as a new version of ``model_name`` and given the alias ``alias``.
     On ranks other than 0 it does nothing.
 
@@ -205,8 +209,9 @@ class ModelRegistration(CompletionLogger):
             return client.get_model_version(self.model_name, model_version)
         example = torch.zeros(EXAMPLE_BATCH, *self.input_shape)
         with torch.no_grad():
-            outputs = {key: value.numpy() for key, value in network(example).items()}
-        signature = infer_signature(example.numpy(), outputs)
+            columns = output_columns(network(example))
+            served = ConcatenatedOutputs(network, list(columns)).eval()
+            signature = infer_signature(example.numpy(), served(example).numpy())
         # Created here so the model lands in the run's experiment: log_model alone would take the
         # process's active experiment, which MONAI's handler never sets.
         logged = client.create_logged_model(
@@ -214,7 +219,7 @@ class ModelRegistration(CompletionLogger):
         )
         with using_tracking_uri(self.run.tracking_uri):
             info = mlflow.pytorch.log_model(
-                network,
+                served,
                 name=self.artifact_path,
                 model_id=logged.model_id,
                 run_id=run_id,
@@ -224,6 +229,7 @@ class ModelRegistration(CompletionLogger):
                 code_paths=network_code_paths(self.serialization_format),
                 serialization_format=self.serialization_format,
                 registered_model_name=self.model_name,
+                metadata={OUTPUT_COLUMNS: columns},
             )
         model_version = str(info.registered_model_version)
         client.set_model_version_tag(self.model_name, model_version, "weights", source)

@@ -12,9 +12,11 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from sqlalchemy.engine import make_url
 
 from .run_names import filter_prefix
+from .served_outputs import OUTPUT_COLUMNS, SplitOutputs
 from .uri import printable_uri, require_reachable, resolve_tracking_uri, using_tracking_uri
 
 __all__ = ["ExportedNetwork", "list_versions", "load_registered_network", "promote", "registry_client", "version_runs"]
@@ -120,7 +122,8 @@ def load_registered_network(model_uri: str, tracking_uri: str | None = None) -> 
     -------
     torch.nn.Module
         A module on the CPU in eval mode whose ``forward(image)`` returns the network's dict of
-        tensors; an :class:`ExportedNetwork` for models logged in the ``torch.export`` format.
+        tensors (:class:`~mimm_med.tracking.served_outputs.SplitOutputs` around the served module,
+        an :class:`ExportedNetwork` for models logged in the ``torch.export`` format).
 
     Examples
     --------
@@ -157,11 +160,15 @@ def load_registered_network(model_uri: str, tracking_uri: str | None = None) -> 
     elif match:
         _check_version(client, match["name"], match["version"])
     with using_tracking_uri(client.tracking_uri):
-        network = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        model_dir = mlflow.artifacts.download_artifacts(model_uri)
+    network = mlflow.pytorch.load_model(model_dir, map_location="cpu")
     try:
-        return network.eval()
+        network = network.eval()
     except NotImplementedError:  # raised by torch.export modules, whatever the mode
-        return ExportedNetwork(network)
+        network = ExportedNetwork(network)
+    # Models registered before the outputs were served side by side return the dict themselves.
+    columns = (Model.load(model_dir).metadata or {}).get(OUTPUT_COLUMNS)
+    return SplitOutputs(network, columns).eval() if columns else network
 
 
 class ExportedNetwork(torch.nn.Module):
