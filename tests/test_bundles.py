@@ -416,3 +416,15 @@ def test_a_spatial_size_that_monai_would_read_as_keep_the_images_own_is_refused_
     messages = [str(error) for error in _error_chain(raised.value)]
     assert any(f"spatial_size must be whole numbers of at least 1, got {zeroed}" in message for message in messages), messages
     assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("handler", ["train_handler", "validation_handler"])
+def test_a_tracking_server_given_on_the_command_line_keeps_the_artifacts(handler, monkeypatch):
+    # --tracking_uri http://… used to create the server's experiment with this machine's ./mlruns/artifacts.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    parser = ConfigParser()
+    parser.read_config([str(REPO / file) for file in BUNDLES[0].config_files()])
+    parser["tracking_uri"] = "http://mlflow.example.org:5000"
+    assert parser.get_parsed_content(f"mlflow#{handler}#artifact_location") is None
+    evaluation = ConfigParser.load_config_file(str(REPO / "bundles/common/configs/evaluate.json"))
+    assert "default_artifact_location(tracking_uri=@tracking_uri)" in json.dumps(evaluation)

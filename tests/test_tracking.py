@@ -421,3 +421,56 @@ def test_messages_show_no_tracking_store_password():
     assert "s3cret" not in str(raised.value) and "http://mlflow:***@127.0.0.1:9" in str(raised.value)
     assert printable_uri("postgresql://mlflow:p@ss@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
     assert printable_uri("sqlite:////data/mlruns/mlflow.db") == "sqlite:////data/mlruns/mlflow.db"
+
+
+def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate and key for 127.0.0.1 issued by no authority a client trusts."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_file, key_file = folder / "server.pem", folder / "server.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_a_tls_server_is_reachable_with_the_certificate_mlflow_is_told_of(tmp_path, monkeypatch):
+    # The check used to ignore MLflow's TLS settings, so a server with an internal CA was refused as not answering.
+    import http.server
+    import ssl
+    import threading
+
+    cert_file, key_file = _self_signed_certificate(tmp_path)
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"https://127.0.0.1:{server.server_address[1]}"
+    try:
+        monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH", raising=False)
+        monkeypatch.delenv("MLFLOW_TRACKING_INSECURE_TLS", raising=False)
+        with pytest.raises(TrackingServerUnreachable, match="answers, but its TLS certificate could not be verified"):
+            require_reachable(uri, timeout=5)
+        monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(cert_file))
+        require_reachable(uri, timeout=5)
+        monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
+        monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
+        require_reachable(uri, timeout=5)
+    finally:
+        server.shutdown()

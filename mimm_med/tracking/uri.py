@@ -6,12 +6,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import requests
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.uri import get_uri_scheme
 from monai.utils import path_to_sqlite_uri
 from sqlalchemy.engine import make_url
@@ -149,8 +149,18 @@ def require_reachable(uri: str, timeout: float = 10.0) -> None:
     """
     if not uri.startswith(("http://", "https://")):
         return
+    # MLflow's own TLS settings (MLFLOW_TRACKING_SERVER_CERT_PATH, _INSECURE_TLS, _CLIENT_CERT_PATH), as its client uses them.
+    credentials = get_default_host_creds(uri)
     try:
-        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+        requests.get(
+            f"{uri.rstrip('/')}/health", timeout=timeout, verify=credentials.verify, cert=credentials.client_cert_path
+        )
+    except requests.exceptions.SSLError as error:
+        raise TrackingServerUnreachable(
+            f"the MLflow tracking server {printable_uri(uri)} answers, but its TLS certificate could not be verified "
+            f"({error}); set MLFLOW_TRACKING_SERVER_CERT_PATH to the certificate of its issuing authority, or "
+            "MLFLOW_TRACKING_INSECURE_TLS=true to skip the check"
+        ) from error
     except requests.RequestException as error:
         raise TrackingServerUnreachable(
             f"the MLflow tracking server {printable_uri(uri)} does not answer ({type(error).__name__}); start it, or point "
