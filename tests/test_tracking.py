@@ -358,8 +358,13 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     ).as_uri()
 
 
-def _tracked_attempt(uri: str, mi_weight: float, fresh: bool, fail: bool) -> Engine:
-    """One attempt at the run named "attempt", logging ``mi_weight`` as the bundles log their settings."""
+def _tracked_attempt(uri: str, mi_weight: float, fresh: bool, fail: bool, record: Path | None = None) -> Engine:
+    """One attempt at the run named "attempt", logging ``mi_weight`` as the bundles log their settings.
+
+    ``record`` is the attempt's run record (a bundle keeps it in its checkpoint folder); by default one
+    in the store's folder, shared by every attempt of the test, as by the attempts of one bundle folder.
+    """
+    record = record or Path(uri.removeprefix("sqlite:///")).parent / "mlflow_run.json"
     trainer = Engine(lambda engine, batch: (_ for _ in ()).throw(FloatingPointError("diverged")) if fail else None)
     handler = MLFlowHandler(
         tracking_uri=uri, experiment_name="attempts", run_name="attempt", experiment_param={"mi_weight": mi_weight},
@@ -367,7 +372,7 @@ def _tracked_attempt(uri: str, mi_weight: float, fresh: bool, fail: bool) -> Eng
     )  # fmt: skip
     handler.attach(trainer)
     trainer.state.max_epochs, trainer.state.epoch_length, trainer.state.dataloader = 1, 1, [0]  # as a MONAI trainer holds its data
-    run = lambda: run_tracked(trainer, handler, fresh=fresh)  # noqa: E731
+    run = lambda: run_tracked(trainer, handler, fresh=fresh, run_record=record)  # noqa: E731
     if fail:
         with pytest.raises(FloatingPointError):
             run()
@@ -402,6 +407,37 @@ def test_a_resumed_run_continues_its_unfinished_mlflow_run(tmp_path, monkeypatch
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("attempts").experiment_id])
     assert (run.info.run_name, run.info.status) == ("attempt", "FINISHED")
+
+
+def test_runs_of_the_same_name_from_other_folders_are_left_alone(tmp_path, monkeypatch):
+    # On a shared server two people's "erm-seed0": a fresh start used to fail the other's unfinished run,
+    # and a resume continued whichever unfinished run of the name was newest.
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    alice, bob = tmp_path / "alice" / "mlflow_run.json", tmp_path / "bob" / "mlflow_run.json"
+    _tracked_attempt(uri, mi_weight=1.0, fresh=True, fail=True, record=alice)
+    _tracked_attempt(uri, mi_weight=2.0, fresh=True, fail=True, record=bob)
+    _tracked_attempt(uri, mi_weight=1.0, fresh=False, fail=False, record=alice)  # Alice resumes her checkpoint
+    client = MlflowClient(uri)
+    runs = {run.info.run_id: run for run in client.search_runs([client.get_experiment_by_name("attempts").experiment_id])}
+    alices, bobs = (runs[json.loads(record.read_text())["run_id"]] for record in (alice, bob))
+    assert (alices.info.run_name, alices.info.status, alices.data.params["mi_weight"]) == ("attempt", "FINISHED", "1.0")
+    assert (bobs.info.run_name, bobs.info.status, bobs.data.params["mi_weight"]) == ("attempt", "FAILED", "2.0")
+    assert len(runs) == 2
+
+
+def test_a_resumed_run_is_running_again_while_it_trains(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _tracked_attempt(uri, mi_weight=1.0, fresh=True, fail=True)
+    client = MlflowClient(uri)
+    statuses = []
+    trainer = Engine(lambda engine, batch: statuses.append(client.get_run(handler.cur_run.info.run_id).info.status))
+    handler = MLFlowHandler(tracking_uri=uri, experiment_name="attempts", run_name="attempt", iteration_log=False, epoch_log=False)
+    handler.attach(trainer)
+    trainer.state.max_epochs, trainer.state.epoch_length, trainer.state.dataloader = 1, 1, [0]
+    run_tracked(trainer, handler, fresh=False, run_record=tmp_path / "mlflow_run.json")
+    assert statuses == ["RUNNING"]  # was FAILED until the run ended
 
 
 def test_training_does_not_start_when_the_tracking_server_does_not_answer(monkeypatch):

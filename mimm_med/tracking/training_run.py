@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ignite.engine import Engine
-from mlflow.entities import RunStatus
+from mlflow import MlflowClient
+from mlflow.entities import Run, RunStatus
+from mlflow.exceptions import MlflowException
 
+from mimm_med.data.writers import atomic_output
 from mimm_med.interruption import terminate_as_interrupt
 
-from .run_names import runs_named, set_aside
-from .uri import require_reachable
+from .run_names import set_aside
+from .uri import printable_uri, require_reachable
 
 if TYPE_CHECKING:
     from monai.handlers import MLFlowHandler
 
 __all__ = ["ended_status", "run_tracked"]
+
+logger = logging.getLogger(__name__)
 
 
 def ended_status(error: BaseException | None) -> str:
@@ -25,7 +34,13 @@ def ended_status(error: BaseException | None) -> str:
     return RunStatus.to_string(RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED)
 
 
-def run_tracked(trainer: Engine, handler: MLFlowHandler | None, fresh: bool) -> None:
+def run_tracked(
+    trainer: Engine,
+    handler: MLFlowHandler | None,
+    fresh: bool,
+    run_record: str | Path | None = None,
+    followers: Sequence[MLFlowHandler | None] = (),
+) -> None:
     """Run ``trainer``, whose ``handler`` logs to MLflow; mark the MLflow run FAILED (KILLED on Ctrl-C or SIGTERM) if it raises.
 
     SIGTERM (a scheduler's time limit, torchrun stopping the other ranks) is taken as Ctrl-C
@@ -35,11 +50,14 @@ def run_tracked(trainer: Engine, handler: MLFlowHandler | None, fresh: bool) -> 
     A tracking server that does not answer stops the run before training
     (:func:`~mimm_med.tracking.uri.require_reachable`), not minutes of retries later.
 
-    MONAI's ``MLFlowHandler`` continues an unfinished run of its name, which is what a run resumed
-    from its checkpoint wants. A ``fresh`` run (no checkpoint to resume) must not: an unfinished run
-    of the same name was left by an attempt that crashed before its first checkpoint, or whose
-    folder was deleted, and MLflow refuses to change its parameters. Such runs are marked FAILED and
-    renamed ``<name>-failed-<start time>``, so that they stay visible and the fresh run takes the name.
+    The MLflow run is found by the id kept in ``run_record`` (a JSON file beside the checkpoints),
+    not by its name as MONAI's ``MLFlowHandler`` would: on a shared server other people's runs of
+    the same bundle carry the same names (``erm-seed0``), running or interrupted. A ``fresh`` run
+    (no checkpoint to resume) gets a new MLflow run; an unfinished one recorded by an earlier attempt
+    in the same folder (crashed before its first checkpoint) is marked FAILED and renamed
+    ``<name>-failed-<start time>``, so that it stays visible and the new run takes the name. A resumed
+    run continues its recorded run, marked RUNNING again; a checkpoint without a record of its run
+    continues in a new run, with a warning.
 
     Parameters
     ----------
@@ -50,11 +68,17 @@ def run_tracked(trainer: Engine, handler: MLFlowHandler | None, fresh: bool) -> 
     fresh
         Whether the run starts from scratch rather than from a checkpoint
         (:attr:`mimm_med.engines.ResumeFromLatest.checkpoint` is ``None``).
+    run_record
+        JSON file that keeps the run's id; ``None`` keeps none (every call then starts a new MLflow run).
+    followers
+        Other handlers that log to the same run, e.g. the validation evaluator's.
     """
     if handler is not None:
         require_reachable(handler.client.tracking_uri)
-    if handler is not None and fresh:
-        _retire_unfinished_runs(handler)
+        run = _own_run(handler, fresh, Path(run_record) if run_record is not None else None)
+        for follower in (handler, *followers):
+            if follower is not None:
+                follower.cur_run = run
     try:
         with terminate_as_interrupt():
             trainer.run()
@@ -64,11 +88,40 @@ def run_tracked(trainer: Engine, handler: MLFlowHandler | None, fresh: bool) -> 
         raise
 
 
-def _retire_unfinished_runs(handler: MLFlowHandler) -> None:
-    experiment = handler.client.get_experiment_by_name(handler.experiment_name)
-    if experiment is None or handler.run_name is None:
-        return
-    finished = RunStatus.to_string(RunStatus.FINISHED)
-    for run in runs_named(handler.client, experiment.experiment_id, handler.run_name):
-        if run.info.status != finished:
-            set_aside(handler.client, run, "failed", RunStatus.to_string(RunStatus.FAILED))
+def _own_run(handler: MLFlowHandler, fresh: bool, record: Path | None) -> Run:
+    """The MLflow run this training logs to: the recorded one when resuming, else a new one, recorded."""
+    client = handler.client
+    recorded = _recorded_run(client, record)
+    if recorded is not None and not fresh:
+        client.update_run(recorded.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return client.get_run(recorded.info.run_id)
+    if recorded is not None and recorded.info.status != RunStatus.to_string(RunStatus.FINISHED):
+        set_aside(client, recorded, "failed", RunStatus.to_string(RunStatus.FAILED))
+    if not fresh:
+        logger.warning(
+            "no record of the MLflow run of the resumed checkpoint (%s); the resumed epochs go to a new run", record
+        )
+    experiment = client.get_experiment_by_name(handler.experiment_name)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment is not None
+        else client.create_experiment(handler.experiment_name, artifact_location=handler.artifact_location)
+    )
+    run = client.create_run(experiment_id, run_name=handler.run_name)
+    if record is not None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(record) as tmp:
+            tmp.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": printable_uri(client.tracking_uri)}))
+    return run
+
+
+def _recorded_run(client: MlflowClient, record: Path | None) -> Run | None:
+    """The run ``record`` names, if the file exists and the store holds that run."""
+    if record is None or not record.is_file():
+        return None
+    run_id = json.loads(record.read_text(encoding="utf-8"))["run_id"]
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        logger.warning("%s names run %s, which %s does not hold", record, run_id, printable_uri(client.tracking_uri))
+        return None
