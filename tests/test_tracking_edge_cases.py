@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
@@ -179,3 +180,35 @@ def test_the_registry_lists_and_promotes_a_model_whose_name_holds_a_quote(tmp_pa
     assert main(["registry", "list", "it's", "--tracking-uri", uri]) == 0
     listed = [line for line in capsys.readouterr().out.splitlines() if " INFO " not in line]  # MLflow's store log
     assert len(listed) == 3 and listed[-1].split()[:2] == ["1", "champion"], listed  # the other model's version not listed
+
+
+def test_mlflow_errors_are_printed_without_the_servers_password(capsys):
+    from mimm_med.commands.registry import _fail
+
+    assert _fail("list", MlflowException("API request to http://alice:S3cret@127.0.0.1:5055/api/2.0 failed\nwith 502")) == 2
+    printed = capsys.readouterr().err
+    assert "S3cret" not in printed and "http://alice:***@127.0.0.1:5055/api/2.0 failed with 502" in printed
+
+
+def test_run_links_are_not_printed_for_a_uri_with_a_password(monkeypatch):
+    # MLflow prints "View run ... at: <URI>/#/..." on every ended run, into the scheduler's logs.
+    from mimm_med.tracking.uri import keep_password_out_of_run_links
+
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    keep_password_out_of_run_links("http://127.0.0.1:5055")
+    assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ
+    keep_password_out_of_run_links("http://alice:S3cret@127.0.0.1:5055")
+    assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
+
+
+def test_a_run_whose_server_is_gone_is_not_ended_there(tmp_path, caplog):
+    # set_terminated on a dead server retried for about 4 minutes after the crash that the lost server caused.
+    from mimm_med.tracking.training_run import _end_run
+
+    ended = []
+    client = SimpleNamespace(tracking_uri="http://alice:S3cret@127.0.0.1:9", set_terminated=lambda *args: ended.append(args))
+    with caplog.at_level("ERROR", logger="mimm_med.tracking.training_run"):
+        _end_run(client, "abc123", "FAILED", tmp_path / "models" / "erm-seed0" / "mlflow_run.json")
+    assert ended == []
+    assert "does not answer" in caplog.text and "abc123 stays RUNNING" in caplog.text
+    assert str(tmp_path / "models" / "erm-seed0") in caplog.text and "S3cret" not in caplog.text

@@ -16,6 +16,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mimm_med.benchmark.matrix import Cell, cell_metrics
 from mimm_med.tracking import default_artifact_location, ended_status, require_reachable, resolve_tracking_uri
+from mimm_med.tracking.uri import keep_password_out_of_run_links, printable_uri
 
 RUN_FILE = "mlflow_run.json"
 
@@ -59,6 +60,7 @@ class BenchmarkTracker:
     ) -> None:
         self.uri = resolve_tracking_uri(tracking_uri)
         require_reachable(self.uri)
+        keep_password_out_of_run_links(self.uri)
         self.client = MlflowClient(self.uri)
         self.run_file = Path(out) / RUN_FILE
         # before any MLflow run exists: an --out that cannot be written must not leave one RUNNING
@@ -66,11 +68,16 @@ class BenchmarkTracker:
         self.run_id = self._resume() or self._create(experiment, params)
         self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
 
+    @property
+    def _recorded_uri(self) -> str:
+        """The URI as ``mlflow_run.json`` keeps it: without its password (the file sits among the results), nor a final slash."""
+        return printable_uri(self.uri).rstrip("/")
+
     def _resume(self) -> str | None:
         if not self.run_file.exists():
             return None
         stored = json.loads(self.run_file.read_text(encoding="utf-8"))
-        if stored["tracking_uri"] != self.uri:
+        if stored["tracking_uri"] != self._recorded_uri:
             return None
         try:
             self.client.update_run(stored["run_id"], status="RUNNING")
@@ -88,7 +95,7 @@ class BenchmarkTracker:
         run_id = self.client.create_run(experiment_id, run_name=self.run_file.parent.name).info.run_id
         try:
             self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
-            self.run_file.write_text(json.dumps({"tracking_uri": self.uri, "run_id": run_id}), encoding="utf-8")
+            self.run_file.write_text(json.dumps({"tracking_uri": self._recorded_uri, "run_id": run_id}), encoding="utf-8")
         except BaseException:
             self.client.delete_run(run_id)  # a run of a benchmark that never started would stay RUNNING
             raise

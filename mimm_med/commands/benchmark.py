@@ -259,6 +259,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from mimm_med.engines import METHODS
     from mimm_med.mi import ESTIMATORS
     from mimm_med.tracking import TrackingServerUnreachable, printable_uri
+    from mimm_med.tracking.uri import printable_text
 
     args = resolve(args)
     if args.threads:
@@ -295,7 +296,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     try:
         tracker = BenchmarkTracker(args.out, args.experiment, params, args.tracking_uri)
     except (TrackingServerUnreachable, ValueError, MlflowException) as error:  # a tracking URI MLflow cannot open
-        print(f"mimm-med benchmark: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"mimm-med benchmark: {printable_text(' '.join(str(error).split()))}", file=sys.stderr)
         return 2
     except OSError as error:
         print(f"mimm-med benchmark: {cannot_write(args.out, error)}", file=sys.stderr)

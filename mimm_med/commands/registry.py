@@ -92,6 +92,8 @@ def list_command(args: argparse.Namespace) -> int:
 
 
 def _fail(command: str, error: Exception | str) -> int:
-    # one line: MLflow's messages (an out-of-date schema, say) span several
-    print(f"mimm-med registry {command}: {' '.join(str(error).split())}", file=sys.stderr)
+    from mimm_med.tracking.uri import printable_text
+
+    # one line: MLflow's messages (an out-of-date schema, say) span several; they quote the URI, password included
+    print(f"mimm-med registry {command}: {printable_text(' '.join(str(error).split()))}", file=sys.stderr)
     return 2

@@ -18,7 +18,7 @@ from mimm_med.evaluation.plots import plot_group_accuracy, plot_tsne
 from mimm_med.evaluation.protocol import evaluate_test_sets, flatten_metrics, results_table
 from mimm_med.tracking.run_names import runs_named, set_aside
 from mimm_med.tracking.training_run import ended_status
-from mimm_med.tracking.uri import printable_uri, require_reachable
+from mimm_med.tracking.uri import keep_password_out_of_run_links, printable_uri, require_reachable
 
 #: Tag of an evaluation run that a later evaluation of the same name replaced: the later run's id.
 SUPERSEDED_TAG = "mimm_med.superseded_by"
@@ -150,6 +150,7 @@ def evaluate_checkpoint(
     checkpoint = trained_checkpoint(checkpoint)
     if tracking_uri and experiment_name:
         require_reachable(tracking_uri)  # before the evaluation, not after it
+        keep_password_out_of_run_links(tracking_uri)
     state = torch.load(checkpoint, map_location=device, weights_only=True)
     try:
         network.load_state_dict(state.get("network", state))

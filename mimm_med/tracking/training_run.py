@@ -17,7 +17,7 @@ from mimm_med.data.writers import atomic_output
 from mimm_med.interruption import terminate_as_interrupt
 
 from .run_names import set_aside
-from .uri import printable_uri, require_reachable
+from .uri import TrackingServerUnreachable, keep_password_out_of_run_links, printable_uri, require_reachable
 
 if TYPE_CHECKING:
     from monai.handlers import MLFlowHandler
@@ -75,6 +75,7 @@ def run_tracked(
     """
     if handler is not None:
         require_reachable(handler.client.tracking_uri)
+        keep_password_out_of_run_links(handler.client.tracking_uri)
         run = _own_run(handler, fresh, Path(run_record) if run_record is not None else None)
         for follower in (handler, *followers):
             if follower is not None:
@@ -84,8 +85,19 @@ def run_tracked(
             trainer.run()
     except BaseException as error:
         if handler is not None and handler.cur_run is not None:
-            handler.client.set_terminated(handler.cur_run.info.run_id, ended_status(error))
+            _end_run(handler.client, handler.cur_run.info.run_id, ended_status(error), run_record)
         raise
+
+
+def _end_run(client: MlflowClient, run_id: str, status: str, record: str | Path | None) -> None:
+    """Mark the run ``status``, unless its server is gone: MLflow would retry for minutes, past a scheduler's grace period."""
+    try:
+        require_reachable(client.tracking_uri)
+    except TrackingServerUnreachable as lost:
+        logger.error("%s; MLflow run %s stays RUNNING, and rerunning the same command resumes it from its checkpoints (%s)",
+                     lost, run_id, Path(record).parent if record is not None else "none recorded")  # fmt: skip
+        return
+    client.set_terminated(run_id, status)
 
 
 def _own_run(handler: MLFlowHandler, fresh: bool, record: Path | None) -> Run:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import requests
-from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE, MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.uri import get_uri_scheme
 from monai.utils import path_to_sqlite_uri
@@ -19,10 +20,15 @@ from sqlalchemy.engine import make_url
 __all__ = [
     "TrackingServerUnreachable",
     "default_artifact_location",
+    "keep_password_out_of_run_links",
+    "printable_text",
     "printable_uri",
     "require_reachable",
     "resolve_tracking_uri",
 ]
+
+#: ``user:password@`` after ``//`` in a URL.
+_USER_PASSWORD = re.compile(r"(?<=//)([^/\s:@]+):[^/\s]*@")  # greedy: a password may hold "@"
 
 #: Folder of the embedded store under the project root: ``mlflow.db`` and ``artifacts/``.
 STORE_FOLDER = "mlruns"
@@ -125,6 +131,27 @@ def printable_uri(uri: str) -> str:
         return uri
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def printable_text(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` in it as ``***`` (MLflow's messages quote the URI).
+
+    Examples
+    --------
+    >>> printable_text("API request to http://alice:S3cret@mlflow.example.org/api/2.0/mlflow/runs/get failed")
+    'API request to http://alice:***@mlflow.example.org/api/2.0/mlflow/runs/get failed'
+    """
+    return _USER_PASSWORD.sub(r"\1:***@", text)
+
+
+def keep_password_out_of_run_links(uri: str) -> None:
+    """Stop MLflow printing each ended run's link when ``uri`` holds a password.
+
+    MLflow's client prints ``View run … at: <tracking URI>/#/…`` to stdout, password included, and
+    stdout ends up in a scheduler's log files.
+    """
+    if urlsplit(uri).password is not None:
+        os.environ[MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name] = "true"
 
 
 class TrackingServerUnreachable(ConnectionError):
