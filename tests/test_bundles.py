@@ -428,3 +428,11 @@ def test_a_tracking_server_given_on_the_command_line_keeps_the_artifacts(handler
     assert parser.get_parsed_content(f"mlflow#{handler}#artifact_location") is None
     evaluation = ConfigParser.load_config_file(str(REPO / "bundles/common/configs/evaluate.json"))
     assert "default_artifact_location(tracking_uri=@tracking_uri)" in json.dumps(evaluation)
+
+
+def test_iteration_logging_leaves_out_a_critic_loss_a_method_without_critics_lacks():
+    # ERM's iterations report critic_loss NaN; MLflow logged it at every step.
+    parser = ConfigParser()
+    parser.read_config([str(REPO / file) for file in BUNDLES[0].config_files()])
+    transform = parser.get_parsed_content("mlflow#train_handler#output_transform")
+    assert transform({"loss": 0.5, "critic_loss": float("nan"), "mi_scale": 1.0}) == {"loss": 0.5, "mi_scale": 1.0}
