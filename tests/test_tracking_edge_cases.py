@@ -212,3 +212,14 @@ def test_a_run_whose_server_is_gone_is_not_ended_there(tmp_path, caplog):
     assert ended == []
     assert "does not answer" in caplog.text and "abc123 stays RUNNING" in caplog.text
     assert str(tmp_path / "models" / "erm-seed0") in caplog.text and "S3cret" not in caplog.text
+
+
+def test_an_evaluation_supersedes_only_evaluations_of_its_own_checkpoint(tmp_path):
+    # On a shared server Bob's "erm-seed0-evaluate" renamed Alice's as superseded by his.
+    uri, client, experiment = _store(tmp_path)
+    alice = log_report({"inverted/y_bacc": 0.6}, _report_file(tmp_path), uri, "edge", "run-evaluate", {"checkpoint": "/home/alice/model.pt"})
+    bob = log_report({"inverted/y_bacc": 0.8}, _report_file(tmp_path), uri, "edge", "run-evaluate", {"checkpoint": "/home/bob/model.pt"})
+    assert {run.info.run_id for run in runs_named(client, experiment, "run-evaluate")} == {alice, bob}
+    again = log_report({"inverted/y_bacc": 0.7}, _report_file(tmp_path), uri, "edge", "run-evaluate", {"checkpoint": "/home/alice/model.pt"})
+    assert {run.info.run_id for run in runs_named(client, experiment, "run-evaluate")} == {again, bob}
+    assert client.get_run(alice).data.tags[SUPERSEDED_TAG] == again

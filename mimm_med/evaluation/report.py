@@ -82,8 +82,10 @@ def log_report(
 ) -> str:
     """Log metrics and report files as an MLflow run ``run_name``; return its run id.
 
-    The newest evaluation keeps the name: once this run is logged, earlier runs of ``run_name`` are
-    renamed ``<run_name>-superseded-<start time>`` and tagged ``mimm_med.superseded_by``. A run whose
+    The newest evaluation keeps the name: once this run is logged, earlier runs of ``run_name`` that
+    evaluated the same checkpoint (the ``checkpoint`` param) are renamed
+    ``<run_name>-superseded-<start time>`` and tagged ``mimm_med.superseded_by``. Evaluations of other
+    checkpoints of that name (another folder's, another person's on a shared server) are left alone. A run whose
     logging fails is marked FAILED (KILLED on Ctrl-C) and renamed ``<run_name>-failed-<start time>``,
     and the earlier runs keep the name.
     """
@@ -92,7 +94,8 @@ def log_report(
     experiment_id = (
         experiment.experiment_id if experiment else client.create_experiment(experiment_name, artifact_location=artifact_location)
     )
-    earlier = runs_named(client, experiment_id, run_name)
+    checkpoint = (params or {}).get("checkpoint")
+    earlier = [run for run in runs_named(client, experiment_id, run_name) if run.data.params.get("checkpoint") == checkpoint]
     run = client.create_run(experiment_id, run_name=run_name)
     run_id = run.info.run_id
     try:
@@ -175,7 +178,7 @@ def evaluate_checkpoint(
     metrics = flatten_metrics(results)
     logged = ""
     if tracking_uri and experiment_name:
-        log_report(metrics, paths, tracking_uri, experiment_name, run_name or "evaluate", {**(params or {}), "checkpoint": str(checkpoint)}, artifact_location)
+        log_report(metrics, paths, tracking_uri, experiment_name, run_name or "evaluate", {**(params or {}), "checkpoint": str(Path(checkpoint).resolve())}, artifact_location)
         logged = f"; MLflow run {run_name or 'evaluate'!r} of experiment {experiment_name!r} at {printable_uri(tracking_uri)}"
     print(results_table(results))
     # The table alone does not say where the files went (``--bundle_root`` moves them).
