@@ -510,3 +510,18 @@ def test_a_tls_server_is_reachable_with_the_certificate_mlflow_is_told_of(tmp_pa
         require_reachable(uri, timeout=5)
     finally:
         server.shutdown()
+
+
+def test_a_run_deleted_on_the_server_is_replaced_not_updated(tmp_path, monkeypatch):
+    # A recorded run deleted in the UI is still found, and every update of it was refused ("must be in the 'active' state").
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    record = tmp_path / "mlflow_run.json"
+    _tracked_attempt(uri, mi_weight=1.0, fresh=True, fail=True)
+    client = MlflowClient(uri)
+    deleted = json.loads(record.read_text())["run_id"]
+    client.delete_run(deleted)
+    for fresh in (False, True):  # a resume, and a fresh start that would retire it
+        _tracked_attempt(uri, mi_weight=1.0, fresh=fresh, fail=False)
+        assert json.loads(record.read_text())["run_id"] != deleted
+        assert client.get_run(json.loads(record.read_text())["run_id"]).info.status == "FINISHED"

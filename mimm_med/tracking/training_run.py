@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ignite.engine import Engine
 from mlflow import MlflowClient
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import LifecycleStage, Run, RunStatus
 from mlflow.exceptions import MlflowException
 
 from mimm_med.data.writers import atomic_output
@@ -133,7 +133,12 @@ def _recorded_run(client: MlflowClient, record: Path | None) -> Run | None:
         return None
     run_id = json.loads(record.read_text(encoding="utf-8"))["run_id"]
     try:
-        return client.get_run(run_id)
+        run = client.get_run(run_id)
     except MlflowException:
-        logger.warning("%s names run %s, which %s does not hold", record, run_id, printable_uri(client.tracking_uri))
+        run = None
+    # A run deleted in the UI is still found, but refuses every update.
+    if run is None or run.info.lifecycle_stage == LifecycleStage.DELETED:
+        logger.warning("%s names run %s, which %s does not hold (or holds deleted); logging to a new run",
+                       record, run_id, printable_uri(client.tracking_uri))  # fmt: skip
         return None
+    return run

@@ -191,7 +191,7 @@ def require_reachable(uri: str, timeout: float = 10.0) -> None:
     except requests.RequestException as error:
         raise TrackingServerUnreachable(
             f"the MLflow tracking server {printable_uri(uri)} does not answer ({type(error).__name__}); start it, or point "
-            "--tracking-uri / MLFLOW_TRACKING_URI at a running one (unset both for the embedded SQLite store)"
+            "--tracking-uri (a bundle's --tracking_uri) or MLFLOW_TRACKING_URI at a running one (unset both for the embedded SQLite store)"
         ) from error
 
 
