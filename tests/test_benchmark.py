@@ -561,3 +561,15 @@ def test_benchmarks_side_by_side_prepare_a_shared_cache_once(tmp_path, capfd):
     assert [process.exitcode for process in processes] == [0, 0]
     assert [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)] == [[["s1", 0, 1]]] * 2
     assert "waiting for another process to prepare the slow stand-in" in capfd.readouterr().err
+
+
+def test_the_benchmark_records_its_tracking_uri_without_the_password():
+    # mlflow_run.json sits among the results; its URI is also what a rerun must match to resume the parent run.
+    from mimm_med.benchmark.tracking import BenchmarkTracker
+
+    tracker = BenchmarkTracker.__new__(BenchmarkTracker)  # no server to open here
+    recorded = set()
+    for uri in ("http://alice:S3cret@mlflow.example.org:5000", "http://alice:N3w@mlflow.example.org:5000/"):
+        tracker.uri = uri
+        recorded.add(tracker._recorded_uri)
+    assert recorded == {"http://alice:***@mlflow.example.org:5000"}
