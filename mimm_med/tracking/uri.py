@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import mlflow
 import requests
@@ -126,11 +126,7 @@ def printable_uri(uri: str) -> str:
     >>> printable_uri("postgresql://mlflow:secret@db.example.org:5432/mlflow")
     'postgresql://mlflow:***@db.example.org:5432/mlflow'
     """
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    return printable_text(uri)
 
 
 def printable_text(text: str) -> str:
