@@ -16,6 +16,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mimm_med.benchmark.matrix import Cell, cell_metrics
 from mimm_med.tracking import default_artifact_location, ended_status, require_reachable, resolve_tracking_uri
+from mimm_med.tracking.run_names import experiment_named
 from mimm_med.tracking.uri import keep_password_out_of_run_links, printable_uri
 
 RUN_FILE = "mlflow_run.json"
@@ -86,12 +87,7 @@ class BenchmarkTracker:
         return stored["run_id"]
 
     def _create(self, experiment: str, params: Mapping[str, Any]) -> str:
-        found = self.client.get_experiment_by_name(experiment)
-        if found:
-            experiment_id = found.experiment_id
-        else:
-            location = default_artifact_location(tracking_uri=self.uri)
-            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        experiment_id = experiment_named(self.client, experiment, default_artifact_location(tracking_uri=self.uri))
         run_id = self.client.create_run(experiment_id, run_name=self.run_file.parent.name).info.run_id
         try:
             self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])

@@ -16,7 +16,7 @@ from mimm_med.engines.resume import trained_checkpoint
 from mimm_med.evaluation.outputs import collect_outputs
 from mimm_med.evaluation.plots import plot_group_accuracy, plot_tsne
 from mimm_med.evaluation.protocol import evaluate_test_sets, flatten_metrics, results_table
-from mimm_med.tracking.run_names import runs_named, set_aside
+from mimm_med.tracking.run_names import experiment_named, runs_named, set_aside
 from mimm_med.tracking.training_run import ended_status
 from mimm_med.tracking.uri import keep_password_out_of_run_links, printable_uri, require_reachable
 
@@ -90,10 +90,7 @@ def log_report(
     and the earlier runs keep the name.
     """
     client = mlflow.MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment(experiment_name, artifact_location=artifact_location)
-    )
+    experiment_id = experiment_named(client, experiment_name, artifact_location)
     checkpoint = (params or {}).get("checkpoint")
     earlier = [run for run in runs_named(client, experiment_id, run_name) if run.data.params.get("checkpoint") == checkpoint]
     run = client.create_run(experiment_id, run_name=run_name)

@@ -1,4 +1,4 @@
-"""Runs of one name in an MLflow experiment: find them, and set one aside under a longer name."""
+"""MLflow experiments and runs by name: the experiment's id, the runs of one name, and one set aside under a longer name."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ import time
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-__all__ = ["filter_prefix", "runs_named", "set_aside"]
+__all__ = ["experiment_named", "filter_prefix", "runs_named", "set_aside"]
+
+
+def experiment_named(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
+    """The id of the experiment ``name``, created with ``artifact_location`` if the store has none of that name."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
 
 
 def filter_prefix(name: str) -> str:

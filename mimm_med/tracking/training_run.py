@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from mimm_med.data.writers import atomic_output
 from mimm_med.interruption import terminate_as_interrupt
 
-from .run_names import set_aside
+from .run_names import experiment_named, set_aside
 from .uri import TrackingServerUnreachable, keep_password_out_of_run_links, printable_uri, require_reachable
 
 if TYPE_CHECKING:
@@ -113,12 +113,7 @@ def _own_run(handler: MLFlowHandler, fresh: bool, record: Path | None) -> Run:
         logger.warning(
             "no record of the MLflow run of the resumed checkpoint (%s); the resumed epochs go to a new run", record
         )
-    experiment = client.get_experiment_by_name(handler.experiment_name)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment is not None
-        else client.create_experiment(handler.experiment_name, artifact_location=handler.artifact_location)
-    )
+    experiment_id = experiment_named(client, handler.experiment_name, handler.artifact_location)
     run = client.create_run(experiment_id, run_name=handler.run_name)
     if record is not None:
         record.parent.mkdir(parents=True, exist_ok=True)
