@@ -34,14 +34,15 @@ def stop_in_second_epoch(
 ) -> int:
     """Start ``command``, send it ``signum`` once the first epoch's checkpoint exists and the second epoch has begun.
 
-    The second epoch has begun when its first iteration is logged; the signal follows within one poll
-    (0.1 s), well before the epoch's last iteration. Returns the process's exit status.
+    The second epoch has begun when its second iteration is printed (the first one is then in
+    MLflow, logged before the second started); the signal follows within one poll (0.1 s), well
+    before the epoch's last iteration. Returns the process's exit status.
     """
     with log.open("w") as output:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
         try:
-            while not (checkpoint_files(bundle_root) and f"Epoch: 2/{epochs}, Iter: 1/" in log.read_text(encoding="utf-8", errors="replace")):
+            while not (checkpoint_files(bundle_root) and f"Epoch: 2/{epochs}, Iter: 2/" in log.read_text(encoding="utf-8", errors="replace")):
                 assert process.poll() is None, f"training ended before it could be stopped:\n{log.read_text(encoding='utf-8', errors='replace')[-4000:]}"
                 assert time.monotonic() < deadline, "no checkpoint and second epoch within 600 s"
                 time.sleep(0.1)
@@ -72,6 +73,9 @@ def test_killed_training_resumes_from_its_checkpoint_into_the_same_mlflow_run(br
     (killed_run,) = bundle_runs(uri)
     assert killed_run.info.status == "RUNNING"
     assert metric_steps(uri, killed_run.info.run_id, "train/loss") == [1]
+    iterations = before["trainer"]["epoch_length"]
+    killed_steps = metric_steps(uri, killed_run.info.run_id, "loss")
+    assert killed_steps[: iterations + 1] == list(range(1, iterations + 2))  # the second epoch had begun in MLflow
 
     resumed = subprocess.run(command, cwd=REPO, env=run_env(uri), capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     log = resumed.stdout + resumed.stderr
@@ -85,11 +89,12 @@ def test_killed_training_resumes_from_its_checkpoint_into_the_same_mlflow_run(br
     epochs = list(range(1, EPOCHS + 1))
     for key in ("train/loss", "train/dependence/sex", "train/task_weight/age_group", "val_bacc"):
         assert metric_steps(uri, run.info.run_id, key) == epochs, key
+    # each iteration logged once: the repeated ones of the killed epoch not again
+    assert metric_steps(uri, run.info.run_id, "loss") == list(range(1, EPOCHS * iterations + 1))
 
     # the saver's n_saved, the checkpoint of the killed run deleted once two newer ones exist
     assert [path.name for path in checkpoint_files(root)] == [f"checkpoint_checkpoint_epoch={epoch}.pt" for epoch in (2, 3)]
     final = load(latest_checkpoint(checkpoint_dir(root), "checkpoint_*.pt"))
-    iterations = before["trainer"]["epoch_length"]
     assert (before["trainer"]["iteration"], final["trainer"]["iteration"]) == (iterations, EPOCHS * iterations)
     # the optimizers continued from epoch 1: their steps count each epoch once, the killed iterations not
     assert final["optimizer"]["state"][0]["step"] == EPOCHS * iterations

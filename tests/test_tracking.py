@@ -440,6 +440,37 @@ def test_a_resumed_run_is_running_again_while_it_trains(tmp_path, monkeypatch):
     assert statuses == ["RUNNING"]  # was FAILED until the run ended
 
 
+def test_a_resumed_run_logs_only_the_iterations_its_killed_attempt_had_not_logged(tmp_path, monkeypatch):
+    # The killed attempt logged iterations of an epoch its checkpoint does not hold; the resumed run
+    # repeats them. The handler's own filter (odd iterations here) still applies.
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri, record = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlflow_run.json"
+
+    def attempt(fresh: bool, fail_at: int | None) -> None:
+        def step(engine: Engine, batch: int) -> dict[str, float]:
+            if engine.state.iteration == fail_at:
+                raise KeyboardInterrupt
+            return {"loss": float(engine.state.iteration)}
+
+        trainer = Engine(step)
+        handler = MLFlowHandler(tracking_uri=uri, experiment_name="attempts", run_name="attempt", epoch_log=False,
+                                iteration_log=lambda engine, iteration: iteration % 2 == 1, output_transform=lambda output: output)  # fmt: skip
+        handler.attach(trainer)
+        trainer.load_state_dict({"iteration": 0 if fresh else 4, "epoch_length": 4, "max_epochs": 2})  # a checkpoint at epoch 1
+        trainer.state.dataloader = [0] * 4
+        if fail_at is None:
+            run_tracked(trainer, handler, fresh=fresh, run_record=record)
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                run_tracked(trainer, handler, fresh=fresh, run_record=record)
+
+    attempt(fresh=True, fail_at=7)
+    attempt(fresh=False, fail_at=None)
+    run_id = json.loads(record.read_text())["run_id"]
+    history = MlflowClient(uri).get_metric_history(run_id, "loss")
+    assert sorted((metric.step, metric.value) for metric in history) == [(1, 1.0), (3, 3.0), (5, 5.0), (7, 7.0)]
+
+
 def test_training_does_not_start_when_the_tracking_server_does_not_answer(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     steps = []

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from mlflow import MlflowClient
 from mlflow.entities import LifecycleStage, Run, RunStatus
 from mlflow.exceptions import MlflowException
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from monai.handlers import MLFlowHandler
 
 __all__ = ["ended_status", "run_tracked"]
+
+# The trainer's per-iteration total loss (MIMMXTrainer's ``engine.state.output["loss"]``), logged at
+# every iteration by the MLFlowHandler, whose history shows how far an earlier attempt logged.
+ITERATION_KEY = "loss"
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,9 @@ def run_tracked(
     in the same folder (crashed before its first checkpoint) is marked FAILED and renamed
     ``<name>-failed-<start time>``, so that it stays visible and the new run takes the name. A resumed
     run continues its recorded run, marked RUNNING again; a checkpoint without a record of its run
-    continues in a new run, with a warning.
+    continues in a new run, with a warning. The iterations a resumed run repeats (those after its
+    checkpoint that the killed attempt had logged) are not logged again: MLflow would keep both
+    values at every such step, and on CPU the repeat gives the same values.
 
     Parameters
     ----------
@@ -80,6 +86,8 @@ def run_tracked(
         for follower in (handler, *followers):
             if follower is not None:
                 follower.cur_run = run
+        if not fresh:
+            _log_only_new_iterations(trainer, handler, run.info.run_id)
     try:
         with terminate_as_interrupt():
             trainer.run()
@@ -98,6 +106,20 @@ def _end_run(client: MlflowClient, run_id: str, status: str, record: str | Path 
                      lost, run_id, Path(record).parent if record is not None else "none recorded")  # fmt: skip
         return
     client.set_terminated(run_id, status)
+
+
+def _log_only_new_iterations(trainer: Engine, handler: MLFlowHandler, run_id: str) -> None:
+    """Re-attach ``handler``'s iteration logging behind a filter that also passes only the iterations ``run_id`` lacks."""
+    logged = max((metric.step for metric in handler.client.get_metric_history(run_id, ITERATION_KEY)), default=0)
+    if not logged or not trainer.has_event_handler(handler.iteration_completed, Events.ITERATION_COMPLETED):
+        return
+    chosen = handler.iteration_log if callable(handler.iteration_log) else (lambda engine, iteration: True)
+
+    def unlogged(engine: Engine, iteration: int) -> bool:
+        return iteration > logged and chosen(engine, iteration)
+
+    trainer.remove_event_handler(handler.iteration_completed, Events.ITERATION_COMPLETED)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(event_filter=unlogged), handler.iteration_completed)
 
 
 def _own_run(handler: MLFlowHandler, fresh: bool, record: Path | None) -> Run:
