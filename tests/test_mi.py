@@ -463,6 +463,16 @@ def test_equal_weights_change_nothing_and_bad_weights_are_refused():
         estimator(a, b, weights=-torch.ones(32))
 
 
+def test_club_fits_q_under_the_weights_its_bound_is_taken_over():
+    torch.manual_seed(0)
+    a, b, weights = _labelled_features(64, torch.Generator().manual_seed(0))
+    estimator = CLUB(2, 2, hidden_dim=16)
+    scores = estimator.pair_scores(standardize(a), standardize(b))
+    weighted_nll = -(scores.diagonal() * weights).sum() / weights.sum()
+    assert estimator.critic_loss(a, b, weights=weights).item() == pytest.approx(weighted_nll.item(), rel=1e-5)
+    assert estimator.critic_loss(a, b).item() == pytest.approx(-scores.diagonal().mean().item(), rel=1e-5)
+
+
 def test_distance_correlation_gradient_is_finite_for_a_constant_batch():
     a = torch.randn(8, 3, requires_grad=True)
     value = DistanceCorrelation()(a, torch.zeros(8, 2))  # one label value in the whole batch

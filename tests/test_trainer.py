@@ -240,6 +240,7 @@ def test_a_one_hot_label_is_named_with_its_shape():
         ({"y": 4, "z": 4}, {"y": 1, "z": 2}, {"conditional": True}, r"conditional=True .* \['y'\] are regression targets"),
         ({"y": 4, "z": 4}, {"y": 2, "z": 1}, {"balanced": True}, r"balanced=True .* \['z'\] are regression targets"),
         ({"y": 4, "z": 4}, {"y": 2, "z": 1}, {"reference": "labels"}, r"reference='labels' .* regression targets"),
+        ({"y": 4, "z": 4, "w": 4}, {"y": 2, "z": 2, "w": 2}, {"reference": "labels", "factor_pairs": True}, r"two factors' labels"),
     ],
 )
 def test_an_objective_whose_labels_cannot_serve_its_options_is_refused(part_sizes, num_classes, options, message):

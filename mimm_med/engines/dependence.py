@@ -115,6 +115,12 @@ class MutualInformationTerms(DependenceTerms):
             raise ValueError(f"reference must be 'features' or 'labels', got {reference!r}")
         if reference == "labels" and num_classes is None:
             raise ValueError("reference='labels' needs num_classes of every factor")
+        if reference == "labels" and factor_pairs:
+            raise ValueError(
+                "factor_pairs=True with reference='labels' would estimate the MI between two factors' labels, "
+                "which training cannot change (a constant that takes attention weight from the f_y terms): "
+                "use reference='features' for factor pairs"
+            )
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(ESTIMATORS)}")
         pairs = [(primary, z) for z in self.factors]

@@ -152,7 +152,7 @@ class CLUB(PairScoreEstimator):
 
     Î = mean_i log q(b_i | a_i) − mean_{i≠j} log q(b_j | a_i), an upper bound on I(a; b) while q
     approximates p(b | a) — the natural objective to *minimize*. :meth:`critic_loss` is the
-    negative log-likelihood of q on the observed pairs. q's mean and log-variance come from one MLP;
+    negative log-likelihood of q on the observed pairs, weighted as the bound's positives. q's mean and log-variance come from one MLP;
     the log-variance is squashed smoothly into (−``max_log_var``, ``max_log_var``) so a nearly
     deterministic b cannot drive the estimate to infinity. All B² log-likelihoods come from two
     (B, d)·(d, B) products, not B² MLP rows. With ``strata``, q stays unconditional on s.
@@ -204,7 +204,9 @@ class CLUB(PairScoreEstimator):
         return pairs.mean_positive(scores) - pairs.mean_negative(scores)
 
     def loss_from_scores(self, scores: Tensor, pairs: ContrastPairs) -> Tensor:
-        return -scores.diagonal().mean()
+        # q is fitted under the distribution the bound is taken over (the weighted anchors): fitted to
+        # the confounded batch, it would not bound the MI of the cell-balanced one.
+        return -pairs.mean_positive(scores)
 
 
 class GaussianMI(MutualInformationEstimator):
