@@ -9,6 +9,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import set_determinism
 
 from mimm_med.engines import METHODS, MIMMXObjective, MIMMXTrainer, TrainingDiverged
+from mimm_med.engines.trainer import _clipping_scale
 from mimm_med.networks import MIMMXNet
 
 PARTS = {"y": 8, "a": 4, "b": 4}
@@ -346,3 +347,19 @@ def test_an_mi_estimate_near_zero_raises_no_warning(caplog):
     with caplog.at_level("WARNING", logger="mimm_med.engines.trainer"):
         trainer.run()
     assert not [record for record in caplog.records if "never negative" in record.getMessage()]
+
+
+def test_the_clipping_scale_under_amp_is_taken_from_the_scaled_losses_so_a_small_task_gradient_does_not_vanish():
+    # A task gradient of 1e-8 per float16 activation underflows to zero, which would make α = 0 and
+    # switch the MI penalty off; the GradScaler's factor keeps it, and α is the float32 one.
+    torch.manual_seed(0)
+    weight, x = torch.nn.Parameter(torch.randn(8, 8)), torch.randn(16, 8)
+
+    def scale(cast, scaler):
+        activations = cast(x @ weight)
+        return _clipping_scale(1e-8 * activations.float().sum(), activations.float().pow(2).mean(), [weight], scaler)
+
+    exact = scale(lambda t: t, None)
+    assert exact > 0
+    assert scale(torch.Tensor.half, None) == 0.0  # the underflow itself
+    assert scale(torch.Tensor.half, torch.amp.GradScaler("cpu", init_scale=2.0**16)).item() == pytest.approx(exact.item(), rel=0.01)

@@ -49,6 +49,20 @@ def _mean_over_ranks(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
     return [None if grad is None else next(chunks).view_as(grad) for grad in grads]
 
 
+def _clipping_scale(task_total: Tensor, penalty: Tensor, shared: Sequence[Tensor], scaler: torch.amp.GradScaler | None) -> Tensor:
+    """MIMM-X's ``α`` from the gradients of the task loss and the MI penalty at the ``shared`` layer.
+
+    Under AMP both losses are differentiated as the ``scaler`` scales them for the backward: a small
+    MI gradient through float16 activations would otherwise underflow to zero. ``α`` depends only on
+    the ratio of the two norms, so the common factor leaves it unchanged.
+    """
+    scaled = scaler.scale if scaler is not None else (lambda loss: loss)
+    task_grads = torch.autograd.grad(scaled(task_total), shared, retain_graph=True, allow_unused=True)
+    mi_grads = torch.autograd.grad(scaled(penalty), shared, retain_graph=True, allow_unused=True)
+    grads = _mean_over_ranks([*task_grads, *mi_grads])
+    return adaptive_mi_scale(grads[: len(shared)], grads[len(shared) :])
+
+
 class NegativeMIWarning:
     """Warn, once per term, when an MI term's mean over an epoch is below ``-tolerance`` nats.
 
@@ -346,10 +360,7 @@ class MIMMXTrainer(Trainer):
             penalty = (weights * torch.stack(list(terms.values()))).sum()
             scale = torch.ones((), device=penalty.device)
             if objective.spec.adaptive_scaling:
-                task_grads = torch.autograd.grad(task_total, shared, retain_graph=True, allow_unused=True)
-                mi_grads = torch.autograd.grad(penalty, shared, retain_graph=True, allow_unused=True)
-                grads = _mean_over_ranks([*task_grads, *mi_grads])
-                scale = adaptive_mi_scale(grads[: len(shared)], grads[len(shared) :])
+                scale = _clipping_scale(task_total, penalty, shared, self.scaler)
                 if self.scaler is None:
                     self._check_finite(engine, "MI gradient scale α (a gradient at the shared layer overflowed)", scale)
             # λ multiplies after the clip (DESIGN §2), so the MI gradient at the shared layer is at most
