@@ -398,3 +398,21 @@ def test_gradnorm_losses_at_zero_give_a_finite_loss_and_negative_losses_are_refu
         gradnorm.gradnorm_loss({"small": -losses["small"], "large": losses["large"]}, parameters)
     with pytest.raises(ValueError, match="alpha must be >= 0 and finite"):
         GradNorm(["y"], alpha=float("inf"))
+
+
+def test_gradnorm_under_amp_takes_the_norms_from_scaled_losses_so_small_ones_do_not_underflow():
+    # A task whose gradient per float16 activation is 1e-8 reads as a zero norm unscaled; with the
+    # GradScaler's factor the GradNorm loss and its weight gradient are those of float32.
+    torch.manual_seed(0)
+    weight, x = nn.Parameter(torch.randn(8, 8)), torch.randn(16, 8)
+
+    def weight_gradient(cast, loss_scale):
+        activations = cast(x @ weight).float()
+        losses = {"small": 1e-8 * activations.sum().abs(), "large": activations.pow(2).mean()}
+        gradnorm = GradNorm(["small", "large"])
+        loss = gradnorm.gradnorm_loss(losses, [weight], loss_scale)
+        return torch.autograd.grad(loss, [gradnorm.weights])[0]
+
+    exact = weight_gradient(lambda t: t, 1.0)
+    assert not torch.allclose(weight_gradient(torch.Tensor.half, 1.0), exact, rtol=0.01)  # the underflow itself
+    torch.testing.assert_close(weight_gradient(torch.Tensor.half, 2.0**16), exact, rtol=0.01, atol=0.0)

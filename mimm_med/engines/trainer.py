@@ -123,7 +123,9 @@ class MIMMXTrainer(Trainer):
     3. encoder phase: one step of network and heads on ``L = Σ w_t·L_t + λ·α·Σ a_k·D_k`` with the
        critics frozen (their gradients are discarded). For MIMM-X, ``α`` clips the MI gradient at the
        network's last shared layer to the task gradient's norm, and GradNorm updates the task
-       weights ``w`` through ``gradnorm_optimizer``.
+       weights ``w`` through ``gradnorm_optimizer``. Under AMP both take their shared-layer gradients
+       from the losses as the ``GradScaler`` scales them, so that small ones do not underflow in
+       float16; a GradNorm update whose gradients overflow is skipped, as the scaler skips the step.
 
     Under ``torch.distributed`` (the network wrapped in ``DistributedDataParallel``) the critics see the
     global batch (:func:`mimm_med.mi.gather_batch`), so the MI estimates, critic updates and attention
@@ -372,10 +374,13 @@ class MIMMXTrainer(Trainer):
 
         gradnorm_grads = None
         if objective.gradnorm is not None:
-            gradnorm_loss = objective.gradnorm.gradnorm_loss(task_losses, shared)
+            loss_scale = self.scaler.get_scale() if self.scaler is not None else 1.0
+            gradnorm_loss = objective.gradnorm.gradnorm_loss(task_losses, shared, loss_scale)
             gradnorm_grads = _mean_over_ranks(
                 torch.autograd.grad(gradnorm_loss, list(objective.gradnorm.parameters()), retain_graph=True)
             )
+            if self.scaler is not None and not all(bool(torch.isfinite(grad).all()) for grad in gradnorm_grads):
+                gradnorm_grads = None  # overflowed at this loss scale: skipped, as the GradScaler skips the step
 
         if self.scaler is not None:
             self.scaler.scale(total).backward()

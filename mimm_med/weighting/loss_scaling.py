@@ -149,7 +149,7 @@ class GradNorm(nn.Module):
         return (self.weights.detach().to(stacked.dtype) * stacked).sum()
 
     def gradnorm_loss(
-        self, losses: Mapping[str, torch.Tensor], shared_parameters: Iterable[torch.Tensor]
+        self, losses: Mapping[str, torch.Tensor], shared_parameters: Iterable[torch.Tensor], loss_scale: float = 1.0
     ) -> torch.Tensor:
         """GradNorm loss; its gradient reaches ``self.weights`` only.
 
@@ -160,6 +160,10 @@ class GradNorm(nn.Module):
             for the model's own backward pass).
         shared_parameters
             Parameters of the last shared layer, where the gradient norms are compared.
+        loss_scale
+            Factor the losses are multiplied by before they are differentiated, and the norms divided
+            by after: AMP's ``GradScaler.get_scale()``, so that gradients through float16 activations
+            do not underflow. A scale at which they overflow gives a non-finite loss.
         """
         stacked = self._stack(losses)
         if bool((stacked.detach() < 0).any()):
@@ -172,7 +176,7 @@ class GradNorm(nn.Module):
             )
         # G_i = |grad_W w_i L_i| = w_i |grad_W L_i| as w_i > 0: the gradient w.r.t. w equals the
         # create_graph one, without a double-backward graph that would also reach W.
-        unweighted = torch.stack([self._grad_norm(name, losses[name], shared) for name in self.task_names])
+        unweighted = torch.stack([self._grad_norm(name, losses[name], shared, loss_scale) for name in self.task_names])
         norms = self.weights * unweighted.to(self.weights.device)
         loss_ratios = stacked.detach().float() / self._initial_losses(stacked)
         # All losses at exactly 0 (a perfectly fit batch) give the target 0 instead of 0 / 0 = NaN.
@@ -226,11 +230,11 @@ class GradNorm(nn.Module):
         return self.initial_losses
 
     @staticmethod
-    def _grad_norm(name: str, loss: torch.Tensor, shared: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _grad_norm(name: str, loss: torch.Tensor, shared: Sequence[torch.Tensor], loss_scale: float) -> torch.Tensor:
         if not loss.requires_grad:
             raise ValueError(f"GradNorm: the loss of task {name!r} does not require grad; pass it before detaching.")
-        grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
-        return _global_norm(grads)
+        grads = torch.autograd.grad(loss * loss_scale, shared, retain_graph=True, allow_unused=True)
+        return _global_norm(grads) / loss_scale
 
     def extra_repr(self) -> str:
         return f"task_names={list(self.task_names)}, alpha={self.alpha}"
