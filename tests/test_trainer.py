@@ -363,3 +363,16 @@ def test_the_clipping_scale_under_amp_is_taken_from_the_scaled_losses_so_a_small
     assert exact > 0
     assert scale(torch.Tensor.half, None) == 0.0  # the underflow itself
     assert scale(torch.Tensor.half, torch.amp.GradScaler("cpu", init_scale=2.0**16)).item() == pytest.approx(exact.item(), rel=0.01)
+
+
+def test_steps_that_overflow_at_the_amp_loss_scale_are_skipped_and_leave_gradnorm_as_it_was():
+    # A loss scale far too high (as AMP's first steps may hold) overflows every gradient: the GradScaler
+    # skips the network's steps and lowers its scale, and GradNorm skips its update with them.
+    set_determinism(0)
+    trainer = _build("mimmx")
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=3e38)
+    network, task_weights = _snapshot(trainer.network), _snapshot(trainer.objective.gradnorm)
+    trainer.run()
+    assert _same(network, _snapshot(trainer.network))
+    assert _same(task_weights, _snapshot(trainer.objective.gradnorm))
+    assert trainer.scaler.get_scale() < 3e38
