@@ -98,11 +98,28 @@ def run_subcommand(argv: Sequence[str], allowed: tuple[int, ...] = (0,)) -> int:
     ------
     SystemExit
         With a message naming the command when its exit status is not in ``allowed``.
+    KeyboardInterrupt
+        When the sub-command was stopped by Ctrl-C or SIGTERM: the caller stops as its own would stop it.
     """
     status = main(argv)
+    if status == EXIT_INTERRUPTED:
+        raise KeyboardInterrupt
     if status not in allowed:
         raise SystemExit(f"mimm-med {' '.join(argv)} exited with {status}")
     return status
+
+
+def subcommand_folder(folder: Path, argv: Sequence[str], resume: bool = False, allowed: tuple[int, ...] = (0,)) -> Path:
+    """``folder``, written by the sub-command ``argv`` (given ``--out``) unless a completed one exists.
+
+    The sub-command writes to a partial folder, renamed when it succeeds
+    (:func:`~mimm_med.data.writers.completed_folder`): a run stopped midway never leaves ``folder``
+    half-made for the next to take as whole. ``resume`` hands a stopped run's partial folder to the
+    next one (``preprocess`` skips the images it finished).
+    """
+    from mimm_med.data.writers import completed_folder
+
+    return completed_folder(folder, lambda partial: run_subcommand([*argv, "--out", str(partial)], allowed), resume)
 
 
 if __name__ == "__main__":

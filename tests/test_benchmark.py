@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from filelock import FileLock
 import torch
 from mlflow import MlflowClient
 
@@ -116,9 +117,27 @@ def test_resume_skips_finished_cells(tmp_path, fake_training):
     with pytest.raises(StaleCellError, match="epochs"):
         run_matrix(cells, datasets, tmp_path, {"epochs": 2}, progress=False)
     damaged = tmp_path / "cells" / f"{cells[0].key}.json"
-    damaged.write_text(damaged.read_text()[:100])
+    damaged.write_text(damaged.read_text(encoding="utf-8")[:100])
     with pytest.raises(StaleCellError, match=rf"{damaged.name} is not a readable cell .*delete it"):
         run_matrix(cells, datasets, tmp_path, {"epochs": 1}, progress=False)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, r"holds the result of another cell, \{'dataset': 'tiny', 'method': 'mimmx'"),  # a copied cell file
+        (b'{"cell": {}}', r"is no cell result \(it lacks \['options'\]\)"),
+        (b"[1, 2]", r"is no cell result \(not a JSON object\)"),
+        (b'{"options": \xff}', r"is not a readable cell .*delete it"),  # not UTF-8
+    ],
+)
+def test_a_cell_file_that_holds_no_result_of_its_cell_is_refused_naming_it(tmp_path, fake_training, content, message):
+    cells = plan_cells(["tiny"], ["erm", "mimmx"], [0.9], [0])
+    run_matrix(cells, {"tiny": TinyData()}, tmp_path, {"epochs": 1}, progress=False)
+    erm, mimmx = (tmp_path / "cells" / f"{cell.key}.json" for cell in cells)
+    erm.write_bytes(mimmx.read_bytes() if content is None else content)
+    with pytest.raises(StaleCellError, match=rf"{erm.name} {message}"):
+        run_matrix(cells, {"tiny": TinyData()}, tmp_path, {"epochs": 1}, progress=False)
 
 
 def test_a_crash_in_the_middle_of_a_cell_keeps_the_cells_before_it(tmp_path, fake_training, monkeypatch):
@@ -284,7 +303,7 @@ def test_a_data_set_whose_every_cell_diverged_costs_its_plots_not_the_page(tmp_p
     results = [result("digits", {"inverted/y_bacc": 0.6, "leakage/z": 0.55}), result("brain", {}, "loss NaN at epoch 1")]
     paths = write_results(results, tmp_path)
     assert {path.name for path in tmp_path.glob("*.png")} == {"inverted_vs_correlation_digits.png", "leakage_vs_correlation_digits.png"}
-    page = paths["markdown"].read_text()
+    page = paths["markdown"].read_text(encoding="utf-8")
     assert "Training diverged (loss NaN; no figures): erm at r = 0.9, seed 0." in page
     assert plot_vs_correlation(long_format(results), "brain", tmp_path / "brain") == []
 
@@ -383,7 +402,7 @@ def test_unknown_dataset_is_named():
         make_datasets(["mnist"], "unused")
 
 
-def test_quick_path_end_to_end(tmp_path, monkeypatch):
+def test_quick_path_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(SCALES["quick"], "digits", {"limit": 120})
     out, docs, uri = tmp_path / "out", tmp_path / "docs" / "results.md", f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = ["benchmark", "--quick", "--datasets", "digits", "--methods", "erm,mimmx,oracle", "--epochs", "2",
@@ -392,18 +411,18 @@ def test_quick_path_end_to_end(tmp_path, monkeypatch):
     frame = pd.read_csv(out / "results.csv")
     assert tuple(frame.columns) == COLUMNS
     assert set(frame["method"]) == {"erm", "mimmx", "oracle"} and set(frame["correlation"]) == {0.9, 0.98}
-    page = (out / "results.md").read_text()
+    page = (out / "results.md").read_text(encoding="utf-8")
     assert "inverted balanced accuracy" in page and "leakage of thickness" in page and "| method | digits, r = 0.9 → 0.98 |" in page
     assert "### inverted AUROC" in page and "### gap to the oracle, inverted balanced accuracy (points)" in page
     for kind in ("inverted", "leakage"):
         assert (out / f"{kind}_vs_correlation_digits.png").stat().st_size > 0
         assert (docs.parent / "results" / f"{kind}_vs_correlation_digits.png").is_file()
-    published = docs.read_text()
+    published = docs.read_text(encoding="utf-8")
     assert "mimm-med benchmark --quick --datasets digits --methods erm,mimmx,oracle" in published
     assert "](results/inverted_vs_correlation_digits.png)" in published
 
     client = MlflowClient(uri)
-    parent = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    parent = json.loads((out / "mlflow_run.json").read_text(encoding="utf-8"))["run_id"]
 
     def children() -> list:
         experiment = client.get_run(parent).info.experiment_id
@@ -411,7 +430,7 @@ def test_quick_path_end_to_end(tmp_path, monkeypatch):
 
     assert len(children()) == 6 and all("inverted/y_bacc" in run.data.metrics for run in children())
     for path in (out / "cells").glob("*_r0.9_seed0.json"):
-        cell = json.loads(path.read_text())
+        cell = json.loads(path.read_text(encoding="utf-8"))
         for name in cell["history"][0].keys() - {"epoch"}:  # the per-epoch training curves, e.g. MIMM-X's MI estimates
             curve = client.get_metric_history(cell["mlflow"]["run_id"], f"train/{name}")
             assert [(point.step, point.value) for point in curve] == [(epoch["epoch"], epoch[name]) for epoch in cell["history"]]
@@ -421,8 +440,17 @@ def test_quick_path_end_to_end(tmp_path, monkeypatch):
     assert artifacts >= {"results.csv", "results.md", "inverted_vs_correlation_digits.png"}
     # resumed: nothing trained or logged twice, same parent run
     assert main(argv) == 0
-    assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == parent
+    assert json.loads((out / "mlflow_run.json").read_text(encoding="utf-8"))["run_id"] == parent
     assert len(children()) == 6
+    # another --experiment: a parent run there, holding the stored cells (was: logged on into the old one)
+    assert main([*argv, "--experiment", "elsewhere"]) == 0
+    moved = json.loads((out / "mlflow_run.json").read_text(encoding="utf-8"))["run_id"]
+    assert moved != parent and client.get_experiment(client.get_run(moved).info.experiment_id).name == "elsewhere"
+    assert len(client.search_runs([client.get_run(moved).info.experiment_id], f"tags.mlflow.parentRunId = '{moved}'")) == 6
+    (out / "mlflow_run.json").write_text('{"tracking_uri": "x"}', encoding="utf-8")  # damaged: was a KeyError traceback
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert f"{out / 'mlflow_run.json'} is damaged (KeyError: 'run_id'); delete it" in capsys.readouterr().err
 
 
 def test_sigterm_ends_the_benchmark_as_killed_with_its_resume_hint(tmp_path):
@@ -443,7 +471,7 @@ def test_sigterm_ends_the_benchmark_as_killed_with_its_resume_hint(tmp_path):
     assert process.returncode in (130, -signal.SIGINT), stdout[-2000:] + stderr[-2000:]
     assert f"finished cells are kept in {out / 'cells'}; run the same command to resume" in stderr
     assert "mimm-med benchmark: interrupted" in stderr and "Traceback" not in stderr
-    parent = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    parent = json.loads((out / "mlflow_run.json").read_text(encoding="utf-8"))["run_id"]
     assert MlflowClient(uri).get_run(parent).info.status == "KILLED"
 
 
@@ -473,11 +501,25 @@ def test_an_unwritable_out_or_unreachable_server_stops_before_any_cell(tmp_path,
     assert "names an MLflow file store" in capsys.readouterr().err
     argv[-1] = "foo://x"  # a scheme MLflow has no store for: was an UnsupportedModelRegistryStoreURIException traceback
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
-    assert "unsupported URI 'foo://x'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unsupported URI 'foo://x'" in err and err.endswith("give --tracking-uri (or MLFLOW_TRACKING_URI) as sqlite:///path/to/mlflow.db or the http(s):// address of a server\n")
     argv[-1] = uri
     assert main([*argv, "--out", str(tmp_path / "out"), "--docs", str(blocked / "results.md")]) == 2
     assert f"cannot write --docs {blocked / 'results.md'}" in capsys.readouterr().err
+    brain = [*argv, "--datasets", "brain", "--quick", "--out", str(tmp_path / "out")]
+    assert main([*brain, "--cache", str(blocked)]) == 2  # was a FileExistsError traceback after the run was created
+    assert f"cannot write --cache {blocked}: {blocked} is a file, not a folder" in capsys.readouterr().err
+    stale = tmp_path / "stale" / "cells" / "digits_erm_r0.9_seed0.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    assert main([*argv, "--out", str(stale.parent.parent)]) == 2
+    assert f"{stale} is no cell result" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    with FileLock(tmp_path / "busy" / "benchmark.lock"):  # another benchmark writing there
+        assert main([*argv, "--out", str(tmp_path / "busy")]) == 2
+    assert f"another benchmark is running in {tmp_path / 'busy'}; wait for it to finish" in capsys.readouterr().err
     assert fake_training == []
+    assert MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()]) == []
 
 
 def test_a_cell_stored_with_other_settings_stops_the_benchmark_before_any_training(tmp_path, fake_training):
@@ -559,7 +601,7 @@ def test_benchmarks_side_by_side_prepare_a_shared_cache_once(tmp_path, capfd):
     for process in processes:
         process.join(60)
     assert [process.exitcode for process in processes] == [0, 0]
-    assert [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)] == [[["s1", 0, 1]]] * 2
+    assert [json.loads((tmp_path / f"{i}.json").read_text(encoding="utf-8")) for i in range(2)] == [[["s1", 0, 1]]] * 2
     assert "waiting for another process to prepare the slow stand-in" in capfd.readouterr().err
 
 

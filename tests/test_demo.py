@@ -61,3 +61,30 @@ def test_the_demo_refuses_counts_below_their_minimum_before_any_work(repository_
     assert exit_info.value.code == 2
     assert f"argument {option}: must be at least" in capsys.readouterr().err
     assert not (repository_copy / "brain").exists()
+
+
+def test_a_preparation_stopped_midway_is_finished_on_the_rerun_not_taken_as_whole(repository_copy: Path, monkeypatch):
+    # Stopped while preprocessing NAKO, the demo (and the benchmark's brain stand-in) used to leave
+    # processed/nako with a manifest of the images done so far, which every later run took as whole.
+    import mimm_med.data.preprocess as preprocessing
+    from mimm_med.commands.demo import prepare
+
+    real_run_tasks, calls = preprocessing.run_tasks, []
+
+    def stopped_in_the_second(todo, config, workers):
+        calls.append(len(todo))
+        for index, result in enumerate(real_run_tasks(todo, config, workers)):
+            if len(calls) == 2 and index == 5:
+                raise KeyboardInterrupt  # Ctrl-C after five NAKO images
+            yield result
+
+    monkeypatch.setattr(preprocessing, "run_tasks", stopped_in_the_second)
+    workdir = repository_copy / "brain"
+    with pytest.raises(KeyboardInterrupt):
+        prepare(workdir, subjects=60, resolution_mm=6.0, size=16, correlation=0.9, seed=0)
+    assert not (workdir / "processed" / "nako").exists() and not (workdir / "splits").exists()
+    splits = prepare(workdir, subjects=60, resolution_mm=6.0, size=16, correlation=0.9, seed=0)
+    assert calls == [60, 60, 55]  # the rerun resumed NAKO's preprocessing, UKB's was complete
+    manifest = (workdir / "processed" / "nako" / "manifest.csv").read_text().splitlines()
+    assert len(manifest) == 1 + 60 and all(line.endswith(",ok") for line in manifest[1:])
+    assert not (workdir / "processed" / "nako.partial").exists() and (splits / "train.csv").is_file()

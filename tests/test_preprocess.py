@@ -376,7 +376,7 @@ def test_unwritable_out_is_an_output_error_naming_it(brain, tmp_path, monkeypatc
     raw, records, problems = brain
     (tmp_path / "file").write_text("not a folder")
     for out in (tmp_path / "file", tmp_path / "file" / "out"):
-        with pytest.raises(OutputError, match=rf"cannot write --out {out}: .*; choose a writable folder"):
+        with pytest.raises(OutputError, match=rf"cannot write --out {out}: {tmp_path / 'file'} is a file, not a folder; choose another folder"):
             run(records, problems, raw, out)
 
     def read_only(self, *args, **kwargs):  # the tests run as root, whom chmod does not stop

@@ -40,6 +40,7 @@ from mimm_med.benchmark.matrix import (
     plan_cells,
     run_cell,
     run_matrix,
+    stored_cells,
 )
 from mimm_med.benchmark.results import (
     COLUMNS,
@@ -80,6 +81,7 @@ __all__ = [
     "results_markdown",
     "run_cell",
     "run_matrix",
+    "stored_cells",
     "summarize",
     "write_results",
 ]

@@ -29,7 +29,7 @@ import pandas as pd
 from filelock import FileLock, Timeout
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, ScaleIntensityRanged
 
-from mimm_med.cli import run_subcommand
+from mimm_med.cli import subcommand_folder
 from mimm_med.data.cohort_card import SHIPPED_CARDS
 from mimm_med.data.confounding import cell_counts, confounded_splits, missed_correlations
 from mimm_med.data.datalist import manifest_datalist
@@ -304,16 +304,14 @@ class ChestXrayStandinData(ManifestData):
         if not key_file.exists():
             # A random key here changed the quick r = 0.9 training set from 178 to 159 images between machines.
             write_synthetic_cohort_key(key_file, f"mimm-med benchmark, {self.name} stand-in")
-        if not raw.exists():
-            # Generate at about the output resolution: the phantom is smooth, finer pixels only cost time.
-            resolution = max(FIELD_MM) / (2 * self.size)
-            run_subcommand(["cohort", "generate", "chexpert", "--n", str(self.patients), "--out", str(raw),
-                            "--resolution-mm", f"{resolution:.3f}", "--no-progress"])  # fmt: skip
-        if not (processed / "manifest.csv").exists():
-            # Status 1: rows dropped by the card's policies (uncertain effusion, unknown sex), listed in errors.csv.
-            run_subcommand(["preprocess", "--cohort", str(SHIPPED_CARDS / "chexpert.yaml"), "--raw", str(raw), "--out", str(processed),
-                            "--key-file", str(key_file), "--set", f"spatial_size={self.size}", "--no-progress"],
-                           allowed=(0, 1))  # fmt: skip
+        # Generate at about the output resolution: the phantom is smooth, finer pixels only cost time.
+        resolution = max(FIELD_MM) / (2 * self.size)
+        subcommand_folder(raw, ["cohort", "generate", "chexpert", "--n", str(self.patients),
+                                "--resolution-mm", f"{resolution:.3f}", "--no-progress"])  # fmt: skip
+        # Status 1: rows dropped by the card's policies (uncertain effusion, unknown sex), listed in errors.csv.
+        subcommand_folder(processed, ["preprocess", "--cohort", str(SHIPPED_CARDS / "chexpert.yaml"), "--raw", str(raw),
+                                      "--key-file", str(key_file), "--set", f"spatial_size={self.size}", "--no-progress"],
+                          resume=True, allowed=(0, 1))  # fmt: skip
         return processed / "manifest.csv"
 
 

@@ -160,8 +160,8 @@ def save_cell(path: Path, result: Mapping[str, Any]) -> None:
         tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
 
 
-def load_cell(path: Path, options: Mapping[str, Any], train_transform: str | None = None) -> dict[str, Any]:
-    """Read a finished cell and check it was run with the same ``options`` and training augmentation.
+def load_cell(path: Path, cell: Cell, options: Mapping[str, Any], train_transform: str | None = None) -> dict[str, Any]:
+    """Read the finished ``cell`` from ``path`` and check it was run with the same ``options`` and training augmentation.
 
     ``train_transform`` is the :func:`transform_name` of the augmentation this benchmark uses for the
     cell's data set; cells stored before augmentation was recorded count as not augmented.
@@ -169,14 +169,23 @@ def load_cell(path: Path, options: Mapping[str, Any], train_transform: str | Non
     Raises
     ------
     StaleCellError
-        If the stored options or augmentation differ: mixing settings in one table would be silently wrong.
+        If the file is damaged, holds another cell's result, or the stored options or augmentation
+        differ: mixing them into one table would be silently wrong.
     """
+    # the benchmark writes cells atomically, so only a damaged, copied or hand-edited file fails here
+    remedy = "delete it and that cell is run again"
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        # the benchmark writes cells atomically, so only a damaged or hand-edited file gets here
-        raise StaleCellError(f"{path} is not a readable cell ({error}); delete it and that cell is run again") from None
-    stored = (result["options"], result.get("train_transform"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StaleCellError(f"{path} is not a readable cell ({error}); {remedy}") from None
+    if not isinstance(result, dict):
+        raise StaleCellError(f"{path} is no cell result (not a JSON object); {remedy}")
+    missing = [key for key in ("cell", "options") if key not in result]
+    if missing:
+        raise StaleCellError(f"{path} is no cell result (it lacks {missing}); {remedy}")
+    stored, holds = (result["options"], result.get("train_transform")), result["cell"]
+    if holds != asdict(cell):
+        raise StaleCellError(f"{path} holds the result of another cell, {holds}, not of {asdict(cell)}; {remedy}")
     if stored != (dict(options), train_transform):
         raise StaleCellError(
             f"{path} was run with {result['options']} and training augmentation {stored[1]}, this benchmark "
@@ -184,6 +193,25 @@ def load_cell(path: Path, options: Mapping[str, Any], train_transform: str | Non
             "cells/ to start over"
         )
     return result
+
+
+def stored_cells(
+    cells: Iterable[Cell], datasets: Mapping[str, BenchmarkDataset], out: str | Path, options: Mapping[str, Any]
+) -> dict[Cell, dict[str, Any]]:
+    """The results of the ``cells`` already stored under ``out``, each checked by :func:`load_cell`.
+
+    Raises
+    ------
+    StaleCellError
+        If one is damaged, another cell's, or was run with other settings.
+    """
+    cells = list(cells)
+    augmentation = {name: transform_name(datasets[name].train_transform()) for name in {cell.dataset for cell in cells}}
+    return {
+        cell: load_cell(cell_path(out, cell), cell, options, augmentation[cell.dataset])
+        for cell in cells
+        if cell_path(out, cell).exists()
+    }
 
 
 def run_matrix(
@@ -228,13 +256,8 @@ def run_matrix(
     True
     """
     cells = list(cells)
-    augmentation = {name: transform_name(datasets[name].train_transform()) for name in {cell.dataset for cell in cells}}
     # Every stored cell is read first: one of other settings stops the run before any training, not hours in.
-    stored = {
-        cell: load_cell(cell_path(out, cell), options, augmentation[cell.dataset])
-        for cell in cells
-        if cell_path(out, cell).exists()
-    }
+    stored = stored_cells(cells, datasets, out, options)
     todo = [cell for cell in cells if cell not in stored]
     for name in dict.fromkeys(cell.dataset for cell in todo):
         datasets[name].prepare()

@@ -66,7 +66,7 @@ class BenchmarkTracker:
         self.run_file = Path(out) / RUN_FILE
         # before any MLflow run exists: an --out that cannot be written must not leave one RUNNING
         self.run_file.parent.mkdir(parents=True, exist_ok=True)
-        self.run_id = self._resume() or self._create(experiment, params)
+        self.run_id = self._resume(experiment) or self._create(experiment, params)
         self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
 
     @property
@@ -74,17 +74,28 @@ class BenchmarkTracker:
         """The URI as ``mlflow_run.json`` keeps it: without its password (the file sits among the results), nor a final slash."""
         return printable_uri(self.uri).rstrip("/")
 
-    def _resume(self) -> str | None:
+    def _resume(self, experiment: str) -> str | None:
+        """The recorded parent run, RUNNING again; ``None`` if it is of another store or experiment, or gone."""
         if not self.run_file.exists():
             return None
-        stored = json.loads(self.run_file.read_text(encoding="utf-8"))
-        if stored["tracking_uri"] != self._recorded_uri:
+        try:
+            stored = json.loads(self.run_file.read_text(encoding="utf-8"))
+            recorded_uri, run_id = stored["tracking_uri"], stored["run_id"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"{self.run_file} is damaged ({type(error).__name__}: {error}); delete it and the benchmark logs "
+                "to a new parent run (its finished cells are kept)"
+            ) from None
+        if recorded_uri != self._recorded_uri:
             return None
         try:
-            self.client.update_run(stored["run_id"], status="RUNNING")
+            run = self.client.get_run(run_id)
+            if self.client.get_experiment(run.info.experiment_id).name != experiment:
+                return None  # --experiment changed: a parent run there, the stored cells logged into it again
+            self.client.update_run(run_id, status="RUNNING")
         except MlflowException:  # deleted, or the store was wiped
             return None
-        return stored["run_id"]
+        return run_id
 
     def _create(self, experiment: str, params: Mapping[str, Any]) -> str:
         experiment_id = experiment_named(self.client, experiment, default_artifact_location(tracking_uri=self.uri))

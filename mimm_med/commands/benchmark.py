@@ -250,8 +250,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
         make_datasets,
         plan_cells,
         run_matrix,
+        stored_cells,
         write_results,
     )
+    from filelock import FileLock, Timeout
     from mlflow.exceptions import MlflowException
 
     from mimm_med.benchmark.matrix import cell_path
@@ -282,7 +284,19 @@ def run_benchmark(args: argparse.Namespace) -> int:
     cells = plan_cells(args.datasets, args.methods, args.correlations, range(args.seeds))
     command = command_line(args)
     start = time.perf_counter()
-    stored = sum(cell_path(args.out, cell).exists() for cell in cells)
+    try:  # before the MLflow run: a refused benchmark leaves none
+        stored = len(stored_cells(cells, datasets, args.out, options))
+    except StaleCellError as error:
+        print(f"mimm-med benchmark: {error}", file=sys.stderr)
+        return 2
+    for dataset in datasets.values():
+        cache = getattr(dataset, "cache", None)
+        try:
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            print(f"mimm-med benchmark: {cannot_write(f'--cache {args.cache}', error)}", file=sys.stderr)
+            return 2
     print(f"{len(cells)} cells ({stored} stored, {len(cells) - stored} to run) -> {args.out}\n{command}", flush=True)
     params = {**options, "datasets": args.datasets, "methods": args.methods, "correlations": args.correlations}
     params["seeds"] = args.seeds
@@ -293,37 +307,56 @@ def run_benchmark(args: argparse.Namespace) -> int:
         except OSError as error:
             print(f"mimm-med benchmark: {cannot_write(f'--docs {args.docs}', error)}", file=sys.stderr)
             return 2
+    # One benchmark per --out: two would train the same cells and end each other's MLflow run.
     try:
-        tracker = BenchmarkTracker(args.out, args.experiment, params, args.tracking_uri)
-    except (TrackingServerUnreachable, ValueError, MlflowException) as error:  # a tracking URI MLflow cannot open
-        print(f"mimm-med benchmark: {printable_text(' '.join(str(error).split()))}", file=sys.stderr)
+        args.out.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(args.out / "benchmark.lock")
+        lock.acquire(timeout=0)
+    except Timeout:  # before OSError, of which it is one
+        print(f"mimm-med benchmark: another benchmark is running in {args.out}; wait for it to finish, or give "
+              "another --out", file=sys.stderr)  # fmt: skip
         return 2
     except OSError as error:
         print(f"mimm-med benchmark: {cannot_write(args.out, error)}", file=sys.stderr)
         return 2
-    with tracker, warnings.catch_warnings():
-        # Per-epoch means of terms a method does not have (ERM's critic loss) are NaN by design.
-        warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+    try:
         try:
-            results = run_matrix(
-                cells,
-                datasets,
-                args.out,
-                options,
-                residual_mi={"device": args.device} if args.residual_mi else None,
-                on_result=tracker.log_cell,
-                progress=not args.no_progress,
-            )
-        except StaleCellError as error:
-            print(f"mimm-med benchmark: {error}", file=sys.stderr)
+            tracker = BenchmarkTracker(args.out, args.experiment, params, args.tracking_uri)
+        except (TrackingServerUnreachable, ValueError) as error:  # messages that name their fix
+            print(f"mimm-med benchmark: {printable_text(' '.join(str(error).split()))}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print(f"mimm-med benchmark: finished cells are kept in {cell_path(args.out, cells[0]).parent}; "
-                  "run the same command to resume", file=sys.stderr)
-            raise
-        paths = write_results(results, args.out, command, args.docs)
-        tracker.log_artifacts(paths.values())
-    print(paths["markdown"].read_text(encoding="utf-8"))
-    print(f"benchmark finished in {time.perf_counter() - start:.0f} s; results in {args.out}")
-    print(f"MLflow: {printable_uri(tracker.uri)}, parent run {tracker.run_id}")
-    return 0
+        except MlflowException as error:  # a tracking URI MLflow cannot open, in MLflow's words
+            print(f"mimm-med benchmark: {printable_text(' '.join(str(error).split()))}; give --tracking-uri (or "
+                  "MLFLOW_TRACKING_URI) as sqlite:///path/to/mlflow.db or the http(s):// address of a server", file=sys.stderr)  # fmt: skip
+            return 2
+        except OSError as error:
+            print(f"mimm-med benchmark: {cannot_write(args.out, error)}", file=sys.stderr)
+            return 2
+        with tracker, warnings.catch_warnings():
+            # Per-epoch means of terms a method does not have (ERM's critic loss) are NaN by design.
+            warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+            try:
+                results = run_matrix(
+                    cells,
+                    datasets,
+                    args.out,
+                    options,
+                    residual_mi={"device": args.device} if args.residual_mi else None,
+                    on_result=tracker.log_cell,
+                    progress=not args.no_progress,
+                )
+            except StaleCellError as error:
+                print(f"mimm-med benchmark: {error}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print(f"mimm-med benchmark: finished cells are kept in {cell_path(args.out, cells[0]).parent}; "
+                      "run the same command to resume", file=sys.stderr)
+                raise
+            paths = write_results(results, args.out, command, args.docs)
+            tracker.log_artifacts(paths.values())
+        print(paths["markdown"].read_text(encoding="utf-8"))
+        print(f"benchmark finished in {time.perf_counter() - start:.0f} s; results in {args.out}")
+        print(f"MLflow: {printable_uri(tracker.uri)}, parent run {tracker.run_id}")
+        return 0
+    finally:
+        lock.release()

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from mimm_med.cli import at_least, run_subcommand, shortcut_correlation
+from mimm_med.cli import at_least, run_subcommand, shortcut_correlation, subcommand_folder
 from mimm_med.data.cohort_card import SHIPPED_CARDS
 from mimm_med.data.datalist import check_split_folder
 from mimm_med.data.manifest import ManifestError
@@ -32,7 +32,9 @@ def _step(message: str) -> None:
 def prepare(workdir: Path, subjects: int, resolution_mm: float, size: int, correlation: float, seed: int) -> Path:
     """Generate, preprocess, merge and split the stand-in cohort; return the splits folder.
 
-    Every step is skipped when its output exists, so a second ``mimm-med demo`` reuses the data.
+    Every step is skipped when its output exists, so a second ``mimm-med demo`` reuses the data; a
+    step stopped midway is done again (preprocessing resumes), its output never used half-made
+    (:func:`~mimm_med.cli.subcommand_folder`).
     """
     key_file = workdir / "pseudonym.key"
     if not key_file.exists():
@@ -44,21 +46,22 @@ def prepare(workdir: Path, subjects: int, resolution_mm: float, size: int, corre
         raw, processed = workdir / "raw" / cohort, workdir / "processed" / cohort
         if not raw.exists():
             _step(f"generating {subjects} stand-in {cohort.upper()} subjects")
-            run_subcommand(["cohort", "generate", cohort, "--n", str(subjects), "--out", str(raw), "--seed", str(seed + offset),
-                  "--resolution-mm", str(resolution_mm)])
-        if not (processed / "manifest.csv").exists():
+            subcommand_folder(raw, ["cohort", "generate", cohort, "--n", str(subjects), "--seed", str(seed + offset),
+                                    "--resolution-mm", str(resolution_mm)])  # fmt: skip
+        if not processed.exists():
             _step(f"preprocessing {cohort.upper()}")
-            run_subcommand(["preprocess", "--cohort", str(SHIPPED_CARDS / f"{cohort}.yaml"), "--raw", str(raw), "--out", str(processed),
-                  "--key-file", str(key_file), "--set", f"spacing={spacing}", "--set", f"spatial_size={shape}"])
+            subcommand_folder(processed, ["preprocess", "--cohort", str(SHIPPED_CARDS / f"{cohort}.yaml"), "--raw", str(raw),
+                                          "--key-file", str(key_file), "--set", f"spacing={spacing}", "--set", f"spatial_size={shape}"],
+                              resume=True)  # fmt: skip
         manifests.append(str(processed / "manifest.csv"))
     merged, splits = workdir / "processed" / "brain.csv", workdir / "splits"
-    if not merged.exists():
+    if not merged.exists():  # one file, written atomically
         _step("merging UKB and NAKO")
         run_subcommand(["cohort", "merge", *manifests, "--out", str(merged)])
-    if not (splits / "train.csv").exists():
+    if not splits.exists():
         _step(f"splitting at r = {correlation} (sex and cohort agree with the age group)")
-        run_subcommand(["cohort", "split", "--manifest", str(merged), "--primary", "age_group",
-              "--spurious", f"sex={correlation},cohort={correlation}", "--out", str(splits), "--seed", str(seed)])
+        subcommand_folder(splits, ["cohort", "split", "--manifest", str(merged), "--primary", "age_group",
+                                   "--spurious", f"sex={correlation},cohort={correlation}", "--seed", str(seed)])  # fmt: skip
     try:
         check_split_folder(splits)
     except ManifestError as error:  # too few subjects: the bundle would refuse the splits after the set-up

@@ -262,6 +262,11 @@ def load_manifest(
 
 def cannot_write(target: str | Path, error: OSError) -> str:
     """One line for an output that cannot be written: what, why and the fix."""
+    if isinstance(error, (FileExistsError, NotADirectoryError)) and error.filename is not None:
+        # a file where the path needs a folder: the path itself or one of its parents
+        blocker = next((path for path in (Path(error.filename), *Path(error.filename).parents) if path.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            return f"cannot write {target}: {blocker} is a file, not a folder; choose another folder"
     reason = error.strerror or str(error)
     if error.filename is not None:
         reason = f"{reason} ({error.filename})"

@@ -12,7 +12,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,45 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     finally:
         # Also on KeyboardInterrupt: an interrupted write leaves nothing behind.
         tmp.unlink(missing_ok=True)
+
+
+def completed_folder(folder: str | Path, make: Callable[[Path], object], resume: bool = False) -> Path:
+    """Return ``folder``, made first by ``make(partial)`` in ``<folder>.partial`` and renamed when it returns.
+
+    A folder that exists was completed: a step stopped midway (Ctrl-C, a kill) leaves only its
+    ``.partial`` folder, which the next call clears, or hands to ``make`` again with ``resume`` (a
+    step that skips what it finished, as ``mimm-med preprocess`` does), instead of a short folder
+    that every later run would take as whole. Paths inside must be relative for the rename.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> def stopped(partial):
+    ...     (partial / "first.txt").parent.mkdir(parents=True)
+    ...     (partial / "first.txt").write_text("1")
+    ...     raise KeyboardInterrupt
+    >>> try:
+    ...     completed_folder(root / "raw", stopped)
+    ... except KeyboardInterrupt:
+    ...     pass
+    >>> (root / "raw").exists()
+    False
+    >>> def whole(partial):
+    ...     partial.mkdir(parents=True, exist_ok=True)
+    ...     (partial / "second.txt").write_text("2")
+    >>> sorted(item.name for item in completed_folder(root / "raw", whole).iterdir())
+    ['second.txt']
+    """
+    folder = Path(folder)
+    if folder.exists():
+        return folder
+    partial = folder.with_name(f"{folder.name}.partial")
+    if partial.exists() and not resume:
+        shutil.rmtree(partial)
+    make(partial)
+    os.replace(partial, folder)
+    return folder
 
 
 def finite_or_null(value: Any) -> Any:
