@@ -429,6 +429,10 @@ def test_quick_path_end_to_end(tmp_path, monkeypatch, capsys):
         return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
 
     assert len(children()) == 6 and all("inverted/y_bacc" in run.data.metrics for run in children())
+    for run in children():  # a child run spans its cell's training, its metrics stamped with the time they were logged
+        seconds = run.data.metrics["train/seconds"]
+        assert run.info.end_time - run.info.start_time == int(1000 * seconds)
+        assert all(point.timestamp == run.info.end_time for point in client.get_metric_history(run.info.run_id, "inverted/y_bacc"))
     for path in (out / "cells").glob("*_r0.9_seed0.json"):
         cell = json.loads(path.read_text(encoding="utf-8"))
         for name in cell["history"][0].keys() - {"epoch"}:  # the per-epoch training curves, e.g. MIMM-X's MI estimates

@@ -261,7 +261,7 @@ def run_matrix(
     todo = [cell for cell in cells if cell not in stored]
     for name in dict.fromkeys(cell.dataset for cell in todo):
         datasets[name].prepare()
-    bar = tqdm(total=len(todo), unit="cell", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="cell", disable=not progress or not todo, dynamic_ncols=True)
     results = []
     split_key, data = None, None
     with bar:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -119,18 +120,22 @@ class BenchmarkTracker:
         if result.get("mlflow", {}).get("parent_run_id") == self.run_id:
             return {}
         cell = result["cell"]
+        # The child run spans the cell's training, ending now (a stored cell is logged after the fact).
+        now = int(time.time() * 1000)
+        training = int(1000 * result["seconds"]) if math.isfinite(result["seconds"]) else 0
         child = self.client.create_run(
             self.experiment_id,
+            start_time=now - training,
             run_name=Cell(**cell).key,
             tags={MLFLOW_PARENT_RUN_ID: self.run_id},
         ).info.run_id
         params = {**result["config"], **cell}
         self.client.log_batch(
             child,
-            metrics=[Metric(name, value, 0, 0) for name, value in cell_metrics(result).items()] + _training_curves(result),
+            metrics=[Metric(name, value, now, 0) for name, value in cell_metrics(result).items()] + _training_curves(result, now),
             params=[Param(name, _param(value)) for name, value in params.items()],
         )
-        self.client.set_terminated(child, status="FINISHED" if result["diverged"] is None else "FAILED")
+        self.client.set_terminated(child, status="FINISHED" if result["diverged"] is None else "FAILED", end_time=now)
         return {"mlflow": {"parent_run_id": self.run_id, "run_id": child}}
 
     def log_artifacts(self, paths: Iterable[Path]) -> None:
@@ -145,14 +150,14 @@ class BenchmarkTracker:
         self.client.set_terminated(self.run_id, status=ended_status(error))
 
 
-def _training_curves(result: Mapping[str, Any]) -> list[Metric]:
-    """The cell's per-epoch training means (losses, MI estimates, confounder weights) as ``train/...`` steps.
+def _training_curves(result: Mapping[str, Any], timestamp: int) -> list[Metric]:
+    """The cell's per-epoch training means (losses, MI estimates, confounder weights) as ``train/...`` steps, logged at ``timestamp`` (ms).
 
     Where a penalty fails to remove a factor, these curves show when and how; the final metrics do not.
     Terms a method lacks (ERM's critic loss) are NaN and left out.
     """
     return [
-        Metric(f"train/{name}", float(value), 0, int(epoch["epoch"]))
+        Metric(f"train/{name}", float(value), timestamp, int(epoch["epoch"]))
         for epoch in result["history"]
         for name, value in epoch.items()
         if name != "epoch" and isinstance(value, (int, float)) and math.isfinite(value)
