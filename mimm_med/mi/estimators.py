@@ -254,6 +254,7 @@ class GaussianMI(MutualInformationEstimator):
         if not 0.0 < ridge < math.inf:
             raise ValueError(f"ridge must be positive and finite, got {ridge}")
         self.ridge = ridge
+        self._warned_of_small_batches = False
 
     def estimate(self, a: Tensor, b: Tensor, strata: Tensor | None, weights: Tensor | None) -> Tensor:
         joint = torch.cat([a, b], dim=1)
@@ -282,6 +283,16 @@ class GaussianMI(MutualInformationEstimator):
         with torch.no_grad():
             dof = float(weights.sum() ** 2 / (weights**2).sum()) - int((stratum_weight > 0).sum())
             ranks = [self._rank(sample_correlation[:split, :split]), self._rank(sample_correlation[split:, split:])]
+        if dof < sum(ranks) and not self._warned_of_small_batches:
+            self._warned_of_small_batches = True  # once per estimator: a training meets it at every step
+            warnings.warn(
+                f"GaussianMI: batches with fewer effective samples (here {dof:g}: the batch less one per stratum) "
+                f"than the sides' ranks, {ranks[0]} + {ranks[1]}: some linear function of one side matches the other "
+                "in any such batch, so the estimate is capped by ridge, not measured; use larger batches or smaller "
+                "feature parts",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         return plug_in - independence_bias(dof, *ranks)
 
     def _rank(self, correlation: Tensor) -> int:
@@ -300,7 +311,7 @@ def independence_bias(dof: float, rank_a: int, rank_b: int) -> float:
     −½·E[log Λ] for Wilks' Λ(p, ν − q, q) with p ≤ q the two ranks and ``dof`` ν the samples less
     one per centred mean: ½·Σᵢ₌₁ᵖ [ψ((ν + 1 − i)/2) − ψ((ν − q + 1 − i)/2)], which tends to p·q/(2ν).
     Below ν = p + q it is undefined (some canonical correlation is 1 in every sample); the
-    first-order term is returned with a warning.
+    first-order term is returned (:class:`GaussianMI` warns of such batches).
 
     Examples
     --------
@@ -311,13 +322,6 @@ def independence_bias(dof: float, rank_a: int, rank_b: int) -> float:
     if p == 0:
         return 0.0
     if dof < p + q:
-        warnings.warn(
-            f"GaussianMI: {dof:g} effective samples (less one per stratum) for sides of rank {rank_a} and {rank_b}: "
-            "with fewer than their sum, some linear function of one side matches the other in any batch, so the "
-            "estimate is capped by ridge, not measured; use larger batches or smaller feature parts",
-            RuntimeWarning,
-            stacklevel=3,
-        )
         return p * q / (2.0 * max(dof, 1.0))
     i = torch.arange(1, p + 1, dtype=torch.float64)
     return 0.5 * float((torch.special.digamma((dof + 1 - i) / 2) - torch.special.digamma((dof - q + 1 - i) / 2)).sum())
