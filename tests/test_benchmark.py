@@ -451,6 +451,11 @@ def test_quick_path_end_to_end(tmp_path, monkeypatch, capsys):
     moved = json.loads((out / "mlflow_run.json").read_text(encoding="utf-8"))["run_id"]
     assert moved != parent and client.get_experiment(client.get_run(moved).info.experiment_id).name == "elsewhere"
     assert len(client.search_runs([client.get_run(moved).info.experiment_id], f"tags.mlflow.parentRunId = '{moved}'")) == 6
+    # another matrix: a parent run whose params say so (was: the first run's params, ["erm", "mimmx", "oracle"])
+    assert main([*argv[:5], "erm,oracle", *argv[6:], "--experiment", "elsewhere"]) == 0
+    smaller = json.loads((out / "mlflow_run.json").read_text(encoding="utf-8"))["run_id"]
+    assert smaller != moved and client.get_run(smaller).data.params["methods"] == '["erm", "oracle"]'
+    assert len(client.search_runs([client.get_run(smaller).info.experiment_id], f"tags.mlflow.parentRunId = '{smaller}'")) == 4
     (out / "mlflow_run.json").write_text('{"tracking_uri": "x"}', encoding="utf-8")  # damaged: was a KeyError traceback
     capsys.readouterr()
     assert main(argv) == 2

@@ -27,7 +27,9 @@ class BenchmarkTracker:
     """Log a benchmark to MLflow: a parent run for the whole matrix, a nested run per cell.
 
     The parent run's id is kept in ``<out>/mlflow_run.json``, so a resumed benchmark logs into the
-    same parent run, and cells logged there before are not logged twice.
+    same parent run, and cells logged there before are not logged twice. A rerun of another matrix
+    or into another experiment gets a parent run of its own, which the stored cells are logged into
+    again: MLflow keeps a run's params as first logged.
 
     Parameters
     ----------
@@ -67,7 +69,7 @@ class BenchmarkTracker:
         self.run_file = Path(out) / RUN_FILE
         # before any MLflow run exists: an --out that cannot be written must not leave one RUNNING
         self.run_file.parent.mkdir(parents=True, exist_ok=True)
-        self.run_id = self._resume(experiment) or self._create(experiment, params)
+        self.run_id = self._resume(experiment, params) or self._create(experiment, params)
         self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
 
     @property
@@ -75,8 +77,8 @@ class BenchmarkTracker:
         """The URI as ``mlflow_run.json`` keeps it: without its password (the file sits among the results), nor a final slash."""
         return printable_uri(self.uri).rstrip("/")
 
-    def _resume(self, experiment: str) -> str | None:
-        """The recorded parent run, RUNNING again; ``None`` if it is of another store or experiment, or gone."""
+    def _resume(self, experiment: str, params: Mapping[str, Any]) -> str | None:
+        """The recorded parent run, RUNNING again; ``None`` if it is of another store, experiment or matrix, or gone."""
         if not self.run_file.exists():
             return None
         try:
@@ -93,6 +95,8 @@ class BenchmarkTracker:
             run = self.client.get_run(run_id)
             if self.client.get_experiment(run.info.experiment_id).name != experiment:
                 return None  # --experiment changed: a parent run there, the stored cells logged into it again
+            if run.data.params != {name: _param(value) for name, value in params.items()}:
+                return None  # another matrix (methods, seeds, ...): its params are immutable, so a parent run of its own
             self.client.update_run(run_id, status="RUNNING")
         except MlflowException:  # deleted, or the store was wiped
             return None
