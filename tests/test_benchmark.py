@@ -264,6 +264,16 @@ def test_summaries_by_hand():
     assert "oracle" not in drop.index  # one correlation only
 
 
+def test_residual_mi_reaches_the_page_in_nats_when_measured():
+    rows = [("d", "mimmx", 0.9, seed, "inverted", "y_bacc", 0.8) for seed in (0, 1)]
+    plain = results_markdown(pd.DataFrame(rows, columns=list(COLUMNS)))
+    rows += [("d", "mimmx", 0.9, seed, "residual_mi_label", "sex", value) for seed, value in enumerate([0.012, 0.018])]
+    page = results_markdown(pd.DataFrame(rows, columns=list(COLUMNS)))
+    assert "residual MI" not in plain
+    assert "### residual MI of f_y with sex (nats)\n\n| method | r = 0.9 |\n|---|---|\n| mimmx | 0.015 ± 0.004 |" in page
+    assert "f_sex" not in page  # only the figures that were measured
+
+
 def test_gap_to_the_oracle_pairs_seeds_at_each_correlation():
     rows = [("d", "erm", 0.9, seed, "inverted", "y_bacc", value) for seed, value in enumerate([0.6, 0.7, 0.65])]
     rows += [("d", "oracle", 0.9, seed, "inverted", "y_bacc", value) for seed, value in enumerate([0.9, 0.8])]  # no seed 2

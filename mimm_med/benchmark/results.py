@@ -20,6 +20,12 @@ COLUMNS: tuple[str, ...] = ("dataset", "method", "correlation", "seed", "test", 
 METHOD_ORDER: tuple[str, ...] = (*METHODS, "oracle")
 GROUP: list[str] = ["dataset", "method", "correlation"]
 #: Headline figures of the Markdown tables: (title, test, metric).
+#: Residual MI figures (``--residual-mi``) → their table titles: fresh estimators on the frozen features.
+RESIDUAL_MI_TITLES: dict[str, str] = {
+    "residual_mi": "residual MI of f_y with f_{z}",
+    "residual_mi_given_y": "residual MI of f_y with f_{z} given y",
+    "residual_mi_label": "residual MI of f_y with {z}",
+}
 HEADLINES: tuple[tuple[str, str, str], ...] = (
     ("inverted balanced accuracy", "inverted", "y_bacc"),
     ("inverted worst-group accuracy", "inverted", "worst_group_acc"),
@@ -99,11 +105,11 @@ def _select(frame: pd.DataFrame, test: str, metric: str) -> pd.DataFrame:
     return selected.assign(method=ordered_methods(selected["method"]))
 
 
-def mean_sd(mean: float, sd: float, scale: float = 100.0) -> str:
-    """``"78.1 ± 2.3"`` (percent by default); the mean alone when sd is undefined (one seed)."""
+def mean_sd(mean: float, sd: float, scale: float = 100.0, digits: int = 1) -> str:
+    """``"78.1 ± 2.3"`` (percent, one decimal by default); the mean alone when sd is undefined (one seed)."""
     if pd.isna(mean):
         return "–"
-    return f"{scale * mean:.1f}" if pd.isna(sd) else f"{scale * mean:.1f} ± {scale * sd:.1f}"
+    return f"{scale * mean:.{digits}f}" if pd.isna(sd) else f"{scale * mean:.{digits}f} ± {scale * sd:.{digits}f}"
 
 
 def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -111,18 +117,18 @@ def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> lis
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def summary_table(summary: pd.DataFrame) -> list[str]:
-    """Markdown rows of one data set's summary: a row per method, a column per correlation."""
+def summary_table(summary: pd.DataFrame, scale: float = 100.0, digits: int = 1) -> list[str]:
+    """Markdown rows of one data set's summary: a row per method, a column per correlation (:func:`mean_sd` cells)."""
     correlations = sorted(summary["correlation"].unique())
-    cells = {(row.method, row.correlation): mean_sd(row.mean, row.sd) for row in summary.itertuples()}
+    cells = {(row.method, row.correlation): mean_sd(row.mean, row.sd, scale, digits) for row in summary.itertuples()}
     methods = list(dict.fromkeys(summary["method"]))
     rows = [[method, *(cells.get((method, r), "–") for r in correlations)] for method in methods]
     return _markdown_table(["method", *(f"r = {r:g}" for r in correlations)], rows)
 
 
-def leakage_factors(frame: pd.DataFrame, dataset: str) -> list[str]:
-    """Spurious factors of ``dataset`` (those with a leakage figure), in first-seen order."""
-    rows = frame[(frame["dataset"] == dataset) & (frame["test"] == "leakage")]
+def leakage_factors(frame: pd.DataFrame, dataset: str, test: str = "leakage") -> list[str]:
+    """Spurious factors of ``dataset`` with a ``test`` figure (leakage by default), in first-seen order."""
+    rows = frame[(frame["dataset"] == dataset) & (frame["test"] == test)]
     return list(dict.fromkeys(rows["metric"]))
 
 
@@ -161,6 +167,9 @@ def results_markdown(
         gap = oracle_gap(subset)
         if len(gap):
             lines += ["### gap to the oracle, inverted balanced accuracy (points)", "", *summary_table(gap), ""]
+        for test, title in RESIDUAL_MI_TITLES.items():  # with --residual-mi
+            for z in leakage_factors(frame, dataset, test):
+                lines += [f"### {title.format(z=z)} (nats)", "", *summary_table(summarize(subset, test, z), 1.0, 3), ""]
         lines += [f"![{Path(link).stem}]({link})" for link in (plots or {}).get(dataset, [])]
         lines += [""]
     drops = correlation_drop(frame)
