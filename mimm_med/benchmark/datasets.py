@@ -225,7 +225,7 @@ class ManifestData(BenchmarkDataset):
         for miss in missed_correlations(cell_counts(splits, self.primary, self.spurious)).itertuples():
             logger.warning(
                 "%s, r = %s, seed %d: in split %r %s agrees with %s in %.1f%% of %d images, not the requested %.1f%%: "
-                "the stand-in cohort has too few images in the rarest cells; generate more subjects",
+                "the stand-in cohort has too few images in its rarest cells to reach it; this cell is measured at the agreement reached",
                 self.name, correlation, seed, miss.split, miss.factor, self.primary, 100 * miss.agreement,
                 miss.images, 100 * miss.requested,
             )  # fmt: skip
