@@ -49,16 +49,15 @@ def _mean_over_ranks(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
     return [None if grad is None else next(chunks).view_as(grad) for grad in grads]
 
 
-def _clipping_scale(task_total: Tensor, penalty: Tensor, shared: Sequence[Tensor], scaler: torch.amp.GradScaler | None) -> Tensor:
+def _clipping_scale(task_total: Tensor, penalty: Tensor, shared: Sequence[Tensor], loss_scale: float = 1.0) -> Tensor:
     """MIMM-X's ``α`` from the gradients of the task loss and the MI penalty at the ``shared`` layer.
 
-    Under AMP both losses are differentiated as the ``scaler`` scales them for the backward: a small
-    MI gradient through float16 activations would otherwise underflow to zero. ``α`` depends only on
-    the ratio of the two norms, so the common factor leaves it unchanged.
+    Under AMP both losses are differentiated times the ``GradScaler``'s ``loss_scale``, as for the
+    backward: a small gradient through float16 activations would otherwise underflow to zero. ``α``
+    depends only on the ratio of the two norms, so the common factor leaves it unchanged.
     """
-    scaled = scaler.scale if scaler is not None else (lambda loss: loss)
-    task_grads = torch.autograd.grad(scaled(task_total), shared, retain_graph=True, allow_unused=True)
-    mi_grads = torch.autograd.grad(scaled(penalty), shared, retain_graph=True, allow_unused=True)
+    task_grads = torch.autograd.grad(task_total * loss_scale, shared, retain_graph=True, allow_unused=True)
+    mi_grads = torch.autograd.grad(penalty * loss_scale, shared, retain_graph=True, allow_unused=True)
     grads = _mean_over_ranks([*task_grads, *mi_grads])
     return adaptive_mi_scale(grads[: len(shared)], grads[len(shared) :])
 
@@ -355,6 +354,8 @@ class MIMMXTrainer(Trainer):
         terms = objective.dependence_terms(outputs, labels)
         core = getattr(self.network, "module", self.network)  # DistributedDataParallel wraps the MIMMXNet
         shared = [p for p in core.shared_layer.parameters() if p.requires_grad]
+        # Shared-layer gradients taken apart from the backward (α, GradNorm) are scaled as it is.
+        loss_scale = self.scaler.get_scale() if self.scaler is not None else 1.0
         if terms:
             for name, value in terms.items():
                 self._check_finite(engine, f"dependence term {name!r}", value)
@@ -362,7 +363,7 @@ class MIMMXTrainer(Trainer):
             penalty = (weights * torch.stack(list(terms.values()))).sum()
             scale = torch.ones((), device=penalty.device)
             if objective.spec.adaptive_scaling:
-                scale = _clipping_scale(task_total, penalty, shared, self.scaler)
+                scale = _clipping_scale(task_total, penalty, shared, loss_scale)
                 if self.scaler is None:
                     self._check_finite(engine, "MI gradient scale α (a gradient at the shared layer overflowed)", scale)
             # λ multiplies after the clip (DESIGN §2), so the MI gradient at the shared layer is at most
@@ -374,7 +375,6 @@ class MIMMXTrainer(Trainer):
 
         gradnorm_grads = None
         if objective.gradnorm is not None:
-            loss_scale = self.scaler.get_scale() if self.scaler is not None else 1.0
             gradnorm_loss = objective.gradnorm.gradnorm_loss(task_losses, shared, loss_scale)
             gradnorm_grads = _mean_over_ranks(
                 torch.autograd.grad(gradnorm_loss, list(objective.gradnorm.parameters()), retain_graph=True)
