@@ -152,10 +152,11 @@ class CLUB(PairScoreEstimator):
 
     Î = mean_i log q(b_i | a_i) − mean_{i≠j} log q(b_j | a_i), an upper bound on I(a; b) while q
     approximates p(b | a) — the natural objective to *minimize*. :meth:`critic_loss` is the
-    negative log-likelihood of q on the observed pairs, weighted as the bound's positives. q's mean and log-variance come from one MLP;
-    the log-variance is squashed smoothly into (−``max_log_var``, ``max_log_var``) so a nearly
-    deterministic b cannot drive the estimate to infinity. All B² log-likelihoods come from two
-    (B, d)·(d, B) products, not B² MLP rows. With ``strata``, q stays unconditional on s.
+    negative log-likelihood of q on the observed pairs, weighted as the bound's positives. q's mean
+    and log-variance come from one MLP; the log-variance is squashed smoothly into
+    (−``max_log_var``, ``max_log_var``) so a nearly deterministic b cannot drive the estimate to
+    infinity. All B² log-likelihoods come from two (B, d)·(d, B) products, not B² MLP rows. With
+    ``strata``, q stays unconditional on s.
 
     Parameters
     ----------
