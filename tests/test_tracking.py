@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,6 +37,7 @@ from mimm_med.tracking import (
     resolve_tracking_uri,
     run_tracked,
 )
+from mimm_med.tracking import training_run
 from mimm_med.tracking.uri import using_tracking_uri
 from mimm_med.tracking.served_outputs import OUTPUT_COLUMNS
 
@@ -397,6 +401,37 @@ def test_a_crashed_run_is_marked_failed_and_a_fresh_start_gets_a_run_of_its_own(
     assert (fresh_run.info.run_name, fresh_run.info.status, fresh_run.data.params["mi_weight"]) == ("attempt", "FINISHED", "1.0")
     assert runs[crashed.info.run_id].info.run_name.startswith("attempt-failed-")
     assert runs[crashed.info.run_id].data.params["mi_weight"] == "nan"
+
+
+class _Terminated(Exception):
+    """What the test's own SIGTERM handler raises: the process's death, without killing the test."""
+
+
+def test_a_rank_that_torchrun_terminates_as_its_collective_fails_still_marks_the_run_failed(tmp_path, monkeypatch):
+    # One DDP rank dies: the survivor's all_reduce raises, and torchrun's SIGTERM reaches it while it ends its run.
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be set from the main thread")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    checks = []
+
+    def reachable_then_terminated(tracking_uri: str) -> None:
+        checks.append(tracking_uri)
+        if len(checks) == 2:  # the check in ending the run, after the one before training
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def terminated(signum, frame):
+        raise _Terminated
+
+    monkeypatch.setattr(training_run, "require_reachable", reachable_then_terminated)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        _tracked_attempt(uri, mi_weight=1.0, fresh=True, fail=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("attempts").experiment_id])
+    assert len(checks) == 2 and run.info.status == "FAILED"
 
 
 def test_a_resumed_run_continues_its_unfinished_mlflow_run(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from mlflow.entities import LifecycleStage, Run, RunStatus
 from mlflow.exceptions import MlflowException
 
 from mimm_med.data.writers import atomic_output
-from mimm_med.interruption import terminate_as_interrupt
+from mimm_med.interruption import terminate_as_interrupt, termination_ignored
 
 from .run_names import experiment_named, set_aside
 from .uri import TrackingServerUnreachable, keep_password_out_of_run_links, printable_uri, require_reachable
@@ -49,7 +49,9 @@ def run_tracked(
 
     SIGTERM (a scheduler's time limit, torchrun stopping the other ranks) is taken as Ctrl-C
     (:func:`~mimm_med.interruption.terminate_as_interrupt`): it would otherwise end the process
-    with the run left RUNNING.
+    with the run left RUNNING. While the run is being ended, SIGTERM is ignored: when a DDP rank
+    dies, the others' collectives fail as torchrun sends them SIGTERM, which would cut off their
+    marking of the run as FAILED.
 
     A tracking server that does not answer stops the run before training
     (:func:`~mimm_med.tracking.uri.require_reachable`), not minutes of retries later.
@@ -93,7 +95,8 @@ def run_tracked(
             trainer.run()
     except BaseException as error:
         if handler is not None and handler.cur_run is not None:
-            _end_run(handler.client, handler.cur_run.info.run_id, ended_status(error), run_record)
+            with termination_ignored():  # torchrun's SIGTERM to the ranks a dead rank leaves behind
+                _end_run(handler.client, handler.cur_run.info.run_id, ended_status(error), run_record)
         raise
 
 
