@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -223,3 +225,17 @@ def test_stratified_partition_shares_every_cell_out_evenly():
     assert sorted(item["index"] for part in parts for item in part) == list(range(400))
     assert parts == stratified_partition(datalist, ["y", "z"], seed=3, parts=8)
     assert parts != stratified_partition(datalist, ["y", "z"], seed=4, parts=8)
+
+
+def test_stratified_partition_names_a_cell_some_processes_lack_and_refuses_more_processes_than_records():
+    from mimm_med.data.confounding import stratified_partition
+
+    datalist = [{"index": i, "digit": 0} for i in range(8)] + [{"index": 8, "digit": 1}]
+    with pytest.warns(UserWarning, match=r"only 1 training record\(s\) have digit = 1, fewer than the 2 processes: 1 of them"):
+        parts = stratified_partition(datalist, ["digit"], seed=0, parts=2)
+    assert sorted(sum(record["digit"] for record in part) for part in parts) == [0, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every cell reaches both parts: nothing to warn of
+        stratified_partition(datalist[:7] + datalist[8:] * 2, ["digit"], seed=0, parts=2)
+    with pytest.raises(ValueError, match=r"holds 2 records, fewer than the 3 processes .* launch at most 2 \(torchrun"):
+        stratified_partition(datalist[7:], ["digit"], seed=0, parts=3)

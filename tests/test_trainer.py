@@ -1,3 +1,4 @@
+import re
 import warnings
 
 import numpy as np
@@ -9,6 +10,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import set_determinism
 
 from mimm_med.engines import METHODS, MIMMXObjective, MIMMXTrainer, TrainingDiverged
+from mimm_med.engines import trainer as trainer_module
 from mimm_med.engines.trainer import _clipping_scale
 from mimm_med.networks import MIMMXNet
 
@@ -257,11 +259,22 @@ def test_a_rebalancing_method_without_a_rebalancing_loader_is_warned_of():
         _build("mimmx")  # nothing to rebalance, nothing to warn of
 
 
-def test_a_training_set_smaller_than_one_batch_is_refused():
+@pytest.mark.parametrize(
+    "processes, counts, fix",
+    [
+        (1, "3 training samples, batch_size 16 per process", "or train on more subjects"),
+        # under DDP the loader holds one rank's share, not the manifest the user counted
+        (2, "3 training samples of this process's share of the training set, over 2 processes, batch_size 16 per process",
+         "or launch fewer processes (torchrun --nproc_per_node)"),
+    ],
+)  # fmt: skip
+def test_a_training_set_smaller_than_one_batch_is_refused(processes, counts, fix, monkeypatch):
     trainer = _build("erm")
     trainer.data_loader = DataLoader(Dataset(_records(n=3)), batch_size=16, drop_last=True)
-    with pytest.raises(ValueError, match=r"yields no batch \(3 training samples, batch_size 16, drop_last\)"):
+    monkeypatch.setattr(trainer_module, "world_size", lambda: processes)
+    with pytest.raises(ValueError, match=re.escape(f"yields no batch ({counts}, drop_last)")) as refused:
         trainer.run()
+    assert fix in str(refused.value)
 
 
 def test_spurious_factors_and_critic_steps_are_checked():

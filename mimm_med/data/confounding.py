@@ -14,6 +14,7 @@ Two ways to reach a correlation:
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -390,9 +391,27 @@ def stratified_partition(datalist: Sequence[Mapping], keys: Sequence[str], seed:
      [(0, 0), (0, 0), (0, 0), (0, 1), (1, 0), (1, 1), (1, 1), (1, 1)]]
 
     Under ``torch.distributed`` each rank trains on ``shards[torch.distributed.get_rank()]``.
+
+    A cell of fewer records than ``parts`` leaves some parts without it, with a warning naming the
+    cell; fewer records than ``parts`` in all is refused.
     """
+    if len(datalist) < parts:
+        raise ValueError(
+            f"the training set holds {len(datalist)} records, fewer than the {parts} processes it is shared out to: "
+            f"launch at most {max(len(datalist), 1)} (torchrun --nproc_per_node) or train on more subjects"
+        )
+    cell_of = [tuple(record[key] for key in keys) for record in datalist]
     order = np.random.default_rng(seed).permutation(len(datalist))
-    by_cell = sorted(order, key=lambda i: tuple(datalist[i][key] for key in keys))  # stable: random within a cell
+    by_cell = sorted(order, key=lambda i: cell_of[i])  # stable: random within a cell
+    counts = pd.Series(cell_of, dtype=object).value_counts(sort=False)
+    for cell, count in counts[counts < parts].items():
+        named = ", ".join(f"{key} = {value}" for key, value in zip(keys, cell))
+        warnings.warn(
+            f"only {count} training record(s) have {named}, fewer than the {parts} processes: {parts - count} of them "
+            "train without that cell, and a rebalancing sampler there never draws it; launch fewer processes or "
+            "train on more subjects",
+            stacklevel=2,
+        )
     return partition_dataset([datalist[i] for i in by_cell], num_partitions=parts, even_divisible=True)
 
 

@@ -263,10 +263,14 @@ class MIMMXTrainer(Trainer):
         if isinstance(self.data_loader, Sized) and len(self.data_loader) == 0:
             dataset = getattr(self.data_loader, "dataset", None)
             samples = f"{len(dataset)} training samples" if isinstance(dataset, Sized) else "the training samples"
+            processes = world_size()
+            # under DDP both counts are one rank's, which a user who counted the whole manifest would not recognise
+            shared = f" of this process's share of the training set, over {processes} processes" if processes > 1 else ""
+            fewer = " or launch fewer processes (torchrun --nproc_per_node)" if processes > 1 else ""
             raise ValueError(
-                f"the training data loader yields no batch ({samples}, batch_size "
-                f"{getattr(self.data_loader, 'batch_size', None)}, drop_last): lower the batch size "
-                "(the bundles' --batch_size) or train on more subjects"
+                f"the training data loader yields no batch ({samples}{shared}, batch_size "
+                f"{getattr(self.data_loader, 'batch_size', None)} per process, drop_last): lower the batch size "
+                f"(the bundles' --batch_size){fewer} or train on more subjects"
             )
         Workflow.run(self)
 
