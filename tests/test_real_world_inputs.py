@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from monai.data import ITKReader
 from PIL import Image
 from preprocess_fixtures import (
     BRAIN_CONFIG,
@@ -25,7 +26,7 @@ from preprocess_fixtures import (
     write_nifti,
     write_png,
 )
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_dataset
 from pydicom.pixels import get_decoder
@@ -33,6 +34,7 @@ from pydicom.uid import HTJ2KLossless
 
 from mimm_med.data.preprocess import PreprocessPipeline, describe_error, load_pipeline_config, preprocess_records
 from mimm_med.data.pseudonym import Pseudonymiser
+from mimm_med.data.readers import LoadImageBySuffixd
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +276,66 @@ def test_a_plain_nifti_named_gz_and_a_complex_nifti_are_named(brain, tmp_path):
     # before: the imaginary part was dropped with only a warning, and the image went through
     complex_path = write_nifti(tmp_path / "complex.nii.gz", head_volume(1).astype(np.complex64))
     assert "NIfTI holds complex voxels (complex64)" in failure(brain, complex_path, tmp_path)
+
+
+def test_blank_display_attributes_are_taken_as_absent_and_a_window_of_no_width_is_ignored(xray, tmp_path):
+    # Anonymizers and exports blank attributes rather than delete them.
+    pixels = radiograph()
+    reference = processed(xray, write_dicom_xray(tmp_path / "plain.dcm", pixels), tmp_path / "a")
+    blank = write_dicom_xray(tmp_path / "blank.dcm", pixels, window=(2048, 4096))
+    edit_dicom(blank, RescaleSlope=None, RescaleIntercept=None, WindowCenter=None, WindowWidth=None)
+    np.testing.assert_array_equal(processed(xray, blank, tmp_path / "b"), reference)
+    no_width = write_dicom_xray(tmp_path / "no_width.dcm", pixels, window=(2048, 0))
+    np.testing.assert_array_equal(processed(xray, no_width, tmp_path / "c"), reference)
+    imager = edit_dicom(write_dicom_xray(tmp_path / "imager.dcm", pixels), PixelSpacing=None, ImagerPixelSpacing=[0.2, 0.2])
+    np.testing.assert_array_equal(processed(xray, imager, tmp_path / "d"), reference)
+
+
+def test_compressed_pixels_that_cannot_be_decoded_say_how_to_get_them_read(xray, tmp_path):
+    plain = write_dicom_xray(tmp_path / "plain.dcm", radiograph())
+    path = gdcm_compressed(plain, tmp_path / "cut.dcm", gdcm.TransferSyntax.JPEGLSLossless)
+    ds = pydicom.dcmread(path)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[: len(frame) * 9 // 10]])  # cut off in copying
+    ds.save_as(path)
+    reason = failure(xray, path, tmp_path)
+    assert "JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80) could not be decoded" in reason
+    assert "copy it again" in reason and "export it again uncompressed" in reason
+
+
+def _flipped_sform_pair(folder: Path, volume: np.ndarray, image_class: type) -> Path:
+    """``volume`` in a NIfTI file (or pair) whose sform flips x against its qform, as after some registrations."""
+    qform, sform = np.diag([2.0, 2.0, 2.0, 1.0]), np.diag([-2.0, 2.0, 2.0, 1.0])
+    image = image_class(volume, qform)
+    image.set_qform(qform, code="scanner")
+    image.set_sform(sform, code="aligned")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ("T1.hdr" if image_class is nib.Nifti1Pair else "T1.nii.gz")
+    nib.save(image, path)
+    return path
+
+
+def test_a_nifti_pair_is_placed_as_the_same_header_in_one_file_and_analyze_is_refused(brain, tmp_path):
+    # ITK, which took .hdr/.img, places an image by its qform; nibabel by its sform
+    volume = head_volume(1)
+    volume[16:, 16:, 16:] *= 0.5  # so that a flip would show
+    single = processed(brain, _flipped_sform_pair(tmp_path / "single", volume, nib.Nifti1Image), tmp_path / "a")
+    pair = processed(brain, _flipped_sform_pair(tmp_path / "pair", volume, nib.Nifti1Pair), tmp_path / "b")
+    np.testing.assert_array_equal(pair, single)
+    nib.save(nib.AnalyzeImage(volume, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "analyze.hdr")
+    assert "ANALYZE 7.5 header records no orientation" in failure(brain, tmp_path / "analyze.hdr", tmp_path)
+
+
+def test_itk_prints_no_path_that_holds_a_subject_id(tmp_path, capfd):
+    # ITK's C++ warnings go to stderr with the raw path, e.g. "<eid>_20252_2_0/T1/T1.hdr has unexpected scales in sform"
+    qform = np.diag([2.0, 2.0, 2.0, 1.0])
+    sheared = qform.copy()
+    sheared[0, 1] = 0.5
+    image = nib.Nifti1Pair(head_volume(1), qform)
+    image.set_qform(qform, code="scanner")
+    image.set_sform(sheared, code="aligned")
+    path = tmp_path / "1234567_20252_2_0" / "T1.hdr"
+    path.parent.mkdir()
+    nib.save(image, path)
+    LoadImageBySuffixd("image", [ITKReader()])({"image": path})
+    assert "1234567" not in capfd.readouterr().err

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from monai.config import DtypeLike, KeysCollection, PathLike
-from monai.data import ImageReader, MetaTensor
+from monai.data import ImageReader, ITKReader, MetaTensor, NibabelReader
 from monai.transforms import LoadImage, MapTransform
+from monai.data.utils import is_supported_format
 from monai.utils import ensure_tuple, optional_import
 from nibabel.filebasedimages import ImageFileError
 from PIL import Image, ImageOps
@@ -20,7 +21,7 @@ from pydicom.misc import is_dicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space, get_decoder
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from mimm_med.data.notices import quiet_gpu_decoder_notices
+from mimm_med.data.notices import quiet_gpu_decoder_notices, quiet_itk_warnings
 
 itk, _ = optional_import("itk", allow_namespace_pkg=True)
 
@@ -33,6 +34,11 @@ _NAMES_SHOWN = 3
 NIFTI_COMPLEX_TYPES: dict[int, str] = {32: "complex64", 1792: "complex128", 2048: "complex256"}
 #: Colour encodings of radiographs exported as secondary captures; pydicom decodes all of them as RGB.
 COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+#: Attributes of a radiograph's geometry and display that a blank value must not break (taken as absent).
+BLANKABLE_ATTRIBUTES = (
+    "PixelSpacing", "ImagerPixelSpacing", "RescaleSlope", "RescaleIntercept", "RescaleType",
+    "ModalityLUTSequence", "WindowCenter", "WindowWidth", "VOILUTSequence", "VOILUTFunction",
+)  # fmt: skip
 
 
 class LoadImageBySuffixd(MapTransform):
@@ -86,6 +92,8 @@ class LoadImageBySuffixd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             reader = self.reader_for(d[key])
+            if isinstance(reader, ITKReader):
+                quiet_itk_warnings()
             if Path(d[key]).is_dir():
                 # ITKReader reads the series it is given by name, else the folder's first one.
                 check_dicom_series(d[key], getattr(reader, "series_name", ""))
@@ -102,23 +110,39 @@ class LoadImageBySuffixd(MapTransform):
         return d
 
 
+class NiftiReader(NibabelReader):
+    """MONAI's ``NibabelReader`` that also takes NIfTI-1 pairs and ANALYZE files (``.hdr`` / ``.img``).
+
+    MONAI's reader takes ``.nii`` and ``.nii.gz`` only, which would leave pairs to ``ITKReader``: ITK
+    places an image by its qform where nibabel uses the sform, so one header would be oriented two
+    ways by its file's suffix. ANALYZE files, which record no orientation, are refused by
+    :func:`check_nifti_header`.
+    """
+
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
+        return super().verify_suffix(filename) or is_supported_format(filename, ["hdr", "img"])
+
+
 def check_nifti_header(image: MetaTensor) -> None:
     """Refuse a NIfTI image whose header records no orientation, or complex voxels.
 
     With ``qform_code`` and ``sform_code`` both 0 the NIfTI standard leaves the orientation unknown
-    (the ANALYZE method); nibabel then assumes a radiological (LAS) layout from the voxel sizes,
+    (the ANALYZE method), as an ANALYZE 7.5 file does; nibabel then assumes a radiological (LAS) layout from the voxel sizes,
     which flips left and right of every image stored otherwise. Complex voxels would be cast to
     their real part with only a warning. Images of other formats (no such header fields) pass.
 
     Raises
     ------
     ValueError
-        If both orientation codes are present and 0, or the data type is complex.
+        If both orientation codes are present and 0, the header is ANALYZE's, or the data type is complex.
     """
     codes = [image.meta.get(code) for code in ("qform_code", "sform_code")]
-    if all(code is not None and int(code) == 0 for code in codes):
+    # nibabel's ANALYZE header has the fields of every such header but no orientation codes at all
+    analyze = "sizeof_hdr" in image.meta and codes == [None, None]
+    if analyze or all(code is not None and int(code) == 0 for code in codes):
+        header = "ANALYZE 7.5 header records no orientation" if analyze else "NIfTI header has qform_code and sform_code 0"
         raise ValueError(
-            "NIfTI header has qform_code and sform_code 0: the image's orientation is unknown and left/right "
+            f"{header}: the image's orientation is unknown and left/right "
             "could be swapped; convert it again from the DICOMs (e.g. with dcm2niix) or set its qform/sform"
         )
     datatype = image.meta.get("datatype")
@@ -289,7 +313,10 @@ class DicomXrayReader(ImageReader):
 
     def get_data(self, img: pydicom.Dataset) -> tuple[np.ndarray, dict]:
         if "PixelData" not in img:
-            raise ValueError("DICOM file has no pixel data (tag PixelData (7FE0,0010) missing)")
+            raise ValueError(
+                "DICOM file has no pixel data (tag PixelData (7FE0,0010) missing): if it was cut off in copying, "
+                "copy it again; else export the image itself, not a report or presentation state"
+            )
         photometric = str(img.get("PhotometricInterpretation", ""))
         if photometric not in ("MONOCHROME1", "MONOCHROME2", *COLOUR_PHOTOMETRICS):
             raise ValueError(
@@ -297,7 +324,8 @@ class DicomXrayReader(ImageReader):
                 f"{photometric!r}; export it again as MONOCHROME2"
             )
         _check_decoder(img)
-        stored = img.pixel_array
+        _drop_blank_display_attributes(img)
+        stored = _decoded_pixels(img)
         if photometric in COLOUR_PHOTOMETRICS:
             if stored.ndim != 3:
                 raise ValueError(f"expected a single-frame colour radiograph, got pixel array of shape {stored.shape}")
@@ -325,6 +353,38 @@ class DicomXrayReader(ImageReader):
             "view_position": str(img.get("ViewPosition", "")).upper(),
         }
         return np.ascontiguousarray(display.T), meta
+
+
+def _drop_blank_display_attributes(img: pydicom.Dataset) -> None:
+    """Delete the geometry and display attributes of ``img`` that are present but blank, or a window of no width.
+
+    Anonymizers and exports often blank attributes rather than remove them; blank, they would break
+    the rescale and the spacing look-up, while absent, the defaults apply (no rescale, ImagerPixelSpacing).
+    A window width below 1 is invalid (PS3.3 C.11.2.1.2) and would show nothing.
+    """
+    for keyword in BLANKABLE_ATTRIBUTES:
+        if keyword in img and img[keyword].is_empty:
+            del img[keyword]
+    if "WindowWidth" in img and float(ensure_tuple(img.WindowWidth)[0]) <= 0:
+        del img.WindowWidth
+        img.pop("WindowCenter", None)
+
+
+def _decoded_pixels(img: pydicom.Dataset) -> np.ndarray:
+    """``img.pixel_array``, with an error that names the fix when compressed pixel data cannot be decoded."""
+    syntax = img.file_meta.TransferSyntaxUID
+    if not syntax.is_compressed:
+        return img.pixel_array
+    try:
+        return img.pixel_array
+    except Exception as error:  # each decoder plugin raises its own type
+        # pydicom's first line says only that every plugin failed; the plugins' own reasons follow it
+        detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+        raise ValueError(
+            f"pixel data compressed as {syntax.name} ({syntax}) could not be decoded ({detail}): the file is truncated "
+            "or corrupt (copy it again), or the installed decoders lack this variant (12-bit JPEG needs pylibjpeg "
+            "and pylibjpeg-libjpeg, GPL-3.0); else export it again uncompressed"
+        ) from None
 
 
 def _check_decoder(img: pydicom.Dataset) -> None:
