@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import gdcm
@@ -276,6 +277,17 @@ def test_a_plain_nifti_named_gz_and_a_complex_nifti_are_named(brain, tmp_path):
     # before: the imaginary part was dropped with only a warning, and the image went through
     complex_path = write_nifti(tmp_path / "complex.nii.gz", head_volume(1).astype(np.complex64))
     assert "NIfTI holds complex voxels (complex64)" in failure(brain, complex_path, tmp_path)
+
+
+def test_a_cut_off_nifti_a_non_nifti_and_a_dicom_named_jpg_are_named_with_the_fix(brain, xray, tmp_path):
+    whole = write_nifti(tmp_path / "whole.nii.gz", head_volume(1)).read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])  # before: a bare EOFError
+    assert "cut.nii.gz is truncated or corrupt (EOFError" in failure(brain, tmp_path / "cut.nii.gz", tmp_path)
+    (tmp_path / "brain.nii.gz").write_bytes(gzip.compress(b"\x00\x00\x00\x01" + bytes(400)))  # e.g. a .mgz, renamed
+    assert "brain.nii.gz is not a NIfTI file" in failure(brain, tmp_path / "brain.nii.gz", tmp_path)
+    dicom = write_dicom_xray(tmp_path / "view.dcm", radiograph())
+    (tmp_path / "view.jpg").write_bytes(dicom.read_bytes())  # before: PIL's "cannot identify image file"
+    assert "if it is DICOM, name it .dcm" in failure(xray, tmp_path / "view.jpg", tmp_path)
 
 
 def test_blank_display_attributes_are_taken_as_absent_and_a_window_of_no_width_is_ignored(xray, tmp_path):

@@ -4,6 +4,7 @@ greyscale PIL images."""
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from monai.transforms import LoadImage, MapTransform
 from monai.data.utils import is_supported_format
 from monai.utils import ensure_tuple, optional_import
 from nibabel.filebasedimages import ImageFileError
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 from pydicom.misc import is_dicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space, get_decoder
@@ -99,13 +100,8 @@ class LoadImageBySuffixd(MapTransform):
                 check_dicom_series(d[key], getattr(reader, "series_name", ""))
             try:
                 d[key] = self._loader(d[key], reader)
-            except ImageFileError as error:
-                if "not a gzip file" not in str(error):
-                    raise
-                raise ValueError(
-                    f"{Path(d[key]).name} is named .gz but is not gzip-compressed: gzip it, or name it without .gz "
-                    "(and the cohort card's image pattern); if it is no NIfTI at all, copy it again"
-                ) from None
+            except (ImageFileError, EOFError, zlib.error, UnidentifiedImageError) as error:
+                raise ValueError(_unreadable(Path(d[key]), error)) from None
             check_nifti_header(d[key])
         return d
 
@@ -121,6 +117,26 @@ class NiftiReader(NibabelReader):
 
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
         return super().verify_suffix(filename) or is_supported_format(filename, ["hdr", "img"])
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why ``path`` could not be read and what to do, for the readers' errors that say neither."""
+    if isinstance(error, UnidentifiedImageError):
+        return (
+            f"{path.name} is in no image format PIL reads, though named {path.suffix}: if it is DICOM, name it .dcm "
+            "(and the cohort card's image pattern); else export it again as PNG"
+        )
+    if isinstance(error, (EOFError, zlib.error)):
+        return f"{path.name} is truncated or corrupt ({type(error).__name__}: {error}): copy it again"
+    if "not a gzip file" in str(error):
+        return (
+            f"{path.name} is named .gz but is not gzip-compressed: gzip it, or name it without .gz "
+            "(and the cohort card's image pattern); if it is no NIfTI at all, copy it again"
+        )
+    return (
+        f"{path.name} is not a NIfTI file ({error}): convert it to NIfTI (e.g. mri_convert for a FreeSurfer .mgz, "
+        "dcm2niix for DICOM) or copy it again"
+    )
 
 
 def check_nifti_header(image: MetaTensor) -> None:
@@ -332,7 +348,10 @@ class DicomXrayReader(ImageReader):
             # Luminance, as PNG and JPG colour images get it; colour images have no modality or VOI LUT.
             display = convert_color_space(stored, "RGB", "YBR_FULL")[..., 0].astype(np.float32)
         elif stored.ndim != 2:
-            raise ValueError(f"expected a single-frame 2D radiograph, got pixel array of shape {stored.shape}")
+            raise ValueError(
+                f"expected a single-frame 2D radiograph, got pixel array of shape {stored.shape}: export the frame "
+                "to use as a DICOM of its own"
+            )
         else:
             display = apply_voi_lut(apply_modality_lut(stored, img), img).astype(np.float32)
         if photometric == "MONOCHROME1":

@@ -102,7 +102,11 @@ class ValidateImaged(MapTransform):
             )
         finite = np.isfinite(image)
         if not finite.all():
-            raise ValueError(f"{int(image.size - finite.sum())} of {image.size} values are NaN or infinite")
+            raise ValueError(
+                f"{int(image.size - finite.sum())} of {image.size} values are NaN or infinite: give the unmasked "
+                "image, or set them to 0 first (e.g. fslmaths in -nan out: masked FSL and SPM outputs hold NaN "
+                "outside the brain); a preprocessed image holding them is corrupt, so preprocess it again"
+            )
         if image.min() == image.max():
             raise ValueError(f"the image is blank: every value is {image.flat[0]}")
 
