@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = ["terminate_as_interrupt", "termination_ignored"]
 
+
 def _runs_a_transaction(module: str) -> bool:
     """Whether an interrupt inside ``module`` could leave a database transaction open.
 

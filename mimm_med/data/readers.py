@@ -12,8 +12,8 @@ import numpy as np
 import pydicom
 from monai.config import DtypeLike, KeysCollection, PathLike
 from monai.data import ImageReader, ITKReader, MetaTensor, NibabelReader
-from monai.transforms import LoadImage, MapTransform
 from monai.data.utils import is_supported_format
+from monai.transforms import LoadImage, MapTransform
 from monai.utils import ensure_tuple, optional_import
 from nibabel.filebasedimages import ImageFileError
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -143,8 +143,8 @@ def check_nifti_header(image: MetaTensor) -> None:
     """Refuse a NIfTI image whose header records no orientation, or complex voxels.
 
     With ``qform_code`` and ``sform_code`` both 0 the NIfTI standard leaves the orientation unknown
-    (the ANALYZE method), as an ANALYZE 7.5 file does; nibabel then assumes a radiological (LAS) layout from the voxel sizes,
-    which flips left and right of every image stored otherwise. Complex voxels would be cast to
+    (the ANALYZE method), as an ANALYZE 7.5 file does; nibabel then assumes a radiological (LAS)
+    layout from the voxel sizes, which flips left and right of every image stored otherwise. Complex voxels would be cast to
     their real part with only a warning. Images of other formats (no such header fields) pass.
 
     Raises
@@ -392,11 +392,11 @@ def _drop_blank_display_attributes(img: pydicom.Dataset) -> None:
 def _decoded_pixels(img: pydicom.Dataset) -> np.ndarray:
     """``img.pixel_array``, with an error that names the fix when compressed pixel data cannot be decoded."""
     syntax = img.file_meta.TransferSyntaxUID
-    if not syntax.is_compressed:
-        return img.pixel_array
     try:
         return img.pixel_array
     except Exception as error:  # each decoder plugin raises its own type
+        if not syntax.is_compressed:
+            raise
         # pydicom's first line says only that every plugin failed; the plugins' own reasons follow it
         detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
         raise ValueError(
