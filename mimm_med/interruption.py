@@ -77,7 +77,8 @@ def terminate_as_interrupt() -> contextlib.AbstractContextManager[None]:
     like Ctrl-C, the commands' cleanup runs: finished work is recorded, MLflow runs are ended as
     KILLED instead of staying RUNNING, and nothing is left half-written. An interrupt (SIGTERM or
     Ctrl-C) that arrives while MLflow writes to its store is raised as the write returns: raised
-    inside it, it would leave the SQLite store locked to that cleanup. Only the main thread can set a signal handler, so elsewhere the block runs unchanged.
+    inside it, it would leave the SQLite store locked to that cleanup. Only the main thread can set
+    a signal handler, so elsewhere the block runs unchanged.
     """
     return _on_signals((signal.SIGTERM, signal.SIGINT), _interrupt)
 

@@ -406,14 +406,19 @@ def test_a_crashed_run_is_marked_failed_and_a_fresh_start_gets_a_run_of_its_own(
     assert runs[crashed.info.run_id].data.params["mi_weight"] == "nan"
 
 
+@pytest.fixture
+def main_thread() -> None:
+    """Skip a test that sets signal handlers where it does not run in the main thread, the only one that can."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be set from the main thread")
+
+
 class _Terminated(Exception):
     """What the test's own SIGTERM handler raises: the process's death, without killing the test."""
 
 
-def test_a_rank_that_torchrun_terminates_as_its_collective_fails_still_marks_the_run_failed(tmp_path, monkeypatch):
+def test_a_rank_that_torchrun_terminates_as_its_collective_fails_still_marks_the_run_failed(main_thread, tmp_path, monkeypatch):
     # One DDP rank dies: the survivor's all_reduce raises, and torchrun's SIGTERM reaches it while it ends its run.
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signal handlers can only be set from the main thread")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     checks = []
@@ -437,9 +442,7 @@ def test_a_rank_that_torchrun_terminates_as_its_collective_fails_still_marks_the
     assert len(checks) == 2 and run.info.status == "FAILED"
 
 
-def test_an_interrupt_during_an_mlflow_write_is_raised_after_the_write(tmp_path, monkeypatch):
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signal handlers can only be set from the main thread")
+def test_an_interrupt_during_an_mlflow_write_is_raised_after_the_write(main_thread, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = client.create_run(client.create_experiment("writes")).info.run_id
@@ -454,14 +457,12 @@ def test_an_interrupt_during_an_mlflow_write_is_raised_after_the_write(tmp_path,
     with pytest.raises(KeyboardInterrupt), terminate_as_interrupt():
         client.log_metric(run_id, "loss", 1.0, step=1)
     monkeypatch.setattr(sqlalchemy.orm.Session, "flush", flush)
-    assert [metric.value for metric in client.get_metric_history(run_id, "loss")] == [1.0]  # was rolled back
+    assert [metric.value for metric in client.get_metric_history(run_id, "loss")] == [1.0]  # before: rolled back by the interrupt
 
 
-def test_a_run_interrupted_at_any_moment_of_its_logging_can_be_ended(tmp_path, monkeypatch):
+def test_a_run_interrupted_at_any_moment_of_its_logging_can_be_ended(main_thread, tmp_path, monkeypatch):
     # Interrupted inside SQLAlchemy, a write left SQLite locked to the cleanup: "database is locked", run RUNNING.
     # Half the interrupts of this loop landed in a write; 6 attempts all ended the run only 1 time in 64.
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signal handlers can only be set from the main thread")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     rng = np.random.default_rng(0)
     for attempt in range(6):
