@@ -269,7 +269,7 @@ def test_a_reason_keeps_the_later_lines_of_a_library_error():
     )
 
 
-def test_a_plain_nifti_named_gz_and_a_complex_nifti_are_named(brain, tmp_path):
+def test_a_plain_nifti_named_gz_and_a_complex_or_colour_nifti_are_named(brain, tmp_path):
     plain = write_nifti(tmp_path / "plain.nii", head_volume(1))
     misnamed = tmp_path / "misnamed.nii.gz"
     misnamed.write_bytes(plain.read_bytes())
@@ -277,6 +277,12 @@ def test_a_plain_nifti_named_gz_and_a_complex_nifti_are_named(brain, tmp_path):
     # before: the imaginary part was dropped with only a warning, and the image went through
     complex_path = write_nifti(tmp_path / "complex.nii.gz", head_volume(1).astype(np.complex64))
     assert "NIfTI holds complex voxels (complex64)" in failure(brain, complex_path, tmp_path)
+    grey = (head_volume(1) * 100).clip(0, 255).astype(np.uint8)
+    colour = np.empty(grey.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    colour["R"] = colour["G"] = colour["B"] = grey
+    # before: NumPy's bare "Cannot cast array data from dtype([('R', 'u1'), ...])" TypeError
+    colour_path = write_nifti(tmp_path / "colour.nii.gz", colour)
+    assert "NIfTI holds colour voxels (RGB24)" in failure(brain, colour_path, tmp_path)
 
 
 def test_a_cut_off_nifti_a_non_nifti_and_a_dicom_named_jpg_are_named_with_the_fix(brain, xray, tmp_path):

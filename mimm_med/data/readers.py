@@ -33,6 +33,8 @@ SLICE_SPACING_RTOL = 0.01
 _NAMES_SHOWN = 3
 #: NIfTI ``datatype`` codes of complex voxels.
 NIFTI_COMPLEX_TYPES: dict[int, str] = {32: "complex64", 1792: "complex128", 2048: "complex256"}
+#: NIfTI ``datatype`` codes of colour voxels.
+NIFTI_COLOUR_TYPES: dict[int, str] = {128: "RGB24", 2304: "RGBA32"}
 #: Colour encodings of radiographs exported as secondary captures; pydicom decodes all of them as RGB.
 COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 #: Attributes of a radiograph's geometry and display that a blank value must not break (taken as absent).
@@ -117,6 +119,17 @@ class NiftiReader(NibabelReader):
 
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
         return super().verify_suffix(filename) or is_supported_format(filename, ["hdr", "img"])
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        """The voxels and metadata of ``img``; colour voxels, which NumPy cannot cast to a scalar type, are refused."""
+        for each in ensure_tuple(img):
+            datatype = int(each.header.get("datatype", 0))
+            if datatype in NIFTI_COLOUR_TYPES:
+                raise ValueError(
+                    f"NIfTI holds colour voxels ({NIFTI_COLOUR_TYPES[datatype]}), not an MRI intensity: convert it "
+                    "to one greyscale channel (e.g. fslmaths, or from the DICOMs again with dcm2niix)"
+                )
+        return super().get_data(img)
 
 
 def _unreadable(path: Path, error: Exception) -> str:
