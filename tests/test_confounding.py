@@ -239,3 +239,14 @@ def test_stratified_partition_names_a_cell_some_processes_lack_and_refuses_more_
         stratified_partition(datalist[:7] + datalist[8:] * 2, ["digit"], seed=0, parts=2)
     with pytest.raises(ValueError, match=r"holds 2 records, fewer than the 3 processes .* launch at most 2 \(torchrun"):
         stratified_partition(datalist[7:], ["digit"], seed=0, parts=3)
+
+
+def test_stratified_partition_warns_of_a_rare_cell_from_rank_zero_alone(monkeypatch):
+    from mimm_med.data import confounding
+
+    datalist = [{"index": i, "digit": 0} for i in range(8)] + [{"index": 8, "digit": 1}]
+    monkeypatch.setattr(confounding, "is_rank_zero", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # before: the same warning once per rank
+        parts = confounding.stratified_partition(datalist, ["digit"], seed=0, parts=2)
+    assert sorted(sum(record["digit"] for record in part) for part in parts) == [0, 1]

@@ -24,6 +24,7 @@ import torch
 from monai.data import partition_dataset
 from torch.utils.data import WeightedRandomSampler
 
+from ..distributed import is_rank_zero
 from .manifest import STATUS, STATUS_OK, write_manifest
 from .writers import atomic_output
 
@@ -393,7 +394,8 @@ def stratified_partition(datalist: Sequence[Mapping], keys: Sequence[str], seed:
     Under ``torch.distributed`` each rank trains on ``shards[torch.distributed.get_rank()]``.
 
     A cell of fewer records than ``parts`` leaves some parts without it, with a warning naming the
-    cell; fewer records than ``parts`` in all is refused.
+    cell (from rank 0 alone, as every rank computes the same parts); fewer records than ``parts`` in
+    all is refused.
     """
     if len(datalist) < parts:
         raise ValueError(
@@ -404,7 +406,7 @@ def stratified_partition(datalist: Sequence[Mapping], keys: Sequence[str], seed:
     order = np.random.default_rng(seed).permutation(len(datalist))
     by_cell = sorted(order, key=lambda i: cell_of[i])  # stable: random within a cell
     counts = pd.Series(cell_of, dtype=object).value_counts(sort=False)
-    for cell, count in counts[counts < parts].items():
+    for cell, count in counts[counts < parts].items() if is_rank_zero() else ():
         named = ", ".join(f"{key} = {value}" for key, value in zip(keys, cell))
         warnings.warn(
             f"only {count} training record(s) have {named}, fewer than the {parts} processes: {parts - count} of them "
