@@ -44,12 +44,16 @@ def shortcut_correlation(text: str) -> float:
 
 
 def torch_device(text: str) -> str:
-    """An argparse ``type`` for a torch device this process can use (:func:`mimm_med.checks.check_device`)."""
+    """An argparse ``type`` for a torch device this process can use (:func:`mimm_med.checks.check_device`).
+
+    Returned as torch spells it, ``cpu:0`` as ``cpu`` (torch has one CPU device), so that one device
+    is recorded under one name: a benchmark cell stored for ``cpu`` is reused by ``--device cpu:0``.
+    """
     try:
-        check_device(text)
+        checked = check_device(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    return text
+    return checked.type if checked.type == "cpu" else str(checked)
 
 
 def output_file(text: str) -> Path:

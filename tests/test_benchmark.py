@@ -561,6 +561,14 @@ def test_a_device_this_process_cannot_use_is_refused_before_any_work(device, mes
         ExperimentConfig(device=device)
 
 
+@pytest.mark.parametrize("spelling", ["cpu", "cpu:0"])
+def test_one_device_is_one_cell_setting_however_it_is_spelt(spelling):
+    parser = build_parser()
+    plain = cell_options(resolve(parser.parse_args(["benchmark"])))
+    # before: a cell stored with "cpu" was refused as stale by --device cpu:0
+    assert cell_options(resolve(parser.parse_args(["benchmark", "--device", spelling]))) == plain
+
+
 def test_command_line_reruns_the_training_options():
     parser = build_parser()
     argv = ["benchmark", "--datasets", "brain", "--methods", "erm", "--invariant-head", "--no-augment",
