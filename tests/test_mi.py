@@ -218,6 +218,21 @@ def test_gaussian_mi_weights_define_the_distribution_and_it_has_nothing_to_train
     assert estimator.critic_loss(a, b).item() == 0.0
 
 
+@pytest.mark.parametrize("cls", CRITIC_ESTIMATORS)
+def test_a_zero_weight_leaves_a_sample_out_of_the_pair_estimators(cls):
+    a, b = correlated_gaussians(64, 3, 1.0, torch.Generator().manual_seed(0))
+    a[40:] *= 10.0  # rows the weights leave out, on another scale: they shifted the standardization
+    weights = torch.cat([torch.ones(40), torch.zeros(24)])
+    estimator = small_estimator(cls, 3, 3)
+    assert estimator(a, b, weights=weights).item() == pytest.approx(estimator(a[:40], b[:40]).item(), abs=1e-5)
+    # One weighted sample per stratum has no weighted partner: no anchor, an estimate of 0 (was NaN).
+    strata = torch.arange(8).repeat_interleave(8)
+    single = (torch.arange(64) % 8 == 0).float()
+    only_first = (torch.arange(64) == 0).float()
+    values = [estimator(a, b, strata, single), estimator.critic_loss(a, b, strata, single), estimator(a, b, weights=only_first)]
+    assert [value.item() for value in values] == [0.0, 0.0, 0.0]
+
+
 def test_mine_matches_the_donsker_varadhan_formula_with_per_anchor_weights():
     estimator = small_estimator(MINE, 3, 2)
     a, b = torch.randn(7, 3), torch.randn(7, 2)

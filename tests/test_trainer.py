@@ -9,7 +9,7 @@ from monai.data import DataLoader, Dataset
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import set_determinism
 
-from mimm_med.engines import METHODS, MIMMXObjective, MIMMXTrainer, TrainingDiverged
+from mimm_med.engines import METHODS, InvariantHeadRefit, MIMMXObjective, MIMMXTrainer, RecomputeBatchNorm, TrainingDiverged
 from mimm_med.engines import trainer as trainer_module
 from mimm_med.engines.trainer import _clipping_scale
 from mimm_med.networks import MIMMXNet
@@ -62,6 +62,19 @@ def test_every_method_trains_and_reports_its_terms(method):
         assert {"weight/a", "weight/b", "task_weight/y", "mi_scale"} <= set(output)
         assert 0.0 < output["mi_scale"] <= 1.0
         assert sum(output[f"weight/{k}"] for k in "ab") == pytest.approx(1.0)
+
+
+def test_float64_images_that_train_also_pass_the_batch_norm_recomputation_and_the_head_refit():
+    """The trainer casts NumPy's float64 images; its handlers stopped on them (double input, float bias)."""
+    set_determinism(0)
+    trainer = _build("erm", records=[{**r, "image": r["image"].astype(np.float64)} for r in _records()])
+    RecomputeBatchNorm(trainer.data_loader).attach(trainer)
+    InvariantHeadRefit(trainer.data_loader, "y", ["b"]).attach(trainer)
+    trained_head = trainer.network.heads["y"].weight.detach().clone()
+    trainer.run()
+    norms = [m for m in trainer.network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(bool(torch.isfinite(m.running_mean).all()) for m in norms)
+    assert not torch.equal(trainer.network.heads["y"].weight, trained_head)
 
 
 def test_closed_form_estimator_trains_without_a_critic_and_its_term_reaches_f_y():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from torch import nn
@@ -12,6 +13,7 @@ from torch.optim.swa_utils import update_bn
 
 from mimm_med.checks import is_whole_number
 from mimm_med.distributed import world_size
+from mimm_med.evaluation.outputs import input_dtype
 
 
 class RecomputeBatchNorm:
@@ -28,7 +30,8 @@ class RecomputeBatchNorm:
     Parameters
     ----------
     loader
-        Batches of MONAI dicts, usually the training loader.
+        Batches of MONAI dicts, usually the training loader; images are cast to the dtype of the
+        network's parameters, as :class:`~mimm_med.engines.MIMMXTrainer` casts them.
     interval
         Epochs between recomputations; match the validation interval.
     image_key
@@ -66,7 +69,9 @@ class RecomputeBatchNorm:
 
     def __call__(self, engine: Engine) -> None:
         network = getattr(engine.network, "module", engine.network)  # the module inside DistributedDataParallel
-        images = (batch[self.image_key] for batch in self.loader)
+        # cast as the trainer casts: float64 / integer images of a NumPy pipeline would clash with float32 weights
+        dtype = input_dtype(network)
+        images = (torch.as_tensor(batch[self.image_key]).to(dtype) for batch in self.loader)
         update_bn(images, network, device=next(network.parameters()).device)
         if world_size() > 1:
             _average_over_ranks(network)

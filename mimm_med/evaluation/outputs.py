@@ -9,7 +9,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["collect_outputs"]
+__all__ = ["collect_outputs", "input_dtype"]
+
+
+def input_dtype(network: torch.nn.Module) -> torch.dtype:
+    """The dtype of ``network``'s floating-point parameters (float32 without any), which its images are cast to.
+
+    The trainer casts each batch so; without the same cast here, the float64 or integer images of a
+    NumPy pipeline that trained fine stop a forward pass with ``Input type (double) and bias type
+    (float) should be the same``.
+
+    Examples
+    --------
+    >>> input_dtype(torch.nn.Linear(2, 2))
+    torch.float32
+    """
+    return next((p.dtype for p in network.parameters() if p.is_floating_point()), torch.float32)
 
 
 def collect_outputs(
@@ -28,7 +43,8 @@ def collect_outputs(
         Module whose ``forward(image)`` returns the network contract dict: ``"features"``,
         ``f"{name}_features"`` and ``f"{name}_output"`` per factor.
     data_loader
-        Iterable of batch dicts holding ``"image"`` and one label per name in ``factor_names``.
+        Iterable of batch dicts holding ``"image"`` and one label per name in ``factor_names``; images
+        are cast to the dtype of the network's parameters (:func:`input_dtype`), as the trainer does.
     factor_names
         Factors whose labels are gathered, returned under ``f"{name}_label"``.
     device
@@ -59,6 +75,7 @@ def collect_outputs(
     ((36, 16), (36,))
     """
     device = torch.device(device)
+    dtype = input_dtype(network)
     was_training = network.training
     network.eval()
     chunks: dict[str, list[np.ndarray]] = {}
@@ -72,7 +89,7 @@ def collect_outputs(
                         "and one label per factor name."
                     )
                 with torch.autocast(device_type=device.type, enabled=amp):
-                    outputs = network(torch.as_tensor(batch["image"]).to(device))
+                    outputs = network(torch.as_tensor(batch["image"]).to(device=device, dtype=dtype))
                 for key, value in outputs.items():
                     chunks.setdefault(key, []).append(_as_numpy(value))
                 for name in factor_names:

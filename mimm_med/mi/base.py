@@ -21,8 +21,10 @@ class ContrastPairs:
     """Which pairs (i, j) of a batch are contrasted against the positives (i, i), and with what weight.
 
     Negatives are the pairs i ≠ j within the same stratum (all of them when ``strata`` is None).
-    Anchors without a partner in their stratum are left out of both the positive and the negative
-    term, so both expectations run over the same distribution of strata. Anchor i counts with its
+    Anchors are the samples of positive weight with a partner of positive weight in their stratum;
+    the others are left out of both the positive and the negative term (and of the standardization
+    of :class:`PairScoreEstimator`), so both expectations run over the same distribution of strata,
+    and a weight of 0 leaves a sample out as if it were not in the batch. Anchor i counts with its
     sample weight w_i, and its negatives j with w_j / Σ_{j'} w_j' over its partners: the negative
     term is an expectation under q(s)·q(a|s)·q(b|s), the product of marginals that defines the
     conditional MI I(a; b | s) under the weighted distribution q (the empirical one when all
@@ -58,7 +60,8 @@ class ContrastPairs:
         self.same_stratum = same
         self.negatives = same & ~torch.eye(batch_size, dtype=torch.bool, device=device)
         partner_weight = (self.negatives * weights[None, :]).sum(dim=1)
-        self.anchors = partner_weight > 0
+        # A zero-weight sample is outside the weighted distribution: no anchor, though it may have partners.
+        self.anchors = (partner_weight > 0) & (weights > 0)
         self.anchor_weight = weights * self.anchors
         self.total_weight = self.anchor_weight.sum()
         log_pair = self.anchor_weight.log()[:, None] + weights.log()[None, :] - partner_weight.clamp_min(1e-30).log()[:, None]
