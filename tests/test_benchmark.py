@@ -24,6 +24,7 @@ from mimm_med.benchmark import (
     COLUMNS,
     SCALES,
     BenchmarkDataset,
+    BenchmarkTracker,
     ManifestData,
     StaleCellError,
     cell_metrics,
@@ -642,3 +643,59 @@ def test_the_benchmark_records_its_tracking_uri_without_the_password():
         tracker.uri = uri
         recorded.add(tracker._recorded_uri)
     assert recorded == {"http://alice:***@mlflow.example.org:5000"}
+
+
+def test_command_line_reruns_the_device_and_cache_the_cells_were_made_with():
+    parser = build_parser()
+    args = resolve(parser.parse_args(["benchmark", "--datasets", "digits", "--cache", "elsewhere"]))
+    # was: neither, so the page's "Produced by" command made the cohorts again elsewhere, and was refused by
+    # its own cells when they were stored for another device
+    assert resolve(parser.parse_args(shlex.split(command_line(args))[1:])) == args
+    assert "--device" not in command_line(args)
+    args.device = "cuda:1"  # set here: parsing checks that this process can use it
+    assert "--device cuda:1 " in command_line(args)
+
+
+@pytest.mark.parametrize("name", ["out/results.csv", "out/results.md", "docs/results.md"])
+def test_an_interrupted_write_of_the_results_leaves_the_files_as_they_were(tmp_path, fake_training, monkeypatch, name):
+    cells = plan_cells(["tiny"], ["erm", "oracle"], [0.9], [0])
+    results = run_matrix(cells, {"tiny": TinyData()}, tmp_path / "out", {"epochs": 1}, progress=False)
+    write_results(results, tmp_path / "out", "mimm-med benchmark", tmp_path / "docs" / "results.md")
+    target = tmp_path / name
+    before = target.read_bytes()
+
+    def halfway(path: Path, text: str) -> None:
+        """Write the first half of ``text`` to ``path`` if it is (or stands in for) ``target``, then stop as Ctrl-C does."""
+        if path.parent == target.parent and path.name.endswith(target.name):
+            with open(path, "w", encoding="utf-8") as stream:
+                stream.write(text[: len(text) // 2])
+            raise KeyboardInterrupt
+
+    write_text, to_csv = Path.write_text, pd.DataFrame.to_csv
+    monkeypatch.setattr(Path, "write_text", lambda self, text, **kw: halfway(self, text) or write_text(self, text, **kw))
+    monkeypatch.setattr(pd.DataFrame, "to_csv", lambda self, path, **kw: halfway(Path(path), to_csv(self, **kw)) or to_csv(self, path, **kw))
+    with pytest.raises(KeyboardInterrupt):
+        write_results(results, tmp_path / "out", "mimm-med benchmark", tmp_path / "docs" / "results.md")
+    assert target.read_bytes() == before  # was: its first half, which the next reader takes as the whole
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_an_interrupted_write_of_the_parent_run_file_does_not_block_the_next_benchmark(tmp_path, monkeypatch):
+    from mimm_med.benchmark.tracking import RUN_FILE
+
+    uri, params = f"sqlite:///{tmp_path / 'mlflow.db'}", {"epochs": 1}
+    write_text = Path.write_text
+
+    def halfway(self, text, **kwargs):
+        if self.parent == tmp_path and self.name.endswith(RUN_FILE):
+            write_text(self, text[: len(text) // 2], **kwargs)
+            raise KeyboardInterrupt
+        return write_text(self, text, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", halfway)
+    with pytest.raises(KeyboardInterrupt):
+        BenchmarkTracker(tmp_path, "mimm-med-benchmark", params, uri)
+    monkeypatch.undo()
+    # was: half a mlflow_run.json, which the next benchmark refused as damaged until deleted by hand
+    with BenchmarkTracker(tmp_path, "mimm-med-benchmark", params, uri) as tracker:
+        assert json.loads((tmp_path / RUN_FILE).read_text(encoding="utf-8"))["run_id"] == tracker.run_id

@@ -469,3 +469,28 @@ def test_outputs_and_inputs_of_the_wrong_kind_exit_2_without_a_traceback(tmp_pat
         main(["cohort", "split", "--manifest", str(manifest), "--primary", "age_group", "--spurious", "sex=0.9",
               "--out", str(tmp_path / "s"), "--seed", "-1"])
     assert exit_.value.code == 2 and "argument --seed: must be at least 0, got -1" in capsys.readouterr().err
+
+
+def test_merge_refuses_an_out_that_would_overwrite_one_of_its_manifests(tmp_path, capsys):
+    ukb = make_manifest(tmp_path / "ukb")
+    nako = make_manifest(tmp_path / "nako", cohort="nako")
+    before = ukb.read_text()
+    # was: merged into ukb's own manifest.csv, nako's images and all
+    assert main(["cohort", "merge", str(ukb), str(nako), "--out", str(tmp_path / "nako" / ".." / "ukb" / "manifest.csv")]) == 2
+    assert f"would overwrite the manifest {ukb} it merges; choose another file" in capsys.readouterr().err
+    assert ukb.read_text() == before
+
+
+def test_describe_bins_a_numeric_label_one_value_of_which_fills_a_quarter(tmp_path, capsys):
+    manifest = make_manifest(tmp_path, n=41, age=[90.0] * 30 + list(range(11)))  # ages top-coded at 90
+    assert main(["cohort", "describe", str(manifest)]) == 0  # was: ValueError: Bin edges must be unique
+    assert "age: (-0.001, 10.0] 11, (10.0, 90.0] 30" in capsys.readouterr().out
+
+
+def test_describe_writes_the_plot_in_the_format_its_name_asks_for(tmp_path, capsys):
+    manifest = make_manifest(tmp_path)
+    assert main(["cohort", "describe", str(manifest), "--plot", str(tmp_path / "crosstab.pdf")]) == 0
+    assert (tmp_path / "crosstab.pdf").read_bytes().startswith(b"%PDF")  # was: PNG bytes under a .pdf name
+    assert main(["cohort", "describe", str(manifest), "--plot", str(tmp_path / "crosstab.csv")]) == 2
+    assert "--plot " in (err := capsys.readouterr().err) and "name a file ending in one of" in err and ".png" in err
+    assert not (tmp_path / "crosstab.csv").exists()

@@ -287,3 +287,35 @@ def test_a_split_folder_that_a_bundle_must_not_read_is_refused_before_training(t
     write_split("val", range(4, 8))  # as a hand-edited val.csv with rows copied from train.csv
     with pytest.raises(ManifestError, match=rf"{re.escape(str(tmp_path))}: splits 'train' and 'val' share 2 subjects \(sub-0004, sub-0005\)"):
         check_split_folder(tmp_path)
+
+
+def test_merge_refuses_manifests_preprocessed_with_other_pipeline_settings(tmp_path):
+    ukb = make_manifest(tmp_path / "ukb")
+    nako = make_manifest(tmp_path / "nako", cohort="nako")
+    record_key(ukb.parent, "key-aaaa")
+    (nako.parent / "pipeline.json").write_text(
+        json.dumps({"spacing": [4, 4, 4], "description": "coarser", "pseudonym_key_fingerprint": "key-bbbb"})
+    )
+    # was: merged, 2 mm and 4 mm images in one manifest (the cohort readable off the voxel size)
+    with pytest.raises(ManifestError, match=r"ukb.*manifest.csv and .*nako.*manifest.csv were preprocessed with other "
+                                            r"pipeline settings \(spacing differ: spacing: \[2, 2, 2\] in .*ukb.*pipeline.json, "
+                                            r"\[4, 4, 4\] in .*nako.*pipeline.json\)"):
+        merge_manifests([ukb, nako])
+    record_key(nako.parent, "key-bbbb")  # the same settings, keys of their own, another description: merged
+    assert len(merge_manifests([ukb, nako])) == 16
+
+
+@pytest.mark.parametrize(
+    "rows, lines",
+    [
+        (["sub-1,a.png,female,ukb,ok,", "sub-2,b.png,male,ukb,ok,"], "lines 2, 3"),  # trailing commas
+        (["sub-1,a.png,female,ukb,ok,extra", "sub-2,b.png,male,ukb,ok"], "line 2"),  # a value added by hand
+    ],
+)
+def test_a_first_row_with_more_fields_than_the_header_is_named_not_read_shifted(tmp_path, rows, lines):
+    path = tmp_path / "manifest.csv"
+    path.write_text("\n".join(["subject_id,image,sex,cohort,status", *rows]) + "\n")
+    # was: pandas took subject_id as row names and read every column as the next (a TypeError, or shifted labels)
+    with pytest.raises(ManifestError, match=rf"manifest .*manifest.csv: {lines} of the CSV ha(s|ve) more fields than its "
+                                            r"header's 5 \(subject_id, image, sex, cohort, status\); remove the extra"):
+        read_manifest(path)

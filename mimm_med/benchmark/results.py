@@ -13,6 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from mimm_med.benchmark.matrix import cell_metrics
+from mimm_med.data.writers import atomic_output
 from mimm_med.engines import METHODS
 
 #: Columns of ``results.csv``: one row per cell and metric.
@@ -239,7 +240,8 @@ def plot_vs_correlation(frame: pd.DataFrame, dataset: str, out_dir: str | Path) 
         _lines(axes, summary, "inverted balanced accuracy (%)", f"{dataset}: shortcut inverted")
         axes.legend(fontsize=8)
         paths.append(out_dir / f"inverted_vs_correlation_{dataset}.png")
-        inverted.savefig(paths[-1], dpi=120)
+        with atomic_output(paths[-1]) as tmp:
+            inverted.savefig(tmp, dpi=120)
     factors = leakage_factors(frame, dataset)
     if factors:
         leakage = Figure(figsize=(5 * len(factors), 4.5), layout="tight")
@@ -248,7 +250,8 @@ def plot_vs_correlation(frame: pd.DataFrame, dataset: str, out_dir: str | Path) 
             _lines(axes, summarize(subset, "leakage", factor), "linear-probe balanced accuracy (%)", f"{dataset}: {factor} in f_y")
         all_axes[-1].legend(fontsize=8)
         paths.append(out_dir / f"leakage_vs_correlation_{dataset}.png")
-        leakage.savefig(paths[-1], dpi=120)
+        with atomic_output(paths[-1]) as tmp:
+            leakage.savefig(tmp, dpi=120)
     return paths
 
 
@@ -258,7 +261,8 @@ def write_results(
     """Write ``results.csv``, ``results.md`` and the plots of every data set into ``out``.
 
     With ``docs`` (e.g. ``docs/results.md``) the same page is also published there, its plots copied to
-    the folder of the same name (``docs/results/``).
+    the folder of the same name (``docs/results/``). Every file is written atomically: a write that is
+    interrupted (Ctrl-C, a full disk) leaves the file as it was, never a truncated table or page.
 
     Returns
     -------
@@ -268,10 +272,11 @@ def write_results(
     out = Path(out)
     frame = long_format(results)
     paths = {"csv": out / "results.csv", "markdown": out / "results.md"}
-    frame.to_csv(paths["csv"], index=False)
+    with atomic_output(paths["csv"]) as tmp:
+        frame.to_csv(tmp, index=False)
     plots = {dataset: plot_vs_correlation(frame, dataset, out) for dataset in dict.fromkeys(frame["dataset"])}
     links = {dataset: [path.name for path in files] for dataset, files in plots.items()}
-    paths["markdown"].write_text(results_markdown(frame, links, command) + "\n", encoding="utf-8")
+    _write_text(paths["markdown"], results_markdown(frame, links, command) + "\n")
     paths.update({path.stem: path for files in plots.values() for path in files})
     if docs is not None:
         docs = Path(docs)
@@ -279,8 +284,15 @@ def write_results(
         plot_dir.mkdir(parents=True, exist_ok=True)
         for files in plots.values():
             for path in files:
-                shutil.copyfile(path, plot_dir / path.name)
+                with atomic_output(plot_dir / path.name) as tmp:
+                    shutil.copyfile(path, tmp)
         links = {dataset: [f"{plot_dir.name}/{path.name}" for path in files] for dataset, files in plots.items()}
-        docs.write_text(results_markdown(frame, links, command) + "\n", encoding="utf-8")
+        _write_text(docs, results_markdown(frame, links, command) + "\n")
         paths["docs"] = docs
     return paths
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`~mimm_med.data.writers.atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

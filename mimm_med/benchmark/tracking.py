@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mimm_med.benchmark.matrix import Cell, cell_metrics
+from mimm_med.data.writers import atomic_output
 from mimm_med.tracking import default_artifact_location, ended_status, require_reachable, resolve_tracking_uri
 from mimm_med.tracking.run_names import experiment_named
 from mimm_med.tracking.uri import keep_password_out_of_run_links, printable_uri
@@ -107,7 +108,8 @@ class BenchmarkTracker:
         run_id = self.client.create_run(experiment_id, run_name=self.run_file.parent.name).info.run_id
         try:
             self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
-            self.run_file.write_text(json.dumps({"tracking_uri": self._recorded_uri, "run_id": run_id}), encoding="utf-8")
+            with atomic_output(self.run_file) as tmp:  # interrupted, the file stays as it was, never half written
+                tmp.write_text(json.dumps({"tracking_uri": self._recorded_uri, "run_id": run_id}), encoding="utf-8")
         except BaseException:
             self.client.delete_run(run_id)  # a run of a benchmark that never started would stay RUNNING
             raise

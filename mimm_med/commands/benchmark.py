@@ -30,6 +30,7 @@ from mimm_med.cli import at_least, shortcut_correlation, torch_device
 
 DATASETS = ("digits", "brain", "cxr")
 DEFAULT_EXPERIMENT = "mimm-med-benchmark"
+DEFAULT_CACHE = "data/benchmark"
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"results folder, reused to resume (default: {FULL.out}; quick: {QUICK.out})",
     )
     outputs.add_argument(
-        "--cache", type=Path, default=Path("data/benchmark"), help="stand-in cohorts, made once (default: %(default)s)"
+        "--cache", type=Path, default=Path(DEFAULT_CACHE), help="stand-in cohorts, made once (default: %(default)s)"
     )
     outputs.add_argument(
         "--docs",
@@ -219,7 +220,10 @@ def command_line(args: argparse.Namespace) -> str:
     words += ["--no-augment"] if args.no_augment else []
     words += ["--residual-mi"] if args.residual_mi else []
     words += ["--threads", str(args.threads)] if args.threads else []
+    # the device is stored with every cell (cell_options): a rerun on another one would be refused
+    words += ["--device", args.device] if args.device != "cpu" else []
     words += ["--out", str(args.out)]
+    words += ["--cache", str(args.cache)] if args.cache != Path(DEFAULT_CACHE) else []  # else made again there
     return shlex.join(words + (["--docs", str(args.docs)] if args.docs else []))
 
 

@@ -95,7 +95,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="merge manifests (cohorts or shard parts) into one",
         description="Merge manifests into one, e.g. UK Biobank + NAKO (cohort becomes a factor) or the "
         "shard parts of one preprocess run. Image paths are rewritten relative to the new manifest; "
-        "label columns must agree.",
+        "label columns must agree, and so must the preprocessing settings their folders' pipeline.json record.",
     )
     merge.add_argument("manifests", nargs="+", type=Path, help="manifests to merge")
     merge.add_argument("--out", type=Path, required=True, help="merged manifest to write")
@@ -154,7 +154,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     describe.add_argument("manifest", type=Path, help="manifest to describe")
     describe.add_argument("--primary", help="primary label (default: the first label column)")
-    describe.add_argument("--plot", type=Path, help="cross-tab figure (default: <manifest>-crosstab.png)")
+    describe.add_argument("--plot", type=Path, help="cross-tab figure, its format by its suffix: .png, .pdf, .svg, ... (default: <manifest>-crosstab.png)")
     describe.set_defaults(func=describe_command)
 
     locate = commands.add_parser(
@@ -214,6 +214,11 @@ def merge_command(args: argparse.Namespace) -> int:
     """Run ``mimm-med cohort merge``."""
     from mimm_med.data.manifest import STATUS, STATUS_OK, ManifestError, cannot_write, merge_manifests, write_manifest
 
+    overwritten = [manifest for manifest in args.manifests if manifest.resolve() == args.out.resolve()]
+    if overwritten:  # e.g. a preprocess run's own manifest.csv, which its resume and errors.csv go by
+        return _fail(
+            "merge", f"--out {args.out} would overwrite the manifest {overwritten[0]} it merges; choose another file"
+        )
     try:
         merged = merge_manifests(args.manifests)
     except ManifestError as error:
@@ -324,7 +329,8 @@ def _as_factor(values):
     from mimm_med.data.manifest import MAX_CATEGORIES
 
     if pd.api.types.is_numeric_dtype(values) and values.nunique() > MAX_CATEGORIES:
-        return pd.qcut(values, 4)
+        # fewer bins where a value fills more than a quarter (ages top-coded at 90): their edges coincide
+        return pd.qcut(values, 4, duplicates="drop")
     if values.isna().any():  # labels are refused with missing values, but ``cohort`` may have them
         return values.astype(str).where(values.notna(), MISSING)
     return values
@@ -338,6 +344,7 @@ def describe_command(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
     import numpy as np
     import pandas as pd
+    from matplotlib.backend_bases import FigureCanvasBase
 
     from mimm_med.data.manifest import COHORT, ManifestError, cannot_write, label_columns, load_manifest
     from mimm_med.data.writers import atomic_output
@@ -352,6 +359,11 @@ def describe_command(args: argparse.Namespace) -> int:
     primary = args.primary or factors[0]
     if primary not in factors:
         return _fail("describe", ValueError(f"--primary {primary!r} is not a label of {args.manifest}: {factors}"))
+    plot = args.plot or args.manifest.with_name(f"{args.manifest.stem}-crosstab.png")
+    kind = plot.suffix[1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if kind not in formats:  # savefig would write a PNG under any name
+        return _fail("describe", f"--plot {plot}: name a file ending in one of {', '.join(f'.{f}' for f in formats)}")
     print(f"{args.manifest}: {len(table)} images of {table['subject_id'].nunique()} subjects")
     for name in factors:
         counts = _as_factor(table[name]).value_counts().sort_index()
@@ -373,10 +385,9 @@ def describe_command(args: argparse.Namespace) -> int:
         axis.set_xticklabels(crosstab.columns, rotation=30, ha="right")
         axis.set_yticklabels(crosstab.index)
     figure.tight_layout()
-    plot = args.plot or args.manifest.with_name(f"{args.manifest.stem}-crosstab.png")
     try:
         with atomic_output(plot) as tmp:
-            figure.savefig(tmp, format="png", dpi=100)
+            figure.savefig(tmp, format=kind, dpi=100)
     except OSError as error:
         return _fail("describe", cannot_write(f"--plot {plot}", error))
     finally:

@@ -12,6 +12,7 @@ absolute paths; :func:`write_manifest` makes them relative again.
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import os
@@ -54,6 +55,14 @@ def _lines(index: pd.Index) -> str:
     return ("line " if len(index) == 1 else "lines ") + _first([i + 2 for i in index])
 
 
+def _wider_rows(path: Path) -> list[int]:
+    """CSV lines (the header is line 1) whose rows have more fields than the header."""
+    with path.open(newline="", encoding="utf-8") as stream:
+        reader = csv.reader(stream)
+        width = len(next(reader))
+        return [reader.line_num for row in reader if len(row) > width]
+
+
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read a manifest CSV, check its columns and return it with absolute ``image`` paths.
 
@@ -75,6 +84,15 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         raise ManifestError(
             f"manifest {path} cannot be read as CSV ({error}); re-run `mimm-med preprocess` or `cohort merge`, which write it"
         ) from None
+    if not isinstance(table.index, pd.RangeIndex):
+        # pandas takes the first column as row names when the first row has a field more than the header
+        # (a trailing comma, a value added by hand): every column would be read as the one after it
+        wider = pd.Index(_wider_rows(path)) - 2  # row numbers, as _lines takes them
+        raise ManifestError(
+            f"manifest {path}: {_lines(wider)} of the CSV {'has' if len(wider) == 1 else 'have'} more fields than its "
+            f"header's {len(table.columns)} ({', '.join(table.columns)}); remove the extra fields (a trailing comma) "
+            "or name their column in the header"
+        )
     missing = [c for c in RESERVED_COLUMNS if c not in table.columns]
     if missing:
         raise ManifestError(
@@ -293,6 +311,31 @@ def _check_keys(paths: Sequence[str | Path], tables: Sequence[pd.DataFrame]) -> 
             )
 
 
+def _check_pipelines(paths: Sequence[str | Path]) -> None:
+    """Refuse manifests whose folders' ``pipeline.json`` record other preprocessing settings (spacing, size, ...).
+
+    Images of other voxel sizes or grids in one manifest would not batch together, or, at one grid
+    size, would make the cohort a shortcut the network can read off the voxel size.
+    """
+    known = []
+    for path in paths:
+        record = Path(path).parent / PIPELINE_RECORD
+        if record.is_file() and record not in (seen for _, seen, _ in known):
+            settings = json.loads(record.read_text(encoding="utf-8"))
+            # the key may differ between cohorts (see _check_keys); the description is free text
+            known.append((path, record, {k: v for k, v in settings.items() if k not in (KEY_FINGERPRINT, "description")}))
+    for (a, record_a, settings_a), (b, record_b, settings_b) in itertools.combinations(known, 2):
+        differ = sorted(key for key in settings_a.keys() | settings_b.keys() if settings_a.get(key) != settings_b.get(key))
+        if differ:
+            shown = "; ".join(f"{key}: {settings_a.get(key)!r} in {record_a}, {settings_b.get(key)!r} in {record_b}"
+                              for key in differ if key != "preprocessing")  # fmt: skip
+            raise ManifestError(
+                f"{a} and {b} were preprocessed with other pipeline settings ({', '.join(differ)} differ"
+                f"{': ' + shown if shown else ''}), so their images differ in voxel size or grid; re-run "
+                "`mimm-med preprocess` for one of them with the other's settings (--set) into a new --out"
+            )
+
+
 def _fold(value: str) -> str:
     return re.sub(r"[\W_]", "", value.casefold())
 
@@ -331,7 +374,8 @@ def merge_manifests(paths: Sequence[str | Path]) -> pd.DataFrame:
     Each manifest is validated (:func:`validate_manifest`, its ``ok`` images must exist). Manifests
     that share a cohort must have been pseudonymised with the same key, where their folders'
     ``pipeline.json`` record it: else one subject has two ids. Cohorts of their own may use
-    keys of their own (the cohort is hashed into every pseudonym, so they cannot collide).
+    keys of their own (the cohort is hashed into every pseudonym, so they cannot collide). Where
+    two ``pipeline.json`` record the preprocessing settings, they must agree (spacing, grid size, ...).
 
     A label coded differently in two cohorts (``F``/``M`` and ``female``/``male``) is refused. Value
     sets may legitimately differ (a one-sex cohort, sites of their own), so only what looks like a
@@ -342,8 +386,8 @@ def merge_manifests(paths: Sequence[str | Path]) -> pd.DataFrame:
     Raises
     ------
     ManifestError
-        If a manifest is invalid, their label columns or codings differ, keys differ, or an image
-        appears twice.
+        If a manifest is invalid, their label columns, codings or pipeline settings differ, keys
+        differ, or an image appears twice.
     """
     if not paths:
         raise ManifestError("give at least one manifest to merge")
@@ -358,6 +402,7 @@ def merge_manifests(paths: Sequence[str | Path]) -> pd.DataFrame:
                 f"{sorted(reference)}; preprocess both with cards that map to the same label names"
             )
     _check_keys(paths, tables)
+    _check_pipelines(paths)
     _check_codings(paths, tables)
     merged = pd.concat(tables, ignore_index=True)
     duplicated = merged[IMAGE][merged[IMAGE].duplicated()]
