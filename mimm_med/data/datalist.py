@@ -13,9 +13,11 @@ from mimm_med.data.manifest import (
     STATUS_OK,
     SUBJECT,
     ManifestError,
+    file_size,
     label_columns,
     load_manifest,
     read_manifest,
+    validate_manifest,
     validate_splits,
 )
 from mimm_med.data.pseudonym import canonical_text
@@ -108,11 +110,20 @@ def _label_levels_hint(path: Path, label_levels: Mapping[str, Sequence], primary
 
 
 def image_datalist(manifest: str | Path) -> list[dict]:
-    """``{"image", "image_path", "subject_id"}`` dicts of the ``ok`` rows of a manifest, for inference (labels not needed)."""
+    """``{"image", "image_path", "subject_id"}`` dicts of the ``ok`` rows of a manifest, for inference.
+
+    Labels are not needed, so they are not checked: the label columns of new images may be blank. An
+    image missing from disk is left to :class:`~mimm_med.data.skipping.SkippingDataset`, which skips it
+    with a warning as it does an unreadable one; only a manifest none of whose images exist is refused
+    (it was moved away from them).
+    """
     path = Path(manifest)
     if not path.is_file():
         raise ManifestError(f"no manifest at {path}: {PREPARE_HINT}")
-    table = load_manifest(path)
+    table = read_manifest(path)
+    table = table.loc[table[STATUS] == STATUS_OK, [SUBJECT, IMAGE, COHORT, STATUS]]
+    present = [file_size(image) is not None for image in table[IMAGE]]
+    validate_manifest(table, path, check_files=not any(present))  # images listed once, with subject ids
     if table.empty:
         raise ManifestError(
             f"{path} lists no image to predict (no row, or none with status 'ok'): give an --input_manifest with images"

@@ -8,6 +8,7 @@ from typing import Any
 
 from monai.data import Dataset, list_data_collate
 
+from mimm_med.data.manifest import file_size
 from mimm_med.data.preprocess import describe_error
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ class SkippingDataset(Dataset):
             name = self.data[index].get(self.name_key, f"item {index}")
             # a transform that names its file (ValidateImaged(name_file=True)) would have it named twice
             reason = describe_error(error).replace(f"{name}: ", "", 1)
+            missing = "cannot find a suitable reader" in reason or "No such file" in reason
+            if missing and isinstance(name, str) and file_size(name) is None:  # MONAI's words: "install the reader libraries"
+                reason = "no such file (moved or deleted since the manifest was written)"
             logger.warning("skipped %s: %s", name, reason)
             return None
 

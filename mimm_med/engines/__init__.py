@@ -20,8 +20,10 @@ from .resume import (
     RunFolderConflict,
     SettingsMismatch,
     latest_checkpoint,
+    load_trained_weights,
     require_checkpoint_settings,
     trained_checkpoint,
+    training_params,
 )
 from .trainer import MIMMXTrainer, NegativeMIWarning, TrainingDiverged
 
@@ -48,7 +50,9 @@ __all__ = [
     "NegativeMIWarning",
     "TrainingDiverged",
     "latest_checkpoint",
+    "load_trained_weights",
     "require_checkpoint_settings",
     "trained_checkpoint",
+    "training_params",
     "parse_method",
 ]

@@ -137,6 +137,31 @@ def require_checkpoint_settings(checkpoint: str | Path, current: Mapping[str, An
         _warn_unrecorded(record, "using the network")
 
 
+def training_params(checkpoint: str | Path, current: Mapping[str, Any], evaluated: Sequence[str] = ("dataset_dir",)) -> dict[str, Any]:
+    """``current`` params with the values that ``settings.json`` beside ``checkpoint`` records for its training.
+
+    An evaluation logs the training run's settings, so that evaluations can be filtered and compared
+    by them; the bundle's own values (``mi_weight``, ``lr``, ``epochs`` ...) are those of the training
+    only when it was run with the same overrides. ``evaluated`` (the data evaluated) and
+    ``network_def`` (logged as a summary, recorded in full) keep their ``current`` values, as does
+    every key without a record.
+
+    Examples
+    --------
+    >>> import json, tempfile
+    >>> run_folder = Path(tempfile.mkdtemp())
+    >>> _ = (run_folder / "settings.json").write_text(json.dumps({"mi_weight": 0.5, "dataset_dir": "data/a"}))
+    >>> training_params(run_folder / "model.pt", {"mi_weight": 1.0, "dataset_dir": "data/b", "seed": 0})
+    {'mi_weight': 0.5, 'dataset_dir': 'data/b', 'seed': 0}
+    """
+    record = Path(checkpoint).parent / SETTINGS_FILE
+    if not record.is_file():
+        return dict(current)
+    trained = json.loads(record.read_text(encoding="utf-8"))
+    kept = {*evaluated, "network_def"}
+    return {key: trained[key] if key in trained and key not in kept else value for key, value in current.items()}
+
+
 def _warn_unrecorded(record: Path, action: str) -> None:
     logger.warning(
         "%s is missing, so this run's settings cannot be checked against the training's; %s as it is: %s must be "
@@ -178,13 +203,57 @@ def trained_checkpoint(path: str | Path, registered_model: str | None = None) ->
     ``registered_model`` names the model in the MLflow registry to load instead, where the caller can.
     """
     path = Path(path)
+    instead = f", or load a registered model with --model_uri models:/{registered_model}@champion" if registered_model else ""
     if not path.is_file():
-        instead = f", or load a registered model with --model_uri models:/{registered_model}@champion" if registered_model else ""
         raise FileNotFoundError(
             f"no checkpoint at {path}: train first (python -m monai.bundle run training ..., with the same "
             f"--run_name and --bundle_root, or the same method and seed){instead}"
         )
+    problem = _checkpoint_problem(path)
+    if problem:
+        raise ValueError(
+            f"{path} cannot be loaded as a checkpoint ({problem}): copy it again from the run folder, give --ckpt_path "
+            f"another checkpoint of the run (its checkpoint_*.pt keep the network too){instead}"
+        )
     return path
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a ``torch.save`` file, read from its first bytes and its zip directory; ``None`` if it may be one.
+
+    ``torch.load`` of a cut-off archive says only ``OSError: [Errno 22] Invalid argument``, naming no file.
+    """
+    with path.open("rb") as file:
+        head = file.read(4)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):  # a zip archive, the format of torch.save
+        return None if _is_complete_archive(path) else "its zip archive is cut off, e.g. by a copy or a save that was stopped"
+    if head[:1] == b"\x80":  # a pickle: torch.save's legacy format (_use_new_zipfile_serialization=False)
+        return None
+    return "it is neither a zip archive nor a pickle, the formats of torch.save"
+
+
+def load_trained_weights(network: torch.nn.Module, checkpoint: str | Path, map_location: Any = "cpu") -> torch.nn.Module:
+    """Load the ``network`` entry of ``checkpoint`` (or a bare state dict) into ``network`` and return it.
+
+    Raises
+    ------
+    ValueError
+        If the file is no complete checkpoint, or holds another network (other backbone, parts, factors),
+        naming the file and the fix.
+    """
+    checkpoint = trained_checkpoint(checkpoint)
+    state = torch.load(checkpoint, map_location=map_location, weights_only=True)
+    try:
+        network.load_state_dict(state.get("network", state))
+    except RuntimeError as error:  # torch lists every mismatched tensor, but neither the file nor the fix
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise ValueError(
+            f"{checkpoint} holds another network than the one to evaluate ({first} ...): evaluate it with the "
+            "settings it was trained with (the same backbone, part sizes, spatial size and factors), or train again"
+        ) from error
+    return network
 
 
 def _mtime(path: Path) -> int | None:

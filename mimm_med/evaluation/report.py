@@ -10,9 +10,10 @@ import mlflow
 import torch
 from monai.data import DataLoader
 
+from mimm_med.data.manifest import ManifestError
 from mimm_med.data.skipping import ReadableBatches, SkippingDataset, collate_readable
 from mimm_med.data.writers import atomic_output, write_json
-from mimm_med.engines.resume import trained_checkpoint
+from mimm_med.engines.resume import load_trained_weights, trained_checkpoint
 from mimm_med.evaluation.outputs import collect_outputs
 from mimm_med.evaluation.plots import plot_group_accuracy, plot_tsne
 from mimm_med.evaluation.protocol import evaluate_test_sets, flatten_metrics, results_table
@@ -151,17 +152,15 @@ def evaluate_checkpoint(
     if tracking_uri and experiment_name:
         require_reachable(tracking_uri)  # before the evaluation, not after it
         keep_password_out_of_run_links(tracking_uri)
-    state = torch.load(checkpoint, map_location=device, weights_only=True)
-    try:
-        network.load_state_dict(state.get("network", state))
-    except RuntimeError as error:  # torch lists every mismatched tensor, but neither the file nor the fix
-        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-        raise ValueError(
-            f"{checkpoint} holds another network than the one to evaluate ({first} ...): evaluate it with the "
-            "settings it was trained with (the same backbone, part sizes, spatial size and factors), or train again"
-        ) from error
-    network.to(device)
+    load_trained_weights(network, checkpoint, map_location=device).to(device)
     datalists = {name: datalist_fn(Path(dataset_dir) / filename) for name, filename in TEST_SET_FILES.items()}
+    for name, datalist in datalists.items():
+        if not datalist:  # else "none of the 0 images could be read", naming no file
+            raise ManifestError(
+                f"{Path(dataset_dir) / TEST_SET_FILES[name]} holds no image to evaluate (no row, or none with status "
+                "'ok'): split a cohort with more subjects, or give the test sets a larger share "
+                "(`mimm-med cohort split --fractions TRAIN,VAL,TEST`)"
+            )
     # One unreadable test image costs its own row, not the evaluation; the report counts what it left out.
     loaders = {
         name: ReadableBatches(
