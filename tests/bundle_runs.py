@@ -62,3 +62,12 @@ def bundle_runs(tracking_uri: str) -> list[Run]:
 def metric_steps(tracking_uri: str, run_id: str, key: str) -> list[int]:
     """Steps at which ``key`` was logged to the run, in order."""
     return sorted(metric.step for metric in MlflowClient(tracking_uri).get_metric_history(run_id, key))
+
+
+def error_chain(error: BaseException | None) -> list[BaseException]:
+    """``error`` and the errors it was raised from or during (``monai.bundle`` wraps a config's errors)."""
+    chain = []
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain

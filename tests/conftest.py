@@ -5,6 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from bundle_runs import REPO
 from filelock import FileLock
 
 from mimm_med.commands.demo import prepare
@@ -48,3 +49,12 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def at_repo_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """Run from the repository root (the bundle configs' ``%bundles/common/...`` macros) with a private MLflow store."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

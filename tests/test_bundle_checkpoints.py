@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from bundle_runs import error_chain
 from mlflow import MlflowClient
 from monai.bundle import ConfigParser, run
 from monai.transforms import Compose
@@ -28,13 +29,6 @@ CONFIGS = "bundles/mimm_digits/configs"
 CELLS = list(itertools.product((0, 1), repeat=3)) * 2
 
 
-def _error_chain(error: BaseException | None) -> list[BaseException]:
-    chain = []
-    while error is not None:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    return chain
-
 
 def _config_files(*workflows: str) -> list[str]:
     return [f"{CONFIGS}/{name}.json" for name in ("train", *workflows)]
@@ -47,14 +41,6 @@ def _parser(**overrides) -> ConfigParser:
         parser[key] = value
     return parser
 
-
-@pytest.fixture
-def at_repo_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    return uri
 
 
 @pytest.fixture
@@ -107,12 +93,12 @@ def test_inference_names_a_cut_off_checkpoint_and_one_of_another_network(at_repo
     cut_off.write_bytes(whole.read_bytes()[:4096])
     with pytest.raises(Exception) as raised:  # torch named no file ("OSError: [Errno 22] Invalid argument", or "failed finding central directory")
         run("inferring", config_file=_config_files("inference"), ckpt_path=str(cut_off), **settings)
-    messages = [str(error) for error in _error_chain(raised.value)]
+    messages = [str(error) for error in error_chain(raised.value)]
     assert any(f"{cut_off} cannot be loaded as a checkpoint" in message for message in messages), messages
     other = _checkpoint(tmp_path / "parts8", part_size=8)  # copied without its settings.json
     with pytest.raises(Exception) as raised:  # torch's "Error(s) in loading state_dict", without the file
         run("inferring", config_file=_config_files("inference"), ckpt_path=str(other), **settings)
-    messages = [str(error) for error in _error_chain(raised.value)]
+    messages = [str(error) for error in error_chain(raised.value)]
     assert any(f"{other} holds another network" in message and "size mismatch" in message for message in messages), messages
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from bundle_runs import error_chain
 from filelock import FileLock
 from mlflow import MlflowClient
 from monai.bundle import ConfigParser, ckpt_export, run
@@ -105,27 +105,11 @@ def cxr_splits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return splits
 
 
-@pytest.fixture
-def at_repo_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
-    """Run from the repository root (the configs' ``%bundles/common/...`` macros) with a private MLflow store."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    yield uri
-
 
 def _predictions(path: Path) -> pd.DataFrame:
     """``predictions.csv`` of an inference, indexed by image: subject_id, ``p_<level>`` per level, prediction."""
     return pd.read_csv(path, index_col="image", dtype={"subject_id": str})
 
-
-def _error_chain(error: BaseException | None) -> list[BaseException]:
-    """``error`` and the errors it was raised from or during (``monai.bundle`` wraps a config's errors)."""
-    chain = []
-    while error is not None:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    return chain
 
 
 def _network(bundle: Bundle, checkpoint: Path | None = None) -> torch.nn.Module:
@@ -203,14 +187,14 @@ def test_bundle_trains_evaluates_infers_and_exports(bundle: Bundle, request, at_
     swapped = {**defaults["label_levels"], primary: levels[::-1]}
     with pytest.raises(Exception) as raised:
         run("evaluating", config_file=bundle.config_files("evaluate"), **{**settings, "label_levels": swapped})
-    (refusal,) = [error for error in _error_chain(raised.value) if isinstance(error, SettingsMismatch)]
+    (refusal,) = [error for error in error_chain(raised.value) if isinstance(error, SettingsMismatch)]
     assert f"label_levels: {defaults['label_levels']!r} in training, {swapped!r} now" in str(refusal)
     assert f'add --label_levels "{defaults["label_levels"]!r}"' in str(refusal)
     trained_size = settings.get("spatial_size", defaults["spatial_size"])
     with pytest.raises(Exception) as raised:
         run("inferring", config_file=bundle.config_files("inference"), model_uri=registered,
             **{**settings, "spatial_size": [size + 8 for size in trained_size]})  # fmt: skip
-    (refusal,) = [error for error in _error_chain(raised.value) if isinstance(error, SettingsMismatch)]
+    (refusal,) = [error for error in error_chain(raised.value) if isinstance(error, SettingsMismatch)]
     assert f"MLflow run {training.info.run_id}" in str(refusal) and f'add --spatial_size "{trained_size!r}"' in str(refusal)
 
     # an image that cannot be read, or holds what the network cannot take, costs its own prediction, not the others'
@@ -316,7 +300,7 @@ def test_validation_labels_reach_the_prediction_device(bundle: Bundle):
 def test_missing_splits_name_the_command_that_makes_them(bundle: Bundle, at_repo_root: str, tmp_path: Path):
     with pytest.raises(Exception) as raised:
         run("training", config_file=bundle.config_files(), dataset_dir=str(tmp_path), bundle_root=str(tmp_path))
-    messages = [str(error) for error in _error_chain(raised.value)]
+    messages = [str(error) for error in error_chain(raised.value)]
     assert any(PREPARE_HINT in message and str(tmp_path / "train.csv") in message for message in messages)
 
 
@@ -390,7 +374,7 @@ def test_an_on_off_setting_that_is_neither_names_itself():
     parser["invariant_head"] = "yes"
     with pytest.raises(Exception) as raised:
         parser.get_parsed_content("run_name")
-    messages = [str(error) for error in _error_chain(raised.value)]
+    messages = [str(error) for error in error_chain(raised.value)]
     assert any("invariant_head is an on/off setting: give true or false (e.g. --invariant_head false), got 'yes'" in m for m in messages)
 
 
@@ -401,7 +385,7 @@ def test_training_on_splits_that_share_a_subject_stops_before_any_work(digits_sm
     pd.concat([pd.read_csv(leaky / "val.csv"), train.head(3)]).to_csv(leaky / "val.csv", index=False)
     with pytest.raises(Exception) as raised:
         run("training", config_file=BUNDLES[0].config_files(), dataset_dir=str(leaky), bundle_root=str(tmp_path / "root"))
-    messages = [str(error) for error in _error_chain(raised.value)]
+    messages = [str(error) for error in error_chain(raised.value)]
     assert any(f"{leaky}: splits 'train' and 'val' share 3 subjects" in message for message in messages), messages
     assert not (tmp_path / "root").exists()  # refused before a checkpoint folder or an MLflow run was made
 
@@ -413,7 +397,7 @@ def test_a_spatial_size_that_monai_would_read_as_keep_the_images_own_is_refused_
     zeroed = [0, *parser["spatial_size"][1:]]
     with pytest.raises(Exception) as raised:
         run("training", config_file=bundle.config_files(), spatial_size=zeroed, bundle_root=str(tmp_path / "root"))
-    messages = [str(error) for error in _error_chain(raised.value)]
+    messages = [str(error) for error in error_chain(raised.value)]
     assert any(f"spatial_size must be whole numbers of at least 1, got {zeroed}" in message for message in messages), messages
     assert not (tmp_path / "root").exists()
 
