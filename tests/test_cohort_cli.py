@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -28,6 +30,13 @@ def test_every_subcommand_has_help(command, capsys):
         main([*command, "--help"])
     assert exit_.value.code == 0
     assert "usage: mimm-med " + " ".join(command) in capsys.readouterr().out
+
+
+def test_the_command_line_parser_is_built_without_the_heavy_libraries():
+    """``mimm-med --help`` and a mistyped option answer at once (it took 7 s, importing MONAI through ``demo``)."""
+    probe = "import sys; from mimm_med.cli import build_parser; build_parser(); print(sorted({'monai', 'torch', 'mlflow'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
 
 
 def confounded_manifest(folder: Path, subjects: int = 1500, seed: int = 0) -> Path:

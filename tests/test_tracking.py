@@ -249,6 +249,12 @@ def test_registry_cli_promotes_and_lists(trained, capsys):
     assert MODEL_NAME in capsys.readouterr().err
     assert main(["registry", "promote", MODEL_NAME, "--version", str(first.version), "--alias", "latest", *uri]) == 2
     assert "choose an alias of letters" in capsys.readouterr().err
+    # before: " 1" was looked up as it stands, "has no version 1; its versions: ['2', '1']"
+    assert main(["registry", "promote", MODEL_NAME, "--version", f" {first.version}", "--alias", "stable", *uri]) == 0
+    assert trained.client.get_model_version_by_alias(MODEL_NAME, "stable").version == first.version
+    with pytest.raises(SystemExit):
+        main(["registry", "promote", MODEL_NAME, "--version", "v1", *uri])
+    assert "--version: must be a whole number" in capsys.readouterr().err
 
 
 def test_registry_refuses_a_folder_without_a_store(tmp_path, capsys, monkeypatch):

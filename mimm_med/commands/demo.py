@@ -16,11 +16,6 @@ import time
 from pathlib import Path
 
 from mimm_med.cli import at_least, run_subcommand, shortcut_correlation, subcommand_folder
-from mimm_med.data.cohort_card import SHIPPED_CARDS
-from mimm_med.data.datalist import check_split_folder
-from mimm_med.data.manifest import ManifestError
-from mimm_med.data.pseudonym import write_synthetic_cohort_key
-from mimm_med.tracking import list_versions, printable_uri, resolve_tracking_uri
 
 BUNDLE = Path("bundles/mimmx_brain")
 
@@ -36,6 +31,12 @@ def prepare(workdir: Path, subjects: int, resolution_mm: float, size: int, corre
     step stopped midway is done again (preprocessing resumes), its output never used half-made
     (:func:`~mimm_med.cli.subcommand_folder`).
     """
+    # here, not at the top: every ``mimm-med`` command, ``--help`` too, imports this module, and these import MONAI (seconds)
+    from mimm_med.data.cohort_card import SHIPPED_CARDS
+    from mimm_med.data.datalist import check_split_folder
+    from mimm_med.data.manifest import ManifestError
+    from mimm_med.data.pseudonym import write_synthetic_cohort_key
+
     key_file = workdir / "pseudonym.key"
     if not key_file.exists():
         write_synthetic_cohort_key(key_file, f"mimm-med demo, seed {seed}")
@@ -137,6 +138,8 @@ def results_table(results: dict[str, dict]) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from mimm_med.tracking import list_versions, printable_uri, resolve_tracking_uri
+
     start = time.perf_counter()
     if not args.prepare_only and not (BUNDLE / "configs" / "train.json").is_file():
         # MONAI bundle configs name the files they merge relative to the working folder

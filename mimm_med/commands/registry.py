@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mimm_med.cli import at_least
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``registry`` and its sub-commands."""
@@ -25,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Point an alias (default: champion) of a registered model at one of its versions.",
     )
     promote.add_argument("name", help="registered model name, e.g. the bundle's name")
-    promote.add_argument("--version", required=True, help="version to promote")
+    promote.add_argument("--version", type=at_least(1), required=True, help="version to promote (a number)")
     promote.add_argument("--alias", default="champion", help="alias to set (default: champion)")
     promote.add_argument("--tracking-uri", help=uri_help)
     promote.set_defaults(func=promote_command)

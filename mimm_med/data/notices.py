@@ -6,8 +6,6 @@ import functools
 import logging
 import warnings
 
-from monai.utils import optional_import
-
 
 def quiet_gpu_decoder_notices() -> None:
     """Silence MONAI's notices that the GPU DICOM decoder (nvImageCodec) is missing.
@@ -28,5 +26,7 @@ def quiet_itk_warnings() -> None:
     spaced slices) :func:`mimm_med.data.readers.check_dicom_series` reports, without the path.
     Cached: the first call loads ITK's core module, which takes seconds.
     """
+    from monai.utils import optional_import  # here: the command line imports this module, and MONAI takes seconds
+
     itk, _ = optional_import("itk", allow_namespace_pkg=True)
     itk.ProcessObject.SetGlobalWarningDisplay(False)
