@@ -112,7 +112,7 @@ def test_inference_predicts_new_images_whose_labels_are_blank(at_repo_root: str,
         dataset_dir=str(splits), input_manifest=str(splits / "new.csv"), output_dir=str(output_dir), batch_size=16)  # fmt: skip
     predicted = pd.read_csv(output_dir / "predictions.csv")
     assert predicted["subject_id"].tolist() == table["subject_id"].tolist()
-    assert list(predicted.columns) == ["image", "subject_id", "p_0", "p_1", "prediction"]
+    assert list(predicted.columns) == ["image", "subject_id", "p_0", "p_1", "prediction", "model"]
 
 
 def test_an_empty_test_set_is_named_instead_of_none_of_0_images_could_be_read(splits: Path, tmp_path: Path):

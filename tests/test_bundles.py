@@ -172,7 +172,8 @@ def test_bundle_trains_evaluates_infers_and_exports(bundle: Bundle, request, at_
     # by default in a folder of the model's and the input's own
     table = root / "predictions" / prediction_folder(run_name, splits / "test-iid.csv") / "predictions.csv"
     from_checkpoint = _predictions(table)
-    assert list(from_checkpoint.columns) == ["subject_id", *probabilities, "prediction"]
+    assert list(from_checkpoint.columns) == ["subject_id", *probabilities, "prediction", "model"]
+    assert set(from_checkpoint["model"]) == {str(root.absolute() / "models" / run_name / "model.pt")}
     assert from_checkpoint.index.tolist() == manifest["image"].tolist()
     assert from_checkpoint["subject_id"].tolist() == manifest["subject_id"].tolist()
     np.testing.assert_allclose(from_checkpoint[probabilities].sum(axis=1), 1.0, rtol=1e-5)
@@ -181,7 +182,9 @@ def test_bundle_trains_evaluates_infers_and_exports(bundle: Bundle, request, at_
     registered = f"models:/{bundle.name}@candidate"
     run("inferring", config_file=bundle.config_files("inference"), model_uri=registered, **settings)
     from_registry = _predictions(root / "predictions" / prediction_folder(registered, splits / "test-iid.csv") / "predictions.csv")
-    pd.testing.assert_frame_equal(from_registry, from_checkpoint, atol=1e-5, rtol=1e-4)
+    # the version the alias pointed at, which a promotion cannot change afterwards
+    assert set(from_registry.pop("model")) == {f"models:/{bundle.name}/{candidate.version}"}
+    pd.testing.assert_frame_equal(from_registry, from_checkpoint.drop(columns="model"), atol=1e-5, rtol=1e-4)
 
     # settings that change what the network's numbers mean are refused, with the override that the training had
     swapped = {**defaults["label_levels"], primary: levels[::-1]}

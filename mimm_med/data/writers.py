@@ -245,7 +245,7 @@ def prediction_folder(model: str, manifest: str | Path) -> str:
 
 
 class PredictionTable(CSVSaver):
-    """MONAI's ``CSVSaver`` that writes a table with a header: ``image, subject_id, p_<level>..., prediction``.
+    """MONAI's ``CSVSaver`` that writes a table with a header: ``image, subject_id, p_<level>..., prediction, model``.
 
     Hand it to ``monai.handlers.ClassificationSaver(saver=...)``, which collects each image's class
     probabilities (gathered over the ranks under ``torch.distributed``). The file is written
@@ -261,17 +261,27 @@ class PredictionTable(CSVSaver):
         :func:`mimm_med.data.datalist.image_datalist`): the subject ids, and the images expected.
     levels
         The primary label's levels in code order, one probability column each.
+    model
+        What made the predictions, in the ``model`` column of every row (which keeps it with the rows
+        when they are copied or joined): a registered version (``models:/NAME/VERSION``, see
+        :func:`mimm_med.tracking.pinned_model_uri`) or a checkpoint's path.
     filename
         Name of the table in ``output_dir``.
     """
 
     def __init__(
-        self, output_dir: str | Path, datalist: Sequence[Mapping], levels: Sequence[str], filename: str = "predictions.csv"
+        self,
+        output_dir: str | Path,
+        datalist: Sequence[Mapping],
+        levels: Sequence[str],
+        model: str,
+        filename: str = "predictions.csv",
     ) -> None:
         super().__init__(output_dir, filename, overwrite=False)  # overwrite=True would delete the previous table at once
         self.path = Path(output_dir) / filename
         self.subjects = {str(item["image_path"]): item["subject_id"] for item in datalist}
         self.levels = [str(level) for level in levels]
+        self.model = model
 
     def finalize(self) -> None:
         """Write the collected predictions and print where, with how many images were predicted and skipped."""
@@ -285,6 +295,7 @@ class PredictionTable(CSVSaver):
         table = pd.DataFrame({"image": list(cache), "subject_id": [self.subjects[image] for image in cache]})
         table[[f"p_{level}" for level in self.levels]] = probabilities
         table["prediction"] = [self.levels[code] for code in probabilities.argmax(axis=1)]
+        table["model"] = self.model
         with atomic_output(self.path) as tmp:
             table.to_csv(tmp, index=False)
         self.reset_cache()

@@ -10,7 +10,7 @@ through :mod:`~mimm_med.tracking.served_outputs`), the store location
 from .config_artifacts import ConfigArtifacts, network_summary
 from .epoch_averages import EpochAverages
 from .model_registration import ModelRegistration, default_pip_requirements, require_registered_settings
-from .registry import list_versions, load_registered_network, promote, registry_client, version_runs
+from .registry import list_versions, load_registered_network, pinned_model_uri, promote, registry_client, version_runs
 from .training_plots import TrainingPlots
 from .training_run import ended_status, run_tracked
 from .uri import (
@@ -34,6 +34,7 @@ __all__ = [
     "network_summary",
     "printable_uri",
     "load_registered_network",
+    "pinned_model_uri",
     "promote",
     "registry_client",
     "require_reachable",

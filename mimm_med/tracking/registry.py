@@ -19,7 +19,10 @@ from .run_names import filter_prefix
 from .served_outputs import OUTPUT_COLUMNS, SplitOutputs
 from .uri import printable_uri, require_reachable, resolve_tracking_uri, using_tracking_uri
 
-__all__ = ["ExportedNetwork", "list_versions", "load_registered_network", "promote", "registry_client", "version_runs"]
+__all__ = [
+    "ExportedNetwork", "list_versions", "load_registered_network", "pinned_model_uri", "promote", "registry_client",
+    "version_runs",
+]  # fmt: skip
 
 #: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (other forms go to MLflow unchecked).
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
@@ -169,6 +172,31 @@ def load_registered_network(model_uri: str, tracking_uri: str | None = None) -> 
     # Models registered before the outputs were served side by side return the dict themselves.
     columns = (Model.load(model_dir).metadata or {}).get(OUTPUT_COLUMNS)
     return SplitOutputs(network, columns).eval() if columns else network
+
+
+def pinned_model_uri(model_uri: str, tracking_uri: str | None = None) -> str:
+    """``model_uri`` with an alias replaced by the version it points at now: ``models:/NAME/VERSION``.
+
+    What a table of predictions records as its model: an alias moves on (a promotion), a version
+    names the same weights for good. Other URIs (``runs:/...``, a version already) are returned as given.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> uri = "sqlite:///:memory:"
+    >>> client = MlflowClient(uri)
+    >>> _ = client.create_registered_model("pinned_demo")
+    >>> for _ in range(2):
+    ...     _ = client.create_model_version("pinned_demo", source=tempfile.mkdtemp())
+    >>> _ = promote("pinned_demo", 1, tracking_uri=uri)  # models:/pinned_demo@champion is version 1
+    >>> pinned_model_uri("models:/pinned_demo@champion", tracking_uri=uri)
+    'models:/pinned_demo/1'
+    """
+    match = MODELS_URI.match(model_uri)
+    if not match or not match["alias"]:
+        return model_uri
+    version = registry_client(tracking_uri).get_model_version_by_alias(match["name"], match["alias"]).version
+    return f"models:/{match['name']}/{version}"
 
 
 class ExportedNetwork(torch.nn.Module):
