@@ -61,6 +61,51 @@ def check_positive(value: Any, name: str, whole: bool = False, axes: int | None 
     return value
 
 
+def check_setting(
+    value: Any,
+    name: str,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    whole: bool = False,
+    above: bool = False,
+) -> Any:
+    """Return the number ``value`` of the setting ``name`` if it is in range; else raise, naming ``--name``.
+
+    For a bundle's ``initialize``: PyTorch, MONAI and the engines check these only once the datasets
+    are loaded and cached (minutes of a brain cohort), and PyTorch's ``Invalid learning rate: -1``
+    names none of ``lr``, ``critic_lr`` and ``gradnorm_lr``.
+
+    Parameters
+    ----------
+    minimum, maximum
+        The bounds, inclusive (``minimum`` exclusive if ``above``); ``None``: none.
+    whole
+        A whole number (:func:`is_whole_number`), e.g. a count of epochs.
+
+    Raises
+    ------
+    ValueError
+        Naming the setting, the value and what it must be.
+
+    Examples
+    --------
+    >>> check_setting(20, "epochs", minimum=1, whole=True)
+    20
+    """
+    fine = is_whole_number(value) if whole else _is_finite_number(value)
+    if fine and minimum is not None:
+        fine = bool(value > minimum) if above else bool(value >= minimum)
+    if fine and maximum is not None:
+        fine = bool(value <= maximum)
+    if not fine:
+        kind = "a whole number" if whole else "a finite number"
+        bounds = [f"{'>' if above else '>='} {minimum}"] if minimum is not None else []
+        bounds += [f"<= {maximum}"] if maximum is not None else []
+        rule = f"{kind} {' and '.join(bounds)}" if bounds else kind
+        raise ValueError(f"{name} must be {rule}, got {value!r}: give --{name} {rule}")
+    return value
+
+
 def as_flag(value: Any, name: str) -> bool:
     """``value`` of the on/off setting ``name`` as a bool, whether a config or the command line gave it.
 

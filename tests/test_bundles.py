@@ -423,3 +423,70 @@ def test_iteration_logging_leaves_out_a_critic_loss_a_method_without_critics_lac
     parser.read_config([str(REPO / file) for file in BUNDLES[0].config_files()])
     transform = parser.get_parsed_content("mlflow#train_handler#output_transform")
     assert transform({"loss": 0.5, "critic_loss": float("nan"), "mi_scale": 1.0}) == {"loss": 0.5, "mi_scale": 1.0}
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_the_primary_label_is_the_part_that_training_keeps_free_of_the_others(bundle: Bundle):
+    # --primary of a factor that label_levels did not list first trained the first factor's part as
+    # f_y (the network and the objective take the first part), while validation scored --primary.
+    parser = ConfigParser()
+    parser.read_config([str(REPO / file) for file in bundle.config_files()])
+    first, second, *_ = parser["label_levels"]
+    parser["primary"] = second
+    network, objective = parser.get_parsed_content("network_def"), parser.get_parsed_content("objective")
+    assert network.primary == objective.primary == second
+    assert objective.spurious == parser.get_parsed_content("spurious") and first in objective.spurious
+
+
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("epochs", 0, "epochs must be a whole number >= 1, got 0"),
+        ("batch_size", 2.5, "batch_size must be a whole number >= 1, got 2.5"),
+        ("val_interval", 0, "val_interval must be a whole number >= 1, got 0"),
+        ("n_critic", 1.5, "n_critic must be a whole number >= 0, got 1.5"),
+        ("lr", -1, "lr must be a finite number > 0, got -1"),
+        ("critic_lr", "x", "critic_lr must be a finite number > 0, got 'x'"),
+        ("gradnorm_lr", 0, "gradnorm_lr must be a finite number > 0, got 0"),
+        ("mi_weight", "abc", "mi_weight must be a finite number >= 0, got 'abc'"),
+        ("cache_rate", 2, "cache_rate must be a finite number >= 0 and <= 1, got 2"),
+        ("seed", "a", "seed must be a whole number, got 'a'"),
+    ],
+)
+def test_a_setting_out_of_range_is_refused_by_name_before_any_work(setting, value, message, at_repo_root: str, tmp_path: Path):
+    # They were refused only once the datasets were loaded and cached (the trainer, the optimizers),
+    # some in words naming no setting (PyTorch's "Invalid learning rate: -1"); the empty dataset_dir
+    # here would be refused right after them, so a check that comes late fails this test.
+    with pytest.raises(Exception) as raised:
+        run("training", config_file=BUNDLES[0].config_files(), dataset_dir=str(tmp_path), bundle_root=str(tmp_path / "root"),
+            **{setting: value})  # fmt: skip
+    messages = [str(error) for error in error_chain(raised.value)]
+    assert any(f"{message}: give --{setting} " in m for m in messages), messages
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_multi_gpu_training_runs_every_check_of_training(bundle: Bundle):
+    # multi_gpu_train.json's own initialize had lost the spatial_size check of train.json's.
+    parser = ConfigParser()
+    parser.read_config([str(REPO / file) for file in bundle.config_files()])
+    parser.parse()
+    single = parser.get("initialize")
+    parser.read_config([str(REPO / file) for file in bundle.config_files("multi_gpu_train")])
+    parser.parse()
+    multi = parser.get("initialize")
+    assert [item for item in single if item not in multi] == []
+
+
+def test_another_backbone_than_the_one_its_options_belong_to_names_them():
+    # The digits bundle's backbone_kwargs (small_cnn's dropout) went to ResNet: a bare TypeError.
+    parser = ConfigParser()
+    parser.read_config([str(REPO / file) for file in BUNDLES[0].config_files()])
+    parser["backbone"] = "resnet10"
+    with pytest.raises(Exception) as raised:
+        parser.get_parsed_content("network_def")
+    messages = [str(error) for error in error_chain(raised.value)]
+    assert any("backbone 'resnet10' does not take an option of network_def#backbone_kwargs" in m and "'dropout'" in m
+               and '--network_def#backbone_kwargs "{}"' in m for m in messages), messages  # fmt: skip
+    parser["network_def"]["backbone_kwargs"] = {}
+    assert parser.get_parsed_content("network_def", lazy=False).backbone.__class__.__name__ == "ResNet"

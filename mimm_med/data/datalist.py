@@ -29,6 +29,31 @@ PREPARE_HINT = (
 )
 
 
+def primary_first(label_levels: Mapping[str, Sequence], primary: str) -> list[str]:
+    """The factors of ``label_levels`` with ``primary`` first, the others in their order: the network's parts.
+
+    ``MIMMXNet`` and ``MIMMXObjective`` take the first part for f_y, so a network built from
+    ``label_levels`` in their own order would train another factor's part as the primary task than
+    the one that ``--primary`` names and validation scores.
+
+    Raises
+    ------
+    ManifestError
+        If ``primary`` is not a factor of ``label_levels``, naming both overrides.
+
+    Examples
+    --------
+    >>> primary_first({"digit": [0, 1], "thickness": [0, 1], "rotation": [0, 1]}, "thickness")
+    ['thickness', 'digit', 'rotation']
+    """
+    if primary not in label_levels:
+        raise ManifestError(
+            f"primary {primary!r} is not a factor of label_levels {list(label_levels)}: give --primary one of "
+            "them, or add it to --label_levels with its values"
+        )
+    return [primary, *(name for name in label_levels if name != primary)]
+
+
 def manifest_datalist(
     manifest: str | Path,
     label_levels: Mapping[str, Sequence],
@@ -52,11 +77,8 @@ def manifest_datalist(
         Missing manifest (saying how to make one), missing files, or labels outside ``label_levels``.
     """
     path = Path(manifest)
-    if primary is not None and primary not in label_levels:
-        raise ManifestError(
-            f"primary {primary!r} is not a factor of label_levels {list(label_levels)}: give --primary one of "
-            "them, or add it to --label_levels with its values"
-        )
+    if primary is not None:
+        primary_first(label_levels, primary)
     if not path.is_file():
         raise ManifestError(f"no manifest at {path}: {PREPARE_HINT}")
     try:
