@@ -300,6 +300,11 @@ def test_spurious_factors_and_critic_steps_are_checked():
     critic_optimizer = torch.optim.Adam(objective.critic_parameters())
     with pytest.raises(ValueError, match=r"n_critic must be a whole number"):
         MIMMXTrainer("cpu", 1, [], net, torch.optim.SGD(net.parameters(), 0.1), objective, critic_optimizer, n_critic=1.5)
+    # before: accepted, and the MI term was the estimate of a critic that never trained
+    with pytest.raises(ValueError, match=r"method 'mimm' trains critics .* n_critic 0 would leave them untrained"):
+        MIMMXTrainer("cpu", 1, [], net, torch.optim.SGD(net.parameters(), 0.1), objective, critic_optimizer, n_critic=0)
+    erm = MIMMXObjective.for_network("erm", net)  # nothing to train in critic steps: 0 is fine
+    MIMMXTrainer("cpu", 1, [], net, torch.optim.SGD(net.parameters(), 0.1), erm, n_critic=0)
 
 
 def test_missing_labels_and_optimizers_are_explained():

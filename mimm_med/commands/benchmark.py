@@ -149,7 +149,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     training.add_argument(
         "--no-augment", action="store_true", help="do not shift, scale and tilt the training digits (Digits-Morpho)"
     )
-    training.add_argument("--n-critic", type=at_least(0), default=3, help="critic steps per encoder step (default: 3)")
+    training.add_argument("--n-critic", type=at_least(1), default=3, help="critic steps per encoder step (default: 3)")
     training.add_argument(
         "--residual-mi",
         action="store_true",

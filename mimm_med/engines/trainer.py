@@ -231,6 +231,12 @@ class MIMMXTrainer(Trainer):
         )
         if not is_whole_number(n_critic, minimum=0):
             raise ValueError(f"n_critic must be a whole number ≥ 0 (critic steps per encoder step), got {n_critic!r}")
+        if objective.critic_parameters() and int(n_critic) == 0:
+            # the critic steps are the only ones that train them: an untrained critic's estimate measures nothing
+            raise ValueError(
+                f"method {objective.spec.name!r} trains critics (or adversaries) in n_critic steps per encoder step, "
+                "and n_critic 0 would leave them untrained: give n_critic >= 1"
+            )
         if objective.critic_parameters() and critic_optimizer is None:
             raise ValueError(
                 f"method {objective.spec.name!r} has critics: pass critic_optimizer over objective.critic_parameters()"
