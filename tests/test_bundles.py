@@ -443,7 +443,8 @@ def test_the_primary_label_is_the_part_that_training_keeps_free_of_the_others(bu
     [
         ("epochs", 0, "epochs must be a whole number >= 1, got 0"),
         ("batch_size", 2.5, "batch_size must be a whole number >= 1, got 2.5"),
-        ("val_interval", 0, "val_interval must be a whole number >= 1, got 0"),
+        ("val_interval", 0, "val_interval must be a whole number >= 1 and <= 30, got 0"),
+        ("val_interval", 31, "val_interval must be a whole number >= 1 and <= 30, got 31"),  # before: no validation, no model.pt
         ("n_critic", 1.5, "n_critic must be a whole number >= 0, got 1.5"),
         ("lr", -1, "lr must be a finite number > 0, got -1"),
         ("critic_lr", "x", "critic_lr must be a finite number > 0, got 'x'"),

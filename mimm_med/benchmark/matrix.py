@@ -1,7 +1,7 @@
 """The benchmark matrix: methods × data sets × correlations × seeds, one stored JSON per finished cell.
 
 A cell trains one method on one data set at one training correlation and seed and scores it with the
-evaluation protocol (DESIGN §3). Its result is written to ``<out>/cells/<key>.json`` as soon as it is
+evaluation protocol (:mod:`mimm_med.evaluation.protocol`). Its result is written to ``<out>/cells/<key>.json`` as soon as it is
 done, so an interrupted benchmark resumes where it stopped: a re-run loads finished cells instead of
 training them again.
 """
@@ -23,7 +23,7 @@ from mimm_med.engines import PENALTY_METHODS, TrainingDiverged
 from mimm_med.evaluation import flatten_metrics
 from mimm_med.experiment import ExperimentConfig, run_experiment
 
-#: The matrix of Mueller & Berens (2026) plus MIMM, MIMM-X and the oracle (DESIGN §2).
+#: The matrix of Mueller & Berens (2026) plus MIMM, MIMM-X and the oracle.
 DEFAULT_METHODS: tuple[str, ...] = ("erm", "rebalance", *PENALTY_METHODS, "oracle")
 #: Each penalty also combined with group rebalancing (``--with-rebalance``).
 REBALANCED_METHODS: tuple[str, ...] = tuple(f"{name}+rebalance" for name in PENALTY_METHODS)

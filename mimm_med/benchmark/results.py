@@ -81,7 +81,7 @@ def correlation_drop(frame: pd.DataFrame, test: str = "inverted", metric: str = 
 def oracle_gap(frame: pd.DataFrame, test: str = "inverted", metric: str = "y_bacc") -> pd.DataFrame:
     """Per data set, method and correlation: the figure minus the oracle's, mean ± sd over seeds.
 
-    DESIGN §3's headline: how far a method trained on the shortcut stays below the oracle trained
+    The evaluation protocol's headline: how far a method trained on the shortcut stays below the oracle trained
     without it, on the same test sets. The gap is taken per seed (each method's seed against the
     oracle's same seed) before averaging; negative is below the oracle. Data sets without an oracle
     have no rows.

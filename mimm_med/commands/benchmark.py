@@ -1,7 +1,7 @@
 """``mimm-med benchmark``: the shortcut benchmark matrix, methods × data sets × correlations × seeds.
 
 Every cell trains one method on one data set at training correlation r and one seed, and scores it
-on the iid / balanced / inverted test sets (DESIGN §3). Finished cells are stored under ``--out`` and
+on the iid / balanced / inverted test sets. Finished cells are stored under ``--out`` and
 skipped by a re-run, so an interrupted benchmark resumes. Outputs in ``--out``: ``results.csv``
 (long format: dataset, method, correlation, seed, test, metric, value), ``results.md`` (mean ± sd
 tables and the drop from the lowest to the highest r), ``inverted_vs_correlation_<dataset>.png`` and

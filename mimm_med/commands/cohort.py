@@ -59,8 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``cohort`` and its sub-commands."""
     parser = subparsers.add_parser(
         "cohort",
-        help="generate stand-in cohorts; merge, split and describe manifests",
-        description="Cohort tools: generate stand-in cohorts, merge manifests, build confounded splits, describe.",
+        help="generate stand-in cohorts and Digits-Morpho; merge, split and describe manifests; locate raw files",
+        description="Cohort tools: generate stand-in cohorts and Digits-Morpho, merge manifests, build confounded splits, "
+        "describe, locate the raw files behind pseudonyms (the key holder only).",
     )
     commands = parser.add_subparsers(dest="cohort_command", metavar="SUBCOMMAND", required=True)
 
@@ -105,7 +106,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "split",
         help="build confounded train/val/test splits by subject",
         description="Split a manifest by subject into train, val, test-iid, test-balanced and test-inverted, "
-        "each spurious factor agreeing with the primary label at the requested rate (DESIGN §3).",
+        "each spurious factor agreeing with the primary label at the requested rate r in train, val and test-iid, "
+        "0.5 in test-balanced and 1 - r in test-inverted.",
     )
     split.add_argument("--manifest", type=Path, required=True, help="manifest to split")
     split.add_argument("--primary", required=True, help="primary label column, e.g. age_group")

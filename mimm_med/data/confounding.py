@@ -1,6 +1,6 @@
 """Confounding sampler: data sets in which each spurious factor agrees with the primary label at a chosen rate.
 
-The protocol of DESIGN §3: for a training correlation ``r`` (the probability that a spurious factor
+The evaluation protocol: for a training correlation ``r`` (the probability that a spurious factor
 ``z`` agrees with the primary label ``y``), training and validation data are drawn at ``r``, and three
 held-out test sets at ``r`` (iid), ``0.5`` (balanced) and ``1 - r`` (inverted). Labels are binary; the
 two values of each column are coded 0/1 in sorted order, and "agree" means equal codes.

@@ -376,7 +376,7 @@ class MIMMXTrainer(Trainer):
                 scale = _clipping_scale(task_total, penalty, shared, loss_scale)
                 if self.scaler is None:
                     self._check_finite(engine, "MI gradient scale α (a gradient at the shared layer overflowed)", scale)
-            # λ multiplies after the clip (DESIGN §2), so the MI gradient at the shared layer is at most
+            # λ multiplies after the clip (MIMM-X's gradient-norm scaling), so the MI gradient at the shared layer is at most
             # λ times the task gradient: λ stays the knob of how much the penalty may outweigh the task.
             total = task_total + objective.mi_weight * scale * penalty
             report.update({f"dependence/{name}": float(value.detach()) for name, value in terms.items()})

@@ -37,7 +37,7 @@ def evaluate_network(
     residual_mi: Mapping[str, Any] | None = None,
     seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, dict]]:
-    """Run the protocol of DESIGN §3 on test loaders keyed ``iid``, ``balanced``, ``inverted``.
+    """Run the evaluation protocol (:mod:`~mimm_med.evaluation.protocol`) on test loaders ``iid``, ``balanced``, ``inverted``.
 
     Leakage and residual MI read f_y of the balanced set, where z is independent of y, so a probe
     cannot score by predicting y.
