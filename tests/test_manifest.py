@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -246,6 +247,20 @@ def test_a_bundle_whose_label_levels_do_not_fit_the_manifest_is_told_the_ones_th
     assert "--label_levels" not in str(error.value)
     with pytest.raises(ManifestError, match=r"primary 'age' is not a factor of label_levels \['age_group', 'sex', 'site_group'\]: give --primary one of them"):
         manifest_datalist(manifest, own, primary="age")  # was a KeyError: 'age'
+
+
+def test_a_listed_label_value_that_no_image_has_is_warned_of(tmp_path):
+    from mimm_med.data.datalist import manifest_datalist
+
+    levels = {"digit": ["0", "1", "2"], "thickness": ["0", "1"]}
+    manifest = make_manifest(tmp_path, n=4, digit=["0", "1", "1", "0"], thickness=["0", "1", "1", "0"])
+    # before: silent, and the head kept a class that no training image ever had
+    with pytest.warns(UserWarning, match=r"manifest.csv: no image has digit '2', which label_levels lists"):
+        records = manifest_datalist(manifest, levels, primary="digit")
+    assert [record["digit"] for record in records] == [0, 1, 1, 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        manifest_datalist(manifest, {**levels, "digit": ["0", "1"]}, primary="digit")
 
 
 def test_a_stray_label_value_gets_no_advice_to_leave_the_label_out(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -96,6 +97,14 @@ def manifest_datalist(
         if primary is not None:
             record["label"] = record[primary]
         records.append(record)
+    for name, levels in label_levels.items():
+        absent = [level for code, level in enumerate(levels) if records and all(r[name] != code for r in records)]
+        if absent:  # a head class no image of this set has: never trained on (training) or scored (a test set)
+            warnings.warn(
+                f"{path}: no image has {name} {' or '.join(map(repr, absent))}, which label_levels lists: drop it "
+                "from --label_levels if the cohort has none, or split with more subjects",
+                stacklevel=2,
+            )
     return records
 
 
