@@ -270,7 +270,7 @@ def test_a_checkpoint_of_another_network_is_named_with_the_fix(tmp_path):
 
     checkpoint = tmp_path / "model.pt"
     torch.save({"network": network(8).state_dict()}, checkpoint)
-    with pytest.raises(ValueError, match=r"model.pt holds another network than the one to evaluate \(.*size mismatch"):
+    with pytest.raises(ValueError, match=r"model.pt holds another network than these settings build \(.*size mismatch"):
         evaluate_checkpoint(network(4), checkpoint, tmp_path, lambda path: [], None, "y", ["z"], "cpu", tmp_path)
 
 

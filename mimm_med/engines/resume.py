@@ -250,8 +250,8 @@ def load_trained_weights(network: torch.nn.Module, checkpoint: str | Path, map_l
     except RuntimeError as error:  # torch lists every mismatched tensor, but neither the file nor the fix
         first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
         raise ValueError(
-            f"{checkpoint} holds another network than the one to evaluate ({first} ...): evaluate it with the "
-            "settings it was trained with (the same backbone, part sizes, spatial size and factors), or train again"
+            f"{checkpoint} holds another network than these settings build ({first} ...): evaluate or infer with "
+            "the settings it was trained with (the same backbone, part sizes, spatial size and factors), or train again"
         ) from error
     return network
 
