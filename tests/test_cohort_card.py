@@ -170,6 +170,41 @@ def test_rows_are_placed_by_their_line_past_blank_lines_and_quoted_line_breaks(r
     assert rows.loc[f"{table}, line 7", "reason"].startswith("no subject id in column 'eid'")
 
 
+def test_a_quote_never_closed_loses_only_its_own_row(raw, tmp_path):
+    """A stray opening quote took every later line as one field: their rows vanished without a problem."""
+    lines = (raw["ukb"] / "ukb_phenotypes.csv").read_text().splitlines()
+    eids = [line.split(",")[0] for line in lines[1:5]]
+    table = tmp_path / "table.csv"
+    table.write_text(
+        f"{lines[0]},note\n"
+        f'{lines[1]},"a closed\nline break"\n'  # lines 2-3: one row
+        f'{lines[2]},"a stray quote\n'  # line 4: the quote is never closed
+        f"{lines[3]},ok\n"
+        f"{lines[4]},ok\n"
+    )
+
+    def edit(spec):
+        spec["metadata"]["tables"] = str(table)
+
+    records, problems = _card(tmp_path, "ukb", edit).index(raw["ukb"])
+    assert sorted(records["source_id"]) == sorted([eids[0], eids[2], eids[3]])
+    assert problems["row"].tolist() == [f"{table}, line 4"]
+    assert problems["reason"].iloc[0].startswith('unreadable row: it opens a quote (") that no later line closes')
+
+
+def test_a_free_text_field_over_128_kib_is_read(raw, tmp_path):
+    """csv's default field limit stopped the whole index at one long report in a column the card does not use."""
+    lines = (raw["ukb"] / "ukb_phenotypes.csv").read_text().splitlines()
+    table = tmp_path / "table.csv"
+    table.write_text(f"{lines[0]},report\n{lines[1]},\"{'x' * 200_000}\"\n{lines[2]},short\n")
+
+    def edit(spec):
+        spec["metadata"]["tables"] = str(table)
+
+    records, problems = _card(tmp_path, "ukb", edit).index(raw["ukb"])
+    assert len(records) == 2 and problems.empty
+
+
 def test_table_with_only_a_header_row_is_an_error_naming_it(raw, tmp_path):
     header = (raw["ukb"] / "ukb_phenotypes.csv").read_text().splitlines()[0]
     (tmp_path / "table.csv").write_text(header + "\n")

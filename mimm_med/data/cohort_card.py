@@ -33,7 +33,7 @@ from __future__ import annotations
 import csv
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -437,21 +437,82 @@ def _fold_name(name: str) -> str:
     return " ".join(name.split()).casefold()
 
 
+class _Lines:
+    """Lines for :func:`csv.reader` that keeps those of the record being read (``taken``) and says when none
+    were left (``ended``): a record returned after that ran to the end of the file inside a quoted field."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self.lines, self.taken, self.ended = lines, [], False
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            line = next(self.lines)
+        except StopIteration:
+            self.ended = True
+            raise
+        self.taken.append(line)
+        return line
+
+
+def _csv_records(lines: Iterator[str]) -> Iterator[tuple[int, list[str] | None]]:
+    """The CSV records of ``lines``, each with the line it starts on; ``None`` for a record whose quote never closes.
+
+    A field that opens a quote (``"note``) and never closes it would take every later line as its text, so
+    their rows would vanish without a word: that record is ``None``, and the lines after its first are read
+    again. Raises :class:`csv.Error` with the line of the record at fault.
+    """
+    first, source = 1, lines
+    while True:
+        feed = _Lines(source)
+        reader = csv.reader(feed)
+        try:
+            for record in reader:
+                taken, feed.taken = feed.taken, []
+                if feed.ended:
+                    yield first, None
+                    first, source = first + 1, iter(taken[1:])
+                    break
+                yield first, record
+                first += len(taken)
+            else:
+                return
+        except csv.Error as error:
+            raise csv.Error(f"line {first}: {error}") from None
+
+
+_FIELD_LIMIT = 2**31 - 1  # csv's default (128 KiB) refuses long free-text fields, such as reports
+_UNCLOSED_QUOTE = (
+    'unreadable row: it opens a quote (") that no later line closes; close or remove it '
+    "(the lines after it are read as rows of their own)"
+)
+
+
 def _read_table(
     path: Path, name: str, columns: Sequence[str], card: Path, uses: Mapping[str, Sequence[str]] | None = None
 ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """The ``columns`` of a metadata table as text cells, indexed by each row's place (``"name, line 12"``);
-    and ``(place, problem)`` of every line that has more fields than the header. ``uses`` (column -> the
+    and ``(place, problem)`` of every line that has more fields than the header or opens a quote it never
+    closes. ``uses`` (column -> the
     card keys that name it) makes the error for a missing column say where the card names it.
 
     Read with the csv module, not pandas: pandas says neither which line a row came from nor, past a
-    quoted line break, which line it skipped.
+    quoted line break, which line it skipped. A line that opens a quote it never closes is unreadable,
+    and the lines after it are read as rows.
     """
+    limit = csv.field_size_limit(_FIELD_LIMIT)
     try:
         with path.open(newline="", encoding="utf-8-sig") as file:
-            reader = csv.reader(file)
-            header = next(reader, None)
-            if header is None or _is_blank(header):
+            records = _csv_records(file)
+            _, header = next(records, (1, []))
+            if header is None:
+                raise CardError(
+                    f"{card}: metadata.tables: {path}: the header row (line 1) opens a quote (\") that no later "
+                    "line closes; close or remove it"
+                )
+            if _is_blank(header):
                 raise CardError(
                     f"{card}: metadata.tables: {path} is empty (no header row); check the file, e.g. a copy cut short"
                 )
@@ -460,10 +521,11 @@ def _read_table(
                 raise _absent_columns(path, absent, header, card, uses or {})
             take = [header.index(c) for c in columns]
             rows, places, unreadable = [], [], []
-            for record in reader:
-                # line_num is the record's last line; a quoted field may hold line breaks.
-                first_line = reader.line_num - sum(field.count("\n") for field in record)
+            for first_line, record in records:
                 place = f"{name}, line {first_line}"
+                if record is None:
+                    unreadable.append((place, _UNCLOSED_QUOTE))
+                    continue
                 if _is_blank(record):
                     continue
                 if len(record) > len(header):
@@ -479,8 +541,10 @@ def _read_table(
         ) from None
     except csv.Error as error:
         raise CardError(
-            f"{card}: metadata.tables: {path} cannot be read as CSV (line {reader.line_num}: {error}); check the file"
+            f"{card}: metadata.tables: {path} cannot be read as CSV ({error}); check the file"
         ) from None
+    finally:
+        csv.field_size_limit(limit)
     if not rows and not unreadable:
         raise CardError(
             f"{card}: metadata.tables: {path} has a header row but no data rows; check the file, e.g. an export "
