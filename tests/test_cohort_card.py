@@ -376,8 +376,12 @@ def test_rows_naming_one_image_with_conflicting_labels_are_all_problems(raw, tmp
         (lambda text: text.replace("31-0.0", " 31-0.0", 1), r"'31-0\.0' \(labels\.sex\.column\).*'31-0\.0' is spelt ' 31-0\.0'"),
         (lambda text: text.replace("21003-2.0", "age", 1), r"'21003-2\.0' \(labels\.age\.column, labels\.age_group\.column\)"),
         (lambda text: text.replace(",", ";"), r"the header is one field: is the table separated by ';'"),
+        # before: no hint that the Research Analysis Platform names 31-0.0 and 21003-2.0 so
+        (lambda text: text.replace("31-0.0", "p31", 1).replace("21003-2.0", "p21003_i2", 1),
+         r"'31-0\.0' is 'p31' in the table, UK Biobank's Research Analysis Platform naming: give 'p31' in the card's key; "
+         r"'21003-2\.0' is 'p21003_i2'"),
     ],
-    ids=["whitespace", "renamed", "semicolons"],
+    ids=["whitespace", "renamed", "semicolons", "research-analysis-platform"],
 )
 def test_missing_column_error_names_the_card_key_and_the_fix(raw, tmp_path, rewrite, message):
     cohort = tmp_path / "ukb"

@@ -426,11 +426,36 @@ def _absent_columns(
     folded = {_fold_name(h): h for h in header}
     near = {column: folded[_fold_name(column)] for column in absent if _fold_name(column) in folded}
     hints += [f"{column!r} is spelt {found!r} in the table" for column, found in near.items()]
+    present = set(header)
+    rap = {column: found for column in absent for found in _rap_spellings(column) if found in present}
+    hints += [f"{column!r} is {found!r} in the table, UK Biobank's Research Analysis Platform naming: give "
+              f"{found!r} in the card's key" for column, found in rap.items()]  # fmt: skip
     hints.append("name the table's column in the card's key, or export the column into the table")
     return CardError(
         f"{card}: table {path} lacks column(s) {list(absent)} that the card uses: {named}; it has {list(header)}; "
         + "; ".join(hints)
     )
+
+
+def _rap_spellings(column: str) -> list[str]:
+    """The names UK Biobank's Research Analysis Platform gives the showcase column ``column`` (``21003-2.0``).
+
+    The platform exports field 21003, instance 2, array index 0 as ``p21003_i2`` (``p31`` for a field
+    of one instance, ``_a0`` appended for fields with arrays); other names have none.
+
+    Examples
+    --------
+    >>> _rap_spellings("21003-2.0")
+    ['p21003_i2', 'p21003_i2_a0']
+    >>> _rap_spellings("31-0.0")
+    ['p31_i0', 'p31_i0_a0', 'p31', 'p31_a0']
+    """
+    match = re.fullmatch(r"(\d+)-(\d+)\.(\d+)", column.strip())
+    if not match:
+        return []
+    field, instance, index = match.groups()
+    spellings = [f"p{field}_i{instance}", f"p{field}_i{instance}_a{index}"]
+    return spellings + ([f"p{field}", f"p{field}_a{index}"] if instance == "0" else [])
 
 
 def _fold_name(name: str) -> str:
