@@ -371,6 +371,23 @@ def test_on_off_settings_read_as_the_command_line_spells_them(given, expected):
     assert params["invariant_head"] is params["conditional"] is params["balanced"] is expected
 
 
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_the_mlflow_params_hold_the_settings_that_choose_the_registered_weights(bundle: Bundle, tmp_path: Path):
+    # val_interval (which epochs can give the best checkpoint) and amp were logged by no run, so two
+    # runs that registered different weights had the same params; nor did an evaluation log its residual-MI options.
+    parser = ConfigParser()
+    parser.read_config([str(REPO / file) for file in bundle.config_files("evaluate")])
+    parser.update({"val_interval": 2, "amp": "true", "bundle_root": str(tmp_path), "residual_mi": {"estimator": "club"}})
+    params = parser.get_parsed_content("mlflow#params")
+    assert params["val_interval"] == 2 and params["amp"] is True
+    settings = parser.get_parsed_content("checkpointing#resume#settings")
+    assert settings["val_interval"] == 2 and "amp" not in settings  # amp follows the machine a run resumes on
+    evaluation = parser.get_parsed_content("evaluation_params")
+    assert evaluation["residual_mi"] == {"estimator": "club"} and evaluation["val_interval"] == 2
+    parser["estimate_residual_mi"] = "false"
+    assert parser.get_parsed_content("evaluation_params", lazy=False)["residual_mi"] is None
+
+
 def test_an_on_off_setting_that_is_neither_names_itself():
     parser = ConfigParser()
     parser.read_config([str(REPO / file) for file in BUNDLES[0].config_files()])

@@ -316,6 +316,17 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_without_training_again(
         _counting_run(tmp_path, 2, {"lr": 1e-3})
 
 
+def test_a_record_older_than_a_setting_still_resumes(tmp_path):
+    trainer, _ = _counting_run(tmp_path, 3, {"mi_weight": 1.0}, killed_after=1)
+    with pytest.raises(Killed):
+        trainer.run([0, 1], max_epochs=3)
+    # before: "val_interval: None there, 1 now", for every run folder made before the setting was recorded
+    trainer, resume = _counting_run(tmp_path, 3, {"mi_weight": 1.0, "val_interval": 1})
+    assert resume.checkpoint is not None
+    with pytest.raises(RunFolderConflict, match=r"mi_weight: 1.0 there, 0.5 now"):  # what it records is still checked
+        _counting_run(tmp_path, 3, {"mi_weight": 0.5, "val_interval": 1})
+
+
 def test_the_folder_is_checked_before_any_started_handler_runs(tmp_path):
     trainer, _ = _counting_run(tmp_path, 1, {"lr": 1e-3})
     trainer.run([0], max_epochs=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -125,6 +126,15 @@ def test_a_second_evaluation_takes_the_name_and_the_first_is_kept_as_superseded(
     kept = client.get_run(first)
     assert kept.info.run_name.startswith("run-evaluate-superseded-") and kept.info.status == "FINISHED"
     assert kept.data.tags[SUPERSEDED_TAG] == second and kept.data.metrics["inverted/y_bacc"] == 0.6
+
+
+def test_evaluation_metrics_are_dated_when_they_are_logged(tmp_path):
+    # They were logged with timestamp 0: MLflow's charts dated every evaluation 1970-01-01.
+    uri, client, experiment = _store(tmp_path)
+    before = int(time.time() * 1000)
+    run_id = log_report({"inverted/y_bacc": 0.6}, _report_file(tmp_path), uri, "edge", "run-evaluate")
+    (metric,) = client.get_metric_history(run_id, "inverted/y_bacc")
+    assert metric.step == 0 and before <= metric.timestamp <= int(time.time() * 1000)
 
 
 def test_an_evaluation_that_fails_to_log_is_marked_failed_and_leaves_the_name_to_the_last_good_one(tmp_path):

@@ -370,7 +370,8 @@ class ResumeFromLatest:
             _warn_unrecorded(record, f"resuming from {path.name}")
         elif self.settings is not None:
             saved = json.loads(record.read_text(encoding="utf-8"))
-            changed = changed_settings(saved, self.settings)
+            # the settings the record holds: one it lacks is newer than the run, which trained without it
+            changed = changed_settings(saved, self.settings, saved)
             if changed:
                 shown = "; ".join(f"{key}: {saved.get(key)!r} there, {self.settings.get(key)!r} now" for key in changed)
                 raise RunFolderConflict(

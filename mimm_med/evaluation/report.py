@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,8 @@ def log_report(
     ``<run_name>-superseded-<start time>`` and tagged ``mimm_med.superseded_by``. Evaluations of other
     checkpoints of that name (another folder's, another person's on a shared server) are left alone. A run whose
     logging fails is marked FAILED (KILLED on Ctrl-C) and renamed ``<run_name>-failed-<start time>``,
-    and the earlier runs keep the name.
+    and the earlier runs keep the name. The metrics are logged at step 0 with the time of logging
+    (MLflow's charts and their "wall time" axis read it; 0 would date them 1970).
     """
     client = mlflow.MlflowClient(tracking_uri)
     experiment_id = experiment_named(client, experiment_name, artifact_location)
@@ -99,7 +101,8 @@ def log_report(
     try:
         for name, value in (params or {}).items():
             client.log_param(run_id, name, value)
-        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()])
         for path in paths.values():
             client.log_artifact(run_id, str(path), artifact_path="evaluation")
     except BaseException as error:
