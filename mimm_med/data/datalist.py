@@ -153,8 +153,9 @@ def image_datalist(manifest: str | Path) -> list[dict]:
         raise ManifestError(f"no manifest at {path}: {PREPARE_HINT}")
     table = read_manifest(path)
     table = table.loc[table[STATUS] == STATUS_OK, [SUBJECT, IMAGE, COHORT, STATUS]]
-    present = [file_size(image) is not None for image in table[IMAGE]]
-    validate_manifest(table, path, check_files=not any(present))  # images listed once, with subject ids
+    # one image found is enough to know the manifest sits by its images: no stat of the others here
+    found_one = any(file_size(image) is not None for image in table[IMAGE])
+    validate_manifest(table, path, check_files=not found_one)  # images listed once, with subject ids
     if table.empty:
         raise ManifestError(
             f"{path} lists no image to predict (no row, or none with status 'ok'): give an --input_manifest with images"
