@@ -55,6 +55,12 @@ class Bundle:
     def config_files(self, *workflows: str) -> list[str]:
         return [f"{self.configs}/{workflow}.json" for workflow in ("train", *workflows)]
 
+    def parser(self, *workflows: str) -> ConfigParser:
+        """A parser of :meth:`config_files`, read from the repository root wherever the test runs."""
+        parser = ConfigParser()
+        parser.read_config([str(REPO / file) for file in self.config_files(*workflows)])
+        return parser
+
 
 BUNDLES = [
     Bundle("mimm_digits", "digits_small_splits", {"batch_size": 16}),
@@ -113,9 +119,7 @@ def _predictions(path: Path) -> pd.DataFrame:
 
 
 def _network(bundle: Bundle, checkpoint: Path | None = None) -> torch.nn.Module:
-    parser = ConfigParser()
-    parser.read_config(f"{REPO}/{bundle.configs}/train.json")
-    network = parser.get_parsed_content("network_def")
+    network = bundle.parser().get_parsed_content("network_def")
     if checkpoint is not None:
         network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["network"])
     return network.eval()
@@ -290,8 +294,7 @@ def test_metadata_describes_the_network(bundle: Bundle):
 def test_validation_labels_reach_the_prediction_device(bundle: Bundle):
     # MONAI's decollate hands the post-transforms each label as a Python number; on CUDA a label
     # left on the CPU broke the validation metric. The "meta" device stands in for a GPU here.
-    parser = ConfigParser()
-    parser.read_config([str(REPO / file) for file in bundle.config_files()])
+    parser = bundle.parser()
     parser["device"] = torch.device("meta")
     postprocessing = parser.get_parsed_content("validate#postprocessing")
     classes = len(parser["label_levels"][parser["primary"]])
@@ -361,8 +364,7 @@ def test_invariant_head_is_refitted_for_validation_and_training_keeps_its_weight
 @pytest.mark.parametrize("given, expected", [("false", False), ("False", False), ("true", True), (False, False), (True, True)])
 def test_on_off_settings_read_as_the_command_line_spells_them(given, expected):
     # monai.bundle's command line gives --invariant_head false as the string "false", which Python takes for true
-    parser = ConfigParser()
-    parser.read_config([str(REPO / file) for file in BUNDLES[0].config_files()])
+    parser = BUNDLES[0].parser()
     for name in ("invariant_head", "conditional", "balanced", "amp"):
         parser[name] = given
     assert parser.get_parsed_content("run_name").endswith("-invariant-head-seed0") is expected
@@ -375,8 +377,7 @@ def test_on_off_settings_read_as_the_command_line_spells_them(given, expected):
 def test_the_mlflow_params_hold_the_settings_that_choose_the_registered_weights(bundle: Bundle, tmp_path: Path):
     # val_interval (which epochs can give the best checkpoint) and amp were logged by no run, so two
     # runs that registered different weights had the same params; nor did an evaluation log its residual-MI options.
-    parser = ConfigParser()
-    parser.read_config([str(REPO / file) for file in bundle.config_files("evaluate")])
+    parser = bundle.parser("evaluate")
     parser.update({"val_interval": 2, "amp": "true", "bundle_root": str(tmp_path), "residual_mi": {"estimator": "club"}})
     params = parser.get_parsed_content("mlflow#params")
     assert params["val_interval"] == 2 and params["amp"] is True
@@ -389,8 +390,7 @@ def test_the_mlflow_params_hold_the_settings_that_choose_the_registered_weights(
 
 
 def test_an_on_off_setting_that_is_neither_names_itself():
-    parser = ConfigParser()
-    parser.read_config([str(REPO / file) for file in BUNDLES[0].config_files()])
+    parser = BUNDLES[0].parser()
     parser["invariant_head"] = "yes"
     with pytest.raises(Exception) as raised:
         parser.get_parsed_content("run_name")
@@ -412,8 +412,7 @@ def test_training_on_splits_that_share_a_subject_stops_before_any_work(digits_sm
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
 def test_a_spatial_size_that_monai_would_read_as_keep_the_images_own_is_refused_before_any_work(bundle: Bundle, at_repo_root: str, tmp_path: Path):
-    parser = ConfigParser()
-    parser.read_config([str(REPO / file) for file in bundle.config_files()])
+    parser = bundle.parser()
     zeroed = [0, *parser["spatial_size"][1:]]
     with pytest.raises(Exception) as raised:
         run("training", config_file=bundle.config_files(), spatial_size=zeroed, bundle_root=str(tmp_path / "root"))
@@ -426,8 +425,7 @@ def test_a_spatial_size_that_monai_would_read_as_keep_the_images_own_is_refused_
 def test_a_tracking_server_given_on_the_command_line_keeps_the_artifacts(handler, monkeypatch):
     # --tracking_uri http://… used to create the server's experiment with this machine's ./mlruns/artifacts.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    parser = ConfigParser()
-    parser.read_config([str(REPO / file) for file in BUNDLES[0].config_files()])
+    parser = BUNDLES[0].parser()
     parser["tracking_uri"] = "http://mlflow.example.org:5000"
     assert parser.get_parsed_content(f"mlflow#{handler}#artifact_location") is None
     evaluation = ConfigParser.load_config_file(str(REPO / "bundles/common/configs/evaluate.json"))
@@ -436,8 +434,7 @@ def test_a_tracking_server_given_on_the_command_line_keeps_the_artifacts(handler
 
 def test_iteration_logging_leaves_out_a_critic_loss_a_method_without_critics_lacks():
     # ERM's iterations report critic_loss NaN; MLflow logged it at every step.
-    parser = ConfigParser()
-    parser.read_config([str(REPO / file) for file in BUNDLES[0].config_files()])
+    parser = BUNDLES[0].parser()
     transform = parser.get_parsed_content("mlflow#train_handler#output_transform")
     assert transform({"loss": 0.5, "critic_loss": float("nan"), "mi_scale": 1.0}) == {"loss": 0.5, "mi_scale": 1.0}
 
@@ -446,8 +443,7 @@ def test_iteration_logging_leaves_out_a_critic_loss_a_method_without_critics_lac
 def test_the_primary_label_is_the_part_that_training_keeps_free_of_the_others(bundle: Bundle):
     # --primary of a factor that label_levels did not list first trained the first factor's part as
     # f_y (the network and the objective take the first part), while validation scored --primary.
-    parser = ConfigParser()
-    parser.read_config([str(REPO / file) for file in bundle.config_files()])
+    parser = bundle.parser()
     first, second, *_ = parser["label_levels"]
     parser["primary"] = second
     network, objective = parser.get_parsed_content("network_def"), parser.get_parsed_content("objective")
@@ -486,8 +482,7 @@ def test_a_setting_out_of_range_is_refused_by_name_before_any_work(setting, valu
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
 def test_multi_gpu_training_runs_every_check_of_training(bundle: Bundle):
     # multi_gpu_train.json's own initialize had lost the spatial_size check of train.json's.
-    parser = ConfigParser()
-    parser.read_config([str(REPO / file) for file in bundle.config_files()])
+    parser = bundle.parser()
     parser.parse()
     single = parser.get("initialize")
     parser.read_config([str(REPO / file) for file in bundle.config_files("multi_gpu_train")])
@@ -498,8 +493,7 @@ def test_multi_gpu_training_runs_every_check_of_training(bundle: Bundle):
 
 def test_another_backbone_than_the_one_its_options_belong_to_names_them():
     # The digits bundle's backbone_kwargs (small_cnn's dropout) went to ResNet: a bare TypeError.
-    parser = ConfigParser()
-    parser.read_config([str(REPO / file) for file in BUNDLES[0].config_files()])
+    parser = BUNDLES[0].parser()
     parser["backbone"] = "resnet10"
     with pytest.raises(Exception) as raised:
         parser.get_parsed_content("network_def")
